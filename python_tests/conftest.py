@@ -1,0 +1,62 @@
+"""Shared test configuration: the Triton interpreter switch, dtype tolerances, backend fixtures.
+
+Error bound (DESIGN.md §4.5): against the float64 oracle, a backend's error may be at most about
+twice that of plain PyTorch computing the same formula in the input dtype, plus a small per-dtype
+tolerance relative to the size of the expected values.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must happen before anything imports triton (it is read when @triton.jit decorates).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import kdkernels  # noqa: E402
+from kdkernels import backends  # noqa: E402
+
+# relative tolerance on max |actual - expected| / max |expected|, per input dtype
+TOL = {
+    torch.float64: 1e-9,
+    torch.float32: 3e-5,
+    torch.float16: 4e-3,
+    torch.bfloat16: 2e-2,
+}
+
+
+def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    a, e = actual.detach().double(), expected.detach().double()
+    both_inf = torch.isinf(a) & torch.isinf(e) & (torch.sign(a) == torch.sign(e))
+    diff = torch.where(both_inf, 0.0, (a - e).abs())
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def assert_close(actual, expected, dtype, plain=None, what=""):
+    """Three-way bound: err(actual) <= 2 * err(plain) + TOL[dtype] * scale."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert not torch.isnan(actual).any() or torch.isnan(expected).any(), f"{what}: NaN in output"
+    finite = torch.isfinite(expected.double())
+    scale = float(expected.double()[finite].abs().max()) if finite.any() else 1.0
+    bound = TOL[dtype] * max(scale, 1e-6)
+    if plain is not None:
+        bound += 2.0 * max_err(plain, expected)
+    err = max_err(actual, expected)
+    assert err <= bound, f"{what}: max error {err:.3e} > bound {bound:.3e} (scale {scale:.3e})"
+    return err
+
+
+def backend_params(*names):
+    """pytest params for backends, skipped with the reason where one cannot run here."""
+    out = []
+    for name in names or backends.names():
+        reason = backends.availability(name)
+        marks = [pytest.mark.skip(reason=f"backend {name!r} unavailable: {reason}")] if reason else []
+        out.append(pytest.param(name, marks=marks, id=name))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)

@@ -1,0 +1,76 @@
+"""An independent float64 oracle for the DESIGN.md §2 definitions, on dense tensors.
+
+Written separately from kdkernels.reference (no shared code): −inf logits are replaced by a huge
+finite negative number, so exp gives exactly 0 and every product 0·log(·) is finite, which keeps
+autograd free of NaN without any masking logic.
+"""
+import torch
+
+_HUGE = 1e300
+
+
+def _logsm(x):
+    return torch.log_softmax(x.clamp_min(-_HUGE), dim=-1)
+
+
+def _kl(lx, ly):  # KL(x || y) from log-probabilities, summed over the last dim
+    return (lx.exp() * (lx - ly)).sum(-1)
+
+
+def _mix(w, la, lb):  # log(w e^la + (1-w) e^lb)
+    return torch.log(w * la.exp() + (1 - w) * lb.exp()).clamp_min(-_HUGE)
+
+
+def divergence(name, logp, logq, beta=0.5, alpha=0.1):
+    if name == "forward_kl":
+        return _kl(logp, logq)
+    if name == "reverse_kl":
+        return _kl(logq, logp)
+    if name == "jsd":
+        m = _mix(beta, logp, logq)
+        return beta * _kl(logp, m) + (1 - beta) * _kl(logq, m)
+    if name == "skew_kl":
+        return _kl(logp, _mix(alpha, logp, logq))
+    if name == "skew_reverse_kl":
+        return _kl(logq, _mix(alpha, logq, logp))
+    if name == "tvd":
+        return 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
+    raise ValueError(name)
+
+
+def rows(student, teacher, divergence_name="forward_kl", temperature=1.0, labels=None,
+         ignore_index=-100, soft_weight=1.0, hard_weight=0.0, beta=0.5, alpha=0.1):
+    """Per-row loss in float64 with the leading shape; ignored rows give 0."""
+    V = student.shape[-1]
+    s = student.double()
+    t = teacher[..., :V].double()
+    T = float(temperature)
+    out = soft_weight * T * T * divergence(divergence_name, _logsm(t / T), _logsm(s / T), beta, alpha)
+    if labels is not None:
+        keep = labels != ignore_index
+        if hard_weight:
+            lab = torch.where(keep, labels, 0).unsqueeze(-1)
+            out = out - hard_weight * _logsm(s).gather(-1, lab).squeeze(-1)
+        out = torch.where(keep, out, torch.zeros_like(out))
+    return out
+
+
+def loss(student, teacher, reduction="batchmean", num_items_in_batch=None, **kw):
+    r = rows(student, teacher, **kw)
+    if reduction == "none":
+        return r
+    if reduction == "sum":
+        return r.sum()
+    labels, ii = kw.get("labels"), kw.get("ignore_index", -100)
+    n = num_items_in_batch if num_items_in_batch is not None else (
+        r.numel() if labels is None else int((labels != ii).sum()))
+    out = r.sum() / max(n, 1)
+    return out / student.shape[-1] if reduction == "mean" else out
+
+
+def loss_and_grad(student, teacher, **kw):
+    """Oracle loss and its gradient w.r.t. the student logits (float64)."""
+    s = student.detach().double().requires_grad_(True)
+    out = loss(s, teacher.detach(), **kw)
+    (g,) = torch.autograd.grad(out.sum(), s)
+    return out.detach(), g
