@@ -82,8 +82,19 @@ def names() -> list:
     return list(BACKENDS)
 
 
+_AVAILABILITY = {}
+
+
+@torch.compiler.assume_constant_result
 def availability(name: str) -> Optional[str]:
-    """None if backend ``name`` can run on this machine, else the reason it cannot."""
+    """None if backend ``name`` can run on this machine, else the reason it cannot (cached: a
+    constant for torch.compile, probed once per process)."""
+    if name not in _AVAILABILITY:
+        _AVAILABILITY[name] = _probe(name)
+    return _AVAILABILITY[name]
+
+
+def _probe(name: str) -> Optional[str]:
     spec = BACKENDS[name]
     if spec.probe is not None:
         reason = spec.probe()

@@ -45,26 +45,44 @@ def _check_logits(name: str, x) -> None:
         raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(x.shape)}")
 
 
-def as_rows(x: Tensor, name: str = "logits") -> Tensor:
-    """View ``x`` [..., V] as [B, L, V] with unit column stride and no copy when its leading dims
-    collapse into at most two strided dims (true of contiguous tensors, vocabulary slices
-    ``t[..., :V]`` and sequence slices ``x[:, :-1]``). Anything else is copied, with a warning."""
-    V = x.shape[-1]
-    if x.stride(-1) != 1 and V > 1:
+def _unit_column_stride(x: Tensor, name: str) -> Tensor:
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
         warnings.warn(f"{name} has a non-unit stride on the vocabulary dimension; copying it",
-                      stacklevel=3)
-        x = x.contiguous()
-    lead = x.shape[:-1]
+                      stacklevel=4)
+        return x.contiguous()
+    return x
+
+
+def as_rows(*tensors: Tensor, names=None):
+    """View tensors [..., V_i] (same leading shape) as [B, L, V_i] with unit column stride and
+    the same (B, L) split, without a copy when their leading dims collapse into at most two
+    strided dims (true of contiguous tensors, vocabulary slices ``t[..., :V]`` and sequence slices
+    ``x[:, :-1]``). Anything else is copied, with a warning. Returns one view per tensor (a single
+    tensor when given one)."""
+    names = names or [f"tensor {i}" for i in range(len(tensors))]
+    xs = [_unit_column_stride(x, n) for x, n in zip(tensors, names)]
+    lead = xs[0].shape[:-1]
     sizes = [math.prod(lead[:k]) for k in range(len(lead) + 1)]
     n = sizes[-1]
+    out = None
     for k in range(len(lead) + 1):  # split point k: [prod(lead[:k]), prod(lead[k:]), V]
+        B = sizes[k]
+        L = n // B if B else 0
         try:
-            return x.view(sizes[k], n // max(sizes[k], 1) if sizes[k] else 0, V)
+            out = [x.view(B, L, x.shape[-1]) for x in xs]
+            break
         except RuntimeError:
             continue
-    warnings.warn(f"{name} has leading dimensions that do not collapse into two strided dims; "
-                  "copying it", stacklevel=3)
-    return x.reshape(1, n, V)
+    if out is None:
+        out = []
+        for x, name in zip(xs, names):
+            try:
+                out.append(x.view(1, n, x.shape[-1]))
+            except RuntimeError:
+                warnings.warn(f"{name} has leading dimensions that do not collapse into two strided "
+                              "dims; copying it", stacklevel=3)
+                out.append(x.reshape(1, n, x.shape[-1]))
+    return out[0] if len(out) == 1 else out
 
 
 def _check_labels(labels, lead_shape, device, V: int, ignore_index: int) -> Optional[Tensor]:
@@ -161,9 +179,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
     flat_labels = _check_labels(labels, lead, student_logits.device, V, int(ignore_index))
     name = backends.choose(backend, student_logits.device, student_logits.dtype)
 
-    s3 = as_rows(student_logits, "student_logits")
     # The teacher is a constant: no gradient flows to it.
-    t3 = as_rows(teacher_logits.detach()[..., :V], "teacher_logits")
+    s3, t3 = as_rows(student_logits, teacher_logits.detach()[..., :V],
+                     names=("student_logits", "teacher_logits"))
     args = (div.id, param, T, sw, hw, int(ignore_index))
     if name == "reference":
         rows = reference.loss_rows(s3, t3, flat_labels, *args)

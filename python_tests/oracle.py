@@ -4,21 +4,26 @@ Written separately from kdkernels.reference (no shared code): −inf logits are 
 finite negative number, so exp gives exactly 0 and every product 0·log(·) is finite, which keeps
 autograd free of NaN without any masking logic.
 """
+import math
+
 import torch
 
-_HUGE = 1e300
+def _floor(x):  # the most negative finite number of x's dtype (-1.8e308 in float64)
+    return x.clamp_min(torch.finfo(x.dtype).min)
 
 
 def _logsm(x):
-    return torch.log_softmax(x.clamp_min(-_HUGE), dim=-1)
+    return torch.log_softmax(_floor(x), dim=-1)
 
 
 def _kl(lx, ly):  # KL(x || y) from log-probabilities, summed over the last dim
     return (lx.exp() * (lx - ly)).sum(-1)
 
 
-def _mix(w, la, lb):  # log(w e^la + (1-w) e^lb)
-    return torch.log(w * la.exp() + (1 - w) * lb.exp()).clamp_min(-_HUGE)
+def _mix(w, la, lb):  # log(w e^la + (1-w) e^lb); la, lb finite, so no log 0 anywhere
+    if w == 0:
+        return lb
+    return _floor(torch.logaddexp(la + math.log(w), lb + math.log1p(-w)))
 
 
 def divergence(name, logp, logq, beta=0.5, alpha=0.1):
