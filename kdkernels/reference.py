@@ -21,8 +21,8 @@ from torch.utils.checkpoint import checkpoint
 from . import divergences as D
 
 _NEG_INF = float("-inf")
-# Elements of fp32 work per chunk of rows (~16 MB per [chunk, V] buffer).
-CHUNK_ELEMENTS = 1 << 22
+# Elements of fp32 work per chunk of rows (~4 MB per [chunk, V] fp32 buffer).
+CHUNK_ELEMENTS = 1 << 20
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -115,23 +115,55 @@ def _masked_row_losses(student, teacher, labels, *args):
     return row_losses(student, teacher, labels, *args)
 
 
+class _ChunkedRows(torch.autograd.Function):
+    """Per-row losses, chunk by chunk; backward recomputes one chunk at a time under autograd and
+    writes its gradient straight into one preallocated buffer (no per-chunk full-size buffers)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, *args):
+        B, L, V = student.shape
+        out = torch.empty(B * L, dtype=compute_dtype(student.dtype), device=student.device)
+        for b, l0, l1 in _row_chunks(B, L, V):
+            lab = None if labels is None else labels[b * L + l0:b * L + l1]
+            out[b * L + l0:b * L + l1] = _masked_row_losses(student[b, l0:l1], teacher[b, l0:l1],
+                                                            lab, *args)
+        ctx.save_for_backward(student, teacher, labels)
+        ctx.args = args
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        student, teacher, labels = ctx.saved_tensors
+        B, L, V = student.shape
+        grad = torch.empty((B, L, V), dtype=student.dtype, device=student.device)
+        for b, l0, l1 in _row_chunks(B, L, V):
+            r0, r1 = b * L + l0, b * L + l1
+            lab = None if labels is None else labels[r0:r1]
+            with torch.enable_grad():
+                s = student[b, l0:l1].detach().requires_grad_(True)
+                loss = _masked_row_losses(s, teacher[b, l0:l1], lab, *ctx.args)
+                (grad[b, l0:l1],) = torch.autograd.grad(loss, s, grad_out[r0:r1])
+        return (grad, None, None) + (None,) * len(ctx.args)
+
+
 def loss_rows(student, teacher, labels, div_id, param, temperature, soft_weight, hard_weight,
               ignore_index) -> torch.Tensor:
     """Differentiable per-row losses of a [B, L, V] view (see ``backends.py`` for the contract).
 
-    Rows are processed in chunks under activation checkpointing: forward keeps no [chunk, V]
-    buffer alive, and backward recomputes one chunk at a time, so memory stays O(chunk · V).
+    Rows are processed in chunks: forward keeps no [chunk, V] buffer alive, and backward
+    recomputes one chunk at a time, so memory stays one gradient plus O(chunk · V). Under
+    torch.compile the same chunks go through activation checkpointing instead, which the
+    compiler traces.
     """
-    B, L, V = student.shape
     args = (div_id, param, temperature, soft_weight, hard_weight, ignore_index)
+    if not torch.compiler.is_compiling():
+        return _ChunkedRows.apply(student, teacher, labels, *args)
+    B, L, V = student.shape
     pieces = []
     for b, l0, l1 in _row_chunks(B, L, V):
         lab = None if labels is None else labels[b * L + l0:b * L + l1]
-        s, t = student[b, l0:l1], teacher[b, l0:l1]
-        if s.requires_grad and torch.is_grad_enabled():
-            pieces.append(checkpoint(_masked_row_losses, s, t, lab, *args, use_reentrant=False))
-        else:
-            pieces.append(_masked_row_losses(s, t, lab, *args))
+        pieces.append(checkpoint(_masked_row_losses, student[b, l0:l1], teacher[b, l0:l1], lab,
+                                 *args, use_reentrant=False))
     if not pieces:
         return student.new_zeros((B * L,), dtype=compute_dtype(student.dtype))
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)

@@ -44,11 +44,14 @@ def divergence(name, logp, logq, beta=0.5, alpha=0.1):
 
 
 def rows(student, teacher, divergence_name="forward_kl", temperature=1.0, labels=None,
-         ignore_index=-100, soft_weight=1.0, hard_weight=0.0, beta=0.5, alpha=0.1):
-    """Per-row loss in float64 with the leading shape; ignored rows give 0."""
+         ignore_index=-100, soft_weight=1.0, hard_weight=0.0, beta=0.5, alpha=0.1,
+         dtype=torch.float64):
+    """Per-row loss with the leading shape; ignored rows give 0. ``dtype`` other than float64
+    evaluates the same formula in lower precision: the "plain PyTorch" error of the three-way
+    bound."""
     V = student.shape[-1]
-    s = student.double()
-    t = teacher[..., :V].double()
+    s = student.to(dtype)
+    t = teacher[..., :V].to(dtype)
     T = float(temperature)
     out = soft_weight * T * T * divergence(divergence_name, _logsm(t / T), _logsm(s / T), beta, alpha)
     if labels is not None:
@@ -73,9 +76,9 @@ def loss(student, teacher, reduction="batchmean", num_items_in_batch=None, **kw)
     return out / student.shape[-1] if reduction == "mean" else out
 
 
-def loss_and_grad(student, teacher, **kw):
-    """Oracle loss and its gradient w.r.t. the student logits (float64)."""
-    s = student.detach().double().requires_grad_(True)
-    out = loss(s, teacher.detach(), **kw)
+def loss_and_grad(student, teacher, dtype=torch.float64, **kw):
+    """Oracle loss and its gradient w.r.t. the student logits (float64 unless ``dtype``)."""
+    s = student.detach().to(dtype).requires_grad_(True)
+    out = loss(s, teacher.detach(), dtype=dtype, **kw)
     (g,) = torch.autograd.grad(out.sum(), s)
     return out.detach(), g

@@ -1,0 +1,102 @@
+"""Bad input gets a clear error naming the argument; backend selection; the CLI."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kdkernels as kd
+from kdkernels import backends
+
+S = torch.randn(4, 10)
+T = torch.randn(4, 10)
+
+
+@pytest.mark.parametrize("kwargs,exc,needle", [
+    (dict(student_logits=torch.randint(0, 5, (4, 10))), TypeError, "student_logits"),
+    (dict(teacher_logits=[1.0, 2.0]), TypeError, "teacher_logits"),
+    (dict(teacher_logits=T.double()), TypeError, "dtype"),
+    (dict(teacher_logits=torch.randn(4, 9)), ValueError, "vocabulary"),
+    (dict(teacher_logits=torch.randn(5, 10)), ValueError, "leading shape"),
+    (dict(student_logits=torch.randn(4, 0), teacher_logits=torch.randn(4, 0)), ValueError, "V >= 1"),
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(temperature=-1.0), ValueError, "temperature"),
+    (dict(temperature=float("inf")), ValueError, "temperature"),
+    (dict(temperature=float("nan")), ValueError, "temperature"),
+    (dict(temperature="2"), TypeError, "temperature"),
+    (dict(divergence="kl"), ValueError, "divergence"),
+    (dict(divergence=3), TypeError, "divergence"),
+    (dict(divergence="jsd", beta=0.0), ValueError, "forward_kl"),
+    (dict(divergence="jsd", beta=1.0), ValueError, "beta"),
+    (dict(divergence="jsd", beta=1.5), ValueError, "beta"),
+    (dict(divergence="skew_kl", alpha=1.0), ValueError, "alpha"),
+    (dict(divergence="skew_reverse_kl", alpha=-0.1), ValueError, "alpha"),
+    (dict(divergence="forward_kl", beta=0.3), ValueError, "beta"),
+    (dict(divergence="jsd", alpha=0.3), ValueError, "alpha"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(backend="fastest"), ValueError, "backend"),
+    (dict(backend="cuda"), ValueError, "backend='cuda'"),
+    (dict(backend="reference", soft_weight=-1.0), ValueError, "soft_weight"),
+    (dict(hard_weight=float("nan")), ValueError, "hard_weight"),
+    (dict(hard_weight=1.0), ValueError, "labels"),
+    (dict(labels=torch.zeros(4)), TypeError, "labels"),
+    (dict(labels=torch.zeros(4, 1, dtype=torch.long)), ValueError, "labels"),
+    (dict(labels=torch.tensor([0, 1, 10, 2])), ValueError, "labels must lie in [0, 10)"),
+    (dict(labels=torch.tensor([0, -1, 3, 2])), ValueError, "ignore_index"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index"),
+    (dict(num_items_in_batch=0), ValueError, "num_items_in_batch"),
+    (dict(num_items_in_batch=torch.ones(2)), ValueError, "num_items_in_batch"),
+])
+def test_bad_inputs(kwargs, exc, needle):
+    args = dict(student_logits=S, teacher_logits=T)
+    args.update(kwargs)
+    with pytest.raises(exc, match=None) as info:
+        kd.kd_loss(**args)
+    assert needle in str(info.value), str(info.value)
+
+
+def test_devices_must_match():
+    meta = torch.empty(4, 10, device="meta")
+    with pytest.raises(ValueError, match="teacher_logits are on meta"):
+        kd.kd_loss(S, meta)
+
+
+def test_module_validates_at_construction():
+    with pytest.raises(ValueError, match="beta"):
+        kd.KDLoss(divergence="jsd", beta=1.0)
+    with pytest.raises(ValueError, match="reduction"):
+        kd.KDLoss(reduction="avg")
+    with pytest.raises(ValueError, match="temperature"):
+        kd.KDLoss(temperature=0)
+
+
+def test_auto_backend_falls_back_and_float64_uses_reference():
+    assert backends.choose("auto", torch.device("cpu"), torch.float64) == "reference"
+    name = backends.choose("auto", torch.device("cpu"), torch.float32)
+    assert name in ("cpu", "reference")
+    if backends.availability("cpu") is None:
+        assert name == "cpu"
+
+
+def test_unavailable_backend_names_what_is_missing(monkeypatch):
+    monkeypatch.setitem(backends._AVAILABILITY, "cpu", "kdkernels._C not built (test)")
+    with pytest.raises(RuntimeError, match="kdkernels._C not built"):
+        kd.kd_loss(S, T, backend="cpu")
+    assert backends.choose("auto", torch.device("cpu"), torch.float32) == "reference"
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "kdkernels", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_info():
+    r = _cli("info")
+    assert r.returncode == 0, r.stderr
+    assert "reference" in r.stdout and "available" in r.stdout and "torch" in r.stdout
+
+
+def test_cli_check_small():
+    r = _cli("check", "--rows", "16", "--vocab", "300", "--repeats", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("reference") >= 6 and "worst relative" in r.stdout
