@@ -1,0 +1,304 @@
+"""Vocab-parallel (tensor-parallel) distillation loss over ``torch.distributed``.
+
+When the lm_head is sharded over the vocabulary (Megatron-style tensor parallelism), every rank of
+the tensor-parallel group holds the same rows but only a V-shard of the student and teacher logits
+``[..., V_local]``. This module computes the exact full-vocabulary loss of DESIGN.md §2 from the
+shards; the gradient w.r.t. the local student shard is produced locally.
+
+Per row, with a = t/T, b = s/T and each rank r holding the columns [o_r, o_r + V_r):
+
+1. statistics pass over the local shard: local log-sum-exps of a, b (and of s for the hard term),
+   the label logit s[label] on the rank that owns the label (0 elsewhere), and, for forward and
+   reverse KL, a local loss term (below). One ``all_gather`` of these per-row values; every rank
+   then merges them identically: A = logsumexp_r(A_r), B = logsumexp_r(B_r), H = logsumexp_r(H_r),
+   s[label] = Σ_r (label logit of rank r).
+   Forward KL rides along: with local log-probabilities p̂ = softmax over the shard,
+   KL(p‖q) = Σ_r e^{A_r − A} · [Σ_shard p̂ (log p̂ − (b − σ_r)) + (A_r − A) − (σ_r − B)],
+   σ_r = B_r (or 0 where the student shard is all −inf); reverse KL is the mirror image.
+2. other divergences: a pass over the local shard with the global A, B forms log p, log q,
+   Σ φ(p, q) and the partial c_r = Σ_shard q·g (g = ∂φ/∂q); one ``all_reduce`` SUM of
+   (Σ φ, c_r) per row. For forward and reverse KL c is known without communication
+   (c = −1, and c = KL(q‖p) + 1).
+3. backward, no communication: grad_s = sw·T·(u − q·c) + hw·(softmax(s) − onehot(label)), where
+   u = q·g = ∂φ/∂log q is elementwise, for the local columns only.
+
+Collectives per call (N rows, W ranks, fp32 stats; float64 inputs use 8-byte stats):
+  forward_kl / reverse_kl: 1 all_gather; other divergences: 1 all_gather + 1 all_reduce;
+  backward: none. Plus one all_gather of W int64 shard sizes when the hard term is on and
+  ``vocab_start_index`` is not given. Bytes per row sent by each rank: 4·k to the all_gather
+  (k = 2 soft stats, +1 for forward/reverse KL, +2 for the hard term), 8 to the all_reduce
+  (4 when no gradient is needed).
+
+Requirements: every rank of ``group`` holds the same rows (same leading shape, same labels) and
+contiguous, non-overlapping shards that together cover the vocabulary in rank order. The loss is
+replicated on every rank, and every rank must backpropagate that same loss (as in Megatron): the
+gradient of each rank is the gradient of the loss w.r.t. its own shard.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import divergences as D
+from .reference import CHUNK_ELEMENTS, _log_mix, compute_dtype, divergence_terms
+
+__all__ = ["vocab_parallel_kd_loss", "vocab_parallel_rows", "global_num_items"]
+
+_FKL = D.DIVERGENCES["forward_kl"].id
+_RKL = D.DIVERGENCES["reverse_kl"].id
+_JSD = D.DIVERGENCES["jsd"].id
+_SKL = D.DIVERGENCES["skew_kl"].id
+_SRKL = D.DIVERGENCES["skew_reverse_kl"].id
+_TVD = D.DIVERGENCES["tvd"].id
+
+
+# ---- communication helpers (torch.distributed collectives only) ------------------------------
+
+def _all_gather(x: Tensor, group) -> Tensor:
+    """[W, *x.shape]: x of every rank of ``group``, in rank order (one collective)."""
+    W = dist.get_world_size(group)
+    out = x.new_empty((W * x.numel(),))
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x.contiguous().reshape(-1), group=group)
+    return out.view(W, *x.shape)
+
+
+def check_group(process_group) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group was given but torch.distributed is not initialized "
+                         "(call torch.distributed.init_process_group first)")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError("process_group must be a torch.distributed.ProcessGroup, got "
+                        f"{type(process_group).__name__}")
+
+
+def global_num_items(labels: Tensor, ignore_index: int = -100, group=None) -> Tensor:
+    """Number of counted tokens (labels != ignore_index) summed over the data-parallel ``group``.
+
+    Returns an int64 tensor on the labels' device (one all_reduce, no host synchronisation). Pass
+    it as ``num_items_in_batch`` so that each rank's loss is its share of the loss of the global
+    batch: the per-rank losses then sum to the loss of one big batch, and so do the gradients.
+    Without an initialised process group (and ``group=None``) it returns the local count.
+    """
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    count = (labels != ignore_index).sum().to(torch.int64)
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return count
+    if group is not None:
+        check_group(group)
+    dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
+    return count
+
+
+# ---- per-element math -------------------------------------------------------------------------
+
+def dphi_dlogq(div_id: int, param: float, logp: Tensor, logq: Tensor) -> Tensor:
+    """u = ∂φ/∂log q = q·g elementwise (DESIGN.md §3), 0 where q = 0.
+
+    The gradient w.r.t. the scaled student logits is then ∂D/∂b_j = u_j − q_j·Σ_k u_k.
+    """
+    p, q = logp.exp(), logq.exp()
+    qpos = q > 0
+    if div_id == _FKL:
+        return -p
+    if div_id == _RKL:
+        return torch.where(qpos, q * (logq - logp + 1.0), 0.0)
+    if div_id == _JSD:
+        logm = _log_mix(param, logp, 1.0 - param, logq)
+        return torch.where(qpos, (1.0 - param) * q * (logq - logm), 0.0)
+    if div_id == _SKL:  # φ = p log(p/m), m = α p + (1−α) q
+        logm = _log_mix(param, logp, 1.0 - param, logq)
+        both = qpos & (p > 0)
+        return torch.where(both, -(1.0 - param) * p * (logq - logm).exp(), 0.0)
+    if div_id == _SRKL:  # φ = q log(q/m), m = α q + (1−α) p
+        logm = _log_mix(param, logq, 1.0 - param, logp)
+        return torch.where(qpos, q * (logq - logm + 1.0 - param * (logq - logm).exp()), 0.0)
+    if div_id == _TVD:
+        return 0.5 * torch.sign(q - p) * q
+    raise ValueError(f"unknown divergence id {div_id}")
+
+
+def _chunks(B: int, L: int, V: int):
+    """(b, l0, l1, r0, r1): row chunks of a [B, L, V] view and their flat row range."""
+    step = max(1, CHUNK_ELEMENTS // max(V, 1))
+    for b in range(B):
+        for l0 in range(0, L, step):
+            l1 = min(L, l0 + step)
+            yield b, l0, l1, b * L + l0, b * L + l1
+
+
+def _finite_or_zero(x: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(x), x, 0.0)
+
+
+def _merge_online(div_id, la_r, lb_r, w_r, A, B):
+    """Global forward/reverse KL from per-rank (A_r, B_r, local term) [W, N] (see module doc)."""
+    if div_id == _FKL:
+        weight = (la_r - A).exp()
+        term = w_r + (la_r - A) - (_finite_or_zero(lb_r) - B)
+    else:
+        weight = (lb_r - B).exp()
+        term = w_r + (lb_r - B) - (_finite_or_zero(la_r) - A)
+    # A shard with no mass contributes nothing; NaN (weight NaN) still propagates.
+    return torch.where(weight == 0, 0.0, weight * term).sum(0)
+
+
+# ---- forward / backward -----------------------------------------------------------------------
+
+class _VocabParallelKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s3, t3, labels, group, start, div_id, param, T, sw, hw, ignore_index):
+        Bsz, L, V = s3.shape
+        N = Bsz * L
+        cd = compute_dtype(s3.dtype)
+        dev = s3.device
+        need_grad = ctx.needs_input_grad[0]
+        online = sw != 0.0 and div_id in (_FKL, _RKL)
+
+        # columns of the gathered per-row stats
+        cols = (["la", "lb"] if sw else []) + (["w"] if online else []) + \
+               (["ls", "sl"] if hw else [])
+        ci = {c: i for i, c in enumerate(cols)}
+        k = max(len(cols), 1)
+        local = torch.zeros(N + 1, k, dtype=cd, device=dev)
+        local[N, 0] = V  # header row: this rank's vocabulary size
+
+        valid = None if labels is None else labels != ignore_index
+        lab_local = owned = None
+        if hw:
+            lab_local = labels - start
+            owned = valid & (lab_local >= 0) & (lab_local < V)
+            lab_local = torch.where(owned, lab_local, 0)
+
+        # pass 1: local statistics
+        for b, l0, l1, r0, r1 in _chunks(Bsz, L, V):
+            s = s3[b, l0:l1].to(cd)
+            if sw:
+                a = t3[b, l0:l1, :V].to(cd) / T
+                bb = s / T
+                la, lb = torch.logsumexp(a, -1), torch.logsumexp(bb, -1)
+                local[r0:r1, ci["la"]] = la
+                local[r0:r1, ci["lb"]] = lb
+                if online:
+                    if div_id == _FKL:
+                        logp, logq = a - la[:, None], bb - _finite_or_zero(lb)[:, None]
+                    else:
+                        logp, logq = a - _finite_or_zero(la)[:, None], bb - lb[:, None]
+                    local[r0:r1, ci["w"]] = divergence_terms(div_id, param, logp, logq).sum(-1)
+            if hw:
+                local[r0:r1, ci["ls"]] = torch.logsumexp(s, -1)
+                sl = s.gather(-1, lab_local[r0:r1, None]).squeeze(-1)
+                local[r0:r1, ci["sl"]] = torch.where(owned[r0:r1], sl, 0.0)
+
+        G = _all_gather(local, group)                 # [W, N + 1, k]   (collective 1)
+        vocab_size = G[:, N, 0].sum()
+        G = G[:, :N]
+
+        zero = torch.zeros(N, dtype=cd, device=dev)
+        A = Bg = H = c = zero
+        rows = zero
+        if sw:
+            A = torch.logsumexp(G[:, :, ci["la"]], 0)
+            Bg = torch.logsumexp(G[:, :, ci["lb"]], 0)
+            if online:
+                Dv = _merge_online(div_id, G[:, :, ci["la"]], G[:, :, ci["lb"]],
+                                   G[:, :, ci["w"]], A, Bg)
+                c = torch.full_like(Dv, -1.0) if div_id == _FKL else Dv + 1.0
+            else:
+                # pass 2: Σφ and the partial c with the global A, B
+                part = torch.zeros(N, 2 if need_grad else 1, dtype=cd, device=dev)
+                for b, l0, l1, r0, r1 in _chunks(Bsz, L, V):
+                    logp = t3[b, l0:l1, :V].to(cd) / T - A[r0:r1, None]
+                    logq = s3[b, l0:l1].to(cd) / T - Bg[r0:r1, None]
+                    part[r0:r1, 0] = divergence_terms(div_id, param, logp, logq).sum(-1)
+                    if need_grad:
+                        part[r0:r1, 1] = dphi_dlogq(div_id, param, logp, logq).sum(-1)
+                dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)   # (collective 2)
+                Dv = part[:, 0]
+                if need_grad:
+                    c = part[:, 1]
+            rows = rows + (sw * T * T) * Dv
+        if hw:
+            H = torch.logsumexp(G[:, :, ci["ls"]], 0)
+            ce = H - G[:, :, ci["sl"]].sum(0)
+            in_range = (labels >= 0) & (labels < vocab_size)
+            rows = rows + hw * torch.where(in_range, ce, float("nan"))
+        if valid is not None:
+            rows = torch.where(valid, rows, 0.0)
+
+        ctx.save_for_backward(s3, t3, valid, lab_local, owned, torch.stack([A, Bg, H, c], 1))
+        ctx.scalars = (div_id, param, T, sw, hw)
+        ctx.mark_non_differentiable(vocab_size)
+        return rows, vocab_size
+
+    @staticmethod
+    def backward(ctx, grad_rows, _grad_vocab):
+        s3, t3, valid, lab_local, owned, stats = ctx.saved_tensors
+        div_id, param, T, sw, hw = ctx.scalars
+        Bsz, L, V = s3.shape
+        grad = torch.empty_like(s3, memory_format=torch.contiguous_format)
+        cd = compute_dtype(s3.dtype)
+        go = grad_rows.to(cd)
+        for b, l0, l1, r0, r1 in _chunks(Bsz, L, V):
+            A, Bg, H, c = stats[r0:r1].unbind(1)
+            s = s3[b, l0:l1].to(cd)
+            g = torch.zeros_like(s)
+            if sw:
+                logp = t3[b, l0:l1, :V].to(cd) / T - A[:, None]
+                logq = s / T - Bg[:, None]
+                u = dphi_dlogq(div_id, param, logp, logq)
+                g = (sw * T) * (u - logq.exp() * c[:, None])
+            if hw:
+                g = g + hw * (s - H[:, None]).exp()
+                onehot = torch.zeros_like(g).scatter_(-1, lab_local[r0:r1, None], 1.0)
+                g = g - hw * torch.where(owned[r0:r1, None], onehot, 0.0)
+            g = g * go[r0:r1, None]
+            if valid is not None:
+                g = torch.where(valid[r0:r1, None], g, 0.0)
+            grad[b, l0:l1] = g.to(grad.dtype)
+        return (grad,) + (None,) * 10
+
+
+def vocab_parallel_rows(s3: Tensor, t3: Tensor, labels: Optional[Tensor], group,
+                        vocab_start_index, div_id: int, param: float, temperature: float,
+                        soft_weight: float, hard_weight: float, ignore_index: int):
+    """Per-row losses [N] of the full vocabulary from the local shards, and the global vocabulary
+    size (a 0-dim tensor), for validated arguments (``kd_loss`` calls this).
+
+    ``s3``/``t3`` are [B, L, V_local] / [B, L, >= V_local] row views (see ``functional.as_rows``),
+    ``labels`` None or int64 [N] global vocabulary ids.
+    """
+    start = vocab_start_index
+    if hard_weight != 0.0 and start is None:
+        # equal or uneven shards in rank order: offset = sizes of the lower ranks
+        sizes = _all_gather(torch.tensor([s3.shape[-1]], dtype=torch.int64, device=s3.device),
+                            group).view(-1)
+        start = sizes[:dist.get_rank(group)].sum()
+    rows, vocab_size = _VocabParallelKD.apply(s3, t3, labels, group, start, div_id, param,
+                                              temperature, soft_weight, hard_weight, ignore_index)
+    if labels is not None and labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"labels must lie in [0, {int(vocab_size)}) (the global vocabulary) "
+                             f"or equal ignore_index={ignore_index}; found {int(labels[i])} at "
+                             f"flat position {i}")
+    return rows, vocab_size
+
+
+def vocab_parallel_kd_loss(student_logits: Tensor, teacher_logits: Tensor, process_group,
+                           vocab_start_index: Optional[int] = None, **kwargs) -> Tensor:
+    """``kd_loss`` on vocabulary shards: same arguments as ``kdkernels.kd_loss``, with the
+    tensor-parallel ``process_group`` and this rank's ``vocab_start_index`` (default: shards in
+    rank order, offsets from the gathered shard sizes)."""
+    from .functional import kd_loss
+    return kd_loss(student_logits, teacher_logits, process_group=process_group,
+                   vocab_start_index=vocab_start_index, **kwargs)
