@@ -53,6 +53,7 @@ _JSD = D.DIVERGENCES["jsd"].id
 _SKL = D.DIVERGENCES["skew_kl"].id
 _SRKL = D.DIVERGENCES["skew_reverse_kl"].id
 _TVD = D.DIVERGENCES["tvd"].id
+_NEG_INF = float("-inf")
 
 
 # ---- communication helpers (torch.distributed collectives only) ------------------------------
@@ -139,16 +140,44 @@ def _finite_or_zero(x: Tensor) -> Tensor:
     return torch.where(torch.isfinite(x), x, 0.0)
 
 
-def _merge_online(div_id, la_r, lb_r, w_r, A, B):
-    """Global forward/reverse KL from per-rank (A_r, B_r, local term) [W, N] (see module doc)."""
+def _local_lse(x: Tensor):
+    """Per-row (m, z) with logsumexp(x) = m + z, m = max(x): (−inf, −inf) for an all −inf row.
+
+    The pair keeps log-probabilities accurate for large logits: (x − m) − z loses nothing to the
+    rounding of a large logsumexp (|x| ≈ 1e4 has an fp32 ulp of 1e−3)."""
+    m = x.amax(-1)
+    z = (x - torch.where(m == _NEG_INF, 0.0, m)[:, None]).exp().sum(-1).log()
+    return m, z
+
+
+def _merge_lse(m_r: Tensor, z_r: Tensor):
+    """Global (M, Z) from per-rank pairs [W, N]: logsumexp over all columns = M + Z."""
+    M = m_r.amax(0)
+    Z = (m_r - torch.where(M == _NEG_INF, 0.0, M) + z_r).exp().sum(0).log()
+    return M, Z
+
+
+def _log_prob(x: Tensor, m: Tensor, z: Tensor) -> Tensor:
+    """x − logsumexp = (x − m) − z, the (m, z) pair broadcast over the row."""
+    return (x - m[:, None]) - z[:, None]
+
+
+def _merge_online(div_id, pa, pb, w_r, Ma, Za, Mb, Zb):
+    """Global forward/reverse KL from per-rank pairs and local terms [W, N] (module doc)."""
+    rel_a = (pa[0] - Ma) + (pa[1] - Za)   # A_r − A: log of the teacher mass on rank r
+    rel_b = (pb[0] - Mb) + (pb[1] - Zb)   # B_r − B
     if div_id == _FKL:
-        weight = (la_r - A).exp()
-        term = w_r + (la_r - A) - (_finite_or_zero(lb_r) - B)
+        weight, term = rel_a.exp(), w_r + rel_a - _finite_or_zero(rel_b)
     else:
-        weight = (lb_r - B).exp()
-        term = w_r + (lb_r - B) - (_finite_or_zero(la_r) - A)
+        weight, term = rel_b.exp(), w_r + rel_b - _finite_or_zero(rel_a)
     # A shard with no mass contributes nothing; NaN (weight NaN) still propagates.
     return torch.where(weight == 0, 0.0, weight * term).sum(0)
+
+
+def _shard_log_prob(x: Tensor, m: Tensor, z: Tensor) -> Tensor:
+    """Log-probabilities within the shard; an all −inf shard keeps x (−inf), never NaN."""
+    empty = (m == _NEG_INF)[:, None]
+    return torch.where(empty, x, _log_prob(x, torch.where(m == _NEG_INF, 0.0, m), z))
 
 
 # ---- forward / backward -----------------------------------------------------------------------
@@ -162,11 +191,14 @@ class _VocabParallelKD(torch.autograd.Function):
         dev = s3.device
         need_grad = ctx.needs_input_grad[0]
         online = sw != 0.0 and div_id in (_FKL, _RKL)
+        hard_own = hw != 0.0 and not (sw != 0.0 and T == 1.0)  # at T = 1 the soft b is s
 
         # columns of the gathered per-row stats
-        cols = (["la", "lb"] if sw else []) + (["w"] if online else []) + \
-               (["ls", "sl"] if hw else [])
+        cols = (["ma", "za", "mb", "zb"] if sw else []) + (["w"] if online else []) + \
+               (["ms", "zs"] if hard_own else []) + (["sl"] if hw else [])
         ci = {c: i for i, c in enumerate(cols)}
+        if hw and not hard_own:
+            ci["ms"], ci["zs"] = ci["mb"], ci["zb"]
         k = max(len(cols), 1)
         local = torch.zeros(N + 1, k, dtype=cd, device=dev)
         local[N, 0] = V  # header row: this rank's vocabulary size
@@ -184,17 +216,16 @@ class _VocabParallelKD(torch.autograd.Function):
             if sw:
                 a = t3[b, l0:l1, :V].to(cd) / T
                 bb = s / T
-                la, lb = torch.logsumexp(a, -1), torch.logsumexp(bb, -1)
-                local[r0:r1, ci["la"]] = la
-                local[r0:r1, ci["lb"]] = lb
+                ma, za = _local_lse(a)
+                mb, zb = _local_lse(bb)
+                local[r0:r1, ci["ma"]], local[r0:r1, ci["za"]] = ma, za
+                local[r0:r1, ci["mb"]], local[r0:r1, ci["zb"]] = mb, zb
                 if online:
-                    if div_id == _FKL:
-                        logp, logq = a - la[:, None], bb - _finite_or_zero(lb)[:, None]
-                    else:
-                        logp, logq = a - _finite_or_zero(la)[:, None], bb - lb[:, None]
+                    logp, logq = _shard_log_prob(a, ma, za), _shard_log_prob(bb, mb, zb)
                     local[r0:r1, ci["w"]] = divergence_terms(div_id, param, logp, logq).sum(-1)
+            if hard_own:
+                local[r0:r1, ci["ms"]], local[r0:r1, ci["zs"]] = _local_lse(s)
             if hw:
-                local[r0:r1, ci["ls"]] = torch.logsumexp(s, -1)
                 sl = s.gather(-1, lab_local[r0:r1, None]).squeeze(-1)
                 local[r0:r1, ci["sl"]] = torch.where(owned[r0:r1], sl, 0.0)
 
@@ -203,38 +234,41 @@ class _VocabParallelKD(torch.autograd.Function):
         G = G[:, :N]
 
         zero = torch.zeros(N, dtype=cd, device=dev)
-        A = Bg = H = c = zero
+        Ma = Za = Mb = Zb = Ms = Zs = c = zero
         rows = zero
         if sw:
-            A = torch.logsumexp(G[:, :, ci["la"]], 0)
-            Bg = torch.logsumexp(G[:, :, ci["lb"]], 0)
+            pa = (G[:, :, ci["ma"]], G[:, :, ci["za"]])
+            pb = (G[:, :, ci["mb"]], G[:, :, ci["zb"]])
+            Ma, Za = _merge_lse(*pa)
+            Mb, Zb = _merge_lse(*pb)
             if online:
-                Dv = _merge_online(div_id, G[:, :, ci["la"]], G[:, :, ci["lb"]],
-                                   G[:, :, ci["w"]], A, Bg)
+                Dv = _merge_online(div_id, pa, pb, G[:, :, ci["w"]], Ma, Za, Mb, Zb)
                 c = torch.full_like(Dv, -1.0) if div_id == _FKL else Dv + 1.0
             else:
-                # pass 2: Σφ and the partial c with the global A, B
+                # pass 2: Σφ and the partial c with the global statistics
                 part = torch.zeros(N, 2 if need_grad else 1, dtype=cd, device=dev)
                 for b, l0, l1, r0, r1 in _chunks(Bsz, L, V):
-                    logp = t3[b, l0:l1, :V].to(cd) / T - A[r0:r1, None]
-                    logq = s3[b, l0:l1].to(cd) / T - Bg[r0:r1, None]
-                    part[r0:r1, 0] = divergence_terms(div_id, param, logp, logq).sum(-1)
+                    rr = slice(r0, r1)
+                    logp = _log_prob(t3[b, l0:l1, :V].to(cd) / T, Ma[rr], Za[rr])
+                    logq = _log_prob(s3[b, l0:l1].to(cd) / T, Mb[rr], Zb[rr])
+                    part[rr, 0] = divergence_terms(div_id, param, logp, logq).sum(-1)
                     if need_grad:
-                        part[r0:r1, 1] = dphi_dlogq(div_id, param, logp, logq).sum(-1)
+                        part[rr, 1] = dphi_dlogq(div_id, param, logp, logq).sum(-1)
                 dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)   # (collective 2)
                 Dv = part[:, 0]
                 if need_grad:
                     c = part[:, 1]
             rows = rows + (sw * T * T) * Dv
         if hw:
-            H = torch.logsumexp(G[:, :, ci["ls"]], 0)
-            ce = H - G[:, :, ci["sl"]].sum(0)
+            Ms, Zs = _merge_lse(G[:, :, ci["ms"]], G[:, :, ci["zs"]])
+            ce = (Ms - G[:, :, ci["sl"]].sum(0)) + Zs
             in_range = (labels >= 0) & (labels < vocab_size)
             rows = rows + hw * torch.where(in_range, ce, float("nan"))
         if valid is not None:
             rows = torch.where(valid, rows, 0.0)
 
-        ctx.save_for_backward(s3, t3, valid, lab_local, owned, torch.stack([A, Bg, H, c], 1))
+        stats = torch.stack([Ma, Za, Mb, Zb, Ms, Zs, c], 1)
+        ctx.save_for_backward(s3, t3, valid, lab_local, owned, stats)
         ctx.scalars = (div_id, param, T, sw, hw)
         ctx.mark_non_differentiable(vocab_size)
         return rows, vocab_size
@@ -248,16 +282,16 @@ class _VocabParallelKD(torch.autograd.Function):
         cd = compute_dtype(s3.dtype)
         go = grad_rows.to(cd)
         for b, l0, l1, r0, r1 in _chunks(Bsz, L, V):
-            A, Bg, H, c = stats[r0:r1].unbind(1)
+            Ma, Za, Mb, Zb, Ms, Zs, c = stats[r0:r1].unbind(1)
             s = s3[b, l0:l1].to(cd)
             g = torch.zeros_like(s)
             if sw:
-                logp = t3[b, l0:l1, :V].to(cd) / T - A[:, None]
-                logq = s / T - Bg[:, None]
+                logp = _log_prob(t3[b, l0:l1, :V].to(cd) / T, Ma, Za)
+                logq = _log_prob(s / T, Mb, Zb)
                 u = dphi_dlogq(div_id, param, logp, logq)
                 g = (sw * T) * (u - logq.exp() * c[:, None])
             if hw:
-                g = g + hw * (s - H[:, None]).exp()
+                g = g + hw * _log_prob(s, Ms, Zs).exp()
                 onehot = torch.zeros_like(g).scatter_(-1, lab_local[r0:r1, None], 1.0)
                 g = g - hw * torch.where(owned[r0:r1, None], onehot, 0.0)
             g = g * go[r0:r1, None]

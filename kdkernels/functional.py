@@ -203,10 +203,10 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
     flat_labels = _check_labels(labels, lead, student_logits.device,
                                 V if process_group is None else None, int(ignore_index))
     if process_group is not None:
+        s3, t3 = as_rows(student_logits, teacher_logits.detach()[..., :V],
+                         names=("student_logits", "teacher_logits"))
         rows, vocab_size = distributed.vocab_parallel_rows(
-            as_rows(student_logits, "student_logits"),
-            as_rows(teacher_logits.detach()[..., :V], "teacher_logits"), flat_labels,
-            process_group, vocab_start_index, div.id, param, T, sw, hw, int(ignore_index))
+            s3, t3, flat_labels, process_group, vocab_start_index, div.id, param, T, sw, hw, int(ignore_index))
         return reduce_rows(rows, reduction, lead, vocab_size, flat_labels, int(ignore_index),
                            num_items_in_batch)
     name = backends.choose(backend, student_logits.device, student_logits.dtype)
