@@ -61,6 +61,7 @@ def make_cases():
     out.append(_case(2, "dp-halves", "jsd", F64, kind="dp", hw=0.5))
     out.append(_case(2, "dp-halves-f32", "reverse_kl", F32, kind="dp", hw=0.5))
     out.append(_case(4, "tp2-dp2", "skew_kl", F64, kind="tp2dp2", hw=0.5))
+    out.append(_case(2, "collective-count", kind="count"))
     return out
 
 
@@ -127,8 +128,47 @@ def _tp_loss(c, student, teacher, labels, group, rank_in_group, splits, num_item
     return kdkernels.kd_loss(s, t, process_group=group, vocab_start_index=start, **kw)
 
 
+COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce",
+               "broadcast", "reduce_scatter_tensor", "all_to_all_single", "reduce", "gather")
+
+
+def _count_collectives(c, rank, world):
+    """Collectives issued by forward and by backward, per divergence and option set."""
+    import torch.distributed as dist
+    calls = []
+    saved = {n: getattr(dist, n) for n in COLLECTIVES if hasattr(dist, n)}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return wrapper
+    out = {}
+    try:
+        for n, fn in saved.items():
+            setattr(dist, n, counting(n, fn))
+        _, student, teacher, labels = make_inputs(c)
+        o0, o1 = shard_bounds(SPLITS[world], rank)
+        for name in divergences.names():
+            for hw, start in ((0.0, None), (0.5, None), (0.5, o0)):
+                s = student[..., o0:o1].detach().requires_grad_(True)
+                del calls[:]
+                loss = kdkernels.kd_loss(s, teacher[..., o0:o1], name, 2.0, labels,
+                                         hard_weight=hw, process_group=dist.group.WORLD,
+                                         vocab_start_index=start)
+                fwd = len(calls)
+                loss.backward()
+                out[(name, hw, start is None)] = (fwd, len(calls) - fwd)
+    finally:
+        for n, fn in saved.items():
+            setattr(dist, n, fn)
+    return out
+
+
 def _run_case(c, rank, world, groups):
     import torch.distributed as dist
+    if c["kind"] == "count":
+        return {"counts": _count_collectives(c, rank, world)}
     base, student, teacher, labels = make_inputs(c)
     leaf = base.clone().requires_grad_(True)
     student = leaf[:, :-1] if c["strided"] else leaf[:, 1:]
@@ -305,6 +345,20 @@ def test_tensor_and_data_parallel_subgroups():
     grad = torch.cat([torch.cat([res[0]["grad"], res[1]["grad"]], -1),
                       torch.cat([res[2]["grad"], res[3]["grad"]], -1)], 0)
     assert_close(grad, exp_grad, F64, what="grad")
+
+
+def test_collectives_per_call_are_as_documented():
+    """forward/reverse KL: 1 all_gather; others: all_gather + all_reduce; backward: none; the
+    hard term with default offsets adds one all_gather of the shard sizes."""
+    c = next(c for c in CASES if c["kind"] == "count")
+    res = results(c)
+    for r, x in enumerate(res):
+        assert "error" not in x, f"rank {r}: {x.get('tb')}"
+    counts = res[0]["counts"]
+    assert len(counts) == 3 * len(divergences.names())
+    for (name, hw, default_start), (fwd, bwd) in counts.items():
+        expected = (1 if divergences.get(name).online else 2) + (1 if hw and default_start else 0)
+        assert (fwd, bwd) == (expected, 0), (name, hw, default_start, fwd, bwd)
 
 
 # ---- single-process checks (no process group needed) ----------------------------------------
