@@ -68,6 +68,18 @@ def make_cases():
 CASES = make_cases()
 
 
+def gpu_cases(world):
+    """NCCL on CUDA tensors: one rank per GPU (a single GPU gives a one-rank group)."""
+    splits = SPLITS.get(world) or [len(x) for x in torch.arange(V).tensor_split(world)]
+    out = []
+    for name in divergences.names():
+        out.append(_case(world, f"nccl-{name}-f32", name, F32, T=1.5, hw=0.5, ugly="neginf",
+                         strided=True, device="cuda", splits=splits))
+        out.append(_case(world, f"nccl-{name}-bf16", name, BF16, hw=0.5, device="cuda",
+                         splits=splits, start="explicit"))
+    return out
+
+
 def make_inputs(c):
     """Full-vocabulary student view, teacher, labels (identical in every process for a case)."""
     g = torch.Generator().manual_seed(c["seed"])
@@ -170,11 +182,15 @@ def _run_case(c, rank, world, groups):
     if c["kind"] == "count":
         return {"counts": _count_collectives(c, rank, world)}
     base, student, teacher, labels = make_inputs(c)
+    if c.get("device") == "cuda":
+        base, teacher = base.to(f"cuda:{rank}"), teacher.to(f"cuda:{rank}")
+        labels = None if labels is None else labels.to(f"cuda:{rank}")
     leaf = base.clone().requires_grad_(True)
     student = leaf[:, :-1] if c["strided"] else leaf[:, 1:]
     if c["kind"] == "tp":
-        loss = _tp_loss(c, student, teacher, labels, dist.group.WORLD, rank, SPLITS[world])
-        cols = shard_bounds(SPLITS[world], rank)
+        splits = c.get("splits") or SPLITS[world]
+        loss = _tp_loss(c, student, teacher, labels, dist.group.WORLD, rank, splits)
+        cols = shard_bounds(splits, rank)
         rows = slice(None)
     elif c["kind"] == "dp":  # each rank: half of the batch, full vocabulary, no TP
         rows = slice(rank, rank + 1)
@@ -196,23 +212,28 @@ def _run_case(c, rank, world, groups):
     grad = full[rows]
     outside = torch.cat([grad[..., :cols[0]], grad[..., cols[1]:]], -1)
     assert not outside.any(), "gradient leaked outside the local shard"
-    return {"loss": loss.detach(), "grad": grad[..., cols[0]:cols[1]].detach(), "cols": cols}
+    return {"loss": loss.detach().cpu(), "grad": grad[..., cols[0]:cols[1]].detach().cpu(),
+            "cols": cols}
 
 
-def _worker(rank, world, port, outdir):
+def _worker(rank, world, port, outdir, backend):
     import torch.distributed as dist
     import kdkernels.distributed as kdd
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     kdd.CHUNK_ELEMENTS = 64  # several row chunks per shard: exercises the chunk loops
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    cases = CASES
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        cases = gpu_cases(world)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=60))
     groups = None
-    if world == 4:
+    if world == 4 and backend == "gloo":
         tps = [dist.new_group([0, 1]), dist.new_group([2, 3])]
         dps = [dist.new_group([0, 2]), dist.new_group([1, 3])]
         groups = (tps[rank // 2], dps[rank % 2])
-    for c in CASES:
+    for c in cases:
         if c["world"] != world:
             continue
         try:
@@ -231,11 +252,11 @@ def _free_port():
 
 
 @functools.lru_cache(maxsize=None)
-def run_group(world):
-    """Spawn ``world`` gloo ranks once, run all their cases; returns the results folder."""
+def run_group(world, backend="gloo"):
+    """Spawn ``world`` ranks once, run all their cases; returns the results folder."""
     import torch.multiprocessing as mp
-    outdir = tempfile.mkdtemp(prefix=f"kd_dist_w{world}_")
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), outdir), nprocs=world,
+    outdir = tempfile.mkdtemp(prefix=f"kd_dist_{backend}{world}_")
+    ctx = mp.start_processes(_worker, args=(world, _free_port(), outdir, backend), nprocs=world,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + DEADLINE_S
     try:
@@ -250,7 +271,7 @@ def run_group(world):
 
 
 def results(c):
-    outdir = run_group(c["world"])
+    outdir = run_group(c["world"], "nccl" if c.get("device") == "cuda" else "gloo")
     out = []
     for r in range(c["world"]):
         res = torch.load(os.path.join(outdir, f"{c['id']}.{r}.pt"))
@@ -304,6 +325,14 @@ def test_vocab_parallel_matches_oracle(c):
         assert not grad[ignored].any(), "ignored rows must get an exactly zero gradient"
     if c["labels"] == "none_counted":
         assert float(loss) == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL)")
+def test_nccl_on_cuda_matches_oracle():
+    world = min(torch.cuda.device_count(), 4)
+    for c in gpu_cases(world):
+        test_vocab_parallel_matches_oracle(c)
 
 
 BAD = [c for c in CASES if c["labels"] == "out_of_range"]
