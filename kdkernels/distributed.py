@@ -7,30 +7,34 @@ shards; the gradient w.r.t. the local student shard is produced locally.
 
 Per row, with a = t/T, b = s/T and each rank r holding the columns [o_r, o_r + V_r):
 
-1. statistics pass over the local shard: local log-sum-exps of a, b (and of s for the hard term),
-   the label logit s[label] on the rank that owns the label (0 elsewhere), and, for forward and
-   reverse KL, a local loss term (below). One ``all_gather`` of these per-row values; every rank
-   then merges them identically: A = logsumexp_r(A_r), B = logsumexp_r(B_r), H = logsumexp_r(H_r),
-   s[label] = Σ_r (label logit of rank r).
-   Forward KL rides along: with local log-probabilities p̂ = softmax over the shard,
-   KL(p‖q) = Σ_r e^{A_r − A} · [Σ_shard p̂ (log p̂ − (b − σ_r)) + (A_r − A) − (σ_r − B)],
-   σ_r = B_r (or 0 where the student shard is all −inf); reverse KL is the mirror image.
-2. other divergences: a pass over the local shard with the global A, B forms log p, log q,
+1. statistics pass over the local shard: the log-sum-exps of a, b (and of s for the hard term),
+   each as a pair (m_r, z_r) = (max, log Σ e^{x − max}) so that log-probabilities (x − M) − Z stay
+   exact for large logits; the label logit s[label] on the rank that owns the label (0
+   elsewhere); for forward and reverse KL a local loss term (below). One ``all_gather`` of these
+   per-row values; every rank merges them identically: M = max_r m_r,
+   Z = log Σ_r e^{m_r − M + z_r} (so A = M_a + Z_a, etc.), s[label] = Σ_r (label logit of r).
+   Forward KL rides along: with the shard-local distributions p̂, q̂ (softmax over the shard),
+   KL(p‖q) = Σ_r e^{A_r − A} · [Σ_shard p̂ (log p̂ − log q̂) + (A_r − A) − (B_r − B)];
+   reverse KL is the mirror image. A shard without teacher (student) mass contributes 0.
+2. other divergences: a pass over the local shard with the global statistics forms log p, log q,
    Σ φ(p, q) and the partial c_r = Σ_shard q·g (g = ∂φ/∂q); one ``all_reduce`` SUM of
-   (Σ φ, c_r) per row. For forward and reverse KL c is known without communication
+   (Σ φ, c_r) per row. For forward and reverse KL, c needs no communication
    (c = −1, and c = KL(q‖p) + 1).
 3. backward, no communication: grad_s = sw·T·(u − q·c) + hw·(softmax(s) − onehot(label)), where
    u = q·g = ∂φ/∂log q is elementwise, for the local columns only.
 
-Collectives per call (N rows, W ranks, fp32 stats; float64 inputs use 8-byte stats):
-  forward_kl / reverse_kl: 1 all_gather; other divergences: 1 all_gather + 1 all_reduce;
-  backward: none. Plus one all_gather of W int64 shard sizes when the hard term is on and
-  ``vocab_start_index`` is not given. Bytes per row sent by each rank: 4·k to the all_gather
-  (k = 2 soft stats, +1 for forward/reverse KL, +2 for the hard term), 8 to the all_reduce
-  (4 when no gradient is needed).
+Collectives per call: forward_kl / reverse_kl: 1 all_gather; other divergences: 1 all_gather +
+1 all_reduce; backward: none. Plus one all_gather of one int64 per rank (the shard sizes) when the
+hard term is on and ``vocab_start_index`` is not given. Per row, each rank sends 4·k bytes to the
+all_gather (fp32; 8·k for float64 inputs) and receives 4·k·W, with k = 4 for the soft term
+(two pairs), +1 for forward/reverse KL, +3 for the hard term (+1 only when T = 1 and the soft term
+is on: its pair is the student's); plus one header row of k values per call (the shard size).
+The all_reduce carries 8 bytes per row (4 when no gradient is needed).
 
 Requirements: every rank of ``group`` holds the same rows (same leading shape, same labels) and
-contiguous, non-overlapping shards that together cover the vocabulary in rank order. The loss is
+contiguous, non-overlapping shards that together cover the vocabulary in rank order (an explicit
+``vocab_start_index`` is trusted, not checked). Each teacher shard must start at the same
+vocabulary id as the student shard; teacher columns past the student shard's width are dropped. The loss is
 replicated on every rank, and every rank must backpropagate that same loss (as in Megatron): the
 gradient of each rank is the gradient of the loss w.r.t. its own shard.
 """
