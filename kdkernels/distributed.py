@@ -80,6 +80,26 @@ def check_group(process_group) -> None:
                         f"{type(process_group).__name__}")
 
 
+def check_args(process_group, vocab_start_index, backend: str) -> None:
+    """Checks of the vocab-parallel arguments of ``kd_loss`` (nothing to check without them)."""
+    if process_group is None:
+        if vocab_start_index is not None:
+            raise ValueError("vocab_start_index applies only with process_group "
+                             "(the vocab-parallel loss)")
+        return
+    check_group(process_group)
+    if vocab_start_index is not None:
+        if isinstance(vocab_start_index, bool) or not isinstance(vocab_start_index, int):
+            raise TypeError("vocab_start_index must be an int, got "
+                            f"{type(vocab_start_index).__name__}")
+        if vocab_start_index < 0:
+            raise ValueError(f"vocab_start_index must be >= 0, got {vocab_start_index}")
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"backend={backend!r} is not supported with process_group: the "
+                         "vocab-parallel loss runs on its own chunked PyTorch path "
+                         "(use backend='auto')")
+
+
 def global_num_items(labels: Tensor, ignore_index: int = -100, group=None) -> Tensor:
     """Number of counted tokens (labels != ignore_index) summed over the data-parallel ``group``.
 

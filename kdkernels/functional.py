@@ -86,7 +86,8 @@ def as_rows(*tensors: Tensor, names=None):
     return out[0] if len(out) == 1 else out
 
 
-def _check_labels(labels, lead_shape, device, V: Optional[int], ignore_index: int) -> Optional[Tensor]:
+def _check_labels(labels, lead_shape, device, V: Optional[int],
+                  ignore_index: int) -> Optional[Tensor]:
     if labels is None:
         return None
     if not isinstance(labels, Tensor):
@@ -101,7 +102,8 @@ def _check_labels(labels, lead_shape, device, V: Optional[int], ignore_index: in
     flat = labels.reshape(-1).to(torch.int64)
     # Range check only where it costs no device synchronisation and no graph break
     # (V is None: checked elsewhere, against the global vocabulary of a sharded loss).
-    if V is not None and flat.device.type == "cpu" and not torch.compiler.is_compiling() and flat.numel():
+    if V is not None and flat.device.type == "cpu" and not torch.compiler.is_compiling() \
+            and flat.numel():
         bad = (flat != ignore_index) & ((flat < 0) | (flat >= V))
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
@@ -185,20 +187,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
                                  f"shape {tuple(num_items_in_batch.shape)}")
         else:
             _check_number("num_items_in_batch", num_items_in_batch, positive=True)
-    if process_group is None and vocab_start_index is not None:
-        raise ValueError("vocab_start_index applies only with process_group (vocab-parallel loss)")
-    if process_group is not None:
-        distributed.check_group(process_group)
-        if vocab_start_index is not None and (isinstance(vocab_start_index, bool) or not
-                                              isinstance(vocab_start_index, numbers.Integral)):
-            raise TypeError(f"vocab_start_index must be an int, got "
-                            f"{type(vocab_start_index).__name__}")
-        if vocab_start_index is not None and vocab_start_index < 0:
-            raise ValueError(f"vocab_start_index must be >= 0, got {vocab_start_index}")
-        if backend not in ("auto", "reference"):
-            raise ValueError(f"backend={backend!r} is not supported with process_group; the "
-                             "vocab-parallel loss runs on its own chunked PyTorch path "
-                             "(use backend='auto')")
+    distributed.check_args(process_group, vocab_start_index, backend)
     # with a process group the label range is the global vocabulary, checked by distributed
     flat_labels = _check_labels(labels, lead, student_logits.device,
                                 V if process_group is None else None, int(ignore_index))
@@ -206,7 +195,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
         s3, t3 = as_rows(student_logits, teacher_logits.detach()[..., :V],
                          names=("student_logits", "teacher_logits"))
         rows, vocab_size = distributed.vocab_parallel_rows(
-            s3, t3, flat_labels, process_group, vocab_start_index, div.id, param, T, sw, hw, int(ignore_index))
+            s3, t3, flat_labels, process_group, vocab_start_index, div.id, param, T, sw, hw,
+            int(ignore_index))
         return reduce_rows(rows, reduction, lead, vocab_size, flat_labels, int(ignore_index),
                            num_items_in_batch)
     name = backends.choose(backend, student_logits.device, student_logits.dtype)
