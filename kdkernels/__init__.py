@@ -8,9 +8,11 @@ Public API::
 """
 from . import divergences
 from .backends import availability as backend_availability
+from .distributed import global_num_items
 from .functional import kd_loss
 from .modules import KDLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["kd_loss", "KDLoss", "divergences", "backend_availability", "__version__"]
+__all__ = ["kd_loss", "KDLoss", "divergences", "backend_availability", "global_num_items",
+           "__version__"]

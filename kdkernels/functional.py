@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from . import distributed
 from . import divergences as D
 from . import reference
 from .ops import kd_rows
@@ -85,7 +86,8 @@ def as_rows(*tensors: Tensor, names=None):
     return out[0] if len(out) == 1 else out
 
 
-def _check_labels(labels, lead_shape, device, V: int, ignore_index: int) -> Optional[Tensor]:
+def _check_labels(labels, lead_shape, device, V: Optional[int],
+                  ignore_index: int) -> Optional[Tensor]:
     if labels is None:
         return None
     if not isinstance(labels, Tensor):
@@ -98,8 +100,10 @@ def _check_labels(labels, lead_shape, device, V: int, ignore_index: int) -> Opti
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but the logits are on {device}")
     flat = labels.reshape(-1).to(torch.int64)
-    # Range check only where it costs no device synchronisation and no graph break.
-    if flat.device.type == "cpu" and not torch.compiler.is_compiling() and flat.numel():
+    # Range check only where it costs no device synchronisation and no graph break
+    # (V is None: checked elsewhere, against the global vocabulary of a sharded loss).
+    if V is not None and flat.device.type == "cpu" and not torch.compiler.is_compiling() \
+            and flat.numel():
         bad = (flat != ignore_index) & ((flat < 0) | (flat >= V))
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
@@ -113,7 +117,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
             soft_weight: float = 1.0, hard_weight: float = 0.0, reduction: str = "batchmean",
             num_items_in_batch: Optional[Union[int, float, Tensor]] = None,
             beta: Optional[float] = None, alpha: Optional[float] = None,
-            backend: str = "auto") -> Tensor:
+            backend: str = "auto", process_group=None,
+            vocab_start_index: Optional[int] = None) -> Tensor:
     """Knowledge-distillation loss between teacher and student next-token distributions.
 
     Per row (token): ``soft_weight · T² · D(p, q) + hard_weight · CE(softmax(s), label)`` with
@@ -137,6 +142,12 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
         beta: JSD mixture weight of the teacher, in (0, 1) (default 0.5).
         alpha: skew for "skew_kl" / "skew_reverse_kl", in [0, 1) (default 0.1).
         backend: "auto", "reference", "triton", "cuda" or "cpu".
+        process_group: a ``torch.distributed`` tensor-parallel group over which the logits are
+            sharded on the vocabulary: each rank passes its [..., V_local] shards (same rows on
+            every rank) and gets the loss of the full vocabulary (``kdkernels.distributed``).
+            ``labels`` are then global vocabulary ids, and the vocabulary checks are per shard.
+        vocab_start_index: with ``process_group``, the global id of this rank's first column;
+            default: shards in rank order (offsets from the gathered shard sizes).
 
     Returns:
         A float32 tensor (float64 for float64 inputs): a scalar, or the leading shape for
@@ -176,7 +187,18 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
                                  f"shape {tuple(num_items_in_batch.shape)}")
         else:
             _check_number("num_items_in_batch", num_items_in_batch, positive=True)
-    flat_labels = _check_labels(labels, lead, student_logits.device, V, int(ignore_index))
+    distributed.check_args(process_group, vocab_start_index, backend)
+    # with a process group the label range is the global vocabulary, checked by distributed
+    flat_labels = _check_labels(labels, lead, student_logits.device,
+                                V if process_group is None else None, int(ignore_index))
+    if process_group is not None:
+        s3, t3 = as_rows(student_logits, teacher_logits.detach()[..., :V],
+                         names=("student_logits", "teacher_logits"))
+        rows, vocab_size = distributed.vocab_parallel_rows(
+            s3, t3, flat_labels, process_group, vocab_start_index, div.id, param, T, sw, hw,
+            int(ignore_index))
+        return reduce_rows(rows, reduction, lead, vocab_size, flat_labels, int(ignore_index),
+                           num_items_in_batch)
     name = backends.choose(backend, student_logits.device, student_logits.dtype)
 
     # The teacher is a constant: no gradient flows to it.

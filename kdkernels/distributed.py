@@ -1,0 +1,362 @@
+"""Vocab-parallel (tensor-parallel) distillation loss over ``torch.distributed``.
+
+When the lm_head is sharded over the vocabulary (Megatron-style tensor parallelism), every rank of
+the tensor-parallel group holds the same rows but only a V-shard of the student and teacher logits
+``[..., V_local]``. This module computes the exact full-vocabulary loss of DESIGN.md §2 from the
+shards; the gradient w.r.t. the local student shard is produced locally.
+
+Per row, with a = t/T, b = s/T and each rank r holding the columns [o_r, o_r + V_r):
+
+1. statistics pass over the local shard: the log-sum-exps of a, b (and of s for the hard term),
+   each as a pair (m_r, z_r) = (max, log Σ e^{x − max}) so that log-probabilities (x − M) − Z stay
+   exact for large logits; the label logit s[label] on the rank that owns the label (0
+   elsewhere); for forward and reverse KL a local loss term (below). One ``all_gather`` of these
+   per-row values; every rank merges them identically: M = max_r m_r,
+   Z = log Σ_r e^{m_r − M + z_r} (so A = M_a + Z_a, etc.), s[label] = Σ_r (label logit of r).
+   Forward KL rides along: with the shard-local distributions p̂, q̂ (softmax over the shard),
+   KL(p‖q) = Σ_r e^{A_r − A} · [Σ_shard p̂ (log p̂ − log q̂) + (A_r − A) − (B_r − B)];
+   reverse KL is the mirror image. A shard without teacher (student) mass contributes 0.
+2. other divergences: a pass over the local shard with the global statistics forms log p, log q,
+   Σ φ(p, q) and the partial c_r = Σ_shard q·g (g = ∂φ/∂q); one ``all_reduce`` SUM of
+   (Σ φ, c_r) per row. For forward and reverse KL, c needs no communication
+   (c = −1, and c = KL(q‖p) + 1).
+3. backward, no communication: grad_s = sw·T·(u − q·c) + hw·(softmax(s) − onehot(label)), where
+   u = q·g = ∂φ/∂log q is elementwise, for the local columns only.
+
+Collectives per call: forward_kl / reverse_kl: 1 all_gather; other divergences: 1 all_gather +
+1 all_reduce; backward: none. Plus one all_gather of one int64 per rank (the shard sizes) when the
+hard term is on and ``vocab_start_index`` is not given. Per row, each rank sends 4·k bytes to the
+all_gather (fp32; 8·k for float64 inputs) and receives 4·k·W, with k = 4 for the soft term
+(two pairs), +1 for forward/reverse KL, +3 for the hard term (+1 only when T = 1 and the soft term
+is on: its pair is the student's); plus one header row of k values per call (the shard size).
+The all_reduce carries 8 bytes per row (4 when no gradient is needed).
+
+Requirements: every rank of ``group`` holds the same rows (same leading shape, same labels) and
+contiguous, non-overlapping shards that together cover the vocabulary in rank order (an explicit
+``vocab_start_index`` is trusted, not checked). Each teacher shard must start at the same
+vocabulary id as the student shard; teacher columns past the student shard's width are dropped. The loss is
+replicated on every rank, and every rank must backpropagate that same loss (as in Megatron): the
+gradient of each rank is the gradient of the loss w.r.t. its own shard.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import divergences as D
+from .reference import CHUNK_ELEMENTS, _log_mix, compute_dtype, divergence_terms
+
+__all__ = ["vocab_parallel_kd_loss", "vocab_parallel_rows", "global_num_items"]
+
+_FKL = D.DIVERGENCES["forward_kl"].id
+_RKL = D.DIVERGENCES["reverse_kl"].id
+_JSD = D.DIVERGENCES["jsd"].id
+_SKL = D.DIVERGENCES["skew_kl"].id
+_SRKL = D.DIVERGENCES["skew_reverse_kl"].id
+_TVD = D.DIVERGENCES["tvd"].id
+_NEG_INF = float("-inf")
+
+
+# ---- communication helpers (torch.distributed collectives only) ------------------------------
+
+def _all_gather(x: Tensor, group) -> Tensor:
+    """[W, *x.shape]: x of every rank of ``group``, in rank order (one collective)."""
+    W = dist.get_world_size(group)
+    out = x.new_empty((W * x.numel(),))
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x.contiguous().reshape(-1), group=group)
+    return out.view(W, *x.shape)
+
+
+def check_group(process_group) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group was given but torch.distributed is not initialized "
+                         "(call torch.distributed.init_process_group first)")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError("process_group must be a torch.distributed.ProcessGroup, got "
+                        f"{type(process_group).__name__}")
+
+
+def check_args(process_group, vocab_start_index, backend: str) -> None:
+    """Checks of the vocab-parallel arguments of ``kd_loss`` (nothing to check without them)."""
+    if process_group is None:
+        if vocab_start_index is not None:
+            raise ValueError("vocab_start_index applies only with process_group "
+                             "(the vocab-parallel loss)")
+        return
+    check_group(process_group)
+    if vocab_start_index is not None:
+        if isinstance(vocab_start_index, bool) or not isinstance(vocab_start_index, int):
+            raise TypeError("vocab_start_index must be an int, got "
+                            f"{type(vocab_start_index).__name__}")
+        if vocab_start_index < 0:
+            raise ValueError(f"vocab_start_index must be >= 0, got {vocab_start_index}")
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"backend={backend!r} is not supported with process_group: the "
+                         "vocab-parallel loss runs on its own chunked PyTorch path "
+                         "(use backend='auto')")
+
+
+def global_num_items(labels: Tensor, ignore_index: int = -100, group=None) -> Tensor:
+    """Number of counted tokens (labels != ignore_index) summed over the data-parallel ``group``.
+
+    Returns an int64 tensor on the labels' device (one all_reduce, no host synchronisation). Pass
+    it as ``num_items_in_batch`` so that each rank's loss is its share of the loss of the global
+    batch: the per-rank losses then sum to the loss of one big batch, and so do the gradients.
+    Without an initialised process group (and ``group=None``) it returns the local count.
+    """
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    count = (labels != ignore_index).sum().to(torch.int64)
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return count
+    if group is not None:
+        check_group(group)
+    dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
+    return count
+
+
+# ---- per-element math -------------------------------------------------------------------------
+
+def dphi_dlogq(div_id: int, param: float, logp: Tensor, logq: Tensor) -> Tensor:
+    """u = ∂φ/∂log q = q·g elementwise (DESIGN.md §3), 0 where q = 0.
+
+    The gradient w.r.t. the scaled student logits is then ∂D/∂b_j = u_j − q_j·Σ_k u_k.
+    """
+    p, q = logp.exp(), logq.exp()
+    qpos = q > 0
+    if div_id == _FKL:
+        return -p
+    if div_id == _RKL:
+        return torch.where(qpos, q * (logq - logp + 1.0), 0.0)
+    if div_id == _JSD:
+        logm = _log_mix(param, logp, 1.0 - param, logq)
+        return torch.where(qpos, (1.0 - param) * q * (logq - logm), 0.0)
+    if div_id == _SKL:  # φ = p log(p/m), m = α p + (1−α) q
+        logm = _log_mix(param, logp, 1.0 - param, logq)
+        both = qpos & (p > 0)
+        return torch.where(both, -(1.0 - param) * p * (logq - logm).exp(), 0.0)
+    if div_id == _SRKL:  # φ = q log(q/m), m = α q + (1−α) p
+        logm = _log_mix(param, logq, 1.0 - param, logp)
+        return torch.where(qpos, q * (logq - logm + 1.0 - param * (logq - logm).exp()), 0.0)
+    if div_id == _TVD:
+        return 0.5 * torch.sign(q - p) * q
+    raise ValueError(f"unknown divergence id {div_id}")
+
+
+def _chunks(B: int, L: int, V: int):
+    """(b, l0, l1, r0, r1): row chunks of a [B, L, V] view and their flat row range."""
+    step = max(1, CHUNK_ELEMENTS // max(V, 1))
+    for b in range(B):
+        for l0 in range(0, L, step):
+            l1 = min(L, l0 + step)
+            yield b, l0, l1, b * L + l0, b * L + l1
+
+
+def _finite_or_zero(x: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(x), x, 0.0)
+
+
+def _local_lse(x: Tensor):
+    """Per-row (m, z) with logsumexp(x) = m + z, m = max(x): (−inf, −inf) for an all −inf row.
+
+    The pair keeps log-probabilities accurate for large logits: (x − m) − z loses nothing to the
+    rounding of a large logsumexp (|x| ≈ 1e4 has an fp32 ulp of 1e−3)."""
+    m = x.amax(-1)
+    z = (x - torch.where(m == _NEG_INF, 0.0, m)[:, None]).exp().sum(-1).log()
+    return m, z
+
+
+def _merge_lse(m_r: Tensor, z_r: Tensor):
+    """Global (M, Z) from per-rank pairs [W, N]: logsumexp over all columns = M + Z."""
+    M = m_r.amax(0)
+    Z = (m_r - torch.where(M == _NEG_INF, 0.0, M) + z_r).exp().sum(0).log()
+    return M, Z
+
+
+def _log_prob(x: Tensor, m: Tensor, z: Tensor) -> Tensor:
+    """x − logsumexp = (x − m) − z, the (m, z) pair broadcast over the row."""
+    return (x - m[:, None]) - z[:, None]
+
+
+def _merge_online(div_id, pa, pb, w_r, Ma, Za, Mb, Zb):
+    """Global forward/reverse KL from per-rank pairs and local terms [W, N] (module doc)."""
+    rel_a = (pa[0] - Ma) + (pa[1] - Za)   # A_r − A: log of the teacher mass on rank r
+    rel_b = (pb[0] - Mb) + (pb[1] - Zb)   # B_r − B
+    if div_id == _FKL:
+        weight, term = rel_a.exp(), w_r + rel_a - _finite_or_zero(rel_b)
+    else:
+        weight, term = rel_b.exp(), w_r + rel_b - _finite_or_zero(rel_a)
+    # A shard with no mass contributes nothing; NaN (weight NaN) still propagates.
+    return torch.where(weight == 0, 0.0, weight * term).sum(0)
+
+
+def _shard_log_prob(x: Tensor, m: Tensor, z: Tensor) -> Tensor:
+    """Log-probabilities within the shard; an all −inf shard keeps x (−inf), never NaN."""
+    empty = (m == _NEG_INF)[:, None]
+    return torch.where(empty, x, _log_prob(x, torch.where(m == _NEG_INF, 0.0, m), z))
+
+
+# ---- forward / backward -----------------------------------------------------------------------
+
+class _VocabParallelKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s3, t3, labels, group, start, div_id, param, T, sw, hw, ignore_index):
+        Bsz, L, V = s3.shape
+        N = Bsz * L
+        cd = compute_dtype(s3.dtype)
+        dev = s3.device
+        need_grad = ctx.needs_input_grad[0]
+        online = sw != 0.0 and div_id in (_FKL, _RKL)
+        hard_own = hw != 0.0 and not (sw != 0.0 and T == 1.0)  # at T = 1 the soft b is s
+
+        # columns of the gathered per-row stats
+        cols = (["ma", "za", "mb", "zb"] if sw else []) + (["w"] if online else []) + \
+               (["ms", "zs"] if hard_own else []) + (["sl"] if hw else [])
+        ci = {c: i for i, c in enumerate(cols)}
+        if hw and not hard_own:
+            ci["ms"], ci["zs"] = ci["mb"], ci["zb"]
+        k = max(len(cols), 1)
+        local = torch.zeros(N + 1, k, dtype=cd, device=dev)
+        local[N, 0] = V  # header row: this rank's vocabulary size
+
+        valid = None if labels is None else labels != ignore_index
+        lab_local = owned = None
+        if hw:
+            lab_local = labels - start
+            owned = valid & (lab_local >= 0) & (lab_local < V)
+            lab_local = torch.where(owned, lab_local, 0)
+
+        # pass 1: local statistics
+        for b, l0, l1, r0, r1 in _chunks(Bsz, L, V):
+            s = s3[b, l0:l1].to(cd)
+            if sw:
+                a = t3[b, l0:l1, :V].to(cd) / T
+                bb = s / T
+                ma, za = _local_lse(a)
+                mb, zb = _local_lse(bb)
+                local[r0:r1, ci["ma"]], local[r0:r1, ci["za"]] = ma, za
+                local[r0:r1, ci["mb"]], local[r0:r1, ci["zb"]] = mb, zb
+                if online:
+                    logp, logq = _shard_log_prob(a, ma, za), _shard_log_prob(bb, mb, zb)
+                    local[r0:r1, ci["w"]] = divergence_terms(div_id, param, logp, logq).sum(-1)
+            if hard_own:
+                local[r0:r1, ci["ms"]], local[r0:r1, ci["zs"]] = _local_lse(s)
+            if hw:
+                sl = s.gather(-1, lab_local[r0:r1, None]).squeeze(-1)
+                local[r0:r1, ci["sl"]] = torch.where(owned[r0:r1], sl, 0.0)
+
+        G = _all_gather(local, group)                 # [W, N + 1, k]   (collective 1)
+        vocab_size = G[:, N, 0].sum()
+        G = G[:, :N]
+
+        zero = torch.zeros(N, dtype=cd, device=dev)
+        Ma = Za = Mb = Zb = Ms = Zs = c = zero
+        rows = zero
+        if sw:
+            pa = (G[:, :, ci["ma"]], G[:, :, ci["za"]])
+            pb = (G[:, :, ci["mb"]], G[:, :, ci["zb"]])
+            Ma, Za = _merge_lse(*pa)
+            Mb, Zb = _merge_lse(*pb)
+            if online:
+                Dv = _merge_online(div_id, pa, pb, G[:, :, ci["w"]], Ma, Za, Mb, Zb)
+                c = torch.full_like(Dv, -1.0) if div_id == _FKL else Dv + 1.0
+            else:
+                # pass 2: Σφ and the partial c with the global statistics
+                part = torch.zeros(N, 2 if need_grad else 1, dtype=cd, device=dev)
+                for b, l0, l1, r0, r1 in _chunks(Bsz, L, V):
+                    rr = slice(r0, r1)
+                    logp = _log_prob(t3[b, l0:l1, :V].to(cd) / T, Ma[rr], Za[rr])
+                    logq = _log_prob(s3[b, l0:l1].to(cd) / T, Mb[rr], Zb[rr])
+                    part[rr, 0] = divergence_terms(div_id, param, logp, logq).sum(-1)
+                    if need_grad:
+                        part[rr, 1] = dphi_dlogq(div_id, param, logp, logq).sum(-1)
+                dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)   # (collective 2)
+                Dv = part[:, 0]
+                if need_grad:
+                    c = part[:, 1]
+            rows = rows + (sw * T * T) * Dv
+        if hw:
+            Ms, Zs = _merge_lse(G[:, :, ci["ms"]], G[:, :, ci["zs"]])
+            ce = (Ms - G[:, :, ci["sl"]].sum(0)) + Zs
+            in_range = (labels >= 0) & (labels < vocab_size)
+            rows = rows + hw * torch.where(in_range, ce, float("nan"))
+        if valid is not None:
+            rows = torch.where(valid, rows, 0.0)
+
+        stats = torch.stack([Ma, Za, Mb, Zb, Ms, Zs, c], 1)
+        ctx.save_for_backward(s3, t3, valid, lab_local, owned, stats)
+        ctx.scalars = (div_id, param, T, sw, hw)
+        ctx.mark_non_differentiable(vocab_size)
+        return rows, vocab_size
+
+    @staticmethod
+    def backward(ctx, grad_rows, _grad_vocab):
+        s3, t3, valid, lab_local, owned, stats = ctx.saved_tensors
+        div_id, param, T, sw, hw = ctx.scalars
+        Bsz, L, V = s3.shape
+        grad = torch.empty_like(s3, memory_format=torch.contiguous_format)
+        cd = compute_dtype(s3.dtype)
+        go = grad_rows.to(cd)
+        for b, l0, l1, r0, r1 in _chunks(Bsz, L, V):
+            Ma, Za, Mb, Zb, Ms, Zs, c = stats[r0:r1].unbind(1)
+            s = s3[b, l0:l1].to(cd)
+            g = torch.zeros_like(s)
+            if sw:
+                logp = _log_prob(t3[b, l0:l1, :V].to(cd) / T, Ma, Za)
+                logq = _log_prob(s / T, Mb, Zb)
+                u = dphi_dlogq(div_id, param, logp, logq)
+                g = (sw * T) * (u - logq.exp() * c[:, None])
+            if hw:
+                g = g + hw * _log_prob(s, Ms, Zs).exp()
+                onehot = torch.zeros_like(g).scatter_(-1, lab_local[r0:r1, None], 1.0)
+                g = g - hw * torch.where(owned[r0:r1, None], onehot, 0.0)
+            g = g * go[r0:r1, None]
+            if valid is not None:
+                g = torch.where(valid[r0:r1, None], g, 0.0)
+            grad[b, l0:l1] = g.to(grad.dtype)
+        return (grad,) + (None,) * 10
+
+
+def vocab_parallel_rows(s3: Tensor, t3: Tensor, labels: Optional[Tensor], group,
+                        vocab_start_index, div_id: int, param: float, temperature: float,
+                        soft_weight: float, hard_weight: float, ignore_index: int):
+    """Per-row losses [N] of the full vocabulary from the local shards, and the global vocabulary
+    size (a 0-dim tensor), for validated arguments (``kd_loss`` calls this).
+
+    ``s3``/``t3`` are [B, L, V_local] / [B, L, >= V_local] row views (see ``functional.as_rows``),
+    ``labels`` None or int64 [N] global vocabulary ids.
+    """
+    start = vocab_start_index
+    if hard_weight != 0.0 and start is None:
+        # equal or uneven shards in rank order: offset = sizes of the lower ranks
+        sizes = _all_gather(torch.tensor([s3.shape[-1]], dtype=torch.int64, device=s3.device),
+                            group).view(-1)
+        start = sizes[:dist.get_rank(group)].sum()
+    rows, vocab_size = _VocabParallelKD.apply(s3, t3, labels, group, start, div_id, param,
+                                              temperature, soft_weight, hard_weight, ignore_index)
+    if labels is not None and labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"labels must lie in [0, {int(vocab_size)}) (the global vocabulary) "
+                             f"or equal ignore_index={ignore_index}; found {int(labels[i])} at "
+                             f"flat position {i}")
+    return rows, vocab_size
+
+
+def vocab_parallel_kd_loss(student_logits: Tensor, teacher_logits: Tensor, process_group,
+                           vocab_start_index: Optional[int] = None, **kwargs) -> Tensor:
+    """``kd_loss`` on vocabulary shards: same arguments as ``kdkernels.kd_loss``, with the
+    tensor-parallel ``process_group`` and this rank's ``vocab_start_index`` (default: shards in
+    rank order, offsets from the gathered shard sizes)."""
+    from .functional import kd_loss
+    return kd_loss(student_logits, teacher_logits, process_group=process_group,
+                   vocab_start_index=vocab_start_index, **kwargs)
