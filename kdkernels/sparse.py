@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Optional, Union
 
 import torch
@@ -234,16 +235,36 @@ def _check_teacher_values(idx2: Tensor, used: Tensor, lp2: Tensor, V: int, tail:
                              "teacher), not logits")
 
 
+def _triton_unavailable(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    reason = backends._probe_triton()   # triton importable; a GPU, or the interpreter
+    if reason is None and device.type not in ("cuda", "cpu"):
+        reason = f"it does not run on {device.type} tensors"
+    if reason is None and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        reason = "CPU tensors need TRITON_INTERPRET=1 (set before importing triton)"
+    if reason is None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        reason = f"it does not accept {dtype} logits (fp32, bf16, fp16 only)"
+    if reason is None:
+        try:
+            from .triton import sparse_launch  # noqa: F401
+        except Exception as e:  # pragma: no cover - depends on the machine
+            reason = f"kdkernels.triton.sparse_launch failed to import ({type(e).__name__}: {e})"
+    return reason
+
+
 def _choose_backend(backend, device: torch.device, dtype: torch.dtype) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    if backend == "auto":
-        if device.type == "cuda" and dtype != torch.float64 \
-                and backends.availability("triton") is None:
+    if backend == "auto":   # never the interpreter unless asked for by name
+        if device.type == "cuda" and _triton_unavailable(device, dtype) is None:
             return "triton"
         return "reference"
-    if backend in ("reference", "triton"):
-        return backends.choose(backend, device, dtype)
+    if backend == "reference":
+        return backend
+    if backend == "triton":
+        reason = _triton_unavailable(device, dtype)
+        if reason:
+            raise RuntimeError(f"backend='triton' is not available for sparse_kd_loss: {reason}")
+        return backend
     raise ValueError(f"backend={backend!r} has no sparse top-k kernel; expected 'auto', "
                      "'reference' or 'triton'")
 
