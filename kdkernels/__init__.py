@@ -10,7 +10,9 @@ from . import divergences
 from .backends import availability as backend_availability
 from .functional import kd_loss
 from .modules import KDLoss
+from .sparse import sparse_kd_loss
+from .topk import dump_topk, load_topk
 
 __version__ = "0.1.0"
 
-__all__ = ["kd_loss", "KDLoss", "divergences", "backend_availability", "__version__"]
+__all__ = ["kd_loss", "KDLoss", "sparse_kd_loss", "dump_topk", "load_topk", "divergences", "backend_availability", "__version__"]

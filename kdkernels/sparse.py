@@ -81,7 +81,7 @@ class _ReferenceStats:
             if need_b or need_a:
                 x = x.to(cd)
                 if need_b:
-                    stats[r0:r1, 0] = torch.logsumexp(x / T, dim=1)
+                    stats[r0:r1, 0] = torch.logsumexp(x * (1.0 / T), dim=1)
                 if need_a:
                     stats[r0:r1, 1] = torch.logsumexp(x, dim=1)
                     stats[r0:r1, 2] = x.gather(1, lab[r0:r1]).squeeze(1)
@@ -106,7 +106,7 @@ class _ReferenceStats:
             g = torch.zeros_like(x)
             if need_b:  # c_B · softmax(s/T); rows with c_B = 0 (ignored rows) stay exactly 0
                 c = c_b[r0:r1].unsqueeze(1)
-                g += torch.where(c != 0, c * torch.exp(x / T - stats[r0:r1, 0:1]), 0.0)
+                g += torch.where(c != 0, c * torch.exp(x * (1.0 / T) - stats[r0:r1, 0:1]), 0.0)
             if need_a:
                 c = c_a[r0:r1].unsqueeze(1)
                 g += torch.where(c != 0, c * torch.exp(x - stats[r0:r1, 1:2]), 0.0)
@@ -169,7 +169,7 @@ def _log1m_exp_floored(x: Tensor) -> Tensor:
 
 def _soft_divergence(gathered, lse_t, lp, valid, div, param, T, tail):
     has = valid.any(dim=1)
-    b = gathered / T
+    b = gathered * (1.0 / T)   # the same product as the kernels: b is consistent with lse(b)
     Lq = _masked_lse(b, valid, has)      # log Σ_K exp(s/T)
     Lp = _masked_lse(lp, valid, has)     # log Σ_K p  (log of the teacher's mass on the K entries)
     if tail == "renormalize":
