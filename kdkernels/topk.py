@@ -58,7 +58,8 @@ def topk_logprobs(logits: torch.Tensor, k: int, temperature: float = 1.0):
 
 def _as_tensor(batch, what: str) -> torch.Tensor:
     if isinstance(batch, np.ndarray):
-        batch = torch.from_numpy(np.ascontiguousarray(batch))
+        batch = np.ascontiguousarray(batch)
+        batch = torch.from_numpy(batch if batch.flags.writeable else batch.copy())
     if not isinstance(batch, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor or numpy array of logits [..., V], got "
                         f"{type(batch).__name__}")
@@ -262,7 +263,7 @@ def run_topk_dump(args) -> int:
 
         def source():  # stream rows; batches are then [rows, V] chunks of the flattened array
             for r0 in range(0, rows.shape[0], args.batch_rows):
-                yield np.asarray(rows[r0:r0 + args.batch_rows])
+                yield np.array(rows[r0:r0 + args.batch_rows])  # a copy: memmap pages are read-only
     elif path.endswith((".pt", ".pth")):
         obj = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(obj, dict):
