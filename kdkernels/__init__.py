@@ -11,8 +11,10 @@ from .backends import availability as backend_availability
 from .distributed import global_num_items
 from .functional import kd_loss
 from .modules import KDLoss
+from .sparse import sparse_kd_loss
+from .topk import dump_topk, load_topk
 
 __version__ = "0.1.0"
 
-__all__ = ["kd_loss", "KDLoss", "divergences", "backend_availability", "global_num_items",
-           "__version__"]
+__all__ = ["kd_loss", "KDLoss", "sparse_kd_loss", "dump_topk", "load_topk", "global_num_items",
+           "divergences", "backend_availability", "__version__"]

@@ -1,0 +1,1 @@
+"""Triton kernels (@triton.jit only) and their launchers (checks, allocation, grid)."""
