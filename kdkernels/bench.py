@@ -187,26 +187,30 @@ def liger_loss_fn(divergence: str, temperature: float, kl_cls=None, jsd_cls=None
     upcast, Liger's batch-mean loss, times T². The loss classes can be passed in (tests)."""
     T = float(temperature)
     div = D.get(divergence)
+
+    def up(x):  # bf16/fp16 -> fp32; fp32 and float64 stay as they are
+        return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
     if divergence == "forward_kl":
         if kl_cls is None:
             from liger_kernel.transformers import LigerKLDIVLoss as kl_cls
         crit = kl_cls(reduction="batchmean", log_target=True)
         # kl_div(input=log q, target=log p) = KL(p || q): the forward KL
-        return lambda s, t: (T * T) * crit(torch.log_softmax(s.float() / T, -1),
-                                           torch.log_softmax(t.float() / T, -1))
+        return lambda s, t: (T * T) * crit(torch.log_softmax(up(s) / T, -1),
+                                           torch.log_softmax(up(t) / T, -1))
     if divergence == "jsd":
         if jsd_cls is None:
             from liger_kernel.transformers import LigerJSD as jsd_cls
         # LigerJSD(beta) = beta KL(P||M) + (1-beta) KL(Q||M), M = beta P + (1-beta) Q, P the teacher
         crit = jsd_cls(beta=div.default)
-        return lambda s, t: (T * T) * crit(torch.log_softmax(s.float() / T, -1),
-                                           torch.log_softmax(t.float() / T, -1))
+        return lambda s, t: (T * T) * crit(torch.log_softmax(up(s) / T, -1),
+                                           torch.log_softmax(up(t) / T, -1))
     if divergence == "tvd":
         if tvd_cls is None:
             from liger_kernel.transformers.tvd import LigerTVDLoss as tvd_cls
         crit = tvd_cls(reduction="batchmean")
-        return lambda s, t: (T * T) * crit(torch.softmax(s.float() / T, -1),
-                                           torch.softmax(t.float() / T, -1))
+        return lambda s, t: (T * T) * crit(torch.softmax(up(s) / T, -1),
+                                           torch.softmax(up(t) / T, -1))
     raise ValueError(f"no Liger equivalent for divergence={divergence!r}")
 
 
