@@ -57,22 +57,25 @@ def plot_csv(csv_path: str, out_dir: str) -> List[str]:
                 ax = axes[i][j]
                 for name, pts in _series(grows, metric, axis, fixed_key, fixed).items():
                     xs = [p[0] for p in pts]
-                    ax.plot(xs, [p[1] * scale for p in pts], marker="o", color=colors[name],
-                            label=name)
-                    if metric == "time_s":
-                        ax.fill_between(xs, [p[2] * scale for p in pts],
-                                        [p[3] * scale for p in pts], color=colors[name], alpha=0.2)
+                    ys = [p[1] * scale for p in pts]
+                    yerr = [[y - p[2] * scale for y, p in zip(ys, pts)],
+                            [p[3] * scale - y for y, p in zip(ys, pts)]]
+                    ax.errorbar(xs, ys, yerr=yerr, marker="o", capsize=3, color=colors[name],
+                                label=name)
                 ax.set_xlabel(axis)
                 ax.set_ylabel(ylabel)
                 ax.set_yscale("log")
-                if len({int(r[axis]) for r in grows}) > 1:
+                ticks = sorted({int(r[axis]) for r in grows})
+                if len(ticks) > 1:
                     ax.set_xscale("log", base=2)
+                ax.set_xticks(ticks, [str(v) for v in ticks])
+                ax.minorticks_off() if len(ticks) > 1 else None
                 ax.set_title(f"{ylabel.split(' (')[0]} vs {axis}, {fixed_key} = {fixed}")
                 ax.grid(True, which="both", alpha=0.3)
                 ax.legend(fontsize=8)
         date = grows[0]["date"]
         fig.suptitle(f"kdkernels bench: {div}, {dtype}, {device} | {card} | {date}\n"
-                     "median of forward+backward (band: p20-p80); lower is better", fontsize=10)
+                     "median of forward+backward (error bars: p20-p80); lower is better", fontsize=10)
         fig.tight_layout()
         path = os.path.join(out_dir, f"{div}_{dtype}.png")
         fig.savefig(path, dpi=110)
