@@ -520,8 +520,11 @@ def _free_bytes(device: str) -> Optional[int]:
     return None
 
 
-def sweep(args) -> List[Result]:
-    """Run the sweep described by the parsed ``args``; returns one Result per (shape, impl)."""
+def sweep(args, on_progress: Optional[Callable[[List[Result]], None]] = None) -> List[Result]:
+    """Run the sweep described by the parsed ``args``; returns one Result per (shape, impl).
+
+    ``on_progress(results_so_far)`` is called after each shape (the CLI rewrites its CSV there, so
+    a run killed by an outer timeout still leaves every finished shape on disk)."""
     from tqdm import tqdm
 
     impls = implementations()
@@ -583,6 +586,8 @@ def sweep(args) -> List[Result]:
         gc.collect()
         if p.device.startswith("cuda"):
             torch.cuda.empty_cache()
+        if on_progress is not None:
+            on_progress(results)
     bar.close()
     return results
 
@@ -773,12 +778,15 @@ def run_bench(args) -> int:
     copy_rate = measure_copy_rate(args.device) if args.device.startswith("cuda") else None
     vers = versions()
     print(f"kdkernels bench on {card}: {vers}", flush=True)
-    results = sweep(args)
+    csv_path = os.path.join(out, "results.csv")
+
+    def save(results):
+        write_csv(csv_rows(results, args.device, card, vers, date, copy_rate), csv_path)
+
+    results = sweep(args, on_progress=save)
     table = format_table(results, copy_rate)
     print(table)
-    rows = csv_rows(results, args.device, card, vers, date, copy_rate)
-    csv_path = os.path.join(out, "results.csv")
-    write_csv(rows, csv_path)
+    save(results)
     with open(os.path.join(out, "table.txt"), "w") as f:
         f.write(f"{card} | {date} | {vers}\ncommand: python -m kdkernels bench "
                 f"{' '.join(sys.argv[2:]) if len(sys.argv) > 2 else ''}\n{table}\n")

@@ -1,0 +1,17 @@
+"""Redraw the PNG plots of a bench CSV: ``python benchmarks/replot.py RESULTS.csv [OUT_DIR]``.
+
+The plots are always drawn from the CSV, so committed results can be re-plotted (for example
+after a plotting change) without rerunning anything.
+"""
+import os
+import sys
+
+from kdkernels.plotting import plot_csv
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3):
+        sys.exit(__doc__)
+    csv_path = sys.argv[1]
+    out = sys.argv[2] if len(sys.argv) == 3 else os.path.dirname(os.path.abspath(csv_path))
+    for path in plot_csv(csv_path, out):
+        print(path)
