@@ -13,6 +13,9 @@ from typing import Dict, List
 
 __all__ = ["read_csv", "plot_csv"]
 
+# the same implementation keeps its colour across figures of one run
+_ORDER = ["eager", "compile", "liger", "kd-reference", "kd-triton", "kd-cuda", "kd-cpu"]
+
 
 def read_csv(path: str) -> List[dict]:
     with open(path, newline="") as f:
@@ -37,6 +40,7 @@ def plot_csv(csv_path: str, out_dir: str) -> List[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     rows = [r for r in read_csv(csv_path) if r["metric"] in ("time_s", "peak_extra_bytes")]
     groups = defaultdict(list)
@@ -44,8 +48,11 @@ def plot_csv(csv_path: str, out_dir: str) -> List[str]:
         groups[(r["divergence"], r["dtype"], r["device"], r["card"])].append(r)
     written = []
     for (div, dtype, device, card), grows in sorted(groups.items()):
-        impls = sorted({r["implementation"] for r in grows})
-        colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(impls)}
+        impls = sorted({r["implementation"] for r in grows},
+                       key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n))
+        extra = [n for n in impls if n not in _ORDER]
+        colors = {n: plt.cm.tab10((_ORDER.index(n) if n in _ORDER else len(_ORDER) + extra.index(n))
+                                  % 10) for n in impls}
         Ns = sorted({int(r["N"]) for r in grows})
         Vs = sorted({int(r["V"]) for r in grows})
         metrics = [("time_s", "fwd+bwd time (ms)", 1e3)]
@@ -69,7 +76,7 @@ def plot_csv(csv_path: str, out_dir: str) -> List[str]:
                 if len(ticks) > 1:
                     ax.set_xscale("log", base=2)
                 ax.set_xticks(ticks, [str(v) for v in ticks])
-                ax.minorticks_off() if len(ticks) > 1 else None
+                ax.xaxis.set_minor_locator(NullLocator())
                 ax.set_title(f"{ylabel.split(' (')[0]} vs {axis}, {fixed_key} = {fixed}")
                 ax.grid(True, which="both", alpha=0.3)
                 ax.legend(fontsize=8)
