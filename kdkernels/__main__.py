@@ -13,6 +13,7 @@ import sys
 COMMANDS = {
     "info": ("kdkernels.cli", "versions, and which backends run here (and why not)"),
     "check": ("kdkernels.cli", "run every available backend on a default problem"),
+    "bench": ("kdkernels.bench", "time forward+backward of every implementation; CSV, table, PNG"),
     "topk-dump": ("kdkernels.topk", "store a teacher's top-k log-probabilities (sparse_kd_loss)"),
 }
 
