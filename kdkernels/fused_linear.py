@@ -18,6 +18,7 @@ gradients formed in forward), ``kdkernels::fused_linear_kd_rows`` / ``..._rows_b
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Optional, Tuple, Union
@@ -31,6 +32,10 @@ from . import reference
 from .functional import REDUCTIONS, _check_labels, _check_number
 
 __all__ = ["fused_linear_kd_loss", "FusedLinearKDLoss", "auto_chunk_size"]
+
+# Backend resolution imports modules and probes the machine: under torch.compile it runs once at
+# trace time and its answer (a str) is a constant of the graph.
+_choose_backend = torch.compiler.assume_constant_result(backends.choose)
 
 # Bytes of [chunk, V] work the default chunk size aims for, and how many fp32-sized [chunk, V]
 # buffers one chunk holds at its peak (teacher and student logits, the logits-gradient and the
@@ -61,21 +66,36 @@ def _logits(h: Tensor, w: Tensor, b: Optional[Tensor], softcap: float):
     return (softcap * th).to(z.dtype), th
 
 
+@contextlib.contextmanager
+def _autograd_in_op_body():
+    """Turn autograd back on inside a custom-op body, for the reference backend only.
+
+    Custom-op implementations run below the autograd dispatch key (and, in compiled graphs,
+    below functorch too), so ``torch.autograd.grad`` would record nothing there. This lifts the
+    exclusion of the autograd keys for the duration of the block and enables grad mode.
+    """
+    K = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    exclude = exclude.remove(K.AutogradFunctionality).remove(K.ADInplaceOrView)
+    include = torch._C._dispatch_tls_local_include_set()
+    with torch._C._ForceDispatchKeyGuard(include, exclude), torch.enable_grad():
+        yield
+
+
 def _rows_and_grad(s: Tensor, t: Tensor, labels: Optional[Tensor], grad_rows: Optional[Tensor],
                    backend: str, args: tuple) -> Tuple[Tensor, Optional[Tensor]]:
     """Per-row losses of a [c, V] chunk and, when ``grad_rows`` is given, the gradient of
     Σ grad_rows[i]·loss[i] w.r.t. ``s`` (student dtype)."""
     if backend == "reference":
-        # The chunk already bounds memory, so the reference formula runs without loss_rows'
-        # checkpointing. Custom-op bodies run below the autograd dispatch key, where
-        # torch.autograd.grad records nothing; torch.func.vjp works there.
-        def loss(x):
-            return reference._masked_row_losses(x, t, labels, *args)
+        # The chunk already bounds memory, so the reference formula runs on it directly (no
+        # second level of checkpointed chunks), with autograd for the gradient.
         if grad_rows is None:
-            return loss(s), None
-        rows, vjp = torch.func.vjp(loss, s)
-        (g,) = vjp(grad_rows.to(rows.dtype).expand_as(rows).contiguous())
-        return rows, g
+            return reference._masked_row_losses(s, t, labels, *args), None
+        with _autograd_in_op_body():
+            leaf = s.detach().requires_grad_(True)
+            rows = reference._masked_row_losses(leaf, t, labels, *args)
+            (g,) = torch.autograd.grad(rows, leaf, grad_rows.to(rows.dtype).expand_as(rows))
+        return rows.detach(), g
     s3, t3 = s.unsqueeze(0), t.unsqueeze(0)
     mod = backends.load(backend)
     rows, stats = mod.forward_rows(s3, t3, labels, *args)
@@ -109,12 +129,13 @@ def _run(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor,
     N, V = hs.shape[0], ws.shape[0]
     args = (div_id, param, temperature, soft_weight, hard_weight, ignore_index)
     rows = torch.empty(N, dtype=reference.compute_dtype(hs.dtype), device=hs.device)
-    empty = hs.new_empty(0)
     want = grad_rows is not None and (need_hidden or need_weight or need_bias)
     acc_dtype = torch.float32 if weight_grad_fp32 and ws.dtype != torch.float64 else ws.dtype
-    gh = torch.empty_like(hs) if want and need_hidden else empty
-    gw = torch.zeros(ws.shape, dtype=acc_dtype, device=ws.device) if want and need_weight else empty
-    gb = torch.zeros(V, dtype=acc_dtype, device=ws.device) if want and need_bias else empty
+    # gradients not asked for are distinct empty tensors (op outputs may not alias)
+    gh = torch.empty_like(hs) if want and need_hidden else hs.new_empty(0)
+    gw = (torch.zeros(ws.shape, dtype=acc_dtype, device=ws.device) if want and need_weight
+          else ws.new_empty(0))
+    gb = torch.zeros(V, dtype=acc_dtype, device=ws.device) if want and need_bias else ws.new_empty(0)
     if want:
         grad_rows = grad_rows.expand(N)
     wt_v = wt[:V]  # the teacher's padded columns are never computed
@@ -151,10 +172,9 @@ def _run(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor,
 
 def _fake_grads(hs, ws, bs, weight_grad_fp32, need_hidden, need_weight, need_bias):
     acc = torch.float32 if weight_grad_fp32 and ws.dtype != torch.float64 else ws.dtype
-    empty = hs.new_empty(0)
-    return (torch.empty_like(hs) if need_hidden else empty,
-            ws.new_empty(ws.shape, dtype=acc) if need_weight else empty,
-            ws.new_empty(ws.shape[:1], dtype=acc) if need_bias else empty)
+    return (torch.empty_like(hs) if need_hidden else hs.new_empty(0),
+            ws.new_empty(ws.shape, dtype=acc) if need_weight else ws.new_empty(0),
+            ws.new_empty(ws.shape[:1], dtype=acc) if need_bias else ws.new_empty(0))
 
 
 @torch.library.custom_op("kdkernels::fused_linear_kd", mutates_args=())
@@ -183,18 +203,20 @@ def _scaled_setup(ctx, inputs, output):
     ctx.save_for_backward(*output[1:])
     ctx.has_bias = inputs[2] is not None
     ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
+    ctx.computed = inputs[-3:]  # need_hidden, need_weight, need_bias: which grads were formed
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _scaled_backward(ctx, grad_loss, *_):
     gh, gw, gb = ctx.saved_tensors
     hd, wd = ctx.dtypes
+    ch, cw, cb = ctx.computed
     out = [None] * 21
-    if ctx.needs_input_grad[0] and gh.numel():
+    if ctx.needs_input_grad[0] and ch:
         out[0] = (gh * grad_loss.to(gh.dtype)).to(hd)
-    if ctx.needs_input_grad[1] and gw.numel():
+    if ctx.needs_input_grad[1] and cw:
         out[1] = (gw * grad_loss.to(gw.dtype)).to(wd)
-    if ctx.has_bias and ctx.needs_input_grad[2] and gb.numel():
+    if ctx.has_bias and ctx.needs_input_grad[2] and cb:
         out[2] = (gb * grad_loss.to(gb.dtype)).to(wd)
     return tuple(out)
 
@@ -404,7 +426,7 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         chunk = int(chunk_size)
     flat_labels = _check_labels(labels, lead, student_hidden.device, V, int(ignore_index))
-    name = backends.choose(backend, student_hidden.device, student_hidden.dtype)
+    name = _choose_backend(backend, student_hidden.device, student_hidden.dtype)
 
     hs = student_hidden.reshape(N, student_hidden.shape[-1])
     ht = teacher_hidden.detach().reshape(N, teacher_hidden.shape[-1])
