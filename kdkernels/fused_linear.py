@@ -37,20 +37,22 @@ __all__ = ["fused_linear_kd_loss", "FusedLinearKDLoss", "auto_chunk_size"]
 # trace time and its answer (a str) is a constant of the graph.
 _choose_backend = torch.compiler.assume_constant_result(backends.choose)
 
-# Bytes of [chunk, V] work the default chunk size aims for, and how many fp32-sized [chunk, V]
-# buffers one chunk holds at its peak (teacher and student logits, the logits-gradient and the
-# backend's temporaries).
-CHUNK_BUDGET_BYTES = 256 << 20
-BUFFERS_PER_ELEMENT = 6
+# Default chunk size: bytes of ONE fp32 [chunk, V] buffer, per device type. A chunk holds a few
+# such buffers at its peak (teacher and student logits, the logits-gradient, the backend's
+# temporaries; about a dozen for the autograd-based reference backend). On CPU, 16 MiB keeps
+# every buffer under glibc's mmap threshold (32 MiB), so chunk buffers are reused from the heap
+# instead of being freshly mapped and first-touched for every chunk.
+CHUNK_BUFFER_BYTES = {"cuda": 256 << 20, "cpu": 16 << 20}
 # Never fewer rows than this per chunk (when N has them), so the GEMMs stay efficient.
 MIN_CHUNK_ROWS = {"cuda": 1024, "cpu": 128}
 
 
 def auto_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:
-    """Rows per chunk: as many as fit CHUNK_BUDGET_BYTES of fp32 work, at least the per-device
-    minimum that keeps the GEMMs efficient, at most ``n_rows``."""
-    rows = CHUNK_BUDGET_BYTES // (4 * BUFFERS_PER_ELEMENT * max(vocab, 1))
-    rows = max(rows, MIN_CHUNK_ROWS.get(device.type, 128))
+    """Rows per chunk: as many as keep one fp32 [chunk, V] buffer within CHUNK_BUFFER_BYTES, at
+    least the per-device minimum that keeps the GEMMs efficient, at most ``n_rows``."""
+    kind = device.type if device.type in CHUNK_BUFFER_BYTES else "cpu"
+    rows = CHUNK_BUFFER_BYTES[kind] // (4 * max(vocab, 1))
+    rows = max(rows, MIN_CHUNK_ROWS[kind])
     return max(1, min(rows, n_rows))
 
 
@@ -371,8 +373,8 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
         num_items_in_batch, beta, alpha, backend: as in ``kdkernels.kd_loss``.
         softcap: cap > 0 applies cap·tanh(z/cap) to student and teacher logits (after the bias),
             as Gemma 2 does; the gradient flows through the student side.
-        chunk_size: rows per chunk; default ``auto_chunk_size`` (a memory budget of
-            CHUNK_BUDGET_BYTES, at least MIN_CHUNK_ROWS rows).
+        chunk_size: rows per chunk; default ``auto_chunk_size`` (one fp32 [chunk, V] buffer
+            within CHUNK_BUFFER_BYTES, at least MIN_CHUNK_ROWS rows).
         grad_weight_dtype: dtype in which the weight and bias gradients accumulate across chunks:
             torch.float32 (default) or None / the weight's dtype to save memory.
 
