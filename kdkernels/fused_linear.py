@@ -111,10 +111,14 @@ def _accumulate_weight_grad(acc: Tensor, g: Tensor, h: Tensor) -> None:
     """acc += gᵀ @ h, accumulated in acc's dtype."""
     if acc.dtype == g.dtype:
         acc.addmm_(g.t(), h)
-    elif acc.device.type == "cuda":
-        acc.add_(torch.mm(g.t(), h, out_dtype=acc.dtype))  # half inputs, fp32 GEMM accumulator
-    else:
-        acc.addmm_(g.t().to(acc.dtype), h.to(acc.dtype))
+        return
+    if acc.device.type == "cuda":
+        try:  # half inputs, fp32 GEMM output (torch >= 2.9 on CUDA)
+            acc.add_(torch.mm(g.t(), h, out_dtype=acc.dtype))
+            return
+        except (TypeError, RuntimeError):
+            pass
+    acc.addmm_(g.t().to(acc.dtype), h.to(acc.dtype))
 
 
 def _run(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor,

@@ -421,3 +421,19 @@ def test_bad_inputs_raise_clear_errors():
         f(hs, ws, ht, wt, temperature=0.0)
     with pytest.raises(ValueError, match="unknown backend"):
         f(hs, ws, ht, wt, backend="fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_oracle(dtype):
+    x = [None if t is None else t.cuda() for t in make(dtype=dtype)]
+    lab = labels_for((N,)).cuda()
+    kw = dict(labels=lab, temperature=2.0, hard_weight=0.5)
+    got = run(*x, chunk_size=16, softcap=20.0, **kw)
+    cpu = [None if t is None else t.cpu() for t in x]
+    exp = oracle_fused(*cpu, softcap=20.0, **oracle_kw("forward_kl", **{**kw, "labels": lab.cpu()}))
+    plain = plain_fused(*x, "forward_kl", softcap=20.0, **kw)
+    got = (got[0].cpu(), [g.cpu() for g in got[1]])
+    plain = (plain[0].cpu(), [g.cpu() for g in plain[1]])
+    check(got, exp, dtype, plain if dtype != torch.float32 else None, what=f"cuda {dtype}")
