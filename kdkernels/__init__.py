@@ -15,4 +15,5 @@ from .modules import KDLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["kd_loss", "KDLoss", "fused_linear_kd_loss", "FusedLinearKDLoss", "divergences", "backend_availability", "__version__"]
+__all__ = ["kd_loss", "KDLoss", "fused_linear_kd_loss", "FusedLinearKDLoss", "divergences",
+           "backend_availability", "__version__"]
