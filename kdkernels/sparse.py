@@ -353,7 +353,7 @@ def sparse_kd_loss(student_logits: Tensor, teacher_indices: Tensor, teacher_logp
     need_soft = sw != 0.0
     need_b = need_soft and tail == "bucket"
     need_a = hw != 0.0
-    s3 = as_rows(student_logits, "student_logits")
+    s3 = as_rows(student_logits, names=("student_logits",))
     lse_t, lse_1, s_lab, gathered = _StudentStats.apply(
         s3, idx_k, flat_labels if need_a else None, T, need_b, need_a, name)
 
