@@ -16,7 +16,7 @@ from torch import Tensor
 from . import backends
 from . import divergences as D
 from . import reference
-from .ops import kd_rows
+from .ops import kd_rows, kd_rows_grad_inplace
 
 __all__ = ["kd_loss", "REDUCTIONS"]
 
@@ -95,7 +95,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
             soft_weight: float = 1.0, hard_weight: float = 0.0, reduction: str = "batchmean",
             num_items_in_batch: Optional[Union[int, float, Tensor]] = None,
             beta: Optional[float] = None, alpha: Optional[float] = None,
-            backend: str = "auto") -> Tensor:
+            backend: str = "auto", grad_inplace: bool = False) -> Tensor:
     """Knowledge-distillation loss between teacher and student next-token distributions.
 
     Per row (token): ``soft_weight · T² · D(p, q) + hard_weight · CE(softmax(s), label)`` with
@@ -119,6 +119,11 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
         beta: JSD mixture weight of the teacher, in (0, 1) (default 0.5).
         alpha: skew for "skew_kl" / "skew_reverse_kl", in [0, 1) (default 0.1).
         backend: "auto", "reference", "triton", "cuda" or "cpu".
+        grad_inplace: opt-in memory saving for callers that no longer need the student logits:
+            backward writes the gradient into the student logits' own storage, so no [N, V]
+            gradient buffer is allocated. The logits are DESTROYED (they hold their gradient
+            after backward), and autograd raises if anything else saved them for its backward.
+            Ignored by the reference backend (it always allocates its gradient).
 
     Returns:
         A float32 tensor (float64 for float64 inputs): a scalar, or the leading shape for
@@ -147,6 +152,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
     hw = _check_number("hard_weight", hard_weight, nonneg=True)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not isinstance(grad_inplace, bool):
+        raise TypeError(f"grad_inplace must be a bool, got {type(grad_inplace).__name__}")
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if hw != 0.0 and labels is None:
@@ -168,7 +175,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
     if name == "reference":
         rows = reference.loss_rows(s3, t3, flat_labels, *args)
     else:
-        rows, _ = kd_rows(s3, t3, flat_labels, name, *args)
+        op = kd_rows_grad_inplace if grad_inplace else kd_rows
+        rows, _ = op(s3, t3, flat_labels, name, *args)
     return reduce_rows(rows, reduction, lead, V, flat_labels, int(ignore_index), num_items_in_batch)
 
 

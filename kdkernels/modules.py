@@ -22,7 +22,8 @@ class KDLoss(torch.nn.Module):
     def __init__(self, divergence: str = "forward_kl", temperature: float = 1.0,
                  ignore_index: int = -100, soft_weight: float = 1.0, hard_weight: float = 0.0,
                  reduction: str = "batchmean", beta: Optional[float] = None,
-                 alpha: Optional[float] = None, backend: str = "auto"):
+                 alpha: Optional[float] = None, backend: str = "auto",
+                 grad_inplace: bool = False):
         super().__init__()
         D.resolve_param(D.get(divergence), beta, alpha)  # fail early, at construction
         if reduction not in REDUCTIONS:
@@ -39,6 +40,9 @@ class KDLoss(torch.nn.Module):
         self.beta = beta
         self.alpha = alpha
         self.backend = backend
+        if not isinstance(grad_inplace, bool):
+            raise TypeError(f"grad_inplace must be a bool, got {type(grad_inplace).__name__}")
+        self.grad_inplace = grad_inplace  # see kd_loss: backward overwrites the student logits
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor,
                 labels: Optional[Tensor] = None, num_items_in_batch=None) -> Tensor:
@@ -47,7 +51,7 @@ class KDLoss(torch.nn.Module):
                        ignore_index=self.ignore_index, soft_weight=self.soft_weight,
                        hard_weight=self.hard_weight, reduction=self.reduction,
                        num_items_in_batch=num_items_in_batch, beta=self.beta, alpha=self.alpha,
-                       backend=self.backend)
+                       backend=self.backend, grad_inplace=self.grad_inplace)
 
     def extra_repr(self) -> str:
         extra = "".join(f", {k}={getattr(self, k)}" for k in ("beta", "alpha")

@@ -40,40 +40,49 @@ def _safe_max(m):
 
 
 @triton.jit
-def _logaddexp(x, y):
-    """log(e^x + e^y) elementwise; -inf where both are -inf (no NaN)."""
-    hi = tl.maximum(x, y)
-    lo = tl.minimum(x, y)
-    return hi + tl.log(1.0 + tl.exp(lo - _safe_max(hi)))
+def _log_mix(w1, x, y):
+    """log(w1 e^x + (1 - w1) e^y) for log-probabilities x, y (0 <= w1 < 1).
+
+    Factored as hi + log(w_hi + w_lo e^(lo - hi)) so that x == y gives exactly x (identical
+    distributions give an exact 0 divergence); -inf where both are -inf, never NaN."""
+    w2 = 1.0 - w1
+    x_hi = x >= y
+    hi = tl.where(x_hi, x, y)
+    lo = tl.where(x_hi, y, x)
+    w_hi = tl.where(x_hi, w1, w2)
+    w_lo = tl.where(x_hi, w2, w1)
+    out = hi + tl.log(w_hi + w_lo * tl.exp(lo - _safe_max(hi)))
+    return tl.where(w_hi == 0.0, lo, out)  # w_hi = 0: m is the other distribution (w_lo = 1)
 
 
 @triton.jit
-def _terms(DIV: tl.constexpr, logp, logq, p, q, param, log_w1, log_w2):
+def _terms(DIV: tl.constexpr, logp, logq, p, q, param):
     """Per-element φ(p, q) and g = ∂φ/∂q (up to an additive constant) of divergence DIV.
 
-    log_w1, log_w2 are the logs of the mixture weights (see launch.py): jsd m = β p + (1-β) q,
-    skew_kl m = α p + (1-α) q, skew_reverse_kl m = α q + (1-α) p. Zero-probability entries
-    contribute 0 to φ (0·log 0 = 0); g is only ever used multiplied by q, guarded by q > 0.
+    ``param`` is β (jsd: m = β p + (1-β) q) or α (skew_kl: m = α p + (1-α) q,
+    skew_reverse_kl: m = α q + (1-α) p). Zero-probability entries
+    contribute 0 to φ (0·log 0 = 0); g is only ever used multiplied by q, guarded by q == 0.
+    The guards test == 0, not > 0, so that a NaN probability stays NaN.
     """
     zero = tl.zeros_like(p)
     if DIV == FORWARD_KL:
-        phi = tl.where(p > 0, p * (logp - logq), zero)
+        phi = tl.where(p == 0, zero, p * (logp - logq))
         g = -tl.exp(logp - logq)
     elif DIV == REVERSE_KL:
-        phi = tl.where(q > 0, q * (logq - logp), zero)
+        phi = tl.where(q == 0, zero, q * (logq - logp))
         g = logq - logp
     elif DIV == JSD:
-        logm = _logaddexp(log_w1 + logp, log_w2 + logq)
-        phi = param * tl.where(p > 0, p * (logp - logm), zero) \
-            + (1.0 - param) * tl.where(q > 0, q * (logq - logm), zero)
+        logm = _log_mix(param, logp, logq)
+        phi = param * tl.where(p == 0, zero, p * (logp - logm)) \
+            + (1.0 - param) * tl.where(q == 0, zero, q * (logq - logm))
         g = (1.0 - param) * (logq - logm)
     elif DIV == SKEW_KL:
-        logm = _logaddexp(log_w1 + logp, log_w2 + logq)
-        phi = tl.where(p > 0, p * (logp - logm), zero)
-        g = -(1.0 - param) * tl.where(p > 0, tl.exp(logp - logm), zero)
+        logm = _log_mix(param, logp, logq)
+        phi = tl.where(p == 0, zero, p * (logp - logm))
+        g = -(1.0 - param) * tl.where(p == 0, zero, tl.exp(logp - logm))
     elif DIV == SKEW_REVERSE_KL:
-        logm = _logaddexp(log_w1 + logq, log_w2 + logp)
-        phi = tl.where(q > 0, q * (logq - logm), zero)
+        logm = _log_mix(param, logq, logp)
+        phi = tl.where(q == 0, zero, q * (logq - logm))
         g = logq - logm - param * tl.exp(logq - logm)
     else:  # TVD; sign(0) = 0 at ties
         phi = 0.5 * tl.abs(p - q)
@@ -82,12 +91,12 @@ def _terms(DIV: tl.constexpr, logp, logq, p, q, param, log_w1, log_w2):
 
 
 @triton.jit
-def _row_setup(lab_ptr, row, L, s_sb, s_sl, t_sb, t_sl, ignore_index, HAS_LABELS: tl.constexpr):
-    """int64 offsets of the row in the [B, L, V] views, its label and whether it counts."""
-    bi = row // L
-    li = row % L
-    s_off = bi * s_sb + li * s_sl
-    t_off = bi * t_sb + li * t_sl
+def _row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl, ignore_index,
+               HAS_LABELS: tl.constexpr):
+    """int64 offsets of the row in the student [B, s_L, V] and teacher [B', t_L, Vt] views (the
+    two may split their N rows differently), its label and whether it counts."""
+    s_off = (row // s_L) * s_sb + (row % s_L) * s_sl
+    t_off = (row // t_L) * t_sb + (row % t_L) * t_sl
     if HAS_LABELS:
         label = tl.load(lab_ptr + row)
         valid = label != ignore_index
@@ -99,15 +108,15 @@ def _row_setup(lab_ptr, row, L, s_sb, s_sl, t_sb, t_sl, ignore_index, HAS_LABELS
 
 @triton.jit
 def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
-                  L, V, s_sb, s_sl, t_sb, t_sl,
-                  inv_T, param, log_w1, log_w2, soft_scale, hard_weight, ignore_index,
+                  V, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
+                  inv_T, param, soft_scale, hard_weight, ignore_index,
                   DIV: tl.constexpr, SOFT: tl.constexpr, HAS_LABELS: tl.constexpr,
                   HARD: tl.constexpr, BLOCK: tl.constexpr):
     """Per-row loss soft_scale·D + hard_weight·CE (0 on ignored rows) and stats (A, B, c, lse).
 
     soft_scale = soft_weight·T². Ignored rows read no logits (their loop is empty)."""
     row = tl.program_id(0).to(tl.int64)
-    s_off, t_off, label, valid = _row_setup(lab_ptr, row, L, s_sb, s_sl, t_sb, t_sl,
+    s_off, t_off, label, valid = _row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
                                             ignore_index, HAS_LABELS)
     s_row = s_ptr + s_off
     t_row = t_ptr + t_off
@@ -141,9 +150,9 @@ def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
             za = za * ra + tl.sum(ea, 0)
             zb = zb * rb + tl.sum(eb, 0)
             if DIV == FORWARD_KL:
-                acc = acc * ra + tl.sum(tl.where(ea > 0, ea * (a - b), 0.0), 0)
+                acc = acc * ra + tl.sum(tl.where(ea == 0, 0.0, ea * (a - b)), 0)
             if DIV == REVERSE_KL:
-                acc = acc * rb + tl.sum(tl.where(eb > 0, eb * (b - a), 0.0), 0)
+                acc = acc * rb + tl.sum(tl.where(eb == 0, 0.0, eb * (b - a)), 0)
             ma = ma_new
             mb = mb_new
         if HARD:
@@ -175,9 +184,9 @@ def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
                 logq = s * inv_T - B
                 p = tl.exp(logp)
                 q = tl.exp(logq)
-                phi, g = _terms(DIV, logp, logq, p, q, param, log_w1, log_w2)
+                phi, g = _terms(DIV, logp, logq, p, q, param)
                 div += tl.sum(phi, 0)
-                c += tl.sum(tl.where(q > 0, q * g, 0.0), 0)
+                c += tl.sum(tl.where(q == 0, 0.0, q * g), 0)
     total = soft_scale * div
     if HARD:
         in_range = (label >= 0) & (label < V)
@@ -192,16 +201,16 @@ def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
 
 @triton.jit
 def kd_bwd_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, gl_ptr, g_ptr,
-                  L, V, s_sb, s_sl, t_sb, t_sl, g_sb, g_sl,
-                  inv_T, param, log_w1, log_w2, soft_scale, hard_weight, ignore_index,
+                  V, s_L, s_sb, s_sl, t_L, t_sb, t_sl, g_sb, g_sl,
+                  inv_T, param, soft_scale, hard_weight, ignore_index,
                   DIV: tl.constexpr, SOFT: tl.constexpr, HAS_LABELS: tl.constexpr,
                   HARD: tl.constexpr, BLOCK: tl.constexpr):
     """grad[row] = grad_loss[row] · (soft_scale · q (g - c) + hard_weight · (softmax(s) - onehot)),
     soft_scale = soft_weight·T; exact zeros on ignored rows. ``g_ptr`` may alias ``s_ptr``."""
     row = tl.program_id(0).to(tl.int64)
-    s_off, t_off, label, valid = _row_setup(lab_ptr, row, L, s_sb, s_sl, t_sb, t_sl,
+    s_off, t_off, label, valid = _row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
                                             ignore_index, HAS_LABELS)
-    g_off = (row // L) * g_sb + (row % L) * g_sl
+    g_off = (row // s_L) * g_sb + (row % s_L) * g_sl
     s_row = s_ptr + s_off
     t_row = t_ptr + t_off
     g_row = g_ptr + g_off
@@ -225,8 +234,8 @@ def kd_bwd_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, gl_ptr, g_ptr,
             if DIV == FORWARD_KL:
                 grad_b = q - p
             else:
-                _, g = _terms(DIV, logp, logq, p, q, param, log_w1, log_w2)
-                grad_b = tl.where(q > 0, q * (g - c), 0.0)
+                _, g = _terms(DIV, logp, logq, p, q, param)
+                grad_b = tl.where(q == 0, 0.0, q * (g - c))
             grad += soft_scale * grad_b
         if HARD:
             onehot = tl.where(cols == label, 1.0, 0.0)

@@ -13,7 +13,6 @@ variables change it:
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional, Tuple
 
@@ -99,9 +98,11 @@ def _check(student: Tensor, teacher: Tensor, labels: Optional[Tensor]) -> None:
         raise TypeError(f"teacher dtype {teacher.dtype} differs from student dtype {student.dtype}")
     if teacher.device != student.device:
         raise ValueError(f"teacher is on {teacher.device} but student is on {student.device}")
-    if teacher.shape[:2] != student.shape[:2] or teacher.shape[2] < student.shape[2]:
+    if teacher.shape[0] * teacher.shape[1] != student.shape[0] * student.shape[1] \
+            or teacher.shape[2] < student.shape[2]:
         raise ValueError(f"teacher shape {tuple(teacher.shape)} does not fit student shape "
-                         f"{tuple(student.shape)} (same B, L and a vocabulary at least as wide)")
+                         f"{tuple(student.shape)} (same number of rows B·L and a vocabulary at "
+                         "least as wide)")
     if student.device.type == "cpu" and not _interpreting():
         raise RuntimeError("the triton backend runs on CPU tensors only in the Triton interpreter "
                            "(TRITON_INTERPRET=1 set before importing triton)")
@@ -118,16 +119,9 @@ def _check(student: Tensor, teacher: Tensor, labels: Optional[Tensor]) -> None:
             raise ValueError(f"labels are on {labels.device} but student is on {student.device}")
 
 
-def _scalars(div_id: int, param: float, temperature: float):
-    """Runtime arguments shared by both kernels: 1/T, the parameter, and the logs of the
-    mixture weights (w1 multiplies the first distribution of m; see kernels._terms)."""
+def _check_div(div_id: int) -> None:
     if div_id not in range(6):
         raise ValueError(f"unknown divergence id {div_id}")
-    log_w1 = log_w2 = 0.0
-    if div_id in (K.JSD, K.SKEW_KL, K.SKEW_REVERSE_KL):
-        log_w1 = math.log(param) if param > 0 else float("-inf")
-        log_w2 = math.log1p(-param)
-    return 1.0 / temperature, float(param), log_w1, log_w2
 
 
 def _modes(div_id, soft_weight, hard_weight, labels):
@@ -146,10 +140,10 @@ def forward_rows(student: Tensor, teacher: Tensor, labels: Optional[Tensor], div
     stats = torch.empty((N, STATS_WIDTH), dtype=torch.float32, device=student.device)
     if N == 0:
         return loss, stats
-    inv_T, param, lw1, lw2 = _scalars(div_id, param, temperature)
+    _check_div(div_id)
     lab = labels if labels is not None else loss  # any pointer; never read without labels
-    args = (student, teacher, lab, loss, stats, L, V, student.stride(0), student.stride(1),
-            teacher.stride(0), teacher.stride(1), inv_T, param, lw1, lw2,
+    args = (student, teacher, lab, loss, stats, V, L, student.stride(0), student.stride(1),
+            teacher.shape[1], teacher.stride(0), teacher.stride(1), 1.0 / temperature, float(param),
             soft_weight * temperature * temperature, hard_weight, ignore_index)
     modes = _modes(div_id, soft_weight, hard_weight, labels)
     if _autotune() and student.is_cuda:
@@ -181,11 +175,12 @@ def backward_rows(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels: O
         raise ValueError("out must have the student's shape, dtype, device and unit column stride")
     if N == 0 or V == 0:
         return out
-    inv_T, param, lw1, lw2 = _scalars(div_id, param, temperature)
+    _check_div(div_id)
     lab = labels if labels is not None else stats
-    args = (student, teacher, lab, stats, grad_loss, out, L, V, student.stride(0),
-            student.stride(1), teacher.stride(0), teacher.stride(1), out.stride(0), out.stride(1),
-            inv_T, param, lw1, lw2, soft_weight * temperature, hard_weight, ignore_index)
+    args = (student, teacher, lab, stats, grad_loss, out, V, L, student.stride(0),
+            student.stride(1), teacher.shape[1], teacher.stride(0), teacher.stride(1),
+            out.stride(0), out.stride(1),
+            1.0 / temperature, float(param), soft_weight * temperature, hard_weight, ignore_index)
     modes = _modes(div_id, soft_weight, hard_weight, labels)
     if _autotune() and student.is_cuda:
         _tuned("bwd_inplace" if inplace and out.data_ptr() == student.data_ptr() else "bwd")[(N,)](
