@@ -26,12 +26,12 @@ import triton
 import triton.language as tl
 
 # Divergence ids (kdkernels.divergences; never renumbered there).
-FORWARD_KL: tl.constexpr = 0
-REVERSE_KL: tl.constexpr = 1
-JSD: tl.constexpr = 2
-SKEW_KL: tl.constexpr = 3
-SKEW_REVERSE_KL: tl.constexpr = 4
-TVD: tl.constexpr = 5
+FORWARD_KL = tl.constexpr(0)
+REVERSE_KL = tl.constexpr(1)
+JSD = tl.constexpr(2)
+SKEW_KL = tl.constexpr(3)
+SKEW_REVERSE_KL = tl.constexpr(4)
+TVD = tl.constexpr(5)
 
 
 @triton.jit
