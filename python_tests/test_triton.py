@@ -354,3 +354,22 @@ def test_gpu_compile_fullgraph(backend):
     exp, g = oracle.loss_and_grad(s, t, divergence_name="jsd", temperature=2.0)
     assert_close(out.detach().cpu(), exp.cpu(), torch.bfloat16)
     assert_close(s.grad.cpu(), g.cpu(), torch.bfloat16)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["kd_rows", "kd_rows_grad_inplace"])
+def test_compile_fullgraph_ops(backend, inplace):
+    """The custom ops trace under torch.compile(fullgraph=True) (aot_eager: no C++ compile here)
+    and give the eager gradient."""
+    from kdkernels import ops
+    op = ops.kd_rows_grad_inplace if inplace else ops.kd_rows
+    s = _rand((2, 3, 300), torch.float32).requires_grad_(True)
+    t = _rand((2, 3, 300), torch.float32)
+
+    def f(x, t):
+        return op(x * 1, t, None, "triton", 2, 0.5, 2.0, 1.0, 0.0, -100)[0].sum()
+
+    torch.compile(f, backend="aot_eager", fullgraph=True)(s, t).backward()
+    got = s.grad.clone()
+    s.grad = None
+    f(s, t).backward()
+    assert torch.equal(got, s.grad)
