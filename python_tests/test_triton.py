@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import oracle
-from conftest import TOL, assert_close, backend_params
+from conftest import assert_close, backend_params
 
 import kdkernels as kd
 from kdkernels import backends, reference

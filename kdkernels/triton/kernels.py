@@ -214,8 +214,8 @@ def kd_bwd_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, gl_ptr, g_ptr,
                   inv_T, param, soft_scale, hard_weight, ignore_index,
                   DIV: tl.constexpr, SOFT: tl.constexpr, HAS_LABELS: tl.constexpr,
                   HARD: tl.constexpr, BLOCK: tl.constexpr):
-    """grad[row] = grad_loss[row] · (soft_scale · q (g - c) + hard_weight · (softmax(s) - onehot)),
-    soft_scale = soft_weight·T; exact zeros on ignored rows. ``g_ptr`` may alias ``s_ptr``."""
+    """grad[row] = grad_loss[row] · (soft_scale · q (g - c) + hard_weight · (softmax(s) - onehot))
+    with soft_scale = soft_weight·T; exact zeros on ignored rows. ``g_ptr`` may alias ``s_ptr``."""
     row = tl.program_id(0).to(tl.int64)
     s_off, t_off, label, valid = _row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
                                             ignore_index, HAS_LABELS)

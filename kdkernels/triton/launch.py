@@ -79,7 +79,8 @@ def _tuned(name: str):
         elif name == "bwd":
             _TUNED[name] = triton.autotune(configs, key=key)(K.kd_bwd_kernel)
         else:  # "bwd_inplace"
-            _TUNED[name] = triton.autotune(configs, key=key, restore_value=["s_ptr"])(K.kd_bwd_kernel)
+            tuner = triton.autotune(configs, key=key, restore_value=["s_ptr"])
+            _TUNED[name] = tuner(K.kd_bwd_kernel)
     return _TUNED[name]
 
 
@@ -165,7 +166,8 @@ def backward_rows(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels: O
     Bn, L, V = student.shape
     N = Bn * L
     if grad_loss.shape != (N,) or (N > 1 and grad_loss.stride(0) != 1):
-        raise ValueError(f"grad_loss must be a contiguous [{N}] tensor, got {tuple(grad_loss.shape)}")
+        raise ValueError(f"grad_loss must be a contiguous [{N}] tensor, "
+                         f"got {tuple(grad_loss.shape)}")
     if stats.shape != (N, STATS_WIDTH) or stats.dtype != torch.float32 or not stats.is_contiguous():
         raise ValueError(f"stats must be a contiguous float32 [{N}, {STATS_WIDTH}] tensor")
     inplace = out is not None
