@@ -17,7 +17,7 @@ from . import backends
 from . import distributed
 from . import divergences as D
 from . import reference
-from .ops import kd_rows
+from .ops import kd_rows, kd_rows_grad_inplace
 
 __all__ = ["kd_loss", "REDUCTIONS"]
 
@@ -117,7 +117,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
             soft_weight: float = 1.0, hard_weight: float = 0.0, reduction: str = "batchmean",
             num_items_in_batch: Optional[Union[int, float, Tensor]] = None,
             beta: Optional[float] = None, alpha: Optional[float] = None,
-            backend: str = "auto", process_group=None,
+            backend: str = "auto", grad_inplace: bool = False, process_group=None,
             vocab_start_index: Optional[int] = None) -> Tensor:
     """Knowledge-distillation loss between teacher and student next-token distributions.
 
@@ -142,6 +142,11 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
         beta: JSD mixture weight of the teacher, in (0, 1) (default 0.5).
         alpha: skew for "skew_kl" / "skew_reverse_kl", in [0, 1) (default 0.1).
         backend: "auto", "reference", "triton", "cuda" or "cpu".
+        grad_inplace: opt-in memory saving for callers that no longer need the student logits:
+            backward writes the gradient into the student logits' own storage, so no [N, V]
+            gradient buffer is allocated. The logits are DESTROYED (they hold their gradient
+            after backward), and autograd raises if anything else saved them for its backward.
+            Ignored by the reference backend (it always allocates its gradient).
         process_group: a ``torch.distributed`` tensor-parallel group over which the logits are
             sharded on the vocabulary: each rank passes its [..., V_local] shards (same rows on
             every rank) and gets the loss of the full vocabulary (``kdkernels.distributed``).
@@ -176,6 +181,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
     hw = _check_number("hard_weight", hard_weight, nonneg=True)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not isinstance(grad_inplace, bool):
+        raise TypeError(f"grad_inplace must be a bool, got {type(grad_inplace).__name__}")
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if hw != 0.0 and labels is None:
@@ -191,24 +198,21 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
     # with a process group the label range is the global vocabulary, checked by distributed
     flat_labels = _check_labels(labels, lead, student_logits.device,
                                 V if process_group is None else None, int(ignore_index))
-    if process_group is not None:
-        s3, t3 = as_rows(student_logits, teacher_logits.detach()[..., :V],
-                         names=("student_logits", "teacher_logits"))
-        rows, vocab_size = distributed.vocab_parallel_rows(
-            s3, t3, flat_labels, process_group, vocab_start_index, div.id, param, T, sw, hw,
-            int(ignore_index))
-        return reduce_rows(rows, reduction, lead, vocab_size, flat_labels, int(ignore_index),
-                           num_items_in_batch)
-    name = backends.choose(backend, student_logits.device, student_logits.dtype)
-
     # The teacher is a constant: no gradient flows to it.
     s3, t3 = as_rows(student_logits, teacher_logits.detach()[..., :V],
                      names=("student_logits", "teacher_logits"))
     args = (div.id, param, T, sw, hw, int(ignore_index))
+    if process_group is not None:
+        rows, vocab_size = distributed.vocab_parallel_rows(
+            s3, t3, flat_labels, process_group, vocab_start_index, *args)
+        return reduce_rows(rows, reduction, lead, vocab_size, flat_labels, int(ignore_index),
+                           num_items_in_batch)
+    name = backends.choose(backend, student_logits.device, student_logits.dtype)
     if name == "reference":
         rows = reference.loss_rows(s3, t3, flat_labels, *args)
     else:
-        rows, _ = kd_rows(s3, t3, flat_labels, name, *args)
+        op = kd_rows_grad_inplace if grad_inplace else kd_rows
+        rows, _ = op(s3, t3, flat_labels, name, *args)
     return reduce_rows(rows, reduction, lead, V, flat_labels, int(ignore_index), num_items_in_batch)
 
 

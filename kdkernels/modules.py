@@ -22,7 +22,8 @@ class KDLoss(torch.nn.Module):
     def __init__(self, divergence: str = "forward_kl", temperature: float = 1.0,
                  ignore_index: int = -100, soft_weight: float = 1.0, hard_weight: float = 0.0,
                  reduction: str = "batchmean", beta: Optional[float] = None,
-                 alpha: Optional[float] = None, backend: str = "auto", process_group=None,
+                 alpha: Optional[float] = None, backend: str = "auto",
+                 grad_inplace: bool = False, process_group=None,
                  vocab_start_index: Optional[int] = None):
         super().__init__()
         D.resolve_param(D.get(divergence), beta, alpha)  # fail early, at construction
@@ -40,6 +41,9 @@ class KDLoss(torch.nn.Module):
         self.beta = beta
         self.alpha = alpha
         self.backend = backend
+        if not isinstance(grad_inplace, bool):
+            raise TypeError(f"grad_inplace must be a bool, got {type(grad_inplace).__name__}")
+        self.grad_inplace = grad_inplace  # see kd_loss: backward overwrites the student logits
         # vocab-parallel (tensor-parallel) loss over this torch.distributed group, if given
         self.process_group = process_group
         self.vocab_start_index = vocab_start_index
@@ -51,7 +55,8 @@ class KDLoss(torch.nn.Module):
                        ignore_index=self.ignore_index, soft_weight=self.soft_weight,
                        hard_weight=self.hard_weight, reduction=self.reduction,
                        num_items_in_batch=num_items_in_batch, beta=self.beta, alpha=self.alpha,
-                       backend=self.backend, process_group=self.process_group,
+                       backend=self.backend, grad_inplace=self.grad_inplace,
+                       process_group=self.process_group,
                        vocab_start_index=self.vocab_start_index)
 
     def extra_repr(self) -> str:

@@ -30,9 +30,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _xlog_ratio(x: torch.Tensor, logx: torch.Tensor, logy: torch.Tensor) -> torch.Tensor:
-    """Elementwise x·(log x − log y) with 0·(anything) = 0 and NaN-free gradients at x = 0."""
-    pos = x > 0
-    return torch.where(pos, x * (torch.where(pos, logx, 0.0) - torch.where(pos, logy, 0.0)), 0.0)
+    """Elementwise x·(log x − log y) with 0·(anything) = 0 and NaN-free gradients at x = 0.
+    NaN in x stays NaN (the guard tests x == 0, not x > 0)."""
+    zero = x == 0
+    return torch.where(zero, 0.0, x * (torch.where(zero, 0.0, logx) - torch.where(zero, 0.0, logy)))
 
 
 def _log_mix(w1: float, l1: torch.Tensor, w2: float, l2: torch.Tensor) -> torch.Tensor:

@@ -108,10 +108,12 @@ def test_neg_inf_teacher_only_gives_inf_reverse_kl():
     assert torch.isfinite(kd.kd_loss(s, t, "forward_kl", reduction="none")).all()
 
 
-def test_nan_propagates():
-    s = torch.randn(3, 20)
-    s[1, 4] = float("nan")
-    out = kd.kd_loss(s, torch.randn(3, 20), reduction="none")
+@pytest.mark.parametrize("div", DIVS)
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_nan_propagates(div, side):
+    s, t = torch.randn(3, 20), torch.randn(3, 20)
+    (s if side == "student" else t)[1, 4] = float("nan")
+    out = kd.kd_loss(s, t, div, reduction="none")
     assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()
 
 

@@ -1,1 +1,3 @@
-"""Triton kernels (@triton.jit only) and their launchers (checks, allocation, grid)."""
+"""Triton backend of kdkernels: ``kernels.py`` holds the @triton.jit kernels, ``launch.py`` the
+launcher implementing the backend contract of ``kdkernels.backends``, ``aot.py`` the ahead-of-time
+compile check for sm_80 / sm_90."""

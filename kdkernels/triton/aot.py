@@ -1,0 +1,150 @@
+"""Ahead-of-time compile check of the Triton kernels for sm_80 and sm_90 (no GPU needed).
+
+``compile_report()`` compiles each kernel at its default launch configuration
+(``launch.DEFAULT_CONFIGS``) with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap,
+32))``, runs ``ptxas -v`` on the PTX and returns registers and spill bytes per compiled variant.
+Under ``TRITON_INTERPRET=1`` the kernels are interpreter objects that cannot be compiled, so the
+work then runs in a child process without that variable.
+
+Command line: ``python -m kdkernels.triton.aot`` prints the report as JSON lines.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, Iterable, List, Optional, Sequence
+
+CAPS = (80, 90)
+DTYPES = ("fp32", "bf16", "fp16")
+N_DIVERGENCES = 6
+
+
+def find_ptxas() -> str:
+    """ptxas next to nvcc, else the one bundled with triton."""
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        cand = os.path.join(os.path.dirname(os.path.realpath(nvcc)), "ptxas")
+        if os.path.exists(cand):
+            return cand
+        cand = os.path.join(os.path.dirname(nvcc), "ptxas")
+        if os.path.exists(cand):
+            return cand
+    import triton
+    cand = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if os.path.exists(cand):
+        return cand
+    raise FileNotFoundError("ptxas not found (neither next to nvcc nor bundled with triton)")
+
+
+def _signature(kernel: str, dtype: str) -> Dict[str, str]:
+    common_tail = {"inv_T": "fp32", "param": "fp32", "soft_scale": "fp32", "hard_weight": "fp32",
+                   "ignore_index": "i32", "DIV": "constexpr", "SOFT": "constexpr",
+                   "HAS_LABELS": "constexpr", "HARD": "constexpr", "BLOCK": "constexpr"}
+    strides = {"V": "i32", "s_L": "i32", "s_sb": "i64", "s_sl": "i64",
+               "t_L": "i32", "t_sb": "i64", "t_sl": "i64"}
+    if kernel == "fwd":
+        head = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "lab_ptr": "*i64",
+                "loss_ptr": "*fp32", "stats_ptr": "*fp32"}
+        return {**head, **strides, **common_tail}
+    head = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "lab_ptr": "*i64", "stats_ptr": "*fp32",
+            "gl_ptr": "*fp32", "g_ptr": f"*{dtype}"}
+    return {**head, **strides, "g_sb": "i64", "g_sl": "i64", **common_tail}
+
+
+def _parse_ptxas(text: str) -> Dict[str, int]:
+    regs = re.search(r"Used (\d+) registers", text)
+    stores = re.search(r"(\d+) bytes spill stores", text)
+    loads = re.search(r"(\d+) bytes spill loads", text)
+    stack = re.search(r"(\d+) bytes stack frame", text)
+    if not (regs and stores and loads):
+        raise RuntimeError(f"could not parse the ptxas report:\n{text}")
+    return {"registers": int(regs.group(1)), "spill_stores": int(stores.group(1)),
+            "spill_loads": int(loads.group(1)), "stack_frame": int(stack.group(1)) if stack else 0}
+
+
+def compile_one(kernel: str, div: int, dtype: str, cap: int, soft: bool = True,
+                has_labels: bool = True, hard: bool = True, ptxas: Optional[str] = None) -> dict:
+    """Compile one variant; return its ptxas resource usage."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import kernels as K
+    from .launch import DEFAULT_CONFIGS
+
+    block, warps = DEFAULT_CONFIGS[(cap // 10, cap % 10)][kernel]
+    fn = K.kd_fwd_kernel if kernel == "fwd" else K.kd_bwd_kernel
+    constexprs = {"DIV": div, "SOFT": soft, "HAS_LABELS": has_labels, "HARD": hard,
+                  "BLOCK": block}
+    src = ASTSource(fn=fn, signature=_signature(kernel, dtype), constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                              options={"num_warps": warps})
+    arch = "sm_90a" if cap == 90 else f"sm_{cap}"
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(compiled.asm["ptx"])
+        out = subprocess.run([ptxas or find_ptxas(), f"-arch={arch}", "-v", path, "-o", os.devnull],
+                             capture_output=True, text=True, check=True)
+    return {"kernel": kernel, "div": div, "dtype": dtype, "cap": cap, "soft": soft,
+            "has_labels": has_labels, "hard": hard, "block": block, "num_warps": warps,
+            **_parse_ptxas(out.stdout + out.stderr)}
+
+
+def default_variants(dtypes: Sequence[str] = ("fp32", "bf16"), caps: Sequence[int] = CAPS,
+                     divs: Iterable[int] = range(N_DIVERGENCES)) -> List[dict]:
+    """Every kernel × divergence × dtype × target with all terms on (soft + labels + hard: the
+    most live values), plus the soft-only variant of each divergence."""
+    out = []
+    for kernel, div, dtype, cap in itertools.product(("fwd", "bwd"), divs, dtypes, caps):
+        out.append(dict(kernel=kernel, div=div, dtype=dtype, cap=cap))
+    for kernel, div in itertools.product(("fwd", "bwd"), divs):
+        out.append(dict(kernel=kernel, div=div, dtype="bf16", cap=90, has_labels=False,
+                        hard=False))
+    return out
+
+
+def _compile_all(variants: List[dict], workers: int) -> List[dict]:
+    ptxas = find_ptxas()
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
+        return list(ex.map(lambda v: compile_one(**v, ptxas=ptxas), variants))
+
+
+def compile_report(variants: Optional[List[dict]] = None, workers: int = 2) -> List[dict]:
+    """Compile ``variants`` (default: ``default_variants()``) and return one dict per variant with
+    registers, spill_stores, spill_loads and stack_frame bytes."""
+    variants = default_variants() if variants is None else variants
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return _compile_all(variants, workers)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "kdkernels.triton.aot", "--json-in",
+                           json.dumps(variants), "--workers", str(workers)],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"AOT compile failed:\n{proc.stderr[-4000:]}")
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json-in", help="variants as a JSON list (default: default_variants())")
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args(argv)
+    variants = json.loads(args.json_in) if args.json_in else default_variants()
+    for row in compile_report(variants, args.workers):
+        print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Triton kernels for the knowledge-distillation row losses (DESIGN.md §3). ``@triton.jit`` only.
+
+One program handles one row (token) and walks its vocabulary in blocks of ``BLOCK`` columns.
+Notation as in DESIGN.md: a = t/T, b = s/T, A = logsumexp(a), B = logsumexp(b),
+log p = a - A, log q = b - B. The divergence id ``DIV`` (kdkernels.divergences) is a
+compile-time constant; β/α, T and the weights are runtime values.
+
+Forward (``kd_fwd_kernel``), per row:
+  pass 1 reads s and t once: online (max, sum-exp) of a and b, of s at T = 1 when the hard term
+    is on, and for forward / reverse KL the loss itself, accumulated online as
+    KL(p||q) = Σ p ((a - ma) - (b - mb)) - log za + log zb  (za, zb the sum-exps at maxima
+    ma, mb; the sum is rescaled like the sum-exp as the maxima move).
+    Bytes moved (bf16): 4 per element.
+  pass 2 (jsd, skew_kl, skew_reverse_kl, tvd only) reads s and t again, now that A and B are
+    known, to form p, q and m: the loss and c = Σ q g. Another 4 bytes per element.
+  It writes per row: loss and stats = (A, B, c, lse of s at T = 1), fp32.
+Backward (``kd_bwd_kernel``) reads s and t once more and writes, in the student's dtype,
+  grad_loss · (soft_weight · T · q (g - c) + hard_weight · (softmax(s) - onehot(label)))
+  (6 bytes per element in bf16). It may write into the student's own storage (in-place
+  gradient): every element is read before the same program overwrites it.
+
+The constant parts of g (the "+1" of reverse KL and skew reverse KL) cancel in g - c and are
+left out of both g and c here, which keeps c small and the difference accurate.
+"""
+import triton
+import triton.language as tl
+
+# Divergence ids (kdkernels.divergences; never renumbered there).
+FORWARD_KL = tl.constexpr(0)
+REVERSE_KL = tl.constexpr(1)
+JSD = tl.constexpr(2)
+SKEW_KL = tl.constexpr(3)
+SKEW_REVERSE_KL = tl.constexpr(4)
+TVD = tl.constexpr(5)
+
+
+@triton.jit
+def _safe_max(m):
+    """The running max, with -inf replaced by 0 so that x - m never gives -inf - (-inf)."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _log_mix(w1, x, y):
+    """log(w1 e^x + (1 - w1) e^y) for log-probabilities x, y (0 <= w1 < 1).
+
+    Factored as hi + log(w_hi + w_lo e^(lo - hi)) so that x == y gives exactly x (identical
+    distributions give an exact 0 divergence); -inf where both are -inf, never NaN."""
+    w2 = 1.0 - w1
+    x_hi = x >= y
+    hi = tl.where(x_hi, x, y)
+    lo = tl.where(x_hi, y, x)
+    w_hi = tl.where(x_hi, w1, w2)
+    w_lo = tl.where(x_hi, w2, w1)
+    out = hi + tl.log(w_hi + w_lo * tl.exp(lo - _safe_max(hi)))
+    return tl.where(w_hi == 0.0, lo, out)  # w_hi = 0: m is the other distribution (w_lo = 1)
+
+
+@triton.jit
+def _terms(DIV: tl.constexpr, logp, logq, p, q, param):
+    """Per-element φ(p, q) and g = ∂φ/∂q (up to an additive constant) of divergence DIV.
+
+    ``param`` is β (jsd: m = β p + (1-β) q) or α (skew_kl: m = α p + (1-α) q,
+    skew_reverse_kl: m = α q + (1-α) p). Zero-probability entries
+    contribute 0 to φ (0·log 0 = 0); g is only ever used multiplied by q, guarded by q == 0.
+    The guards test == 0, not > 0, so that a NaN probability stays NaN.
+    """
+    zero = tl.zeros_like(p)
+    if DIV == FORWARD_KL:
+        phi = tl.where(p == 0, zero, p * (logp - logq))
+        g = -tl.exp(logp - logq)
+    elif DIV == REVERSE_KL:
+        phi = tl.where(q == 0, zero, q * (logq - logp))
+        g = logq - logp
+    elif DIV == JSD:
+        logm = _log_mix(param, logp, logq)
+        phi = param * tl.where(p == 0, zero, p * (logp - logm)) \
+            + (1.0 - param) * tl.where(q == 0, zero, q * (logq - logm))
+        g = (1.0 - param) * (logq - logm)
+    elif DIV == SKEW_KL:
+        logm = _log_mix(param, logp, logq)
+        phi = tl.where(p == 0, zero, p * (logp - logm))
+        g = -(1.0 - param) * tl.where(p == 0, zero, tl.exp(logp - logm))
+    elif DIV == SKEW_REVERSE_KL:
+        logm = _log_mix(param, logq, logp)
+        phi = tl.where(q == 0, zero, q * (logq - logm))
+        g = logq - logm - param * tl.exp(logq - logm)
+    else:  # TVD; sign(0) = 0 at ties
+        phi = 0.5 * tl.abs(p - q)
+        g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, zero))
+    return phi, g
+
+
+@triton.jit
+def _row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl, ignore_index,
+               HAS_LABELS: tl.constexpr):
+    """int64 offsets of the row in the student [B, s_L, V] and teacher [B', t_L, Vt] views (the
+    two may split their N rows differently), its label and whether it counts."""
+    s_off = (row // s_L) * s_sb + (row % s_L) * s_sl
+    t_off = (row // t_L) * t_sb + (row % t_L) * t_sl
+    if HAS_LABELS:
+        label = tl.load(lab_ptr + row)
+        valid = label != ignore_index
+    else:
+        label = tl.full([], -1, tl.int64)
+        valid = row >= 0  # every row counts
+    return s_off, t_off, label, valid
+
+
+@triton.jit
+def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
+                  V, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
+                  inv_T, param, soft_scale, hard_weight, ignore_index,
+                  DIV: tl.constexpr, SOFT: tl.constexpr, HAS_LABELS: tl.constexpr,
+                  HARD: tl.constexpr, BLOCK: tl.constexpr):
+    """Per-row loss soft_scale·D + hard_weight·CE (0 on ignored rows) and stats (A, B, c, lse).
+
+    soft_scale = soft_weight·T². Ignored rows read no logits (their loop is empty)."""
+    row = tl.program_id(0).to(tl.int64)
+    s_off, t_off, label, valid = _row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
+                                            ignore_index, HAS_LABELS)
+    s_row = s_ptr + s_off
+    t_row = t_ptr + t_off
+    n = tl.where(valid, V, 0)
+    ninf = float("-inf")
+    zero = tl.zeros([], tl.float32)
+    ma = zero + ninf  # running max and sum-exp of a
+    za = zero
+    mb = zero + ninf  # ... of b
+    zb = zero
+    acc = zero        # online KL numerator (forward / reverse KL)
+    ms = zero + ninf  # ... of s at T = 1 (hard term)
+    zs = zero
+    s_lab = zero      # s[label]
+
+    # ---- pass 1: statistics (and the forward / reverse KL loss) ----
+    for start in range(0, n, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < V
+        s = tl.load(s_row + cols, mask=mask, other=ninf).to(tl.float32)
+        if SOFT:
+            t = tl.load(t_row + cols, mask=mask, other=ninf).to(tl.float32)
+            a = t * inv_T
+            b = s * inv_T
+            ma_new = tl.maximum(ma, tl.max(a, 0))
+            mb_new = tl.maximum(mb, tl.max(b, 0))
+            ca = a - _safe_max(ma_new)  # a and b centred on their running maxima
+            cb = b - _safe_max(mb_new)
+            ea = tl.exp(ca)
+            eb = tl.exp(cb)
+            ra = tl.exp(ma - _safe_max(ma_new))
+            rb = tl.exp(mb - _safe_max(mb_new))
+            # Online KL on centred logits: acc = Σ e^{a-ma} ((a - ma) - (b - mb)) for forward KL
+            # (a <-> b for reverse KL); when the maxima move by (da, db), the old terms gain
+            # z·(db - da) before the usual rescaling. Centring keeps the terms small, so V = 1 or
+            # identical rows give an exact 0 and |logits| ~ 1e4 lose no precision.
+            if DIV == FORWARD_KL:
+                shift = tl.where(za == 0, 0.0, za * ((mb_new - mb) - (ma_new - ma)))
+                acc = (acc + shift) * ra + tl.sum(tl.where(ea == 0, 0.0, ea * (ca - cb)), 0)
+            if DIV == REVERSE_KL:
+                shift = tl.where(zb == 0, 0.0, zb * ((ma_new - ma) - (mb_new - mb)))
+                acc = (acc + shift) * rb + tl.sum(tl.where(eb == 0, 0.0, eb * (cb - ca)), 0)
+            za = za * ra + tl.sum(ea, 0)
+            zb = zb * rb + tl.sum(eb, 0)
+            ma = ma_new
+            mb = mb_new
+        if HARD:
+            ms_new = tl.maximum(ms, tl.max(s, 0))
+            zs = zs * tl.exp(ms - _safe_max(ms_new)) + tl.sum(tl.exp(s - _safe_max(ms_new)), 0)
+            ms = ms_new
+            s_lab += tl.sum(tl.where(cols == label, s, 0.0), 0)
+
+    A = ma + tl.log(za)
+    B = mb + tl.log(zb)
+    lse = ms + tl.log(zs)
+    div = zero
+    c = zero
+    if SOFT:
+        if DIV == FORWARD_KL:
+            div = acc / za - tl.log(za) + tl.log(zb)
+            c = zero - 1.0
+        elif DIV == REVERSE_KL:
+            div = acc / zb - tl.log(zb) + tl.log(za)
+            c = div
+        else:
+            # ---- pass 2: divergences that need A and B before they can form p, q, m ----
+            for start in range(0, n, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < V
+                s = tl.load(s_row + cols, mask=mask, other=ninf).to(tl.float32)
+                t = tl.load(t_row + cols, mask=mask, other=ninf).to(tl.float32)
+                logp = t * inv_T - A
+                logq = s * inv_T - B
+                p = tl.exp(logp)
+                q = tl.exp(logq)
+                phi, g = _terms(DIV, logp, logq, p, q, param)
+                div += tl.sum(phi, 0)
+                c += tl.sum(tl.where(q == 0, 0.0, q * g), 0)
+    total = soft_scale * div
+    if HARD:
+        in_range = (label >= 0) & (label < V)
+        ce = tl.where(in_range, lse - s_lab, float("nan"))
+        total += hard_weight * ce
+    tl.store(loss_ptr + row, tl.where(valid, total, 0.0))
+    tl.store(stats_ptr + row * 4 + 0, tl.where(valid, A, 0.0))
+    tl.store(stats_ptr + row * 4 + 1, tl.where(valid, B, 0.0))
+    tl.store(stats_ptr + row * 4 + 2, tl.where(valid, c, 0.0))
+    tl.store(stats_ptr + row * 4 + 3, tl.where(valid, lse, 0.0))
+
+
+@triton.jit
+def kd_bwd_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, gl_ptr, g_ptr,
+                  V, s_L, s_sb, s_sl, t_L, t_sb, t_sl, g_sb, g_sl,
+                  inv_T, param, soft_scale, hard_weight, ignore_index,
+                  DIV: tl.constexpr, SOFT: tl.constexpr, HAS_LABELS: tl.constexpr,
+                  HARD: tl.constexpr, BLOCK: tl.constexpr):
+    """grad[row] = grad_loss[row] · (soft_scale · q (g - c) + hard_weight · (softmax(s) - onehot))
+    with soft_scale = soft_weight·T; exact zeros on ignored rows. ``g_ptr`` may alias ``s_ptr``."""
+    row = tl.program_id(0).to(tl.int64)
+    s_off, t_off, label, valid = _row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
+                                            ignore_index, HAS_LABELS)
+    g_off = (row // s_L) * g_sb + (row % s_L) * g_sl
+    s_row = s_ptr + s_off
+    t_row = t_ptr + t_off
+    g_row = g_ptr + g_off
+    gl = tl.load(gl_ptr + row).to(tl.float32)
+    A = tl.load(stats_ptr + row * 4 + 0)
+    B = tl.load(stats_ptr + row * 4 + 1)
+    c = tl.load(stats_ptr + row * 4 + 2)
+    lse = tl.load(stats_ptr + row * 4 + 3)
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < V
+        live = mask & valid  # ignored rows read nothing and get zeros
+        s = tl.load(s_row + cols, mask=live, other=0.0).to(tl.float32)
+        grad = tl.zeros([BLOCK], tl.float32)
+        if SOFT:
+            t = tl.load(t_row + cols, mask=live, other=0.0).to(tl.float32)
+            logp = t * inv_T - A
+            logq = s * inv_T - B
+            p = tl.exp(logp)
+            q = tl.exp(logq)
+            if DIV == FORWARD_KL:
+                grad_b = q - p
+            else:
+                _, g = _terms(DIV, logp, logq, p, q, param)
+                grad_b = tl.where(q == 0, 0.0, q * (g - c))
+            grad += soft_scale * grad_b
+        if HARD:
+            onehot = tl.where(cols == label, 1.0, 0.0)
+            grad += hard_weight * (tl.exp(s - lse) - onehot)
+        grad = tl.where(valid, grad * gl, 0.0)
+        tl.store(g_row + cols, grad.to(g_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,194 @@
+"""Thin launcher of the Triton kernels: the backend contract of ``kdkernels.backends``.
+
+Checks the arguments, allocates the outputs (O(N) in forward, one gradient in the student's dtype
+in backward, or none with ``out=student`` for the in-place gradient), picks the launch
+configuration and launches one program per row. No autograd here (see ``kdkernels.ops``).
+
+Launch configuration: fixed defaults per GPU architecture (``DEFAULT_CONFIGS``). Two environment
+variables change it:
+  ``KDKERNELS_TRITON_BLOCK=<power of two>`` overrides the block size (tests use small blocks so
+      the interpreter walks several blocks per row);
+  ``KDKERNELS_AUTOTUNE=1`` autotunes block size and warps per (V, mode) on a GPU (first call per
+      key is slow; the interpreter cannot autotune).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+import triton
+
+from . import kernels as K
+
+STATS_WIDTH = 4
+SUPPORTS_GRAD_INPLACE = True  # backward_rows(..., out=student) writes into the student
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# (major, minor) compute capability -> {"fwd" | "bwd": (BLOCK, num_warps)}. Not yet measured on
+# a GPU. Chosen from the ptxas reports of python_tests/test_triton_aot.py: forward at 2048 columns
+# × 8 warps (8 fp32 values per thread per live array; 4096 made ptxas spill 4-8 bytes in the
+# second pass of skew_kl / skew_reverse_kl / jsd), backward at 4096 × 8 (no spills, <= 80 regs).
+DEFAULT_CONFIGS = {
+    (8, 0): {"fwd": (2048, 8), "bwd": (4096, 8)},
+    (9, 0): {"fwd": (2048, 8), "bwd": (4096, 8)},
+}
+_FALLBACK_CONFIG = {"fwd": (2048, 8), "bwd": (4096, 8)}
+_INTERPRETER_CONFIG = {"fwd": (4096, 1), "bwd": (4096, 1)}
+_MIN_BLOCK = 16
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _config(kind: str, device: torch.device, V: int) -> Tuple[int, int]:
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        block, warps = DEFAULT_CONFIGS.get(cap, _FALLBACK_CONFIG)[kind]
+    else:
+        block, warps = _INTERPRETER_CONFIG[kind]
+    env = os.environ.get("KDKERNELS_TRITON_BLOCK")
+    if env:
+        block = int(env)
+        if block < 1 or block & (block - 1):
+            raise ValueError(f"KDKERNELS_TRITON_BLOCK must be a power of two, got {env!r}")
+    # No wider than the vocabulary needs (V = 1 or 7 must not walk 4096 masked lanes).
+    return min(block, max(_MIN_BLOCK, triton.next_power_of_2(V))), warps
+
+
+def _autotune() -> bool:
+    return os.environ.get("KDKERNELS_AUTOTUNE") == "1"
+
+
+_TUNED = {}
+
+
+def _tuned(name: str):
+    """Autotuned wrappers, built on first use. The in-place backward restores the student between
+    trials (each trial overwrites it with the gradient)."""
+    if name not in _TUNED:
+        configs = [triton.Config({"BLOCK": b}, num_warps=w)
+                   for b, w in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 8), (8192, 16))]
+        key = ["V", "DIV", "SOFT", "HAS_LABELS", "HARD"]
+        if name == "fwd":
+            _TUNED[name] = triton.autotune(configs, key=key)(K.kd_fwd_kernel)
+        elif name == "bwd":
+            _TUNED[name] = triton.autotune(configs, key=key)(K.kd_bwd_kernel)
+        else:  # "bwd_inplace"
+            tuner = triton.autotune(configs, key=key, restore_value=["s_ptr"])
+            _TUNED[name] = tuner(K.kd_bwd_kernel)
+    return _TUNED[name]
+
+
+def _check(student: Tensor, teacher: Tensor, labels: Optional[Tensor]) -> None:
+    for name, x in (("student", student), ("teacher", teacher)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"{name} must be a [B, L, V] view, got shape {tuple(x.shape)}")
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"the triton backend takes fp32, bf16 or fp16 {name} logits, "
+                            f"got {x.dtype}")
+        if x.shape[2] > 1 and x.stride(2) != 1:
+            raise ValueError(f"{name} must have unit stride on the vocabulary dim, "
+                             f"got strides {x.stride()}")
+    if teacher.dtype != student.dtype:
+        raise TypeError(f"teacher dtype {teacher.dtype} differs from student dtype {student.dtype}")
+    if teacher.device != student.device:
+        raise ValueError(f"teacher is on {teacher.device} but student is on {student.device}")
+    if teacher.shape[0] * teacher.shape[1] != student.shape[0] * student.shape[1] \
+            or teacher.shape[2] < student.shape[2]:
+        raise ValueError(f"teacher shape {tuple(teacher.shape)} does not fit student shape "
+                         f"{tuple(student.shape)} (same number of rows B·L and a vocabulary at "
+                         "least as wide)")
+    if student.device.type == "cpu" and not _interpreting():
+        raise RuntimeError("the triton backend runs on CPU tensors only in the Triton interpreter "
+                           "(TRITON_INTERPRET=1 set before importing triton)")
+    if student.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"the triton backend runs on cuda tensors, got {student.device}")
+    if labels is not None:
+        n = student.shape[0] * student.shape[1]
+        if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
+            raise TypeError("labels must be None or an int64 tensor")
+        if labels.shape != (n,) or (n > 1 and labels.stride(0) != 1):
+            raise ValueError(f"labels must be a contiguous [{n}] tensor, got shape "
+                             f"{tuple(labels.shape)}")
+        if labels.device != student.device:
+            raise ValueError(f"labels are on {labels.device} but student is on {student.device}")
+
+
+def _check_div(div_id: int) -> None:
+    if div_id not in range(6):
+        raise ValueError(f"unknown divergence id {div_id}")
+
+
+def _modes(div_id, soft_weight, hard_weight, labels):
+    return dict(DIV=int(div_id), SOFT=soft_weight != 0.0, HAS_LABELS=labels is not None,
+                HARD=labels is not None and hard_weight != 0.0)
+
+
+def forward_rows(student: Tensor, teacher: Tensor, labels: Optional[Tensor], div_id: int,
+                 param: float, temperature: float, soft_weight: float, hard_weight: float,
+                 ignore_index: int) -> Tuple[Tensor, Tensor]:
+    """Per-row loss [N] fp32 and stats [N, 4] fp32 (A, B, c, lse of s at T = 1)."""
+    _check(student, teacher, labels)
+    Bn, L, V = student.shape
+    N = Bn * L
+    loss = torch.empty((N,), dtype=torch.float32, device=student.device)
+    stats = torch.empty((N, STATS_WIDTH), dtype=torch.float32, device=student.device)
+    if N == 0:
+        return loss, stats
+    _check_div(div_id)
+    lab = labels if labels is not None else loss  # any pointer; never read without labels
+    args = (student, teacher, lab, loss, stats, V, L, student.stride(0), student.stride(1),
+            teacher.shape[1], teacher.stride(0), teacher.stride(1), 1.0 / temperature, float(param),
+            soft_weight * temperature * temperature, hard_weight, ignore_index)
+    modes = _modes(div_id, soft_weight, hard_weight, labels)
+    if _autotune() and student.is_cuda:
+        _tuned("fwd")[(N,)](*args, **modes)
+    else:
+        block, warps = _config("fwd", student.device, V)
+        K.kd_fwd_kernel[(N,)](*args, **modes, BLOCK=block, num_warps=warps)
+    return loss, stats
+
+
+def backward_rows(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels: Optional[Tensor],
+                  stats: Tensor, div_id: int, param: float, temperature: float,
+                  soft_weight: float, hard_weight: float, ignore_index: int,
+                  out: Optional[Tensor] = None) -> Tensor:
+    """Gradient of Σ grad_loss·loss w.r.t. ``student``: a new contiguous [B, L, V] tensor, or
+    ``out`` when given (``out=student`` overwrites the logits with their gradient)."""
+    _check(student, teacher, labels)
+    Bn, L, V = student.shape
+    N = Bn * L
+    if grad_loss.shape != (N,) or (N > 1 and grad_loss.stride(0) != 1):
+        raise ValueError(f"grad_loss must be a contiguous [{N}] tensor, "
+                         f"got {tuple(grad_loss.shape)}")
+    if stats.shape != (N, STATS_WIDTH) or stats.dtype != torch.float32 or not stats.is_contiguous():
+        raise ValueError(f"stats must be a contiguous float32 [{N}, {STATS_WIDTH}] tensor")
+    inplace = out is not None
+    if out is None:
+        out = torch.empty((Bn, L, V), dtype=student.dtype, device=student.device)
+    elif out.shape != student.shape or out.dtype != student.dtype or \
+            (V > 1 and out.stride(2) != 1) or out.device != student.device:
+        raise ValueError("out must have the student's shape, dtype, device and unit column stride")
+    if N == 0 or V == 0:
+        return out
+    _check_div(div_id)
+    lab = labels if labels is not None else stats
+    args = (student, teacher, lab, stats, grad_loss, out, V, L, student.stride(0),
+            student.stride(1), teacher.shape[1], teacher.stride(0), teacher.stride(1),
+            out.stride(0), out.stride(1),
+            1.0 / temperature, float(param), soft_weight * temperature, hard_weight, ignore_index)
+    modes = _modes(div_id, soft_weight, hard_weight, labels)
+    if _autotune() and student.is_cuda:
+        _tuned("bwd_inplace" if inplace and out.data_ptr() == student.data_ptr() else "bwd")[(N,)](
+            *args, **modes)
+    else:
+        block, warps = _config("bwd", student.device, V)
+        K.kd_bwd_kernel[(N,)](*args, **modes, BLOCK=block, num_warps=warps)
+    return out

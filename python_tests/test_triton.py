@@ -1,0 +1,375 @@
+"""The Triton backend against the float64 oracle (CPU: Triton interpreter, small shapes).
+
+Blocks are made small (KDKERNELS_TRITON_BLOCK) so that V = 1271 and V = 5003 span several blocks
+and the online merging of (max, sum-exp) across blocks is exercised.
+"""
+import math
+import warnings
+
+import pytest
+import torch
+
+import oracle
+from conftest import assert_close, backend_params
+
+import kdkernels as kd
+from kdkernels import backends, reference
+from kdkernels import divergences as D
+
+pytestmark = pytest.mark.parametrize("backend", backend_params("triton"))
+
+DIVS = D.names()
+PARAMS = {"jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}, "skew_reverse_kl": {"alpha": 0.2}}
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(autouse=True)
+def _small_blocks(monkeypatch):
+    monkeypatch.setenv("KDKERNELS_TRITON_BLOCK", "1024" if not GPU else "4096")
+
+
+def _log_mix(w, la, lb):
+    """log(w e^la + (1−w) e^lb) by logaddexp, in float64."""
+    lw1 = math.log(w) if w > 0 else float("-inf")
+    return torch.logaddexp(la + lw1, lb + math.log1p(-w))
+
+
+@pytest.fixture(autouse=True)
+def _stable_oracle_mixture(monkeypatch):
+    """The oracle's mixture log(w e^la + (1−w) e^lb) has a NaN gradient (and a clamped value)
+    where both terms underflow float64 (−inf columns, |logits| ~ 1e4). The same definition
+    evaluated by logaddexp stays finite there; use it while these tests run."""
+    monkeypatch.setattr(oracle, "_mix", _log_mix)
+
+
+def _oracle_kw(div, **kw):
+    p = PARAMS.get(div, {})
+    out = dict(divergence_name=div, **kw)
+    if "beta" in p:
+        out["beta"] = p["beta"]
+    if "alpha" in p:
+        out["alpha"] = p["alpha"]
+    return out
+
+
+def _oracle_rows_and_grad(s, t, w, div, **kw):
+    """Oracle per-row losses and the gradient of Σ w·rows w.r.t. s (float64)."""
+    s64 = s.detach().double().requires_grad_(True)
+    t64 = t.detach().double()
+    rows = oracle.rows(s64, t64, **_oracle_kw(div, **kw))
+    (g,) = torch.autograd.grad((rows * w.double()).sum(), s64)
+    return rows.detach(), g
+
+
+def _plain_rows_and_grad(s, t, w, div, **kw):
+    """What plain PyTorch gives in the input dtype (the eager formula), for the three-way bound."""
+    s_ = s.detach().clone().requires_grad_(True)
+    rows = reference.eager_kd_loss(s_, t.detach(), div, reduction="none", **PARAMS.get(div, {}),
+                                   **kw)
+    (g,) = torch.autograd.grad((rows * w.to(rows.dtype)).sum(), s_)
+    return rows.detach(), g
+
+
+def _check(s, t, div, backend, labels=None, hard_weight=0.0, temperature=2.0, plain=True,
+           what=""):
+    """kd_loss(reduction='none') values and the gradient of a random weighting of the rows."""
+    dtype = s.dtype
+    s = s.detach().requires_grad_(True)
+    kw = dict(temperature=temperature, labels=labels, hard_weight=hard_weight)
+    rows = kd.kd_loss(s, t, div, reduction="none", backend=backend, **PARAMS.get(div, {}), **kw)
+    w = torch.rand(rows.shape, device=rows.device) + 0.5
+    (rows * w).sum().backward()
+    assert rows.dtype == torch.float32 and s.grad.dtype == dtype and s.grad.shape == s.shape
+    exp_rows, exp_grad = _oracle_rows_and_grad(s, t, w, div, **kw)
+    pr = pg = None
+    if plain:
+        pr, pg = _plain_rows_and_grad(s, t, w, div, **kw)
+    e1 = assert_close(rows, exp_rows, dtype, pr, what=f"{what} loss")
+    e2 = assert_close(s.grad, exp_grad, dtype, pg, what=f"{what} grad")
+    if labels is not None:
+        ignored = labels == -100
+        assert (rows.detach()[ignored] == 0).all()
+        assert (s.grad[ignored] == 0).all()
+    return e1, e2
+
+
+def _rand(shape, dtype, scale=3.0):
+    return (torch.randn(shape, device=DEVICE) * scale).to(dtype)
+
+
+def _labels(shape, V, frac_ignored=0.3):
+    lab = torch.randint(0, V, shape, device=DEVICE)
+    lab[torch.rand(shape, device=DEVICE) < frac_ignored] = -100
+    return lab
+
+
+# ---- values and gradients over the grid ------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["plain", "masked", "hard"])
+@pytest.mark.parametrize("V", [1, 7, 1271, 5003])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("div", DIVS)
+def test_values_and_grads(backend, div, dtype, V, mode):
+    shape = (2, 3)
+    s, t = _rand(shape + (V,), dtype), _rand(shape + (V,), dtype)
+    labels = None if mode == "plain" else _labels(shape, V)
+    _check(s, t, div, backend, labels=labels, hard_weight=0.7 if mode == "hard" else 0.0,
+           what=f"{div} {dtype} V={V} {mode}")
+
+
+@pytest.mark.parametrize("div", DIVS)
+def test_fp16(backend, div):
+    s, t = _rand((2, 3, 1271), torch.float16), _rand((2, 3, 1271), torch.float16)
+    _check(s, t, div, backend, labels=_labels((2, 3), 1271), hard_weight=0.5, what=div)
+
+
+@pytest.mark.parametrize("div", DIVS)
+def test_block_boundaries_and_params(backend, div, monkeypatch):
+    """A tiny block (many blocks per row), T = 1 (student stats shared with the hard term) and the
+    skew extremes α = 0."""
+    monkeypatch.setenv("KDKERNELS_TRITON_BLOCK", "64")
+    s, t = _rand((1, 4, 300), torch.float32), _rand((1, 4, 300), torch.float32)
+    _check(s, t, div, backend, labels=_labels((1, 4), 300), hard_weight=1.0, temperature=1.0)
+    if div.startswith("skew"):
+        s_ = s.detach().requires_grad_(True)
+        rows = kd.kd_loss(s_, t, div, alpha=0.0, reduction="none", backend=backend)
+        rows.sum().backward()
+        exp = oracle.rows(s.double(), t.double(), divergence_name=div, alpha=0.0)
+        assert_close(rows, exp, torch.float32)
+        exp_g = oracle.loss_and_grad(s, t, divergence_name=div, alpha=0.0, reduction="sum")[1]
+        assert_close(s_.grad, exp_g, torch.float32)
+
+
+# ---- ugly inputs ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("div", DIVS)
+def test_shared_neg_inf_columns(backend, div, dtype):
+    V = 1271
+    s, t = _rand((2, 3, V), dtype), _rand((2, 3, V), dtype)
+    cols = torch.tensor([0, 5, 1023, 1024, V - 1], device=DEVICE)
+    s[..., cols] = float("-inf")
+    t[..., cols] = float("-inf")
+    labels = _labels((2, 3), V)
+    labels[labels == 5] = 6
+    labels[(labels == 0) | (labels == 1023) | (labels == 1024) | (labels == V - 1)] = 7
+    _check(s, t, div, backend, labels=labels, hard_weight=0.5, what=f"{div} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("div", DIVS)
+def test_huge_logits(backend, div, dtype):
+    """|logits| ~ 1e4: independent teacher and student, and a student close to the teacher."""
+    V = 1271
+    s, t = _rand((2, 2, V), dtype, 1e4), _rand((2, 2, V), dtype, 1e4)
+    _check(s, t, div, backend, labels=_labels((2, 2), V), hard_weight=0.5, what="independent")
+    near = (t.float() + torch.randn_like(t.float()) * 30).to(dtype)
+    _check(near, t, div, backend, what="near")
+
+
+@pytest.mark.parametrize("div", DIVS)
+def test_underflow_no_nan(backend, div):
+    """Entries where p and q both underflow to 0 with finite logits (JSD's log m must not NaN),
+    and identical distributions (value 0; TVD ties have sign 0, so a zero gradient)."""
+    V = 700
+    t = _rand((1, 3, V), torch.float32)
+    t[..., ::3] -= 3000.0
+    s = t.clone()
+    s[0, 1:] += torch.randn_like(s[0, 1:]) * 0.5
+    _check(s, t, div, backend, temperature=1.0)
+    same = t.clone().requires_grad_(True)
+    rows = kd.kd_loss(same, t, div, reduction="none", backend=backend, **PARAMS.get(div, {}))
+    rows.sum().backward()
+    assert rows.abs().max() < 1e-5
+    assert not torch.isnan(same.grad).any()
+    assert same.grad.abs().max() < 1e-6
+
+
+def test_strided_views_and_padded_teacher(backend):
+    """Student x[:, :-1] (row-strided), teacher a padded vocabulary sliced from a sequence-shifted
+    buffer: no copy (no warning), correct values and gradient for every divergence."""
+    V, Vt = 1271, 1300
+    xs = _rand((2, 5, V), torch.bfloat16)
+    xt = _rand((2, 5, Vt), torch.bfloat16)
+    s, t = xs[:, :-1], xt[:, 1:]
+    labels = _labels((2, 4), V)
+    for div in DIVS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # as_rows warns when it has to copy
+            _check(s, t, div, backend, labels=labels, hard_weight=0.3, what=div)
+
+
+def test_all_rows_ignored(backend):
+    s, t = _rand((2, 3, 1271), torch.float32), _rand((2, 3, 1271), torch.float32)
+    s[0, 0] = float("nan")  # padding rows may hold anything; they must not leak
+    s.requires_grad_(True)
+    labels = torch.full((2, 3), -100, device=DEVICE)
+    for div in DIVS:
+        s.grad = None
+        out = kd.kd_loss(s, t, div, labels=labels, hard_weight=1.0, backend=backend)
+        out.backward()
+        assert out.item() == 0.0
+        assert (s.grad == 0).all()
+
+
+def test_nan_input_gives_nan(backend):
+    s, t = _rand((1, 2, 100), torch.float32), _rand((1, 2, 100), torch.float32)
+    s[0, 0, 3] = float("nan")
+    for div in DIVS:
+        rows = kd.kd_loss(s, t, div, reduction="none", backend=backend)
+        assert torch.isnan(rows[0, 0]) and torch.isfinite(rows[0, 1])
+
+
+def test_label_out_of_range_is_nan(backend):
+    """Below the functional range check: the kernel itself never reads out of bounds and gives a
+    NaN hard term for a label outside [0, V) that is not ignore_index."""
+    launch = backends.load("triton")
+    V = 50
+    s, t = _rand((1, 3, V), torch.float32), _rand((1, 3, V), torch.float32)
+    labels = torch.tensor([V, -100, 3], device=DEVICE)
+    loss, _ = launch.forward_rows(s, t, labels, 0, 0.0, 1.0, 1.0, 1.0, -100)
+    assert torch.isnan(loss[0]) and loss[1] == 0 and torch.isfinite(loss[2])
+
+
+# ---- the in-place gradient --------------------------------------------------------------------
+
+@pytest.mark.parametrize("div", ["forward_kl", "jsd", "tvd"])
+def test_grad_inplace_matches(backend, div):
+    V = 1271
+    x = _rand((2, 5, V), torch.bfloat16).requires_grad_(True)
+    t = _rand((2, 4, V + 9), torch.bfloat16)
+    labels = _labels((2, 4), V)
+    kw = dict(temperature=2.0, labels=labels, hard_weight=0.4, **PARAMS.get(div, {}))
+    kd.kd_loss(x[:, :-1] * 1, t, div, backend=backend, **kw).backward()
+    expected = x.grad.clone()
+    x.grad = None
+    logits = x * 1  # a non-leaf standing in for an lm_head output
+    out = kd.kd_loss(logits[:, :-1], t, div, backend=backend, grad_inplace=True, **kw)
+    out.backward()
+    assert torch.equal(x.grad, expected)
+    # The logits' storage now holds their gradient (the documented destruction).
+    assert torch.equal(logits[:, :-1].detach(), expected[:, :-1])
+    # The module takes the flag too.
+    crit = kd.KDLoss(div, backend=backend, **{k: v for k, v in kw.items() if k != "labels"})
+    crit_inplace = kd.KDLoss(div, backend=backend, grad_inplace=True,
+                             **{k: v for k, v in kw.items() if k != "labels"})
+    x.grad = None
+    crit(x[:, 1:] * 1, t, labels).backward()
+    expected = x.grad.clone()
+    x.grad = None
+    crit_inplace(x[:, 1:] * 1, t, labels).backward()
+    assert torch.equal(x.grad, expected)
+
+
+def test_grad_inplace_argument_checked(backend):
+    s = _rand((1, 2, 10), torch.float32)
+    with pytest.raises(TypeError, match="grad_inplace"):
+        kd.kd_loss(s, s, backend=backend, grad_inplace=1)
+    with pytest.raises(TypeError, match="grad_inplace"):
+        kd.KDLoss(grad_inplace="yes")
+
+
+# ---- launcher checks, opcheck ----------------------------------------------------------------
+
+def test_launcher_rejects_bad_input(backend):
+    launch = backends.load("triton")
+    s = _rand((1, 2, 10), torch.float32)
+    with pytest.raises(TypeError, match="student"):
+        launch.forward_rows(s.double(), s.double(), None, 0, 0.0, 1.0, 1.0, 0.0, -100)
+    with pytest.raises(ValueError, match="student"):
+        launch.forward_rows(s[0], s[0], None, 0, 0.0, 1.0, 1.0, 0.0, -100)
+    with pytest.raises(ValueError, match="teacher"):
+        launch.forward_rows(s, s[..., :5], None, 0, 0.0, 1.0, 1.0, 0.0, -100)
+    with pytest.raises(TypeError, match="labels"):
+        launch.forward_rows(s, s, torch.zeros(2, dtype=torch.int32), 0, 0.0, 1.0, 1.0, 0.0, -100)
+    with pytest.raises(ValueError, match="unit stride"):
+        launch.forward_rows(s.transpose(1, 2).contiguous().transpose(1, 2), s, None,
+                            0, 0.0, 1.0, 1.0, 0.0, -100)
+
+
+def test_empty_batch(backend):
+    s = torch.zeros((2, 0, 10), device=DEVICE, requires_grad=True)
+    out = kd.kd_loss(s, s.detach(), backend=backend)
+    out.backward()
+    assert out.item() == 0.0 and s.grad.shape == s.shape
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["kd_rows", "kd_rows_grad_inplace"])
+def test_opcheck(backend, inplace):
+    from kdkernels import ops
+    V = 37
+    s = _rand((2, 3, V), torch.float32).requires_grad_(True)
+    t = _rand((2, 3, V + 3), torch.float32)[..., :V]
+    labels = _labels((2, 3), V).reshape(-1)
+    fwd = ops.kd_rows_grad_inplace if inplace else ops.kd_rows
+    bwd = ops.kd_rows_backward_inplace if inplace else ops.kd_rows_backward
+    scalars = ("triton", 2, 0.4, 2.0, 1.0, 0.5, -100)
+    torch.library.opcheck(fwd, (s, t, labels) + scalars)
+    torch.library.opcheck(fwd, (s, t, None) + scalars[:4] + (1.0, 0.0, -100))
+    stats = fwd(s, t, labels, *scalars)[1].detach()
+    gl = torch.rand(6, device=DEVICE)
+    torch.library.opcheck(bwd, (gl, s.detach().clone(), t, labels, stats) + scalars)
+
+
+# ---- GPU only ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+def test_gpu_memory(backend, monkeypatch, inplace):
+    """Extra peak memory of forward + backward at N = 4096, V = 128256 bf16 is at most one
+    gradient buffer + 1% (the in-place gradient: O(N) only)."""
+    monkeypatch.delenv("KDKERNELS_TRITON_BLOCK", raising=False)
+    N, V = 4096, 128256
+    s = torch.randn(N, V, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    t = torch.randn(N, V, device="cuda", dtype=torch.bfloat16)
+    x = s * 1 if inplace else s
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = kd.kd_loss(x, t, temperature=2.0, backend=backend, grad_inplace=inplace)
+    g, = torch.autograd.grad(loss, x)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    one_grad = N * V * 2
+    limit = 0.01 * one_grad + (0 if inplace else one_grad)
+    assert extra <= limit, f"extra peak {extra / 2**20:.1f} MiB > {limit / 2**20:.1f} MiB"
+    del g
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+def test_gpu_compile_fullgraph(backend):
+    s = torch.randn(4, 64, 32000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randn(4, 64, 32000, device="cuda", dtype=torch.bfloat16)
+
+    @torch.compile(fullgraph=True)
+    def step(s, t):
+        return kd.kd_loss(s, t, "jsd", temperature=2.0, backend=backend)
+
+    out = step(s, t)
+    out.backward()
+    exp, g = oracle.loss_and_grad(s, t, divergence_name="jsd", temperature=2.0)
+    assert_close(out.detach().cpu(), exp.cpu(), torch.bfloat16)
+    assert_close(s.grad.cpu(), g.cpu(), torch.bfloat16)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["kd_rows", "kd_rows_grad_inplace"])
+def test_compile_fullgraph_ops(backend, inplace):
+    """The custom ops trace under torch.compile(fullgraph=True) (aot_eager: no C++ compile here)
+    and give the eager gradient."""
+    from kdkernels import ops
+    op = ops.kd_rows_grad_inplace if inplace else ops.kd_rows
+    s = _rand((2, 3, 300), torch.float32).requires_grad_(True)
+    t = _rand((2, 3, 300), torch.float32)
+
+    def f(x, t):
+        return op(x * 1, t, None, "triton", 2, 0.5, 2.0, 1.0, 0.0, -100)[0].sum()
+
+    torch.compile(f, backend="aot_eager", fullgraph=True)(s, t).backward()
+    got = s.grad.clone()
+    s.grad = None
+    f(s, t).backward()
+    assert torch.equal(got, s.grad)
