@@ -45,7 +45,6 @@ def add_check_arguments(p) -> None:
 
 def run_check(args) -> int:
     from .functional import kd_loss
-    from .reference import compute_dtype  # noqa: F401  (documented oracle precision)
 
     dtype = getattr(torch, args.dtype)
     dev = torch.device(args.device)

@@ -13,7 +13,7 @@ probability is exactly zero (the "where-NaN" trap of autograd).
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint

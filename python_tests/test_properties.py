@@ -1,5 +1,4 @@
 """Property tests (hypothesis): random shapes, masks and extreme logits against the oracle."""
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -6,7 +6,7 @@ import torch
 
 import kdkernels as kd
 from kdkernels import divergences as D
-from conftest import TOL, assert_close
+from conftest import assert_close
 import oracle
 
 DIVS = D.names()
