@@ -49,6 +49,7 @@ at::Tensor kd_rows_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& studen
   a.grad_loss = gl.data_ptr<float>();
   a.stats = const_cast<float*>(st.data_ptr<float>());
   a.grad = grad.data_ptr();
+  advise_huge_pages(a.grad, grad.numel() * grad.element_size());
   at::parallel_for(0, a.N, grain_rows(a.V), [&](int64_t r0, int64_t r1) { cpu_backward_rows(a, r0, r1); });
   return grad;
 }

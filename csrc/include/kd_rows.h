@@ -39,5 +39,7 @@ inline int64_t teacher_offset(const RowsArgs& a, int64_t r) {
 // spreads row ranges over threads.
 void cpu_forward_rows(const RowsArgs& args, int64_t row_begin, int64_t row_end);
 void cpu_backward_rows(const RowsArgs& args, int64_t row_begin, int64_t row_end);
+// Ask for transparent huge pages on a fresh output buffer before its first touch (Linux).
+void advise_huge_pages(void* ptr, int64_t bytes);
 
 }  // namespace kd
