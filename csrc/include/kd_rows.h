@@ -1,5 +1,6 @@
 // Argument block of the row kernels, shared by the CPU kernels, the CUDA launchers and the torch
 // bindings. Plain C++ (no torch, no CUDA headers), raw pointers, int64 offsets.
+// Row r of the teacher is (r / t_L, r % t_L): the [B, L] split of each view is its own.
 #pragma once
 
 #include <stdint.h>
@@ -15,6 +16,7 @@ struct RowsArgs {
   const void* teacher = nullptr;
   const int64_t* labels = nullptr;  // [N] or null
   int64_t N = 0, L = 1, V = 0;
+  int64_t t_L = 1;  // the teacher's own row split (B_t * t_L = N); it may differ from the student's
   int64_t s_stride_b = 0, s_stride_l = 0, t_stride_b = 0, t_stride_l = 0;
   int dtype = F32;
   int div = 0;
@@ -32,7 +34,7 @@ inline int64_t student_offset(const RowsArgs& a, int64_t r) {
   return (r / a.L) * a.s_stride_b + (r % a.L) * a.s_stride_l;
 }
 inline int64_t teacher_offset(const RowsArgs& a, int64_t r) {
-  return (r / a.L) * a.t_stride_b + (r % a.L) * a.t_stride_l;
+  return (r / a.t_L) * a.t_stride_b + (r % a.t_L) * a.t_stride_l;
 }
 
 // CPU kernels (csrc/cpu/kd_cpu.cpp): rows [row_begin, row_end), single-threaded; the caller

@@ -36,9 +36,9 @@ inline RowsArgs make_args(const at::Tensor& student, const at::Tensor& teacher,
                    teacher.scalar_type(), " differs from student dtype ", student.scalar_type());
   const int64_t B = student.size(0), L = student.size(1), V = student.size(2);
   TORCH_CHECK_VALUE(V >= 1, "kdkernels_C: student vocabulary V must be >= 1");
-  TORCH_CHECK_VALUE(teacher.size(0) == B && teacher.size(1) == L && teacher.size(2) >= V,
-                    "kdkernels_C: teacher shape ", teacher.sizes(), " must be [", B, ", ", L,
-                    ", >= ", V, "]");
+  TORCH_CHECK_VALUE(teacher.size(0) * teacher.size(1) == B * L && teacher.size(2) >= V,
+                    "kdkernels_C: teacher shape ", teacher.sizes(), " must be [B', L', >= ", V,
+                    "] with B' * L' = ", B * L, " rows like the student ", student.sizes());
   TORCH_CHECK_VALUE(student.stride(2) == 1 || V == 1, "kdkernels_C: student must have unit column stride");
   TORCH_CHECK_VALUE(teacher.stride(2) == 1 || teacher.size(2) == 1,
                     "kdkernels_C: teacher must have unit column stride");
@@ -50,6 +50,7 @@ inline RowsArgs make_args(const at::Tensor& student, const at::Tensor& teacher,
   a.teacher = teacher.data_ptr();
   a.N = B * L;
   a.L = L;
+  a.t_L = teacher.size(1);
   a.V = V;
   a.s_stride_b = student.stride(0);
   a.s_stride_l = student.stride(1);
