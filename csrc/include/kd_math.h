@@ -1,6 +1,6 @@
 // Per-row math of DESIGN.md §3, shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels.
 //
-// Everything here is a KD_HD KD_FORCEINLINE inline function on fp32 scalars: __host__ __device__ under nvcc,
+// Everything here is a KD_HD KD_INLINE function on fp32 scalars: __host__ __device__ under nvcc,
 // plain inline under a host compiler, where the CPU kernels call them inside `omp simd` loops so
 // the compiler vectorizes them (no branches, no libm calls in the per-element functions).
 //
@@ -14,12 +14,13 @@
 #include <math.h>
 #include <string.h>
 
+// KD_INLINE: forced inlining (the host vectorizer needs the math inlined into its loops).
 #if defined(__CUDACC__)
 #define KD_HD __host__ __device__
-#define KD_FORCEINLINE __forceinline__
+#define KD_INLINE __forceinline__
 #else
 #define KD_HD
-#define KD_FORCEINLINE __attribute__((always_inline))
+#define KD_INLINE inline __attribute__((always_inline))
 #endif
 
 namespace kd {
@@ -49,7 +50,7 @@ enum StatsCol : int { STAT_A = 0, STAT_B = 1, STAT_C = 2, STAT_S = 3, STATS_WIDT
 constexpr float kNegInf = -INFINITY;
 
 // ---- bit casts ---------------------------------------------------------------------------------
-KD_HD KD_FORCEINLINE inline float bits_to_float(int32_t i) {
+KD_HD KD_INLINE float bits_to_float(int32_t i) {
 #if defined(__CUDA_ARCH__)
   return __int_as_float(i);
 #else
@@ -57,7 +58,7 @@ KD_HD KD_FORCEINLINE inline float bits_to_float(int32_t i) {
 #endif
 }
 
-KD_HD KD_FORCEINLINE inline int32_t float_to_bits(float f) {
+KD_HD KD_INLINE int32_t float_to_bits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_int(f);
 #else
@@ -69,7 +70,7 @@ KD_HD KD_FORCEINLINE inline int32_t float_to_bits(float f) {
 // Branch-free fp32 exp: x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial (relative
 // error about 2 ulp), 2^n built in the exponent bits. exp(-inf) = 0, exp(+inf) = +inf,
 // exp(NaN) = NaN; results below 2^-126 flush to 0 (fine for probabilities).
-KD_HD KD_FORCEINLINE inline float exp_fast(float x) {
+KD_HD KD_INLINE float exp_fast(float x) {
 #if defined(__CUDA_ARCH__)
   return __expf(x);  // ex2.approx: 2 ulp, flushes like the host version
 #else
@@ -97,7 +98,7 @@ KD_HD KD_FORCEINLINE inline float exp_fast(float x) {
 
 // Branch-free fp32 natural log for x >= 0: log(0) = -inf, log(inf) = inf, log(x < 0) = NaN,
 // log(NaN) = NaN; denormals handled. Mantissa in [sqrt(1/2), sqrt(2)), degree-9 polynomial.
-KD_HD KD_FORCEINLINE inline float log_fast(float x) {
+KD_HD KD_INLINE float log_fast(float x) {
 #if defined(__CUDA_ARCH__)
   return __logf(x);
 #else
@@ -133,36 +134,36 @@ KD_HD KD_FORCEINLINE inline float log_fast(float x) {
 
 // ---- online (max, sum-exp) -----------------------------------------------------------------------
 // A max usable as an exp offset: -inf (an empty or all -inf block) becomes 0, so exp(x - m) = 0.
-KD_HD KD_FORCEINLINE inline float safe_max(float m) { return m == kNegInf ? 0.0f : m; }
+KD_HD KD_INLINE float safe_max(float m) { return m == kNegInf ? 0.0f : m; }
 
 // Factor that rescales a sum taken against offset m_old to offset m_new >= m_old.
-KD_HD KD_FORCEINLINE inline float rescale(float m_old, float m_new) {
+KD_HD KD_INLINE float rescale(float m_old, float m_new) {
   return m_old == kNegInf ? 0.0f : expf(m_old - m_new);
 }
 
 // Merge (m, z) with (m2, z2): z is a sum of exp(x - m) over its part.
-KD_HD KD_FORCEINLINE inline void merge_max_sum(float& m, float& z, float m2, float z2) {
+KD_HD KD_INLINE void merge_max_sum(float& m, float& z, float m2, float z2) {
   float mn = m > m2 ? m : m2;
   if (m2 != m2) mn = m2;  // NaN propagates
   z = z * rescale(m, mn) + z2 * rescale(m2, mn);
   m = mn;
 }
 
-KD_HD KD_FORCEINLINE inline float logsumexp_from(float m, float z) { return m + logf(z); }
+KD_HD KD_INLINE float logsumexp_from(float m, float z) { return m + logf(z); }
 
 // ---- per-element divergence terms ------------------------------------------------------------
 // x (log x - log y) with 0 log 0 = 0 (also when log y = -inf).
-KD_HD KD_FORCEINLINE inline float xlogr(float x, float logx, float logy) {
+KD_HD KD_INLINE float xlogr(float x, float logx, float logy) {
   return x > 0.0f ? x * (logx - logy) : 0.0f;
 }
 
-KD_HD KD_FORCEINLINE inline float sign0(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
+KD_HD KD_INLINE float sign0(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
 
 // phi(p, q) and qg = q * d phi / d q for one element, given log p, log q (p = e^{log p}, ...).
 // `param` is beta for jsd, alpha for the skew divergences. Never NaN for finite log p, log q or
 // -inf ones; both probabilities underflowing to 0 give phi = qg = 0.
 template <int DIV>
-KD_HD KD_FORCEINLINE inline void div_terms(float logp, float logq, float p, float q, float param, float& phi,
+KD_HD KD_INLINE void div_terms(float logp, float logq, float p, float q, float param, float& phi,
                             float& qg) {
   if (DIV == FORWARD_KL) {
     phi = xlogr(p, logp, logq);
@@ -199,12 +200,12 @@ KD_HD KD_FORCEINLINE inline void div_terms(float logp, float logq, float p, floa
 // Gradient with respect to the student logits s of one element:
 //   k_soft * (qg - q c) + k_hard * (softmax(s) - [j = label]),
 // with k_soft = grad_loss * soft_weight * T and k_hard = grad_loss * hard_weight.
-KD_HD KD_FORCEINLINE inline float grad_element(float k_soft, float qg, float q, float c, float k_hard, float sm,
+KD_HD KD_INLINE float grad_element(float k_soft, float qg, float q, float c, float k_hard, float sm,
                                 float onehot) {
   return k_soft * (qg - q * c) + k_hard * (sm - onehot);
 }
 
 // Hard cross-entropy term: logsumexp(s) - s[label] (T = 1).
-KD_HD KD_FORCEINLINE inline float hard_ce(float lse_s, float s_label) { return lse_s - s_label; }
+KD_HD KD_INLINE float hard_ce(float lse_s, float s_label) { return lse_s - s_label; }
 
 }  // namespace kd
