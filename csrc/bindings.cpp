@@ -9,6 +9,7 @@
 #include <torch/library.h>
 #include <Python.h>
 
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -21,6 +22,12 @@ namespace {
 
 // Rows per task: enough work per thread that small inputs do not pay for threading.
 int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1)); }
+
+// KDKERNELS_CPU_HUGEPAGES=0 turns off the transparent-huge-page advice on gradient buffers.
+bool use_huge_pages() {
+  const char* v = std::getenv("KDKERNELS_CPU_HUGEPAGES");
+  return !(v && v[0] == '0');
+}
 
 std::tuple<at::Tensor, at::Tensor> kd_rows_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                    const c10::optional<at::Tensor>& labels, int64_t div_id,
@@ -49,7 +56,7 @@ at::Tensor kd_rows_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& studen
   a.grad_loss = gl.data_ptr<float>();
   a.stats = const_cast<float*>(st.data_ptr<float>());
   a.grad = grad.data_ptr();
-  advise_huge_pages(a.grad, grad.numel() * grad.element_size());
+  if (use_huge_pages()) advise_huge_pages(a.grad, grad.numel() * grad.element_size());
   at::parallel_for(0, a.N, grain_rows(a.V), [&](int64_t r0, int64_t r1) { cpu_backward_rows(a, r0, r1); });
   return grad;
 }

@@ -109,10 +109,12 @@ def test_matrix_labels_hard_term(div, dtype, V):
     assert (g[0, 1] == 0).all() and (g[1, 2] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("div", DIVS)
-def test_large_vocab_fp32(div):
-    s, t = logits((1, 2, 32000), torch.float32), logits((1, 2, 32000), torch.float32)
-    check(s, t, **_kw(div, temperature=1.5))
+def test_large_vocab(div, dtype):
+    s, t = logits((1, 2, 32000), dtype), logits((1, 2, 32000), dtype)
+    labels = torch.tensor([[5, 31999]])
+    check(s, t, **_kw(div, temperature=1.5, labels=labels, hard_weight=0.2))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
