@@ -1,0 +1,90 @@
+// TORCH_LIBRARY registration of the kdkernels_C ops and their CPU implementations.
+//
+// The namespace is kdkernels_C (the Python custom ops own "kdkernels"). Fake kernels are
+// registered from Python (kdkernels/cpp.py); autograd lives in kdkernels/ops.py, which calls these
+// ops through the backend contract. The CUDA implementations are registered by the separate
+// kdkernels._C_cuda extension (csrc/cuda/bindings_cuda.cpp) for the same schemas.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <Python.h>
+
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "kd_math.h"
+#include "kd_rows.h"
+#include "kd_torch_checks.h"
+
+namespace kd {
+namespace {
+
+// Rows per task: enough work per thread that small inputs do not pay for threading.
+int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1)); }
+
+// KDKERNELS_CPU_HUGEPAGES=0 turns off the transparent-huge-page advice on gradient buffers.
+bool use_huge_pages() {
+  const char* v = std::getenv("KDKERNELS_CPU_HUGEPAGES");
+  return !(v && v[0] == '0');
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_rows_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                   const c10::optional<at::Tensor>& labels, int64_t div_id,
+                                                   double param, double temperature, double soft_weight,
+                                                   double hard_weight, int64_t ignore_index) {
+  RowsArgs a = make_args(student, teacher, labels, div_id, param, temperature, soft_weight,
+                         hard_weight, ignore_index, at::kCPU);
+  auto f32 = student.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({a.N}, f32);
+  at::Tensor stats = at::empty({a.N, STATS_WIDTH}, f32);
+  a.loss = loss.data_ptr<float>();
+  a.stats = stats.data_ptr<float>();
+  at::parallel_for(0, a.N, grain_rows(a.V), [&](int64_t r0, int64_t r1) { cpu_forward_rows(a, r0, r1); });
+  return {loss, stats};
+}
+
+at::Tensor kd_rows_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                           const c10::optional<at::Tensor>& labels, const at::Tensor& stats, int64_t div_id,
+                           double param, double temperature, double soft_weight, double hard_weight,
+                           int64_t ignore_index) {
+  RowsArgs a = make_args(student, teacher, labels, div_id, param, temperature, soft_weight,
+                         hard_weight, ignore_index, at::kCPU);
+  at::Tensor gl = check_grad_loss(grad_loss, a.N);
+  at::Tensor st = check_stats(stats, a.N);
+  at::Tensor grad = at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous));
+  a.grad_loss = gl.data_ptr<float>();
+  a.stats = const_cast<float*>(st.data_ptr<float>());
+  a.grad = grad.data_ptr();
+  if (use_huge_pages()) advise_huge_pages(a.grad, grad.numel() * grad.element_size());
+  at::parallel_for(0, a.N, grain_rows(a.V), [&](int64_t r0, int64_t r1) { cpu_backward_rows(a, r0, r1); });
+  return grad;
+}
+
+std::vector<std::string> divergence_names() {
+  return std::vector<std::string>(kDivergenceNames, kDivergenceNames + NUM_DIVERGENCES);
+}
+
+int64_t stats_width() { return STATS_WIDTH; }
+
+}  // namespace
+}  // namespace kd
+
+TORCH_LIBRARY(kdkernels_C, m) {
+  m.def("kd_rows_fwd(Tensor student, Tensor teacher, Tensor? labels, int div_id, float param, "
+        "float temperature, float soft_weight, float hard_weight, int ignore_index) -> (Tensor, Tensor)");
+  m.def("kd_rows_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? labels, Tensor stats, "
+        "int div_id, float param, float temperature, float soft_weight, float hard_weight, "
+        "int ignore_index) -> Tensor");
+  m.def("divergence_names() -> str[]", &kd::divergence_names);
+  m.def("stats_width() -> int", &kd::stats_width);
+}
+
+TORCH_LIBRARY_IMPL(kdkernels_C, CPU, m) {
+  m.impl("kd_rows_fwd", &kd::kd_rows_fwd_cpu);
+  m.impl("kd_rows_bwd", &kd::kd_rows_bwd_cpu);
+}
+
+// A Python module so that `import kdkernels._C` loads the library and runs the registrations.
+static PyModuleDef kd_module = {PyModuleDef_HEAD_INIT, "_C", "kdkernels C++ ops (torch.ops.kdkernels_C)", -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&kd_module); }

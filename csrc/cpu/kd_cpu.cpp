@@ -1,0 +1,381 @@
+// CPU row kernels: the passes of DESIGN.md §3 over V-blocks of one row at a time.
+//
+// Each block of up to BLK elements is converted to fp32 (and divided by T) into small stack
+// buffers that stay in L1; the per-element math of kd_math.h then runs in `omp simd` loops that
+// the compiler vectorizes (AVX2 + FMA when built with those flags). No [N, V] temporaries: the
+// only large write is the gradient. Threading is the caller's (row ranges, see bindings.cpp).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "kd_math.h"
+#include "kd_rows.h"
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace kd {
+namespace {
+
+constexpr int BLK = 1024;
+
+struct bf16_t { uint16_t x; };
+struct f16_t { uint16_t x; };
+
+// ---- fp32 conversion of one block ---------------------------------------------------------------
+inline void load_scaled(const float* src, float* dst, int n, float scale) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) dst[i] = src[i] * scale;
+}
+
+inline void load_scaled(const bf16_t* src, float* dst, int n, float scale) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) dst[i] = bits_to_float((int32_t)src[i].x << 16) * scale;
+}
+
+inline float half_to_float_scalar(uint16_t h) {
+  // IEEE binary16 -> binary32, exact (normal, subnormal, inf, NaN).
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  float out;
+  if (exp == 0) {
+    out = (float)man * 5.9604644775390625e-8f;  // 2^-24
+    out = sign ? -out : out;
+    return out;
+  }
+  uint32_t bits = sign | (exp == 31 ? (0xffu << 23) | (man << 13) : ((exp + 112) << 23) | (man << 13));
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+inline void load_scaled(const f16_t* src, float* dst, int n, float scale) {
+  int i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(scale)));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = half_to_float_scalar(src[i].x) * scale;
+}
+
+inline float load_one(const float* p) { return *p; }
+inline float load_one(const bf16_t* p) { return bits_to_float((int32_t)p->x << 16); }
+inline float load_one(const f16_t* p) { return half_to_float_scalar(p->x); }
+
+// ---- block store in the output dtype (round to nearest even) ------------------------------------
+inline void store(const float* src, float* dst, int n) { std::memcpy(dst, src, sizeof(float) * n); }
+
+inline void store(const float* src, bf16_t* dst, int n) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) {
+    uint32_t b = (uint32_t)float_to_bits(src[i]);
+    uint32_t r = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+    bool nan = (b & 0x7fffffffu) > 0x7f800000u;
+    dst[i].x = (uint16_t)(nan ? 0x7fc0u : r);
+  }
+}
+
+inline uint16_t float_to_half_scalar(float f) {
+  // binary32 -> binary16, round to nearest even, overflow to inf, NaN kept.
+  uint32_t x = (uint32_t)float_to_bits(f);
+  uint32_t sign = (x >> 16) & 0x8000u;
+  uint32_t ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);
+  if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);  // rounds to >= 65520: inf
+  if (ax < 0x38800000u) {                                   // subnormal or zero in half
+    float a = bits_to_float((int32_t)ax) * 16777216.0f;     // * 2^24: units of the half ulp
+    uint32_t m = (uint32_t)std::nearbyint(a);
+    return (uint16_t)(sign | m);
+  }
+  uint32_t r = ax + 0xfffu + ((ax >> 13) & 1u) - (112u << 23);
+  return (uint16_t)(sign | (r >> 13));
+}
+
+inline void store(const float* src, f16_t* dst, int n) {
+  int i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8) {
+    __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+  }
+#endif
+  for (; i < n; ++i) dst[i].x = float_to_half_scalar(src[i]);
+}
+
+// ---- block reductions -------------------------------------------------------------------------
+inline float block_max(const float* x, int n) {
+  float m = kNegInf;
+#pragma omp simd reduction(max : m)
+  for (int i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+// Online (max, sum-exp) state of one distribution over a row.
+struct Online {
+  float m = kNegInf, z = 0.f;
+  // Absorb a block whose max is bm; returns the factor previous sums were rescaled by.
+  float raise(float bm) {
+    float mn = bm > m ? bm : m;
+    float r = rescale(m, mn);
+    z *= r;
+    m = mn;
+    return r;
+  }
+  float lse() const { return logsumexp_from(m, z); }
+};
+
+inline float sum_exp(const float* x, int n, float offset) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int i = 0; i < n; ++i) s += exp_fast(x[i] - offset);
+  return s;
+}
+
+struct RowCtx {
+  bool soft, hard, hard_separate;  // hard_separate: logsumexp(s) needs its own pass (T != 1)
+  bool ignored, bad_label;
+  int64_t label;
+};
+
+inline RowCtx row_context(const RowsArgs& a, int64_t r) {
+  RowCtx c;
+  c.soft = a.soft_weight != 0.f;
+  c.label = a.labels ? a.labels[r] : 0;
+  c.ignored = a.labels && c.label == a.ignore_index;
+  c.hard = a.labels && a.hard_weight != 0.f;
+  c.bad_label = c.hard && (c.label < 0 || c.label >= a.V);
+  c.hard_separate = c.hard && !(c.soft && a.temperature == 1.f);
+  return c;
+}
+
+template <class S, int DIV>
+void forward_row(const RowsArgs& a, int64_t r) {
+  const RowCtx c = row_context(a, r);
+  float* st = a.stats + r * STATS_WIDTH;
+  if (c.ignored) {
+    a.loss[r] = 0.f;
+    for (int k = 0; k < STATS_WIDTH; ++k) st[k] = 0.f;
+    return;
+  }
+  const S* s = static_cast<const S*>(a.student) + student_offset(a, r);
+  const S* t = static_cast<const S*>(a.teacher) + teacher_offset(a, r);
+  const int64_t V = a.V;
+  const float invT = 1.0f / a.temperature;
+  alignas(64) float ab[BLK], bb[BLK], xb[BLK];
+
+  // Pass 1: statistics, and the loss itself for the online divergences.
+  Online oa, ob, os;
+  float acc = 0.f;  // sum e^{a - ma}(a - b) (forward KL) or e^{b - mb}(b - a) (reverse KL)
+  for (int64_t j0 = 0; j0 < V; j0 += BLK) {
+    const int n = (int)std::min<int64_t>(BLK, V - j0);
+    if (c.soft) {
+      load_scaled(t + j0, ab, n, invT);
+      load_scaled(s + j0, bb, n, invT);
+      const float ra = oa.raise(block_max(ab, n));
+      const float rb = ob.raise(block_max(bb, n));
+      const float offa = safe_max(oa.m), offb = safe_max(ob.m);
+      if (DIV == FORWARD_KL || DIV == REVERSE_KL) {
+        acc *= DIV == FORWARD_KL ? ra : rb;
+        float za = 0.f, zb = 0.f, sacc = 0.f;
+#pragma omp simd reduction(+ : za, zb, sacc)
+        for (int i = 0; i < n; ++i) {
+          const float ea = exp_fast(ab[i] - offa), eb = exp_fast(bb[i] - offb);
+          za += ea;
+          zb += eb;
+          if (DIV == FORWARD_KL)
+            sacc += ea > 0.f ? ea * (ab[i] - bb[i]) : 0.f;
+          else
+            sacc += eb > 0.f ? eb * (bb[i] - ab[i]) : 0.f;
+        }
+        oa.z += za;
+        ob.z += zb;
+        acc += sacc;
+      } else {
+        oa.z += sum_exp(ab, n, offa);
+        ob.z += sum_exp(bb, n, offb);
+      }
+    }
+    if (c.hard_separate) {
+      load_scaled(s + j0, xb, n, 1.0f);
+      os.raise(block_max(xb, n));
+      os.z += sum_exp(xb, n, safe_max(os.m));
+    }
+  }
+
+  float A = 0.f, B = 0.f, cc = 0.f, D = 0.f;
+  if (c.soft) {
+    A = oa.lse();
+    B = ob.lse();
+    if (DIV == FORWARD_KL) {
+      D = acc / oa.z - (oa.m - ob.m) - std::log(oa.z) + std::log(ob.z);
+      cc = -1.f;
+    } else if (DIV == REVERSE_KL) {
+      D = acc / ob.z - (ob.m - oa.m) - std::log(ob.z) + std::log(oa.z);
+      cc = D + 1.f;
+    } else {
+      // Pass 2: the divergence and c = sum q g, from A and B.
+      float sphi = 0.f, sqg = 0.f;
+      for (int64_t j0 = 0; j0 < V; j0 += BLK) {
+        const int n = (int)std::min<int64_t>(BLK, V - j0);
+        load_scaled(t + j0, ab, n, invT);
+        load_scaled(s + j0, bb, n, invT);
+        const float param = a.param;
+        float bphi = 0.f, bqg = 0.f;
+#pragma omp simd reduction(+ : bphi, bqg)
+        for (int i = 0; i < n; ++i) {
+          const float lp = ab[i] - A, lq = bb[i] - B;
+          float phi, qg;
+          div_terms<DIV>(lp, lq, exp_fast(lp), exp_fast(lq), param, phi, qg);
+          bphi += phi;
+          bqg += qg;
+        }
+        sphi += bphi;
+        sqg += bqg;
+      }
+      D = sphi;
+      cc = sqg;
+    }
+  }
+  float Sl = c.hard_separate ? os.lse() : B;
+  float loss = c.soft ? a.soft_weight * a.temperature * a.temperature * D : 0.f;
+  if (c.hard) {
+    const float ce = c.bad_label ? NAN : hard_ce(Sl, load_one(s + c.label));
+    loss += a.hard_weight * ce;
+  }
+  a.loss[r] = loss;
+  st[STAT_A] = A;
+  st[STAT_B] = B;
+  st[STAT_C] = cc;
+  st[STAT_S] = Sl;
+}
+
+// Gradient of one block into gb. MODE 0: soft only; 1: soft + hard at T = 1 (softmax(s) = q);
+// 2: soft + hard with its own logsumexp Sl; 3: hard only.
+template <int DIV, int MODE>
+void grad_block(const float* __restrict ab, const float* __restrict bb,
+                const float* __restrict xb, float* __restrict gb, int n, float A, float B,
+                float cc, float Sl, float k_soft, float k_hard, float param) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) {
+    float out;
+    if (MODE == 3) {
+      out = k_hard * exp_fast(xb[i] - Sl);
+    } else {
+      const float lp = ab[i] - A, lq = bb[i] - B;
+      const float p = exp_fast(lp), q = exp_fast(lq);
+      float phi, qg;
+      div_terms<DIV>(lp, lq, p, q, param, phi, qg);
+      if (MODE == 0) out = k_soft * (qg - q * cc);
+      else if (MODE == 1) out = grad_element(k_soft, qg, q, cc, k_hard, q, 0.f);
+      else out = grad_element(k_soft, qg, q, cc, k_hard, exp_fast(xb[i] - Sl), 0.f);
+    }
+    gb[i] = out;
+  }
+}
+
+template <class S, int DIV>
+void backward_row(const RowsArgs& a, int64_t r) {
+  const RowCtx c = row_context(a, r);
+  S* g = static_cast<S*>(a.grad) + r * a.V;
+  const int64_t V = a.V;
+  alignas(64) float ab[BLK], bb[BLK], xb[BLK], gb[BLK];
+  if (c.ignored) {
+    std::memset(gb, 0, sizeof gb);
+    for (int64_t j0 = 0; j0 < V; j0 += BLK) store(gb, g + j0, (int)std::min<int64_t>(BLK, V - j0));
+    return;
+  }
+  const S* s = static_cast<const S*>(a.student) + student_offset(a, r);
+  const S* t = static_cast<const S*>(a.teacher) + teacher_offset(a, r);
+  const float* st = a.stats + r * STATS_WIDTH;
+  const float A = st[STAT_A], B = st[STAT_B], cc = st[STAT_C], Sl = st[STAT_S];
+  const float gl = a.grad_loss[r];
+  const float k_soft = c.soft ? gl * a.soft_weight * a.temperature : 0.f;
+  const float k_hard = c.hard ? (c.bad_label ? NAN : gl * a.hard_weight) : 0.f;
+  const float invT = 1.0f / a.temperature, param = a.param;
+  const bool soft = c.soft, hard = c.hard, sep = c.hard_separate;
+
+  for (int64_t j0 = 0; j0 < V; j0 += BLK) {
+    const int n = (int)std::min<int64_t>(BLK, V - j0);
+    if (soft) {
+      load_scaled(t + j0, ab, n, invT);
+      load_scaled(s + j0, bb, n, invT);
+    }
+    if (sep) load_scaled(s + j0, xb, n, 1.0f);
+    if (soft && !hard)
+      grad_block<DIV, 0>(ab, bb, xb, gb, n, A, B, cc, Sl, k_soft, k_hard, param);
+    else if (soft && !sep)  // hard term at T = 1: softmax(s) = q
+      grad_block<DIV, 1>(ab, bb, xb, gb, n, A, B, cc, Sl, k_soft, k_hard, param);
+    else if (soft)
+      grad_block<DIV, 2>(ab, bb, xb, gb, n, A, B, cc, Sl, k_soft, k_hard, param);
+    else if (hard)
+      grad_block<DIV, 3>(ab, bb, xb, gb, n, A, B, cc, Sl, k_soft, k_hard, param);
+    else
+      std::memset(gb, 0, sizeof(float) * n);
+    if (hard && !c.bad_label && c.label >= j0 && c.label < j0 + n) gb[c.label - j0] -= k_hard;
+    store(gb, g + j0, n);
+  }
+}
+
+template <class S>
+using RowFn = void (*)(const RowsArgs&, int64_t);
+
+template <class S>
+RowFn<S> pick(int div, bool fwd) {
+  switch (div) {
+    case FORWARD_KL: return fwd ? forward_row<S, FORWARD_KL> : backward_row<S, FORWARD_KL>;
+    case REVERSE_KL: return fwd ? forward_row<S, REVERSE_KL> : backward_row<S, REVERSE_KL>;
+    case JSD: return fwd ? forward_row<S, JSD> : backward_row<S, JSD>;
+    case SKEW_KL: return fwd ? forward_row<S, SKEW_KL> : backward_row<S, SKEW_KL>;
+    case SKEW_REVERSE_KL:
+      return fwd ? forward_row<S, SKEW_REVERSE_KL> : backward_row<S, SKEW_REVERSE_KL>;
+    case TVD: return fwd ? forward_row<S, TVD> : backward_row<S, TVD>;
+    default: return nullptr;
+  }
+}
+
+template <class S>
+void run_rows(const RowsArgs& a, int64_t r0, int64_t r1, bool fwd) {
+  RowFn<S> fn = pick<S>(a.div, fwd);
+  for (int64_t r = r0; r < r1; ++r) fn(a, r);
+}
+
+void dispatch(const RowsArgs& a, int64_t r0, int64_t r1, bool fwd) {
+  switch (a.dtype) {
+    case F32: run_rows<float>(a, r0, r1, fwd); break;
+    case BF16: run_rows<bf16_t>(a, r0, r1, fwd); break;
+    default: run_rows<f16_t>(a, r0, r1, fwd); break;
+  }
+}
+
+}  // namespace
+
+void advise_huge_pages(void* ptr, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  // Fresh multi-MB buffers come from new mmap pages whose first touch dominates the gradient
+  // pass; transparent huge pages cut the page faults 512-fold (PyTorch's THP_MEM_ALLOC_ENABLE
+  // does the same). Only the 2 MiB-aligned interior is advised; failure is harmless.
+  const uintptr_t huge = uintptr_t(1) << 21;
+  if (bytes < int64_t(4 * huge)) return;
+  uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + huge - 1) & ~(huge - 1);
+  uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + uintptr_t(bytes)) & ~(huge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)ptr;
+  (void)bytes;
+#endif
+}
+
+void cpu_forward_rows(const RowsArgs& args, int64_t row_begin, int64_t row_end) {
+  dispatch(args, row_begin, row_end, true);
+}
+
+void cpu_backward_rows(const RowsArgs& args, int64_t row_begin, int64_t row_end) {
+  dispatch(args, row_begin, row_end, false);
+}
+
+}  // namespace kd

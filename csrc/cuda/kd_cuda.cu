@@ -1,0 +1,333 @@
+// CUDA row kernels: one CTA per row. Same passes and the same per-element math (kd_math.h) as the
+// CPU kernels: forward = statistics pass (online (max, sum-exp) of t/T, s/T and s, with forward /
+// reverse KL accumulated online) + a second pass for the other divergences; backward recomputes
+// p and q from the saved per-row (A, B, c, S) and writes the gradient.
+//
+// Loads are 16-byte vectors when the row start is 16-byte aligned (always true for contiguous
+// rows whose V is a multiple of 16 / sizeof(element)), scalar otherwise and in the tail.
+// Reductions: warp shuffles, then one value per warp through shared memory. Offsets are int64.
+// No torch headers: the binding lives in bindings_cuda.cpp.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "kd_cuda.h"
+#include "kd_math.h"
+
+namespace kd {
+namespace {
+
+constexpr int THREADS = 256;
+constexpr int WARPS = THREADS / 32;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+template <class S> __device__ __forceinline__ S from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+
+template <class S>
+struct Vec {
+  static constexpr int N = 16 / sizeof(S);
+};
+
+// Load elements [j, j + N) of a row into fp32 (vector load when `vec`, else bounded scalar loads;
+// out-of-range lanes get -inf so they carry no probability).
+template <class S>
+__device__ __forceinline__ void load_chunk(const S* row, int64_t j, int64_t V, bool vec, float* out) {
+  constexpr int N = Vec<S>::N;
+  if (vec && j + N <= V) {
+    uint4 raw = *reinterpret_cast<const uint4*>(row + j);
+    const S* e = reinterpret_cast<const S*>(&raw);
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = to_float(e[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = j + k < V ? to_float(row[j + k]) : kNegInf;
+  }
+}
+
+template <class S>
+__device__ __forceinline__ void store_chunk(S* row, int64_t j, int64_t V, bool vec, const float* in) {
+  constexpr int N = Vec<S>::N;
+  if (vec && j + N <= V) {
+    uint4 raw;
+    S* e = reinterpret_cast<S*>(&raw);
+#pragma unroll
+    for (int k = 0; k < N; ++k) e[k] = from_float<S>(in[k]);
+    *reinterpret_cast<uint4*>(row + j) = raw;
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k)
+      if (j + k < V) row[j + k] = from_float<S>(in[k]);
+  }
+}
+
+// Online (max, sum-exp) with one extra sum rescaled like z (the online KL term).
+struct Online {
+  float m, z, acc;
+  __device__ void init() { m = kNegInf; z = 0.f; acc = 0.f; }
+  __device__ void merge(float m2, float z2, float acc2) {
+    float mn = fmaxf(m, m2);
+    float r1 = rescale(m, mn), r2 = rescale(m2, mn);
+    z = z * r1 + z2 * r2;
+    acc = acc * r1 + acc2 * r2;
+    m = mn;
+  }
+};
+
+__device__ __forceinline__ void warp_merge(Online& o) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    float m2 = __shfl_xor_sync(0xffffffffu, o.m, off);
+    float z2 = __shfl_xor_sync(0xffffffffu, o.z, off);
+    float a2 = __shfl_xor_sync(0xffffffffu, o.acc, off);
+    o.merge(m2, z2, a2);
+  }
+}
+
+// Merge the per-thread states of the CTA; every thread gets the result.
+__device__ void block_merge(Online& o, float* sm /* [3 * WARPS] */) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  warp_merge(o);
+  __syncthreads();
+  if (lane == 0) {
+    sm[warp] = o.m;
+    sm[WARPS + warp] = o.z;
+    sm[2 * WARPS + warp] = o.acc;
+  }
+  __syncthreads();
+  o.init();
+  for (int w = 0; w < WARPS; ++w) o.merge(sm[w], sm[WARPS + w], sm[2 * WARPS + w]);
+}
+
+__device__ float block_sum(float x, float* sm /* [WARPS] */) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  __syncthreads();
+  if (lane == 0) sm[warp] = x;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < WARPS; ++w) total += sm[w];
+  return total;
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+template <class S, int DIV>
+__global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
+  constexpr int N = Vec<S>::N;
+  __shared__ float sm[3 * WARPS];
+  const int64_t r = blockIdx.x;
+  if (r >= a.N) return;
+  const int64_t label = a.labels ? a.labels[r] : 0;
+  const bool ignored = a.labels && label == a.ignore_index;
+  float* st = a.stats + r * STATS_WIDTH;
+  if (ignored) {
+    if (threadIdx.x == 0) {
+      a.loss[r] = 0.f;
+      for (int k = 0; k < STATS_WIDTH; ++k) st[k] = 0.f;
+    }
+    return;
+  }
+  const bool soft = a.soft_weight != 0.f;
+  const bool hard = a.labels && a.hard_weight != 0.f;
+  const bool bad_label = hard && (label < 0 || label >= a.V);
+  const bool sep = hard && !(soft && a.temperature == 1.f);
+  const S* s = static_cast<const S*>(a.student) + (r / a.L) * a.s_stride_b + (r % a.L) * a.s_stride_l;
+  const S* t = static_cast<const S*>(a.teacher) + (r / a.t_L) * a.t_stride_b + (r % a.t_L) * a.t_stride_l;
+  const bool vec = aligned16(s) && aligned16(t);
+  const float invT = 1.0f / a.temperature;
+  const int64_t V = a.V;
+
+  Online oa, ob, os;
+  oa.init(); ob.init(); os.init();
+  for (int64_t j = (int64_t)threadIdx.x * N; j < V; j += (int64_t)THREADS * N) {
+    float sv[N], tv[N];
+    load_chunk(s, j, V, vec, sv);
+    if (soft) {
+      load_chunk(t, j, V, vec, tv);
+      float bma = kNegInf, bmb = kNegInf;
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        tv[k] *= invT;
+        bma = fmaxf(bma, tv[k]);
+        bmb = fmaxf(bmb, sv[k] * invT);
+      }
+      const float nma = fmaxf(oa.m, bma), nmb = fmaxf(ob.m, bmb);
+      const float ra = rescale(oa.m, nma), rb = rescale(ob.m, nmb);
+      oa.z *= ra; oa.acc *= ra; oa.m = nma;
+      ob.z *= rb; ob.acc *= rb; ob.m = nmb;
+      const float offa = safe_max(nma), offb = safe_max(nmb);
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const float av = tv[k], bv = sv[k] * invT;
+        const float ea = exp_fast(av - offa), eb = exp_fast(bv - offb);
+        oa.z += ea;
+        ob.z += eb;
+        if (DIV == FORWARD_KL) oa.acc += ea > 0.f ? ea * (av - bv) : 0.f;
+        if (DIV == REVERSE_KL) ob.acc += eb > 0.f ? eb * (bv - av) : 0.f;
+      }
+    }
+    if (sep) {
+      float bm = kNegInf;
+#pragma unroll
+      for (int k = 0; k < N; ++k) bm = fmaxf(bm, sv[k]);
+      const float nm = fmaxf(os.m, bm);
+      os.z *= rescale(os.m, nm);
+      os.m = nm;
+      const float off = safe_max(nm);
+#pragma unroll
+      for (int k = 0; k < N; ++k) os.z += exp_fast(sv[k] - off);
+    }
+  }
+  float A = 0.f, B = 0.f, cc = 0.f, D = 0.f;
+  if (soft) {
+    block_merge(oa, sm);
+    block_merge(ob, sm);
+    A = logsumexp_from(oa.m, oa.z);
+    B = logsumexp_from(ob.m, ob.z);
+    if (DIV == FORWARD_KL) {
+      D = oa.acc / oa.z - (oa.m - ob.m) - logf(oa.z) + logf(ob.z);
+      cc = -1.f;
+    } else if (DIV == REVERSE_KL) {
+      D = ob.acc / ob.z - (ob.m - oa.m) - logf(ob.z) + logf(oa.z);
+      cc = D + 1.f;
+    } else {
+      float sphi = 0.f, sqg = 0.f;
+      for (int64_t j = (int64_t)threadIdx.x * N; j < V; j += (int64_t)THREADS * N) {
+        float sv[N], tv[N];
+        load_chunk(s, j, V, vec, sv);
+        load_chunk(t, j, V, vec, tv);
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          const float lp = tv[k] * invT - A, lq = sv[k] * invT - B;
+          float phi, qg;
+          div_terms<DIV>(lp, lq, exp_fast(lp), exp_fast(lq), a.param, phi, qg);
+          sphi += phi;
+          sqg += qg;
+        }
+      }
+      D = block_sum(sphi, sm);
+      cc = block_sum(sqg, sm);
+    }
+  }
+  float Sl = B;
+  if (sep) {
+    block_merge(os, sm);
+    Sl = logsumexp_from(os.m, os.z);
+  }
+  if (threadIdx.x == 0) {
+    float loss = soft ? a.soft_weight * a.temperature * a.temperature * D : 0.f;
+    if (hard) loss += a.hard_weight * (bad_label ? NAN : hard_ce(Sl, to_float(s[label])));
+    a.loss[r] = loss;
+    st[STAT_A] = A;
+    st[STAT_B] = B;
+    st[STAT_C] = cc;
+    st[STAT_S] = Sl;
+  }
+}
+
+template <class S, int DIV>
+__global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
+  constexpr int N = Vec<S>::N;
+  const int64_t r = blockIdx.x;
+  if (r >= a.N) return;
+  const int64_t V = a.V;
+  S* g = static_cast<S*>(a.grad) + r * V;
+  const bool gvec = aligned16(g);
+  const int64_t label = a.labels ? a.labels[r] : 0;
+  const bool ignored = a.labels && label == a.ignore_index;
+  if (ignored) {
+    float zero[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) zero[k] = 0.f;
+    for (int64_t j = (int64_t)threadIdx.x * N; j < V; j += (int64_t)THREADS * N) store_chunk(g, j, V, gvec, zero);
+    return;
+  }
+  const bool soft = a.soft_weight != 0.f;
+  const bool hard = a.labels && a.hard_weight != 0.f;
+  const bool bad_label = hard && (label < 0 || label >= V);
+  const bool sep = hard && !(soft && a.temperature == 1.f);
+  const S* s = static_cast<const S*>(a.student) + (r / a.L) * a.s_stride_b + (r % a.L) * a.s_stride_l;
+  const S* t = static_cast<const S*>(a.teacher) + (r / a.t_L) * a.t_stride_b + (r % a.t_L) * a.t_stride_l;
+  const bool vec = aligned16(s) && aligned16(t);
+  const float* st = a.stats + r * STATS_WIDTH;
+  const float A = st[STAT_A], B = st[STAT_B], cc = st[STAT_C], Sl = st[STAT_S];
+  const float gl = a.grad_loss[r];
+  const float k_soft = soft ? gl * a.soft_weight * a.temperature : 0.f;
+  const float k_hard = hard ? (bad_label ? NAN : gl * a.hard_weight) : 0.f;
+  const float invT = 1.0f / a.temperature;
+  for (int64_t j = (int64_t)threadIdx.x * N; j < V; j += (int64_t)THREADS * N) {
+    float sv[N], tv[N], out[N];
+    load_chunk(s, j, V, vec, sv);
+    if (soft) load_chunk(t, j, V, vec, tv);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      float o = 0.f, q = 0.f;
+      if (soft) {
+        const float lp = tv[k] * invT - A, lq = sv[k] * invT - B;
+        const float p = exp_fast(lp);
+        q = exp_fast(lq);
+        float phi, qg;
+        div_terms<DIV>(lp, lq, p, q, a.param, phi, qg);
+        o = k_soft * (qg - q * cc);
+      }
+      if (hard) {
+        const float sm = sep ? exp_fast(sv[k] - Sl) : q;
+        o += k_hard * (sm - (j + k == label ? 1.f : 0.f));
+      }
+      out[k] = o;
+    }
+    store_chunk(g, j, V, gvec, out);
+  }
+}
+
+template <class S, int DIV>
+int launch(const RowsArgs& a, cudaStream_t stream, bool fwd) {
+  if (a.N == 0) return 0;
+  dim3 grid((unsigned)a.N), block(THREADS);
+  if (fwd)
+    forward_kernel<S, DIV><<<grid, block, 0, stream>>>(a);
+  else
+    backward_kernel<S, DIV><<<grid, block, 0, stream>>>(a);
+  return (int)cudaGetLastError();
+}
+
+template <class S>
+int dispatch_div(const RowsArgs& a, cudaStream_t stream, bool fwd) {
+  switch (a.div) {
+    case FORWARD_KL: return launch<S, FORWARD_KL>(a, stream, fwd);
+    case REVERSE_KL: return launch<S, REVERSE_KL>(a, stream, fwd);
+    case JSD: return launch<S, JSD>(a, stream, fwd);
+    case SKEW_KL: return launch<S, SKEW_KL>(a, stream, fwd);
+    case SKEW_REVERSE_KL: return launch<S, SKEW_REVERSE_KL>(a, stream, fwd);
+    case TVD: return launch<S, TVD>(a, stream, fwd);
+    default: return (int)cudaErrorInvalidValue;
+  }
+}
+
+int dispatch(const RowsArgs& a, void* stream, bool fwd) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  switch (a.dtype) {
+    case F32: return dispatch_div<float>(a, st, fwd);
+    case BF16: return dispatch_div<__nv_bfloat16>(a, st, fwd);
+    case F16: return dispatch_div<__half>(a, st, fwd);
+    default: return (int)cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+int cuda_forward_rows(const RowsArgs& args, void* stream) { return dispatch(args, stream, true); }
+int cuda_backward_rows(const RowsArgs& args, void* stream) { return dispatch(args, stream, false); }
+const char* cuda_error_string(int code) { return cudaGetErrorString((cudaError_t)code); }
+
+}  // namespace kd

@@ -1,0 +1,14 @@
+// Raw-pointer launchers of the CUDA row kernels (csrc/cuda/kd_cuda.cu). No torch and no CUDA
+// headers here: the torch binding (bindings_cuda.cpp) includes this and passes its stream.
+#pragma once
+
+#include "kd_rows.h"
+
+namespace kd {
+
+// `stream` is a cudaStream_t. Return 0 on success, else a cudaError_t code.
+int cuda_forward_rows(const RowsArgs& args, void* stream);
+int cuda_backward_rows(const RowsArgs& args, void* stream);
+const char* cuda_error_string(int code);
+
+}  // namespace kd

@@ -1,0 +1,211 @@
+// Per-row math of DESIGN.md §3, shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels.
+//
+// Everything here is a KD_HD KD_INLINE function on fp32 scalars: __host__ __device__ under nvcc,
+// plain inline under a host compiler, where the CPU kernels call them inside `omp simd` loops so
+// the compiler vectorizes them (no branches, no libm calls in the per-element functions).
+//
+// Notation for one row: a = t/T, b = s/T, A = logsumexp(a), B = logsumexp(b), log p = a - A,
+// log q = b - B. Every divergence is D = sum_k phi(p_k, q_k); its gradient with respect to b is
+// q_j (g_j - c) with g_k = d phi / d q_k and c = sum_k q_k g_k. The kernels only need the product
+// q_k g_k ("qg"), which stays finite where q_k = 0.
+#pragma once
+
+#include <stdint.h>
+#include <math.h>
+#include <string.h>
+
+// KD_INLINE: forced inlining (the host vectorizer needs the math inlined into its loops).
+#if defined(__CUDACC__)
+#define KD_HD __host__ __device__
+#define KD_INLINE __forceinline__
+#else
+#define KD_HD
+#define KD_INLINE inline __attribute__((always_inline))
+#endif
+
+namespace kd {
+
+// Divergence ids: must equal kdkernels/divergences.py (checked by the tests through
+// torch.ops.kdkernels_C.divergence_names()).
+enum DivId : int {
+  FORWARD_KL = 0,
+  REVERSE_KL = 1,
+  JSD = 2,
+  SKEW_KL = 3,
+  SKEW_REVERSE_KL = 4,
+  TVD = 5,
+  NUM_DIVERGENCES = 6,
+};
+
+// Names in id order (the registry's names).
+static const char* const kDivergenceNames[NUM_DIVERGENCES] = {
+    "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"};
+
+// Divergences whose loss accumulates in the statistics pass (no second pass in forward).
+KD_HD inline constexpr bool is_online(int div) { return div == FORWARD_KL || div == REVERSE_KL; }
+
+// Row statistics saved by forward for backward: STATS_WIDTH = 4 fp32 per row.
+enum StatsCol : int { STAT_A = 0, STAT_B = 1, STAT_C = 2, STAT_S = 3, STATS_WIDTH = 4 };
+
+constexpr float kNegInf = -INFINITY;
+
+// ---- bit casts ---------------------------------------------------------------------------------
+KD_HD KD_INLINE float bits_to_float(int32_t i) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(i);
+#else
+  return __builtin_bit_cast(float, i);
+#endif
+}
+
+KD_HD KD_INLINE int32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_int(f);
+#else
+  return __builtin_bit_cast(int32_t, f);
+#endif
+}
+
+// ---- exp and log ---------------------------------------------------------------------------------
+// Branch-free fp32 exp: x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial (relative
+// error about 2 ulp), 2^n built in the exponent bits. exp(-inf) = 0, exp(+inf) = +inf,
+// exp(NaN) = NaN; results below 2^-126 flush to 0 (fine for probabilities).
+KD_HD KD_INLINE float exp_fast(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);  // ex2.approx: 2 ulp, flushes like the host version
+#else
+  const float lo = -87.3365478515625f, hi = 88.37626266479492f;
+  float xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  float fn = floorf(xc * 1.44269504088896341f + 0.5f);
+  fn = (fn == fn) ? fn : 0.0f;  // NaN: keep the integer path defined, r carries the NaN
+  float r = xc - fn * 0.693359375f;
+  r = r + fn * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  float scale = bits_to_float(((int32_t)fn + 127) << 23);
+  float out = y * scale;
+  out = x < lo ? 0.0f : out;
+  out = x > 88.72283905206835f ? INFINITY : out;
+  return out;
+#endif
+}
+
+// Branch-free fp32 natural log for x >= 0: log(0) = -inf, log(inf) = inf, log(x < 0) = NaN,
+// log(NaN) = NaN; denormals handled. Mantissa in [sqrt(1/2), sqrt(2)), degree-9 polynomial.
+KD_HD KD_INLINE float log_fast(float x) {
+#if defined(__CUDA_ARCH__)
+  return __logf(x);
+#else
+  const bool tiny = x < 1.17549435e-38f;
+  float xs = tiny ? x * 8388608.0f : x;  // 2^23: bring denormals into the normal range
+  int32_t bits = float_to_bits(xs);
+  int32_t e = ((bits >> 23) & 0xff) - 126;
+  float m = bits_to_float((bits & 0x007fffff) | 0x3f000000);  // [0.5, 1)
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1 : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  float fe = (float)e - (tiny ? 23.0f : 0.0f);
+  float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y = y + fe * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  float out = m + y + fe * 0.693359375f;
+  out = x == 0.0f ? kNegInf : out;
+  out = x == INFINITY ? INFINITY : out;
+  out = (x < 0.0f || x != x) ? NAN : out;
+  return out;
+#endif
+}
+
+// ---- online (max, sum-exp) -----------------------------------------------------------------------
+// A max usable as an exp offset: -inf (an empty or all -inf block) becomes 0, so exp(x - m) = 0.
+KD_HD KD_INLINE float safe_max(float m) { return m == kNegInf ? 0.0f : m; }
+
+// Factor that rescales a sum taken against offset m_old to offset m_new >= m_old.
+KD_HD KD_INLINE float rescale(float m_old, float m_new) {
+  return m_old == kNegInf ? 0.0f : expf(m_old - m_new);
+}
+
+// Merge (m, z) with (m2, z2): z is a sum of exp(x - m) over its part.
+KD_HD KD_INLINE void merge_max_sum(float& m, float& z, float m2, float z2) {
+  float mn = m > m2 ? m : m2;
+  if (m2 != m2) mn = m2;  // NaN propagates
+  z = z * rescale(m, mn) + z2 * rescale(m2, mn);
+  m = mn;
+}
+
+KD_HD KD_INLINE float logsumexp_from(float m, float z) { return m + logf(z); }
+
+// ---- per-element divergence terms ------------------------------------------------------------
+// x (log x - log y) with 0 log 0 = 0 (also when log y = -inf).
+KD_HD KD_INLINE float xlogr(float x, float logx, float logy) {
+  return x > 0.0f ? x * (logx - logy) : 0.0f;
+}
+
+KD_HD KD_INLINE float sign0(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
+
+// phi(p, q) and qg = q * d phi / d q for one element, given log p, log q (p = e^{log p}, ...).
+// `param` is beta for jsd, alpha for the skew divergences. Never NaN for finite log p, log q or
+// -inf ones; both probabilities underflowing to 0 give phi = qg = 0.
+template <int DIV>
+KD_HD KD_INLINE void div_terms(float logp, float logq, float p, float q, float param, float& phi,
+                            float& qg) {
+  if (DIV == FORWARD_KL) {
+    phi = xlogr(p, logp, logq);
+    qg = -p;  // q * (-p / q)
+  } else if (DIV == REVERSE_KL) {
+    phi = xlogr(q, logq, logp);
+    qg = q > 0.0f ? q * (logq - logp + 1.0f) : 0.0f;
+  } else if (DIV == JSD) {
+    const float beta = param;
+    float m = beta * p + (1.0f - beta) * q;
+    float logm = log_fast(m);
+    phi = beta * xlogr(p, logp, logm) + (1.0f - beta) * xlogr(q, logq, logm);
+    qg = (1.0f - beta) * xlogr(q, logq, logm);
+  } else if (DIV == SKEW_KL) {
+    const float alpha = param;
+    float m = alpha * p + (1.0f - alpha) * q;
+    float logm = log_fast(m);
+    phi = xlogr(p, logp, logm);
+    float q_over_m = m > 0.0f ? q / m : 0.0f;
+    qg = -(1.0f - alpha) * p * q_over_m;
+  } else if (DIV == SKEW_REVERSE_KL) {
+    const float alpha = param;
+    float m = alpha * q + (1.0f - alpha) * p;
+    float logm = log_fast(m);
+    phi = xlogr(q, logq, logm);
+    float q_over_m = m > 0.0f ? q / m : 0.0f;
+    qg = q > 0.0f ? q * (logq - logm + 1.0f - alpha * q_over_m) : 0.0f;
+  } else {  // TVD
+    phi = 0.5f * fabsf(p - q);
+    qg = 0.5f * q * sign0(q - p);
+  }
+}
+
+// Gradient with respect to the student logits s of one element:
+//   k_soft * (qg - q c) + k_hard * (softmax(s) - [j = label]),
+// with k_soft = grad_loss * soft_weight * T and k_hard = grad_loss * hard_weight.
+KD_HD KD_INLINE float grad_element(float k_soft, float qg, float q, float c, float k_hard, float sm,
+                                float onehot) {
+  return k_soft * (qg - q * c) + k_hard * (sm - onehot);
+}
+
+// Hard cross-entropy term: logsumexp(s) - s[label] (T = 1).
+KD_HD KD_INLINE float hard_ce(float lse_s, float s_label) { return lse_s - s_label; }
+
+}  // namespace kd
