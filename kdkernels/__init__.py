@@ -8,9 +8,11 @@ Public API::
 """
 from . import divergences
 from .backends import availability as backend_availability
-from .functional import kd_loss
+from .features import FeatureLoss, feature_loss
+from .functional import TeacherStats, kd_loss, teacher_stats
 from .modules import KDLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["kd_loss", "KDLoss", "divergences", "backend_availability", "__version__"]
+__all__ = ["kd_loss", "KDLoss", "teacher_stats", "TeacherStats", "feature_loss", "FeatureLoss",
+           "divergences", "backend_availability", "__version__"]
