@@ -149,6 +149,12 @@ def choose(backend: str, device: torch.device, dtype: torch.dtype,
     if dtype not in spec.dtypes:
         raise TypeError(f"backend={backend!r} does not accept {dtype} logits "
                         f"(it accepts: {', '.join(str(d) for d in spec.dtypes)})")
+    missing = sorted(needs - spec.features)
+    if missing:
+        have = ", ".join(sorted(spec.features)) or "none"
+        raise ValueError(f"backend={backend!r} does not support {', '.join(missing)} (needed by "
+                         f"this call; its optional features: {have}); use backend='reference' or "
+                         f"backend='auto'")
     reason = availability(backend)
     if reason:
         raise RuntimeError(f"backend={backend!r} is not available: {reason}")
