@@ -18,7 +18,7 @@ from kdkernels.functional import kd_loss
 from conftest import DEVICE, N, V, impl_params, sync
 
 # torch.compile costs seconds per divergence on CPU: benchmark it on forward_kl only there
-CASES = [case for div in D.names()
+CASES = [case for div in D.kernel_names()
          for case in impl_params(div, with_divergence=True,
                                  exclude=("compile",) if DEVICE == "cpu" and div != "forward_kl"
                                  else ())]

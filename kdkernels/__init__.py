@@ -10,7 +10,8 @@ Public API::
 from . import divergences
 from .backends import availability as backend_availability
 from .distributed import global_num_items
-from .functional import kd_loss
+from .features import FeatureLoss, feature_loss
+from .functional import TeacherStats, kd_loss, teacher_stats
 from .fused_linear import FusedLinearKDLoss, fused_linear_kd_loss
 from .modules import KDLoss
 from .sparse import sparse_kd_loss
@@ -19,5 +20,5 @@ from .topk import dump_topk, load_topk
 __version__ = "0.1.0"
 
 __all__ = ["kd_loss", "KDLoss", "fused_linear_kd_loss", "FusedLinearKDLoss", "sparse_kd_loss",
-           "dump_topk", "load_topk", "global_num_items", "divergences", "backend_availability",
-           "__version__"]
+           "dump_topk", "load_topk", "global_num_items", "teacher_stats", "TeacherStats",
+           "feature_loss", "FeatureLoss", "divergences", "backend_availability", "__version__"]

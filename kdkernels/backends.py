@@ -28,7 +28,14 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-__all__ = ["BACKENDS", "availability", "load", "choose", "names"]
+__all__ = ["BACKENDS", "FEATURES", "availability", "load", "choose", "names"]
+
+# Optional capabilities beyond the kernel contract. A call that needs one only runs on a backend
+# listing it: backend="auto" skips the others, an explicit backend without it is an error.
+#   "logit_mse"    the logit_mse divergence (divergences.DIVERGENCES[...].feature)
+#   "ensemble"     several teachers, p = sum_m w_m softmax(t_m / T)
+#   "teacher_grad" the gradient with respect to the teacher logits (online/mutual distillation)
+FEATURES = frozenset({"logit_mse", "ensemble", "teacher_grad"})
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -41,6 +48,7 @@ class BackendSpec:
     dtypes: Tuple[torch.dtype, ...]     # input dtypes it accepts
     stats_width: int
     probe: Optional[Callable[[], Optional[str]]] = None  # returns a reason when unavailable
+    features: frozenset = frozenset()   # optional capabilities it implements (FEATURES)
 
 
 def _probe_triton() -> Optional[str]:
@@ -68,7 +76,8 @@ BACKENDS = {
     b.name: b
     for b in (
         BackendSpec("reference", "kdkernels.reference", ("cpu", "cuda", "mps", "xpu", "meta"),
-                    _FLOATS + (torch.float64,), 0),  # differentiable loss_rows, no custom op
+                    _FLOATS + (torch.float64,), 0,  # differentiable loss_rows, no custom op
+                    features=FEATURES),
         BackendSpec("triton", "kdkernels.triton.launch", ("cuda", "cpu"), _FLOATS, 4, _probe_triton),
         BackendSpec("cuda", "kdkernels.cpp", ("cuda",), _FLOATS, 4, _probe_ext("cuda")),
         BackendSpec("cpu", "kdkernels.cpp", ("cpu",), _FLOATS, 4, _probe_ext("cpu")),
@@ -111,8 +120,12 @@ def load(name: str):
     return importlib.import_module(BACKENDS[name].module)
 
 
-def choose(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Resolve ``backend`` ("auto" or a name) for tensors on ``device`` of ``dtype``."""
+def choose(backend: str, device: torch.device, dtype: torch.dtype,
+           needs: frozenset = frozenset()) -> str:
+    """Resolve ``backend`` ("auto" or a name) for tensors on ``device`` of ``dtype``.
+
+    ``needs``: features (``FEATURES``) the call requires. "auto" skips backends without them
+    (ultimately the reference has all); a named backend without them is an error."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend == "auto":
@@ -122,6 +135,8 @@ def choose(backend: str, device: torch.device, dtype: torch.dtype) -> str:
             spec = BACKENDS[name]
             if device.type == "cpu" and name == "triton":
                 continue  # never launch the interpreter unless asked for by name
+            if not needs <= spec.features:
+                continue  # this backend would not compute what the call asks for
             if dtype in spec.dtypes and availability(name) is None:
                 return name
         return "reference"
@@ -134,6 +149,12 @@ def choose(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     if dtype not in spec.dtypes:
         raise TypeError(f"backend={backend!r} does not accept {dtype} logits "
                         f"(it accepts: {', '.join(str(d) for d in spec.dtypes)})")
+    missing = sorted(needs - spec.features)
+    if missing:
+        have = ", ".join(sorted(spec.features)) or "none"
+        raise ValueError(f"backend={backend!r} does not support {', '.join(missing)} (needed by "
+                         f"this call; its optional features: {have}); use backend='reference' or "
+                         f"backend='auto'")
     reason = availability(backend)
     if reason:
         raise RuntimeError(f"backend={backend!r} is not available: {reason}")

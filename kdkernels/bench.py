@@ -710,7 +710,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Time forward+backward of every KD-loss implementation side by side. CPU "
                      f"default: N={CPU_DEFAULT['N']} V={CPU_DEFAULT['V']} float32 (about a minute); "
                      f"GPU default: N={GPU_DEFAULT['N']} V={GPU_DEFAULT['V']} bf16 and fp32.")
-    p.add_argument("--divergence", nargs="+", default=["forward_kl"], choices=D.names(),
+    p.add_argument("--divergence", nargs="+", default=["forward_kl"], choices=D.kernel_names(),
                    help="divergence(s), default forward_kl")
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=None,
                    help="input dtype(s); default float32 on CPU, bfloat16 and float32 on GPU")

@@ -62,7 +62,9 @@ def run_check(args) -> int:
     worst = 0.0
     for div in D.names():
         ref = None
-        for name in ["reference"] + [n for n in names if n != "reference"]:
+        feature = D.get(div).feature  # e.g. logit_mse: only backends that implement it
+        for name in ["reference"] + [n for n in names if n != "reference" and
+                                     (feature is None or feature in backends.BACKENDS[n].features)]:
             times = []
             for _ in range(args.repeats):
                 x = s.clone().requires_grad_(True)

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["Divergence", "DIVERGENCES", "get", "resolve_param", "names"]
+__all__ = ["Divergence", "DIVERGENCES", "get", "resolve_param", "names", "kernel_names"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,10 @@ class Divergence:
     low_inclusive: bool = False
     online: bool = False         # loss accumulates in the statistics pass (one read of s, t)
     hint: str = ""               # appended to range errors
+    # Backend feature this divergence needs (see ``backends.FEATURES``); None for the divergences
+    # every kernel backend implements. Backends lacking the feature are skipped by backend="auto".
+    feature: Optional[str] = None
+    uses_temperature: bool = True  # False: T neither divides the logits nor scales by T²
 
     def check_param(self, value: Optional[float]) -> float:
         """Validate and return the parameter value (0.0 for parameter-free divergences)."""
@@ -62,6 +66,12 @@ DIVERGENCES = {
         Divergence("skew_reverse_kl", 4, "KL(q||m), m = alpha q + (1-alpha) p",
                    param="alpha", default=0.1, low_inclusive=True),
         Divergence("tvd", 5, "1/2 sum |p - q|"),
+        # Logit matching on row-centred logits: t~ = t - mean(t), s~ = s - mean(s). It is the
+        # T -> infinity limit of T^2 KL(p||q), so temperature does not apply and there is no T^2
+        # factor. Columns where teacher and student are both -inf (a shared masked vocabulary)
+        # are left out, V then counting the other columns; any other -inf gives inf or NaN.
+        Divergence("logit_mse", 6, "1/(2V) sum (t~ - s~)^2 on row-centred logits",
+                   feature="logit_mse", uses_temperature=False),
     )
 }
 
@@ -70,7 +80,13 @@ DIVERGENCES = {
 
 
 def names() -> list:
+    """Every divergence, including those only some backends implement."""
     return list(DIVERGENCES)
+
+
+def kernel_names() -> list:
+    """The divergences every kernel backend implements (the six temperature divergences)."""
+    return [n for n, d in DIVERGENCES.items() if d.feature is None]
 
 
 def get(name: str) -> Divergence:

@@ -22,9 +22,9 @@ class KDLoss(torch.nn.Module):
     def __init__(self, divergence: str = "forward_kl", temperature: float = 1.0,
                  ignore_index: int = -100, soft_weight: float = 1.0, hard_weight: float = 0.0,
                  reduction: str = "batchmean", beta: Optional[float] = None,
-                 alpha: Optional[float] = None, backend: str = "auto",
-                 grad_inplace: bool = False, process_group=None,
-                 vocab_start_index: Optional[int] = None):
+                 alpha: Optional[float] = None, backend: str = "auto", teacher_weights=None,
+                 teacher_requires_grad: Optional[bool] = None, grad_inplace: bool = False,
+                 process_group=None, vocab_start_index: Optional[int] = None):
         super().__init__()
         D.resolve_param(D.get(divergence), beta, alpha)  # fail early, at construction
         if reduction not in REDUCTIONS:
@@ -41,6 +41,8 @@ class KDLoss(torch.nn.Module):
         self.beta = beta
         self.alpha = alpha
         self.backend = backend
+        self.teacher_weights = teacher_weights            # ensemble weights (checked per call)
+        self.teacher_requires_grad = teacher_requires_grad
         if not isinstance(grad_inplace, bool):
             raise TypeError(f"grad_inplace must be a bool, got {type(grad_inplace).__name__}")
         self.grad_inplace = grad_inplace  # see kd_loss: backward overwrites the student logits
@@ -49,14 +51,17 @@ class KDLoss(torch.nn.Module):
         self.vocab_start_index = vocab_start_index
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor,
-                labels: Optional[Tensor] = None, num_items_in_batch=None) -> Tensor:
+                labels: Optional[Tensor] = None, num_items_in_batch=None,
+                token_weights: Optional[Tensor] = None) -> Tensor:
         return kd_loss(student_logits, teacher_logits, divergence=self.divergence,
                        temperature=self.temperature, labels=labels,
                        ignore_index=self.ignore_index, soft_weight=self.soft_weight,
                        hard_weight=self.hard_weight, reduction=self.reduction,
                        num_items_in_batch=num_items_in_batch, beta=self.beta, alpha=self.alpha,
-                       backend=self.backend, grad_inplace=self.grad_inplace,
-                       process_group=self.process_group,
+                       backend=self.backend, token_weights=token_weights,
+                       teacher_weights=self.teacher_weights,
+                       teacher_requires_grad=self.teacher_requires_grad,
+                       grad_inplace=self.grad_inplace, process_group=self.process_group,
                        vocab_start_index=self.vocab_start_index)
 
     def extra_repr(self) -> str:

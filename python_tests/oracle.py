@@ -26,7 +26,19 @@ def _mix(w, la, lb):  # log(w e^la + (1-w) e^lb); la, lb finite, so no log 0 any
     return _floor(torch.logaddexp(la + math.log(w), lb + math.log1p(-w)))
 
 
+def logit_mse(t, s):
+    """(1/2V') Σ (t̃ − s̃)², each row centred over the V' columns that are not −inf in both."""
+    shared = torch.isneginf(t) & torch.isneginf(s)
+    n = (~shared).sum(-1, keepdim=True).clamp_min(1)
+    tc, sc = torch.where(shared, 0.0, t), torch.where(shared, 0.0, s)
+    d = (tc - tc.sum(-1, keepdim=True) / n) - (sc - sc.sum(-1, keepdim=True) / n)
+    return torch.where(shared, 0.0, d).square().sum(-1) / (2 * n[..., 0])
+
+
 def divergence(name, logp, logq, beta=0.5, alpha=0.1):
+    if name == "logit_mse":
+        # centred log_softmax(x / T) is x̃ / T, so T² times this is logit_mse of the logits
+        return logit_mse(logp, logq)
     if name == "forward_kl":
         return _kl(logp, logq)
     if name == "reverse_kl":
@@ -53,7 +65,11 @@ def rows(student, teacher, divergence_name="forward_kl", temperature=1.0, labels
     s = student.to(dtype)
     t = teacher[..., :V].to(dtype)
     T = float(temperature)
-    out = soft_weight * T * T * divergence(divergence_name, _logsm(t / T), _logsm(s / T), beta, alpha)
+    if divergence_name == "logit_mse":  # on the logits: no temperature, no T²
+        out = soft_weight * logit_mse(t, s)
+    else:
+        out = soft_weight * T * T * divergence(divergence_name, _logsm(t / T), _logsm(s / T),
+                                               beta, alpha)
     if labels is not None:
         keep = labels != ignore_index
         if hard_weight:

@@ -16,7 +16,7 @@ elif cpp.unavailable_reason("cuda"):
     pytestmark = [pytest.mark.gpu,
                   pytest.mark.skip(reason=f"CUDA backend unavailable: {cpp.unavailable_reason('cuda')}")]
 
-DIVS = divergences.names()
+DIVS = divergences.kernel_names()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 PARAM = {"jsd": ("beta", 0.3), "skew_kl": ("alpha", 0.2), "skew_reverse_kl": ("alpha", 0.2)}
 

@@ -41,7 +41,7 @@ def _case(world, id, div="forward_kl", dtype=F64, **kw):
 def make_cases():
     out = []
     for w in (2, 4):
-        for name in divergences.names():
+        for name in divergences.kernel_names():
             out.append(_case(w, f"{name}-f64-hard", name, F64, T=2.0, sw=1.3, hw=0.7))
             out.append(_case(w, f"{name}-f32-ugly", name, F32, T=1.5, hw=0.5, ugly="neginf",
                              strided=True, wide=True, start="explicit"))
@@ -72,7 +72,7 @@ def gpu_cases(world):
     """NCCL on CUDA tensors: one rank per GPU (a single GPU gives a one-rank group)."""
     splits = SPLITS.get(world) or [len(x) for x in torch.arange(V).tensor_split(world)]
     out = []
-    for name in divergences.names():
+    for name in divergences.kernel_names():
         out.append(_case(world, f"nccl-{name}-f32", name, F32, T=1.5, hw=0.5, ugly="neginf",
                          strided=True, device="cuda", splits=splits))
         out.append(_case(world, f"nccl-{name}-bf16", name, BF16, hw=0.5, device="cuda",
@@ -161,7 +161,7 @@ def _count_collectives(c, rank, world):
             setattr(dist, n, counting(n, fn))
         _, student, teacher, labels = make_inputs(c)
         o0, o1 = shard_bounds(SPLITS[world], rank)
-        for name in divergences.names():
+        for name in divergences.kernel_names():
             for hw, start in ((0.0, None), (0.5, None), (0.5, o0)):
                 s = student[..., o0:o1].detach().requires_grad_(True)
                 del calls[:]
@@ -384,7 +384,7 @@ def test_collectives_per_call_are_as_documented():
     for r, x in enumerate(res):
         assert "error" not in x, f"rank {r}: {x.get('tb')}"
     counts = res[0]["counts"]
-    assert len(counts) == 3 * len(divergences.names())
+    assert len(counts) == 3 * len(divergences.kernel_names())
     for (name, hw, default_start), (fwd, bwd) in counts.items():
         expected = (1 if divergences.get(name).online else 2) + (1 if hw and default_start else 0)
         assert (fwd, bwd) == (expected, 0), (name, hw, default_start, fwd, bwd)

@@ -17,7 +17,7 @@ from kdkernels import divergences as D
 
 pytestmark = pytest.mark.parametrize("backend", backend_params("triton"))
 
-DIVS = D.names()
+DIVS = D.kernel_names()
 PARAMS = {"jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}, "skew_reverse_kl": {"alpha": 0.2}}
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"

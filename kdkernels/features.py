@@ -1,0 +1,180 @@
+"""Hidden-state feature losses (FitNets / DistilBERT-style distillation).
+
+Per row (token) of student hidden states h_s [..., Ds] and teacher hidden states h_t [..., Dt],
+with x = projection(h_s) (identity when no projection is given, then Ds must equal Dt):
+
+    kind="mse":    mean over the Dt features of (x − h_t)²
+    kind="cosine": 1 − cos(x, h_t)
+
+computed in fp32 (float64 for float64 inputs). Rows whose label equals ``ignore_index`` count for
+nothing: their loss is 0 and no gradient reaches the student, the teacher or the projection from
+them, even if they hold NaN (padding). ``token_weights`` multiply the rows as in ``kd_loss``.
+
+Reductions as in ``kd_loss``: "sum", "batchmean" (sum / counted rows, or / the sum of the counted
+token weights, or / ``num_items_in_batch``) and "none" (per-row values, leading shape). Because each
+row's value is already a mean over features (mse) or a per-row similarity (cosine), "mean" is the
+same as "batchmean" here; for mse it equals ``torch.nn.functional.mse_loss(reduction="mean")`` over
+the counted rows.
+
+Plain differentiable PyTorch (hidden states are [N, D] with D in the thousands: no kernel
+needed). Gradients reach every input that requires grad, the teacher's hidden states included.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .functional import REDUCTIONS, _check_number, _check_token_weights, reduce_rows
+from .reference import compute_dtype
+
+__all__ = ["feature_loss", "FeatureLoss", "KINDS"]
+
+KINDS = ("mse", "cosine")
+_COS_EPS = 1e-8  # denominators ‖x‖·‖h_t‖ below this count as this (zero vectors give cos 0)
+
+
+def _check_hidden(name: str, x) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape [..., D] with D >= 1, got {tuple(x.shape)}")
+
+
+def _check_mask_labels(labels, lead_shape, device) -> Optional[Tensor]:
+    """Labels only select rows here (compared with ignore_index): any integer value is fine."""
+    if labels is None:
+        return None
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor (int64), got dtype {labels.dtype}")
+    if tuple(labels.shape) != tuple(lead_shape):
+        raise ValueError(f"labels must have the leading shape of the hidden states "
+                         f"{tuple(lead_shape)}, got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but the hidden states are on {device}")
+    return labels.reshape(-1).to(torch.int64)
+
+
+def feature_loss(student_h: Tensor, teacher_h: Tensor, kind: str = "mse",
+                 projection: Optional[Callable[[Tensor], Tensor]] = None,
+                 labels: Optional[Tensor] = None, ignore_index: int = -100,
+                 reduction: str = "batchmean", num_items_in_batch=None,
+                 token_weights: Optional[Tensor] = None) -> Tensor:
+    """Feature-matching loss between student and teacher hidden states (see the module doc).
+
+    Args:
+        student_h: [..., Ds] float tensor.
+        teacher_h: [..., Dt] float tensor with the same leading shape.
+        kind: "mse" or "cosine".
+        projection: optional callable [..., Ds] -> [..., Dt], typically an ``nn.Linear``
+            (``FeatureLoss`` owns one). Without it Ds must equal Dt.
+        labels: optional [...] integer tensor; rows equal to ``ignore_index`` are excluded.
+        reduction: "batchmean", "sum", "mean" (= "batchmean" for features) or "none".
+        num_items_in_batch: global count of counted rows for the "batchmean" denominator.
+        token_weights: optional non-negative float tensor of the leading shape.
+
+    Returns:
+        float32 (float64 for float64 inputs): a scalar, or the leading shape for "none".
+    """
+    _check_hidden("student_h", student_h)
+    _check_hidden("teacher_h", teacher_h)
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if projection is not None and not callable(projection):
+        raise TypeError(f"projection must be callable (e.g. an nn.Linear) or None, got "
+                        f"{type(projection).__name__}")
+    lead = student_h.shape[:-1]
+    if teacher_h.shape[:-1] != lead:
+        raise ValueError(f"teacher_h leading shape {tuple(teacher_h.shape[:-1])} differs from "
+                         f"student_h leading shape {tuple(lead)}")
+    if teacher_h.device != student_h.device:
+        raise ValueError(f"teacher_h is on {teacher_h.device} but student_h is on {student_h.device}")
+    if projection is None and student_h.shape[-1] != teacher_h.shape[-1]:
+        raise ValueError(f"student_h width {student_h.shape[-1]} differs from teacher_h width "
+                         f"{teacher_h.shape[-1]}; pass a projection (e.g. FeatureLoss(..., "
+                         f"student_dim=..., teacher_dim=...))")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if num_items_in_batch is not None and not isinstance(num_items_in_batch, Tensor):
+        _check_number("num_items_in_batch", num_items_in_batch, positive=True)
+    ii = int(ignore_index)
+    flat_labels = _check_mask_labels(labels, lead, student_h.device)
+    flat_w = _check_token_weights(token_weights, lead, student_h.device)
+    if flat_w is not None:
+        base = flat_labels if flat_labels is not None else torch.zeros_like(flat_w, dtype=torch.int64)
+        flat_labels = torch.where(flat_w == 0, ii, base)
+
+    s = student_h.reshape(-1, student_h.shape[-1])
+    t = teacher_h.reshape(-1, teacher_h.shape[-1])
+    if flat_labels is not None:
+        # Excluded rows may hold garbage (NaN padding): zero them before anything touches them,
+        # so that neither the loss nor any gradient (projection weights included) sees them.
+        keep = (flat_labels != ii).unsqueeze(-1)
+        s = torch.where(keep, s, 0.0)
+        t = torch.where(keep, t, 0.0)
+    x = projection(s) if projection is not None else s
+    if x.shape[-1] != t.shape[-1]:
+        raise ValueError(f"projection maps to width {x.shape[-1]} but teacher_h has width "
+                         f"{t.shape[-1]}")
+    cd = compute_dtype(torch.promote_types(x.dtype, t.dtype))
+    x, t = x.to(cd), t.to(cd)
+    if kind == "mse":
+        rows = (x - t).square().mean(-1)
+    else:
+        denom = (x.norm(dim=-1) * t.norm(dim=-1)).clamp_min(_COS_EPS)
+        rows = 1.0 - (x * t).sum(-1) / denom
+    if flat_labels is not None:
+        rows = torch.where(flat_labels != ii, rows, 0.0)
+    return reduce_rows(rows, reduction, lead, 1, flat_labels, ii, num_items_in_batch,
+                       token_weights=flat_w)
+
+
+class FeatureLoss(torch.nn.Module):
+    """``feature_loss`` as a module that owns the optional learned projection
+    ``nn.Linear(student_dim, teacher_dim)`` (created when both widths are given and differ, or
+    when ``projection=True``). Put its parameters in the student's optimizer.
+
+    >>> crit = FeatureLoss("cosine", student_dim=768, teacher_dim=1024)
+    >>> loss = crit(student_hidden, teacher_hidden, labels)       # doctest: +SKIP
+    """
+
+    def __init__(self, kind: str = "mse", student_dim: Optional[int] = None,
+                 teacher_dim: Optional[int] = None, projection: Optional[bool] = None,
+                 bias: bool = True, ignore_index: int = -100, reduction: str = "batchmean",
+                 device=None, dtype=None):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        for name, d in (("student_dim", student_dim), ("teacher_dim", teacher_dim)):
+            if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {d!r}")
+        if projection is None:
+            projection = student_dim is not None and teacher_dim is not None \
+                and student_dim != teacher_dim
+        if projection and (student_dim is None or teacher_dim is None):
+            raise ValueError("a projection needs both student_dim and teacher_dim")
+        self.kind = kind
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.projection = (torch.nn.Linear(student_dim, teacher_dim, bias=bias, device=device,
+                                           dtype=dtype) if projection else None)
+
+    def forward(self, student_h: Tensor, teacher_h: Tensor, labels: Optional[Tensor] = None,
+                num_items_in_batch=None, token_weights: Optional[Tensor] = None) -> Tensor:
+        return feature_loss(student_h, teacher_h, kind=self.kind, projection=self.projection,
+                            labels=labels, ignore_index=self.ignore_index,
+                            reduction=self.reduction, num_items_in_batch=num_items_in_batch,
+                            token_weights=token_weights)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, reduction={self.reduction!r}"
