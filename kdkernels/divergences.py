@@ -59,8 +59,8 @@ DIVERGENCES = {
         Divergence("reverse_kl", 1, "KL(q||p) = sum q (log q - log p)", online=True),
         Divergence("jsd", 2, "beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q",
                    param="beta", default=0.5,
-                   hint="; beta = 1 is divergence='forward_kl' and beta = 0 is "
-                        "divergence='reverse_kl' (TRL's special cases)"),
+                   hint="; TRL's special cases beta = 0 and beta = 1 are divergence='forward_kl' and "
+                        "divergence='reverse_kl' respectively"),
         Divergence("skew_kl", 3, "KL(p||m), m = alpha p + (1-alpha) q",
                    param="alpha", default=0.1, low_inclusive=True),
         Divergence("skew_reverse_kl", 4, "KL(q||m), m = alpha q + (1-alpha) p",

@@ -92,10 +92,10 @@ def _rows_and_grad(s: Tensor, t: Tensor, labels: Optional[Tensor], grad_rows: Op
         # The chunk already bounds memory, so the reference formula runs on it directly (no
         # second level of checkpointed chunks), with autograd for the gradient.
         if grad_rows is None:
-            return reference._masked_row_losses(s, t, labels, *args), None
+            return reference._masked_row_losses(s, (t,), labels, args, None), None
         with _autograd_in_op_body():
             leaf = s.detach().requires_grad_(True)
-            rows = reference._masked_row_losses(leaf, t, labels, *args)
+            rows = reference._masked_row_losses(leaf, (t,), labels, args, None)
             (g,) = torch.autograd.grad(rows, leaf, grad_rows.to(rows.dtype).expand_as(rows))
         return rows.detach(), g
     s3, t3 = s.unsqueeze(0), t.unsqueeze(0)
