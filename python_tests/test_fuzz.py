@@ -131,7 +131,10 @@ def _check_case(backend, case):
     assert out.dtype == torch.float32 and x.grad.dtype == dtype, what
     assert not torch.isnan(out).any() and not torch.isnan(x.grad).any(), "NaN: " + what
     assert_close(out, exp, dtype, plain=plain, what="loss " + what)
-    assert_close(x.grad, exp_grad, dtype, plain=plain_grad, what="grad " + what)
+    # Each gradient entry is soft_weight·T·q(g - c) + hard_weight·(softmax - onehot): terms of
+    # size up to T (and hard_weight) that may cancel to ~0 (ties, identical rows).
+    assert_close(x.grad, exp_grad, dtype, plain=plain_grad, what="grad " + what,
+                 scale_floor=max(T, hw))
     if labels is not None:
         assert (x.grad[labels == -100] == 0).all(), "ignored rows must get exact zeros: " + what
 

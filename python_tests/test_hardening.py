@@ -72,6 +72,8 @@ def test_no_memory_growth(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_threads_give_correct_results(backend):
+    if backend == "triton" and not torch.cuda.is_available():
+        pytest.skip("the Triton interpreter (CPU testing mode) is not thread-safe; GPU launches are")
     problems = [_problem(seed=i) for i in range(4)]
     expected = [_fwd_bwd(backend, *p) for p in problems]
     results = [None] * 8

@@ -13,7 +13,14 @@ Forward (``kd_fwd_kernel``), per row:
     Bytes moved (bf16): 4 per element.
   pass 2 (jsd, skew_kl, skew_reverse_kl, tvd only) reads s and t again, now that A and B are
     known, to form p, q and m: the loss and c = Σ q g. Another 4 bytes per element.
-  It writes per row: loss and stats = (A, B, c, lse of s at T = 1), fp32.
+  It writes per row: loss and stats = (mt, log za, ms, log zb, c, mx, log zx), fp32: the maxima
+  of the raw teacher and student logits, the log sum-exps of a and b centred on them, c, and the
+  same pair for s at T = 1 (hard term).
+Precision: maxima are kept in raw logit units and every log-probability is formed as
+  log p = (t - mt)·(1/T) - log za, i.e. the shift happens before the scaling. t - mt is exact near
+  the maximum (Sterbenz), so at |logits| ~ 1e4 or T ~ 0.05 the log-probabilities of the likely
+  tokens carry no rounding error of the size of ulp(t/T), and identical or shifted rows (ties)
+  give differences that cancel exactly.
 Backward (``kd_bwd_kernel``) reads s and t once more and writes, in the student's dtype,
   grad_loss · (soft_weight · T · q (g - c) + hard_weight · (softmax(s) - onehot(label)))
   (6 bytes per element in bf16). It may write into the student's own storage (in-place
@@ -32,6 +39,7 @@ JSD = tl.constexpr(2)
 SKEW_KL = tl.constexpr(3)
 SKEW_REVERSE_KL = tl.constexpr(4)
 TVD = tl.constexpr(5)
+STATS = tl.constexpr(7)  # per-row fp32 statistics, see the module docstring
 
 
 @triton.jit
@@ -140,25 +148,24 @@ def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
         s = tl.load(s_row + cols, mask=mask, other=ninf).to(tl.float32)
         if SOFT:
             t = tl.load(t_row + cols, mask=mask, other=ninf).to(tl.float32)
-            a = t * inv_T
-            b = s * inv_T
-            ma_new = tl.maximum(ma, tl.max(a, 0))
-            mb_new = tl.maximum(mb, tl.max(b, 0))
-            ca = a - _safe_max(ma_new)  # a and b centred on their running maxima
-            cb = b - _safe_max(mb_new)
+            # ma, mb: running maxima of the RAW logits t, s (max of a = ma/T since T > 0)
+            ma_new = tl.maximum(ma, tl.max(t, 0))
+            mb_new = tl.maximum(mb, tl.max(s, 0))
+            ca = (t - _safe_max(ma_new)) * inv_T  # a and b centred on their running maxima
+            cb = (s - _safe_max(mb_new)) * inv_T
             ea = tl.exp(ca)
             eb = tl.exp(cb)
-            ra = tl.exp(ma - _safe_max(ma_new))
-            rb = tl.exp(mb - _safe_max(mb_new))
+            ra = tl.exp((ma - _safe_max(ma_new)) * inv_T)
+            rb = tl.exp((mb - _safe_max(mb_new)) * inv_T)
             # Online KL on centred logits: acc = Σ e^{a-ma} ((a - ma) - (b - mb)) for forward KL
             # (a <-> b for reverse KL); when the maxima move by (da, db), the old terms gain
             # z·(db - da) before the usual rescaling. Centring keeps the terms small, so V = 1 or
             # identical rows give an exact 0 and |logits| ~ 1e4 lose no precision.
             if DIV == FORWARD_KL:
-                shift = tl.where(za == 0, 0.0, za * ((mb_new - mb) - (ma_new - ma)))
+                shift = tl.where(za == 0, 0.0, za * ((mb_new - mb) - (ma_new - ma)) * inv_T)
                 acc = (acc + shift) * ra + tl.sum(tl.where(ea == 0, 0.0, ea * (ca - cb)), 0)
             if DIV == REVERSE_KL:
-                shift = tl.where(zb == 0, 0.0, zb * ((ma_new - ma) - (mb_new - mb)))
+                shift = tl.where(zb == 0, 0.0, zb * ((ma_new - ma) - (mb_new - mb)) * inv_T)
                 acc = (acc + shift) * rb + tl.sum(tl.where(eb == 0, 0.0, eb * (cb - ca)), 0)
             za = za * ra + tl.sum(ea, 0)
             zb = zb * rb + tl.sum(eb, 0)
@@ -170,27 +177,30 @@ def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
             ms = ms_new
             s_lab += tl.sum(tl.where(cols == label, s, 0.0), 0)
 
-    A = ma + tl.log(za)
-    B = mb + tl.log(zb)
-    lse = ms + tl.log(zs)
+    lza = tl.log(za)
+    lzb = tl.log(zb)
+    lzs = tl.log(zs)
+    ma = _safe_max(ma)
+    mb = _safe_max(mb)
+    ms = _safe_max(ms)
     div = zero
     c = zero
     if SOFT:
         if DIV == FORWARD_KL:
-            div = acc / za - tl.log(za) + tl.log(zb)
+            div = acc / za - lza + lzb
             c = zero - 1.0
         elif DIV == REVERSE_KL:
-            div = acc / zb - tl.log(zb) + tl.log(za)
+            div = acc / zb - lzb + lza
             c = div
         else:
-            # ---- pass 2: divergences that need A and B before they can form p, q, m ----
+            # ---- pass 2: divergences that need the statistics before they can form p, q, m ----
             for start in range(0, n, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < V
                 s = tl.load(s_row + cols, mask=mask, other=ninf).to(tl.float32)
                 t = tl.load(t_row + cols, mask=mask, other=ninf).to(tl.float32)
-                logp = t * inv_T - A
-                logq = s * inv_T - B
+                logp = (t - ma) * inv_T - lza
+                logq = (s - mb) * inv_T - lzb
                 p = tl.exp(logp)
                 q = tl.exp(logq)
                 phi, g = _terms(DIV, logp, logq, p, q, param)
@@ -199,13 +209,17 @@ def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
     total = soft_scale * div
     if HARD:
         in_range = (label >= 0) & (label < V)
-        ce = tl.where(in_range, lse - s_lab, float("nan"))
+        ce = tl.where(in_range, (ms - s_lab) + lzs, float("nan"))
         total += hard_weight * ce
     tl.store(loss_ptr + row, tl.where(valid, total, 0.0))
-    tl.store(stats_ptr + row * 4 + 0, tl.where(valid, A, 0.0))
-    tl.store(stats_ptr + row * 4 + 1, tl.where(valid, B, 0.0))
-    tl.store(stats_ptr + row * 4 + 2, tl.where(valid, c, 0.0))
-    tl.store(stats_ptr + row * 4 + 3, tl.where(valid, lse, 0.0))
+    st = stats_ptr + row * STATS
+    tl.store(st + 0, tl.where(valid, ma, 0.0))
+    tl.store(st + 1, tl.where(valid, lza, 0.0))
+    tl.store(st + 2, tl.where(valid, mb, 0.0))
+    tl.store(st + 3, tl.where(valid, lzb, 0.0))
+    tl.store(st + 4, tl.where(valid, c, 0.0))
+    tl.store(st + 5, tl.where(valid, ms, 0.0))
+    tl.store(st + 6, tl.where(valid, lzs, 0.0))
 
 
 @triton.jit
@@ -224,10 +238,14 @@ def kd_bwd_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, gl_ptr, g_ptr,
     t_row = t_ptr + t_off
     g_row = g_ptr + g_off
     gl = tl.load(gl_ptr + row).to(tl.float32)
-    A = tl.load(stats_ptr + row * 4 + 0)
-    B = tl.load(stats_ptr + row * 4 + 1)
-    c = tl.load(stats_ptr + row * 4 + 2)
-    lse = tl.load(stats_ptr + row * 4 + 3)
+    st = stats_ptr + row * STATS
+    ma = tl.load(st + 0)
+    lza = tl.load(st + 1)
+    mb = tl.load(st + 2)
+    lzb = tl.load(st + 3)
+    c = tl.load(st + 4)
+    ms = tl.load(st + 5)
+    lzs = tl.load(st + 6)
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < V
@@ -236,8 +254,8 @@ def kd_bwd_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, gl_ptr, g_ptr,
         grad = tl.zeros([BLOCK], tl.float32)
         if SOFT:
             t = tl.load(t_row + cols, mask=live, other=0.0).to(tl.float32)
-            logp = t * inv_T - A
-            logq = s * inv_T - B
+            logp = (t - ma) * inv_T - lza
+            logq = (s - mb) * inv_T - lzb
             p = tl.exp(logp)
             q = tl.exp(logq)
             if DIV == FORWARD_KL:
@@ -248,6 +266,6 @@ def kd_bwd_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, gl_ptr, g_ptr,
             grad += soft_scale * grad_b
         if HARD:
             onehot = tl.where(cols == label, 1.0, 0.0)
-            grad += hard_weight * (tl.exp(s - lse) - onehot)
+            grad += hard_weight * (tl.exp((s - ms) - lzs) - onehot)
         grad = tl.where(valid, grad * gl, 0.0)
         tl.store(g_row + cols, grad.to(g_ptr.dtype.element_ty), mask=mask)

@@ -23,7 +23,7 @@ import triton
 
 from . import kernels as K
 
-STATS_WIDTH = 4
+STATS_WIDTH = 7  # kernels.STATS: (mt, log za, ms, log zb, c, mx, log zx)
 SUPPORTS_GRAD_INPLACE = True  # backward_rows(..., out=student) writes into the student
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -134,7 +134,7 @@ def _modes(div_id, soft_weight, hard_weight, labels):
 def forward_rows(student: Tensor, teacher: Tensor, labels: Optional[Tensor], div_id: int,
                  param: float, temperature: float, soft_weight: float, hard_weight: float,
                  ignore_index: int) -> Tuple[Tensor, Tensor]:
-    """Per-row loss [N] fp32 and stats [N, 4] fp32 (A, B, c, lse of s at T = 1)."""
+    """Per-row loss [N] fp32 and stats [N, STATS_WIDTH] fp32 (see kernels.py)."""
     _check(student, teacher, labels)
     Bn, L, V = student.shape
     N = Bn * L
