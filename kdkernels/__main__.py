@@ -13,6 +13,7 @@ import sys
 COMMANDS = {
     "info": ("kdkernels.cli", "versions, and which backends run here (and why not)"),
     "check": ("kdkernels.cli", "run every available backend on a default problem"),
+    "demo": ("kdkernels.demo", "distil a small LM on the CPU: eager loss vs kdkernels, side by side"),
 }
 
 
