@@ -107,11 +107,14 @@ class WordTokenizer:
         self.stoi = {w: i for i, w in enumerate(self.itos)}
 
     @classmethod
-    def from_text(cls, text: str, vocab_size: int) -> "WordTokenizer":
+    def from_text(cls, text: str, vocab_size: int, lexicon=()) -> "WordTokenizer":
+        """Most frequent words of ``text`` first; then words of ``lexicon`` not seen in the text
+        (a known word list keeps the vocabulary at ``vocab_size`` however short the text)."""
         if vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
         counts = Counter(text.split())
         ordered = sorted(counts, key=lambda w: (-counts[w], w))  # ties broken by spelling
+        ordered += [w for w in lexicon if w not in counts]
         return cls(ordered[:vocab_size - 1])
 
     def __len__(self) -> int:
@@ -311,7 +314,8 @@ def run_demo(args) -> int:
     else:
         text = synthetic_text(args.vocab - 1, args.tokens, seed=args.seed)
         source = f"generated ({args.tokens} words)"
-    tok = WordTokenizer.from_text(text, args.vocab)
+    lexicon = [] if args.corpus else [_word(i) for i in range(args.vocab - 1)]
+    tok = WordTokenizer.from_text(text, args.vocab, lexicon)
     ids = tok.encode(text)
     if ids.numel() < args.context + 2:
         raise ValueError(f"the corpus has {ids.numel()} tokens, fewer than --context + 2")
