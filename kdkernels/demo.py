@@ -236,17 +236,17 @@ def loss_call_memory(method: str, rows: int, vocab: int, divergence: str = "forw
 # ---- the demo -------------------------------------------------------------------------------
 
 def add_demo_arguments(p) -> None:
-    p.add_argument("--steps", type=int, default=150, help="student training steps (default 150)")
-    p.add_argument("--teacher-steps", type=int, default=150,
-                   help="teacher pre-training steps with cross-entropy (default 150)")
+    p.add_argument("--steps", type=int, default=120, help="student training steps (default 120)")
+    p.add_argument("--teacher-steps", type=int, default=100,
+                   help="teacher pre-training steps with cross-entropy (default 100)")
     p.add_argument("--vocab", type=int, default=4096, help="vocabulary size (default 4096)")
     p.add_argument("--tokens", type=int, default=100_000,
                    help="length of the generated corpus in words (default 100000)")
     p.add_argument("--corpus", default=None, help="a text file to use instead of generated text")
     p.add_argument("--batch", type=int, default=8, help="sequences per batch (default 8)")
     p.add_argument("--context", type=int, default=64, help="tokens per sequence (default 64)")
-    p.add_argument("--teacher-dim", type=int, default=192)
-    p.add_argument("--teacher-layers", type=int, default=4)
+    p.add_argument("--teacher-dim", type=int, default=128)
+    p.add_argument("--teacher-layers", type=int, default=3)
     p.add_argument("--student-dim", type=int, default=64)
     p.add_argument("--student-layers", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -371,7 +371,7 @@ def run_demo(args) -> int:
             opts[k].step()
             opts[k].zero_grad(set_to_none=True)
             t3 = time.perf_counter()
-            curves[k].append(float(loss))
+            curves[k].append(float(loss.detach()))
             loss_times[k].append(t2 - t1)
             step_times[k].append((t3 - t0) - (t2 - t1))
         rel = abs(curves["eager"][-1] - curves["kdkernels"][-1]) / abs(curves["eager"][-1])
