@@ -202,8 +202,9 @@ def _child_memory(method: str, rows: int, vocab: int, divergence: str, temperatu
     s = torch.randn(rows, vocab, generator=g).mul_(3).requires_grad_(True)
     t = torch.randn(rows, vocab, generator=g).mul_(3)
     fn = eager_kd_loss if method == "eager" else kd_loss
-    fn(s[:2], t[:2], divergence, temperature).backward()  # warm-up on 2 rows: lazy imports, kernels
-    s.grad = None
+    # warm-up on 2 separate rows (lazy imports, kernels), touching no [rows, vocab] buffer
+    fn(torch.randn(2, vocab, requires_grad=True), torch.randn(2, vocab), divergence,
+       temperature).backward()
     before = _rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS (Linux >= 4.0)
         f.write("5")
