@@ -67,6 +67,18 @@ def _word(i: int) -> str:
     return "".join(reversed(syl))
 
 
+def lexicon(n: int) -> List[str]:
+    """``n`` distinct made-up words (``_word`` can spell one word two ways, e.g. "a"+"i" = "ai")."""
+    out, seen, i = [], set(), 0
+    while len(out) < n:
+        w = _word(i)
+        i += 1
+        if w not in seen:
+            seen.add(w)
+            out.append(w)
+    return out
+
+
 def synthetic_text(n_words: int, n_tokens: int, seed: int = 0, successors: int = 4,
                    follow: float = 0.8) -> str:
     """Text of ``n_tokens`` words over a lexicon of ``n_words`` made-up words.
@@ -87,7 +99,7 @@ def synthetic_text(n_words: int, n_tokens: int, seed: int = 0, successors: int =
     background = torch.multinomial(zipf.float(), n_tokens, replacement=True, generator=g).tolist()
     coin = (torch.rand(n_tokens, generator=g) < follow).tolist()
     succ = succ.tolist()
-    words = [_word(i) for i in range(n_words)]
+    words = lexicon(n_words)
     cur = background[0]
     out = []
     for i in range(n_tokens):
@@ -315,8 +327,8 @@ def run_demo(args) -> int:
     else:
         text = synthetic_text(args.vocab - 1, args.tokens, seed=args.seed)
         source = f"generated ({args.tokens} words)"
-    lexicon = [] if args.corpus else [_word(i) for i in range(args.vocab - 1)]
-    tok = WordTokenizer.from_text(text, args.vocab, lexicon)
+    words = [] if args.corpus else lexicon(args.vocab - 1)
+    tok = WordTokenizer.from_text(text, args.vocab, words)
     ids = tok.encode(text)
     if ids.numel() < args.context + 2:
         raise ValueError(f"the corpus has {ids.numel()} tokens, fewer than --context + 2")

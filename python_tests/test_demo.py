@@ -53,6 +53,7 @@ def test_tokenizer_and_synthetic_text():
     assert ids.dtype == torch.int64 and ids.numel() == 400 and int(ids.max()) < 20
     top = tok.itos[1]
     assert tok.decode(tok.encode(top + " zzz-not-a-word")) == top + " <unk>"
+    assert len(set(demo.lexicon(5000))) == 5000
     full = demo.WordTokenizer.from_text("a b a", 10, lexicon=["a", "b", "c", "d"])
     assert full.itos == ["<unk>", "a", "b", "c", "d"]
     with pytest.raises(ValueError, match="vocab_size"):
