@@ -15,6 +15,7 @@ COMMANDS = {
     "check": ("kdkernels.cli", "run every available backend on a default problem"),
     "bench": ("kdkernels.bench", "time forward+backward of every implementation; CSV, table, PNG"),
     "topk-dump": ("kdkernels.topk", "store a teacher's top-k log-probabilities (sparse_kd_loss)"),
+    "demo": ("kdkernels.demo", "distil a small LM on the CPU: eager loss vs kdkernels, side by side"),
 }
 
 
