@@ -86,6 +86,31 @@ def as_rows(*tensors: Tensor, names=None):
     return out[0] if len(out) == 1 else out
 
 
+def check_options(div, beta, alpha, temperature, soft_weight, hard_weight, ignore_index,
+                  reduction, labels, num_items_in_batch):
+    """The scalar options shared by every loss entry point (kd_loss, fused_linear_kd_loss,
+    sparse_kd_loss): returns (param, T, soft_weight, hard_weight) as floats, or raises a
+    TypeError/ValueError naming the argument."""
+    param = D.resolve_param(div, beta, alpha)
+    T = _check_number("temperature", temperature, positive=True)
+    sw = _check_number("soft_weight", soft_weight, nonneg=True)
+    hw = _check_number("hard_weight", hard_weight, nonneg=True)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if hw != 0.0 and labels is None:
+        raise ValueError("hard_weight > 0 needs labels (the hard-label cross-entropy target)")
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, Tensor):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError("num_items_in_batch must be a number or a one-element tensor, got "
+                                 f"shape {tuple(num_items_in_batch.shape)}")
+        else:
+            _check_number("num_items_in_batch", num_items_in_batch, positive=True)
+    return param, T, sw, hw
+
+
 def _check_labels(labels, lead_shape, device, V: Optional[int],
                   ignore_index: int) -> Optional[Tensor]:
     if labels is None:
@@ -267,25 +292,10 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
         raise TypeError(f"teacher_requires_grad must be None or a bool, got "
                         f"{type(teacher_requires_grad).__name__}")
     div = D.get(divergence)
-    param = D.resolve_param(div, beta, alpha)
-    T = _check_number("temperature", temperature, positive=True)
-    sw = _check_number("soft_weight", soft_weight, nonneg=True)
-    hw = _check_number("hard_weight", hard_weight, nonneg=True)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    param, T, sw, hw = check_options(div, beta, alpha, temperature, soft_weight, hard_weight,
+                                     ignore_index, reduction, labels, num_items_in_batch)
     if not isinstance(grad_inplace, bool):
         raise TypeError(f"grad_inplace must be a bool, got {type(grad_inplace).__name__}")
-    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if hw != 0.0 and labels is None:
-        raise ValueError("hard_weight > 0 needs labels (the hard-label cross-entropy target)")
-    if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, Tensor):
-            if num_items_in_batch.numel() != 1:
-                raise ValueError("num_items_in_batch must be a number or a one-element tensor, got "
-                                 f"shape {tuple(num_items_in_batch.shape)}")
-        else:
-            _check_number("num_items_in_batch", num_items_in_batch, positive=True)
     distributed.check_args(process_group, vocab_start_index, backend)
     # with a process group the label range is the global vocabulary, checked by distributed
     flat_labels = _check_labels(labels, lead, student_logits.device,

@@ -29,7 +29,7 @@ from torch import Tensor
 from . import backends
 from . import divergences as D
 from . import reference
-from .functional import REDUCTIONS, _check_labels, _check_number
+from .functional import REDUCTIONS, _check_labels, _check_number, check_options
 
 __all__ = ["fused_linear_kd_loss", "FusedLinearKDLoss", "auto_chunk_size"]
 
@@ -399,24 +399,9 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
         raise ValueError(f"teacher_weight vocabulary ({teacher_weight.shape[0]}) is smaller than "
                          f"student_weight vocabulary ({V}); the teacher may only be wider (padded)")
     div = D.get(divergence)
-    param = D.resolve_param(div, beta, alpha)
-    T = _check_number("temperature", temperature, positive=True)
-    sw = _check_number("soft_weight", soft_weight, nonneg=True)
-    hw = _check_number("hard_weight", hard_weight, nonneg=True)
+    param, T, sw, hw = check_options(div, beta, alpha, temperature, soft_weight, hard_weight,
+                                     ignore_index, reduction, labels, num_items_in_batch)
     cap = 0.0 if softcap is None else _check_number("softcap", softcap, positive=True)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if hw != 0.0 and labels is None:
-        raise ValueError("hard_weight > 0 needs labels (the hard-label cross-entropy target)")
-    if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, Tensor):
-            if num_items_in_batch.numel() != 1:
-                raise ValueError("num_items_in_batch must be a number or a one-element tensor, got "
-                                 f"shape {tuple(num_items_in_batch.shape)}")
-        else:
-            _check_number("num_items_in_batch", num_items_in_batch, positive=True)
     if grad_weight_dtype is None:
         grad_weight_dtype = student_weight.dtype
     if grad_weight_dtype not in (torch.float32, student_weight.dtype):

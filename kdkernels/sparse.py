@@ -34,7 +34,6 @@ written chunk by chunk (reference) or block by block (Triton); no [N, V] fp32 te
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from typing import Optional, Union
 
@@ -43,8 +42,8 @@ from torch import Tensor
 
 from . import backends
 from . import divergences as D
-from .functional import REDUCTIONS, _check_labels, _check_number, as_rows, reduce_rows
-from .reference import _row_chunks, compute_dtype, divergence_terms
+from .functional import _check_labels, _check_number, as_rows, check_options, reduce_rows
+from .functional import _check_labels, as_rows, check_options, reduce_rows
 
 __all__ = ["sparse_kd_loss", "TAILS", "TAIL_FLOOR"]
 
@@ -319,24 +318,9 @@ def sparse_kd_loss(student_logits: Tensor, teacher_indices: Tensor, teacher_logp
     if not isinstance(tail, str) or tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
     div = D.get(divergence)
-    param = D.resolve_param(div, beta, alpha)
-    T = _check_number("temperature", temperature, positive=True)
-    sw = _check_number("soft_weight", soft_weight, nonneg=True)
-    hw = _check_number("hard_weight", hard_weight, nonneg=True)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    param, T, sw, hw = check_options(div, beta, alpha, temperature, soft_weight, hard_weight,
+                                     ignore_index, reduction, labels, num_items_in_batch)
     ignore_index = int(ignore_index)
-    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if hw != 0.0 and labels is None:
-        raise ValueError("hard_weight > 0 needs labels (the hard-label cross-entropy target)")
-    if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, Tensor):
-            if num_items_in_batch.numel() != 1:
-                raise ValueError("num_items_in_batch must be a number or a one-element tensor, got "
-                                 f"shape {tuple(num_items_in_batch.shape)}")
-        else:
-            _check_number("num_items_in_batch", num_items_in_batch, positive=True)
     flat_labels = _check_labels(labels, lead, student_logits.device, V, ignore_index)
     name = _choose_backend(backend, student_logits.device, student_logits.dtype)
 
