@@ -42,8 +42,8 @@ from torch import Tensor
 
 from . import backends
 from . import divergences as D
-from .functional import _check_labels, _check_number, as_rows, check_options, reduce_rows
 from .functional import _check_labels, as_rows, check_options, reduce_rows
+from .reference import _row_chunks, compute_dtype, divergence_terms
 
 __all__ = ["sparse_kd_loss", "TAILS", "TAIL_FLOOR"]
 
