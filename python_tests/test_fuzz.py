@@ -154,5 +154,8 @@ def test_fuzz_backend_against_oracle(backend):
     @given(cases(backend))
     def run(case):
         _check_case(backend, case)
+        count[0] += 1
 
+    count = [0]
     run()
+    print(f"\nfuzz[{PROFILE}] backend={backend}: {count[0]} cases passed")
