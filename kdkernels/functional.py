@@ -17,7 +17,7 @@ from . import backends
 from . import distributed
 from . import divergences as D
 from . import reference
-from .ops import kd_rows, kd_rows_grad_inplace
+from .ops import has_forward_with_grad, kd_rows, kd_rows_grad_inplace, kd_rows_with_grad
 
 __all__ = ["kd_loss", "teacher_stats", "TeacherStats", "REDUCTIONS"]
 
@@ -322,6 +322,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
                                    teacher_weights=tw)
     else:
         op = kd_rows_grad_inplace if grad_inplace else kd_rows
+        if (not grad_inplace and torch.is_grad_enabled() and s3.requires_grad
+                and has_forward_with_grad(name, s3.device)):
+            op = kd_rows_with_grad  # loss and gradient in one kernel call
         rows, _ = op(s3, t3[0], flat_labels, name, *args)
     return reduce_rows(rows, reduction, lead, V, flat_labels, int(ignore_index), num_items_in_batch,
                        token_weights=flat_w)

@@ -115,3 +115,82 @@ def _backward_inplace(ctx, grad_loss, grad_stats):
 
 torch.library.register_autograd("kdkernels::kd_rows_grad_inplace", _backward_inplace,
                                 setup_context=_setup_context)
+
+
+# ---- fused forward + gradient --------------------------------------------------------------------
+# ``kd_rows_with_grad`` asks the backend for the per-row losses AND the unit gradient
+# G = d loss_i / d student_i (grad_loss = 1) in one call (backend function
+# ``forward_rows_with_grad``): the CPU kernels keep each row in cache between the passes, so the
+# student and teacher are read once and each exponential is computed once. Backward scales G's
+# rows by grad_loss in place (G is ours) and hands G on as the gradient: no second kernel, no
+# second [N, V] buffer. Used by functional.kd_loss when the student needs a gradient.
+
+def has_forward_with_grad(backend: str, device: torch.device) -> bool:
+    """True when ``backend`` implements ``forward_rows_with_grad`` for tensors on ``device``."""
+    if backend == "reference":
+        return False
+    mod = backends.load(backend)
+    return (getattr(mod, "forward_rows_with_grad", None) is not None
+            and device.type in getattr(mod, "FORWARD_WITH_GRAD_DEVICES", ()))
+
+
+@torch.library.custom_op("kdkernels::kd_rows_with_grad", mutates_args=())
+def kd_rows_with_grad(student: Tensor, teacher: Tensor, labels: Optional[Tensor], backend: str,
+                      div_id: int, param: float, temperature: float, soft_weight: float,
+                      hard_weight: float, ignore_index: int) -> Tuple[Tensor, Tensor]:
+    return backends.load(backend).forward_rows_with_grad(student, teacher, labels, div_id, param,
+                                                         temperature, soft_weight, hard_weight,
+                                                         ignore_index)
+
+
+@kd_rows_with_grad.register_fake
+def _(student, teacher, labels, backend, div_id, param, temperature, soft_weight, hard_weight,
+      ignore_index):
+    n = student.shape[0] * student.shape[1]
+    return (student.new_empty((n,), dtype=_loss_dtype(student)),
+            torch.empty(student.shape, dtype=student.dtype, device=student.device))
+
+
+@torch.library.custom_op("kdkernels::scale_rows_", mutates_args=("grad",))
+def scale_rows_(grad: Tensor, grad_loss: Tensor) -> None:
+    """grad[b, l, :] *= grad_loss[b * L + l], in place, computed in fp32 and rounded once to the
+    dtype of ``grad``. On CPU the multiply is skipped when every grad_loss is exactly 1."""
+    gl = grad_loss.reshape(grad.shape[0], grad.shape[1], 1)
+    if grad.device.type == "cpu" and bool((gl == 1).all()):
+        return
+    grad.mul_(gl.to(torch.float32))
+
+
+@scale_rows_.register_fake
+def _(grad, grad_loss):
+    return None
+
+
+def _setup_with_grad(ctx, inputs, output):
+    student, teacher, labels, *scalars = inputs
+    ctx.save_for_backward(student, teacher, labels)
+    ctx.scalars = scalars
+    # Detached: no reference cycle through the output's grad_fn; dropped after first use.
+    ctx.unit_grad = output[1].detach()
+    # G is no differentiable output; without this autograd would fill a zero [N, V] grad for it.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _backward_with_grad(ctx, grad_loss, grad_grad):
+    grad = None
+    if ctx.needs_input_grad[0]:
+        g, ctx.unit_grad = ctx.unit_grad, None
+        if g is not None:
+            scale_rows_(g, grad_loss)
+            grad = g
+        else:  # a second backward through the same graph (retain_graph): the two-kernel path
+            student, teacher, labels = ctx.saved_tensors
+            _, stats = kd_rows(student.detach(), teacher, labels, *ctx.scalars)
+            grad = kd_rows_backward(grad_loss, student.detach(), teacher, labels, stats,
+                                    *ctx.scalars)
+    return (grad,) + (None,) * 9
+
+
+torch.library.register_autograd("kdkernels::kd_rows_with_grad", _backward_with_grad,
+                                setup_context=_setup_with_grad)

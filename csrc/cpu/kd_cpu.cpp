@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 
 #include "kd_math.h"
 #include "kd_rows.h"
@@ -237,7 +238,7 @@ void forward_row(const RowsArgs& a, int64_t r) {
         sphi += bphi;
         sqg += bqg;
       }
-      D = sphi;
+      D = (A != A || B != B) ? NAN : sphi;  // NaN input: terms with q = NaN read as 0
       cc = sqg;
     }
   }
@@ -321,6 +322,159 @@ void backward_row(const RowsArgs& a, int64_t r) {
   }
 }
 
+// ---- fused forward + unit gradient (grad_loss = 1) ---------------------------------------------
+// The row is read from memory once: pass 1 converts t/T and s/T into the per-thread fp32 scratch
+// rows x and y (V floats each, in L2 for V up to ~128k) and finds the maxima; pass 2 computes each
+// exponential once and keeps it in the scratch (forward / reverse KL: the loss accumulates there
+// too); the other divergences take one more pass for the loss and c = sum q g, which stores qg and
+// q; the last pass writes the gradient from the stored values. Rows this path does not cover
+// (ignored rows, no soft term, a hard term at T != 1, a label out of range) take the two-kernel
+// path forward_row + backward_row with grad_loss = 1, which gives the same values.
+template <class S, int DIV>
+void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restrict y) {
+  const RowCtx c = row_context(a, r);
+  if (c.ignored || !c.soft || c.hard_separate || c.bad_label) {
+    forward_row<S, DIV>(a, r);
+    backward_row<S, DIV>(a, r);
+    return;
+  }
+  const S* s = static_cast<const S*>(a.student) + student_offset(a, r);
+  const S* t = static_cast<const S*>(a.teacher) + teacher_offset(a, r);
+  S* g = static_cast<S*>(a.grad) + r * a.V;
+  const int64_t V = a.V;
+  const float invT = 1.0f / a.temperature, param = a.param;
+
+  // Pass 1: scaled fp32 copies and maxima.
+  float ma = kNegInf, mb = kNegInf;
+  for (int64_t j0 = 0; j0 < V; j0 += BLK) {
+    const int n = (int)std::min<int64_t>(BLK, V - j0);
+    load_scaled(t + j0, x + j0, n, invT);
+    load_scaled(s + j0, y + j0, n, invT);
+    ma = std::max(ma, block_max(x + j0, n));
+    mb = std::max(mb, block_max(y + j0, n));
+  }
+  const float offa = safe_max(ma), offb = safe_max(mb);
+
+  // Pass 2: exponentials (kept), sums, and the online loss of forward / reverse KL.
+  float za = 0.f, zb = 0.f, acc = 0.f;
+  for (int64_t j0 = 0; j0 < V; j0 += BLK) {
+    const int n = (int)std::min<int64_t>(BLK, V - j0);
+    float* __restrict xb = x + j0;
+    float* __restrict yb = y + j0;
+    float bza = 0.f, bzb = 0.f, bacc = 0.f;
+    if (DIV == FORWARD_KL || DIV == REVERSE_KL) {
+#pragma omp simd reduction(+ : bza, bzb, bacc)
+      for (int i = 0; i < n; ++i) {
+        const float av = xb[i], bv = yb[i];
+        const float ea = exp_fast(av - offa), eb = exp_fast(bv - offb);
+        bza += ea;
+        bzb += eb;
+        if (DIV == FORWARD_KL) {
+          bacc += ea > 0.f ? ea * (av - bv) : 0.f;
+          xb[i] = ea;
+        } else {
+          bacc += eb > 0.f ? eb * (bv - av) : 0.f;
+          xb[i] = bv - av;
+        }
+        yb[i] = eb;
+      }
+    } else {
+#pragma omp simd reduction(+ : bza, bzb)
+      for (int i = 0; i < n; ++i) {
+        bza += exp_fast(xb[i] - offa);
+        bzb += exp_fast(yb[i] - offb);
+      }
+    }
+    za += bza;
+    zb += bzb;
+    acc += bacc;
+  }
+  const float A = logsumexp_from(ma, za), B = logsumexp_from(mb, zb);
+  float D, cc = 0.f;
+  if (DIV == FORWARD_KL) {
+    D = acc / za - (ma - mb) - std::log(za) + std::log(zb);
+  } else if (DIV == REVERSE_KL) {
+    D = acc / zb - (mb - ma) - std::log(zb) + std::log(za);
+  } else {
+    // Pass 3: the divergence and c; qg and q replace a and b in the scratch.
+    float sphi = 0.f, sqg = 0.f;
+    for (int64_t j0 = 0; j0 < V; j0 += BLK) {
+      const int n = (int)std::min<int64_t>(BLK, V - j0);
+      float* __restrict xb = x + j0;
+      float* __restrict yb = y + j0;
+      float bphi = 0.f, bqg = 0.f;
+#pragma omp simd reduction(+ : bphi, bqg)
+      for (int i = 0; i < n; ++i) {
+        const float lp = xb[i] - A, lq = yb[i] - B;
+        const float q = exp_fast(lq);
+        float phi, qg;
+        div_terms<DIV>(lp, lq, exp_fast(lp), q, param, phi, qg);
+        bphi += phi;
+        bqg += qg;
+        xb[i] = qg;
+        yb[i] = q;
+      }
+      sphi += bphi;
+      sqg += bqg;
+    }
+    D = (A != A || B != B) ? NAN : sphi;  // NaN input: terms with q = NaN read as 0
+    cc = sqg;
+  }
+  float loss = a.soft_weight * a.temperature * a.temperature * D;
+  if (c.hard) loss += a.hard_weight * hard_ce(B, load_one(s + c.label));  // T = 1 here: B = lse(s)
+  a.loss[r] = loss;
+
+  // Last pass: the gradient (hard term at T = 1: softmax(s) = q).
+  const float k_soft = a.soft_weight * a.temperature;
+  const float k_hard = c.hard ? a.hard_weight : 0.f;
+  const float kp = k_soft / za, kq = (k_soft + k_hard) / zb, inv_zb = 1.0f / zb;
+  const float shift = (B - A) + D;
+  alignas(64) float gb[BLK];
+  for (int64_t j0 = 0; j0 < V; j0 += BLK) {
+    const int n = (int)std::min<int64_t>(BLK, V - j0);
+    const float* __restrict xb = x + j0;
+    const float* __restrict yb = y + j0;
+#pragma omp simd
+    for (int i = 0; i < n; ++i) {
+      if (DIV == FORWARD_KL)
+        gb[i] = forward_kl_grad_from_exps(xb[i], yb[i], kp, kq);
+      else if (DIV == REVERSE_KL)
+        gb[i] = reverse_kl_grad_from_exps(yb[i], xb[i], inv_zb, shift, k_soft, k_hard);
+      else
+        gb[i] = grad_element(k_soft, xb[i], yb[i], cc, k_hard, yb[i], 0.f);
+    }
+    if (c.hard && c.label >= j0 && c.label < j0 + n) gb[c.label - j0] -= k_hard;
+    store(gb, g + j0, n);
+  }
+}
+
+template <class S>
+using FusedFn = void (*)(const RowsArgs&, int64_t, float*, float*);
+
+template <class S>
+FusedFn<S> pick_fused(int div) {
+  switch (div) {
+    case FORWARD_KL: return fused_row<S, FORWARD_KL>;
+    case REVERSE_KL: return fused_row<S, REVERSE_KL>;
+    case JSD: return fused_row<S, JSD>;
+    case SKEW_KL: return fused_row<S, SKEW_KL>;
+    case SKEW_REVERSE_KL: return fused_row<S, SKEW_REVERSE_KL>;
+    case TVD: return fused_row<S, TVD>;
+    default: return nullptr;
+  }
+}
+
+template <class S>
+void run_fused(const RowsArgs& a, int64_t r0, int64_t r1) {
+  FusedFn<S> fn = pick_fused<S>(a.div);
+  // Scratch: two fp32 rows per call of this function (one call per thread and kernel launch).
+  std::unique_ptr<float[]> scratch(new float[2 * a.V + 32]);
+  float* x = scratch.get();
+  x += (16 - (reinterpret_cast<uintptr_t>(x) / sizeof(float)) % 16) % 16;  // 64-byte aligned
+  float* y = x + ((a.V + 15) / 16) * 16;
+  for (int64_t r = r0; r < r1; ++r) fn(a, r, x, y);
+}
+
 template <class S>
 using RowFn = void (*)(const RowsArgs&, int64_t);
 
@@ -372,6 +526,14 @@ void advise_huge_pages(void* ptr, int64_t bytes) {
 
 void cpu_forward_rows(const RowsArgs& args, int64_t row_begin, int64_t row_end) {
   dispatch(args, row_begin, row_end, true);
+}
+
+void cpu_forward_grad_rows(const RowsArgs& a, int64_t r0, int64_t r1) {
+  switch (a.dtype) {
+    case F32: run_fused<float>(a, r0, r1); break;
+    case BF16: run_fused<bf16_t>(a, r0, r1); break;
+    default: run_fused<f16_t>(a, r0, r1); break;
+  }
 }
 
 void cpu_backward_rows(const RowsArgs& args, int64_t row_begin, int64_t row_end) {

@@ -205,6 +205,21 @@ KD_HD KD_INLINE float grad_element(float k_soft, float qg, float q, float c, flo
   return k_soft * (qg - q * c) + k_hard * (sm - onehot);
 }
 
+// Fused forward+gradient (kernel keeps the row's exponentials): the gradient of one element
+// from stored values, for grad_loss = 1.
+// Forward KL from the exponentials ea = e^{a - ma}, eb = e^{b - mb}: k_soft (q - p) + k_hard q
+// = eb * kq - ea * kp with kq = (k_soft + k_hard) / zb and kp = k_soft / za.
+KD_HD KD_INLINE float forward_kl_grad_from_exps(float ea, float eb, float kp, float kq) {
+  return eb * kq - ea * kp;
+}
+
+// Reverse KL from eb = e^{b - mb} and d = b - a: q (k_soft (log q - log p - D) + k_hard) with
+// q = eb * inv_zb and log q - log p - D = d - shift, shift = (B - A) + D. Zero where q = 0.
+KD_HD KD_INLINE float reverse_kl_grad_from_exps(float eb, float d, float inv_zb, float shift,
+                                                float k_soft, float k_hard) {
+  return eb > 0.0f ? eb * inv_zb * (k_soft * (d - shift) + k_hard) : 0.0f;
+}
+
 // Hard cross-entropy term: logsumexp(s) - s[label] (T = 1).
 KD_HD KD_INLINE float hard_ce(float lse_s, float s_label) { return lse_s - s_label; }
 
