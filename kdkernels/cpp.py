@@ -60,7 +60,7 @@ if _CPU_ERROR is None:
 
     @torch.library.register_fake("kdkernels_C::kd_rows_fwd_grad")
     def _fwd_grad_fake(student, teacher, labels, div_id, param, temperature, soft_weight,
-                       hard_weight, ignore_index):
+                       hard_weight, ignore_index, grad_scale):
         n = student.shape[0] * student.shape[1]
         return (student.new_empty((n,), dtype=torch.float32),
                 torch.empty(student.shape, dtype=student.dtype, device=student.device))
@@ -102,13 +102,14 @@ def backward_rows(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels: O
 
 def forward_rows_with_grad(student: Tensor, teacher: Tensor, labels: Optional[Tensor], div_id: int,
                            param: float, temperature: float, soft_weight: float,
-                           hard_weight: float, ignore_index: int) -> Tuple[Tensor, Tensor]:
-    """Optional backend function: per-row losses and the unit gradient G = d loss_i / d student_i
-    (grad_loss = 1 on every row) in one call; G is a new contiguous tensor in the student dtype.
-    Only the CPU kernels implement it (the row stays in cache between the passes)."""
+                           hard_weight: float, ignore_index: int,
+                           grad_scale: float = 1.0) -> Tuple[Tensor, Tensor]:
+    """Optional backend function: per-row losses and G = grad_scale · d loss_i / d student_i (the
+    gradient for grad_loss = grad_scale on every row) in one call; G is a new contiguous tensor in
+    the student dtype. Only the CPU kernels implement it (the row stays in cache between passes)."""
     _require(student.device)
     if student.device.type != "cpu":
         raise RuntimeError("forward_rows_with_grad is implemented for CPU tensors only")
     return torch.ops.kdkernels_C.kd_rows_fwd_grad(student, teacher, labels, div_id, param,
                                                   temperature, soft_weight, hard_weight,
-                                                  ignore_index)
+                                                  ignore_index, grad_scale)

@@ -7,6 +7,7 @@ Both dispatch to the backend module named by their ``backend`` argument, so ever
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -118,12 +119,14 @@ torch.library.register_autograd("kdkernels::kd_rows_grad_inplace", _backward_inp
 
 
 # ---- fused forward + gradient --------------------------------------------------------------------
-# ``kd_rows_with_grad`` asks the backend for the per-row losses AND the unit gradient
-# G = d loss_i / d student_i (grad_loss = 1) in one call (backend function
-# ``forward_rows_with_grad``): the CPU kernels keep each row in cache between the passes, so the
-# student and teacher are read once and each exponential is computed once. Backward scales G's
-# rows by grad_loss in place (G is ours) and hands G on as the gradient: no second kernel, no
-# second [N, V] buffer. Used by functional.kd_loss when the student needs a gradient.
+# ``kd_rows_with_grad`` asks the backend for the per-row losses AND the gradient
+# G = grad_scale · d loss_i / d student_i in one call (backend function ``forward_rows_with_grad``):
+# the CPU kernels keep each row in cache between the passes, so the student and teacher are read
+# once and each exponential is computed once. ``grad_scale`` is the per-row grad_loss the caller
+# expects backward to bring (for a batch mean 1/denominator; 1 when unknown). Backward hands G on
+# as the gradient, rescaled in place only where grad_loss differs from grad_scale (G is ours):
+# no second kernel, no second [N, V] buffer. functional.kd_loss uses it when the student needs a
+# gradient.
 
 def has_forward_with_grad(backend: str, device: torch.device) -> bool:
     """True when ``backend`` implements ``forward_rows_with_grad`` for tensors on ``device``."""
@@ -137,39 +140,48 @@ def has_forward_with_grad(backend: str, device: torch.device) -> bool:
 @torch.library.custom_op("kdkernels::kd_rows_with_grad", mutates_args=())
 def kd_rows_with_grad(student: Tensor, teacher: Tensor, labels: Optional[Tensor], backend: str,
                       div_id: int, param: float, temperature: float, soft_weight: float,
-                      hard_weight: float, ignore_index: int) -> Tuple[Tensor, Tensor]:
+                      hard_weight: float, ignore_index: int,
+                      grad_scale: float = 1.0) -> Tuple[Tensor, Tensor]:
+    if not (math.isfinite(grad_scale) and grad_scale > 0):
+        raise ValueError(f"grad_scale must be finite and > 0, got {grad_scale!r}")
     return backends.load(backend).forward_rows_with_grad(student, teacher, labels, div_id, param,
                                                          temperature, soft_weight, hard_weight,
-                                                         ignore_index)
+                                                         ignore_index, grad_scale)
 
 
 @kd_rows_with_grad.register_fake
 def _(student, teacher, labels, backend, div_id, param, temperature, soft_weight, hard_weight,
-      ignore_index):
+      ignore_index, grad_scale=1.0):
     n = student.shape[0] * student.shape[1]
     return (student.new_empty((n,), dtype=_loss_dtype(student)),
             torch.empty(student.shape, dtype=student.dtype, device=student.device))
 
 
+# Calls of scale_rows_ that had to multiply (tests check that the expected cases skip it).
+SCALE_ROWS_MULTIPLIES = [0]
+
+
 @torch.library.custom_op("kdkernels::scale_rows_", mutates_args=("grad",))
-def scale_rows_(grad: Tensor, grad_loss: Tensor) -> None:
-    """grad[b, l, :] *= grad_loss[b * L + l], in place, computed in fp32 and rounded once to the
-    dtype of ``grad``. On CPU the multiply is skipped when every grad_loss is exactly 1."""
-    gl = grad_loss.reshape(grad.shape[0], grad.shape[1], 1)
-    if grad.device.type == "cpu" and bool((gl == 1).all()):
+def scale_rows_(grad: Tensor, grad_loss: Tensor, grad_scale: float) -> None:
+    """grad[b, l, :] *= grad_loss[b * L + l] / grad_scale in place, computed in fp32 and rounded
+    once to the dtype of ``grad``. On CPU nothing is done when every grad_loss equals
+    grad_scale (the gradient was computed for exactly that grad_loss)."""
+    gl = grad_loss.reshape(grad.shape[0], grad.shape[1], 1).to(torch.float32)
+    if grad.device.type == "cpu" and bool((gl == grad_scale).all()):
         return
-    grad.mul_(gl.to(torch.float32))
+    SCALE_ROWS_MULTIPLIES[0] += 1
+    grad.mul_(gl / grad_scale if grad_scale != 1.0 else gl)
 
 
 @scale_rows_.register_fake
-def _(grad, grad_loss):
+def _(grad, grad_loss, grad_scale):
     return None
 
 
 def _setup_with_grad(ctx, inputs, output):
     student, teacher, labels, *scalars = inputs
     ctx.save_for_backward(student, teacher, labels)
-    ctx.scalars = scalars
+    ctx.scalars, ctx.grad_scale = scalars[:-1], scalars[-1]
     # Detached: no reference cycle through the output's grad_fn; dropped after first use.
     ctx.unit_grad = output[1].detach()
     # G is no differentiable output; without this autograd would fill a zero [N, V] grad for it.
@@ -179,17 +191,17 @@ def _setup_with_grad(ctx, inputs, output):
 
 def _backward_with_grad(ctx, grad_loss, grad_grad):
     grad = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and grad_loss is not None:
         g, ctx.unit_grad = ctx.unit_grad, None
         if g is not None:
-            scale_rows_(g, grad_loss)
+            scale_rows_(g, grad_loss, ctx.grad_scale)
             grad = g
         else:  # a second backward through the same graph (retain_graph): the two-kernel path
             student, teacher, labels = ctx.saved_tensors
             _, stats = kd_rows(student.detach(), teacher, labels, *ctx.scalars)
             grad = kd_rows_backward(grad_loss, student.detach(), teacher, labels, stats,
                                     *ctx.scalars)
-    return (grad,) + (None,) * 9
+    return (grad,) + (None,) * 10
 
 
 torch.library.register_autograd("kdkernels::kd_rows_with_grad", _backward_with_grad,

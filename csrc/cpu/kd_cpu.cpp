@@ -12,7 +12,7 @@
 #include "kd_math.h"
 #include "kd_rows.h"
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 #if defined(__linux__)
@@ -106,6 +106,29 @@ inline void store(const float* src, f16_t* dst, int n) {
   }
 #endif
   for (; i < n; ++i) dst[i].x = float_to_half_scalar(src[i]);
+}
+
+// Gradient store of the fused kernel: fp32 rows bypass the caches (non-temporal stores: the
+// fresh gradient is not read again here, and the scratch rows stay in L2); other dtypes as store().
+// The caller fences (stream_fence) before the results are used.
+template <class S>
+inline void store_stream(const float* src, S* dst, int n) { store(src, dst, n); }
+
+inline void store_stream(const float* src, float* dst, int n) {
+#if defined(__AVX__)
+  int i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 31) != 0; ++i) dst[i] = src[i];
+  for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+  for (; i < n; ++i) dst[i] = src[i];
+#else
+  store(src, dst, n);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
 }
 
 // ---- block reductions -------------------------------------------------------------------------
@@ -322,14 +345,14 @@ void backward_row(const RowsArgs& a, int64_t r) {
   }
 }
 
-// ---- fused forward + unit gradient (grad_loss = 1) ---------------------------------------------
+// ---- fused forward + gradient (for a grad_loss given in advance, a.grad_loss) -------------------
 // The row is read from memory once: pass 1 converts t/T and s/T into the per-thread fp32 scratch
 // rows x and y (V floats each, in L2 for V up to ~128k) and finds the maxima; pass 2 computes each
 // exponential once and keeps it in the scratch (forward / reverse KL: the loss accumulates there
 // too); the other divergences take one more pass for the loss and c = sum q g, which stores qg and
 // q; the last pass writes the gradient from the stored values. Rows this path does not cover
 // (ignored rows, no soft term, a hard term at T != 1, a label out of range) take the two-kernel
-// path forward_row + backward_row with grad_loss = 1, which gives the same values.
+// path forward_row + backward_row with the same grad_loss, which gives the same values.
 template <class S, int DIV>
 void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restrict y) {
   const RowCtx c = row_context(a, r);
@@ -366,7 +389,7 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
 #pragma omp simd reduction(+ : bza, bzb, bacc)
       for (int i = 0; i < n; ++i) {
         const float av = xb[i], bv = yb[i];
-        const float ea = exp_fast(av - offa), eb = exp_fast(bv - offb);
+        const float ea = exp_nonpos(av - offa), eb = exp_nonpos(bv - offb);
         bza += ea;
         bzb += eb;
         if (DIV == FORWARD_KL) {
@@ -381,8 +404,8 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
     } else {
 #pragma omp simd reduction(+ : bza, bzb)
       for (int i = 0; i < n; ++i) {
-        bza += exp_fast(xb[i] - offa);
-        bzb += exp_fast(yb[i] - offb);
+        bza += exp_nonpos(xb[i] - offa);
+        bzb += exp_nonpos(yb[i] - offb);
       }
     }
     za += bza;
@@ -406,9 +429,9 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
 #pragma omp simd reduction(+ : bphi, bqg)
       for (int i = 0; i < n; ++i) {
         const float lp = xb[i] - A, lq = yb[i] - B;
-        const float q = exp_fast(lq);
+        const float q = exp_nonpos(lq);
         float phi, qg;
-        div_terms<DIV>(lp, lq, exp_fast(lp), q, param, phi, qg);
+        div_terms<DIV>(lp, lq, exp_nonpos(lp), q, param, phi, qg);
         bphi += phi;
         bqg += qg;
         xb[i] = qg;
@@ -425,8 +448,9 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
   a.loss[r] = loss;
 
   // Last pass: the gradient (hard term at T = 1: softmax(s) = q).
-  const float k_soft = a.soft_weight * a.temperature;
-  const float k_hard = c.hard ? a.hard_weight : 0.f;
+  const float gl = a.grad_loss[r];  // the caller's expected grad_loss (1 unless told)
+  const float k_soft = gl * a.soft_weight * a.temperature;
+  const float k_hard = c.hard ? gl * a.hard_weight : 0.f;
   const float kp = k_soft / za, kq = (k_soft + k_hard) / zb, inv_zb = 1.0f / zb;
   const float shift = (B - A) + D;
   alignas(64) float gb[BLK];
@@ -444,7 +468,7 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
         gb[i] = grad_element(k_soft, xb[i], yb[i], cc, k_hard, yb[i], 0.f);
     }
     if (c.hard && c.label >= j0 && c.label < j0 + n) gb[c.label - j0] -= k_hard;
-    store(gb, g + j0, n);
+    store_stream(gb, g + j0, n);
   }
 }
 
@@ -473,6 +497,7 @@ void run_fused(const RowsArgs& a, int64_t r0, int64_t r1) {
   x += (16 - (reinterpret_cast<uintptr_t>(x) / sizeof(float)) % 16) % 16;  // 64-byte aligned
   float* y = x + ((a.V + 15) / 16) * 16;
   for (int64_t r = r0; r < r1; ++r) fn(a, r, x, y);
+  stream_fence();
 }
 
 template <class S>

@@ -96,6 +96,34 @@ KD_HD KD_INLINE float exp_fast(float x) {
 #endif
 }
 
+// exp_fast for x <= 0 (x - max of its row), -inf or NaN: no overflow handling, and the rounding
+// n = round(x / ln2) by the 1.5 * 2^23 shifter instead of floorf (no float -> int conversion).
+// Same polynomial and accuracy as exp_fast; x < -87.34 (e^x below 2^-126) gives 0.
+KD_HD KD_INLINE float exp_nonpos(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);
+#else
+  const float lo = -87.3365478515625f;
+  const float xc = x < lo ? lo : x;  // NaN stays NaN (the comparison is false)
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+  const float kf = xc * 1.44269504088896341f + shifter;
+  const float fn = kf - shifter;
+  float r = xc - fn * 0.693359375f;
+  r = r + fn * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  // low bits of kf hold n (two's complement, |n| <= 126): 2^n = (n + 127) << 23
+  const float scale = bits_to_float((float_to_bits(kf) + 127) << 23);
+  const float out = y * scale;
+  return x < lo ? 0.0f : out;
+#endif
+}
+
 // Branch-free fp32 natural log for x >= 0: log(0) = -inf, log(inf) = inf, log(x < 0) = NaN,
 // log(NaN) = NaN; denormals handled. Mantissa in [sqrt(1/2), sqrt(2)), degree-9 polynomial.
 KD_HD KD_INLINE float log_fast(float x) {

@@ -41,8 +41,8 @@ inline int64_t teacher_offset(const RowsArgs& a, int64_t r) {
 // spreads row ranges over threads.
 void cpu_forward_rows(const RowsArgs& args, int64_t row_begin, int64_t row_end);
 void cpu_backward_rows(const RowsArgs& args, int64_t row_begin, int64_t row_end);
-// Fused forward and unit gradient (grad_loss = 1): writes loss and grad; stats ([N, STATS_WIDTH])
-// and grad_loss (ones [N]) must be given too, for rows that take the two-kernel path.
+// Fused forward and gradient for a grad_loss [N] known in advance: writes loss and grad; stats
+// ([N, STATS_WIDTH]) must be given too, for rows that take the two-kernel path.
 void cpu_forward_grad_rows(const RowsArgs& args, int64_t row_begin, int64_t row_end);
 // Ask for transparent huge pages on a fresh output buffer before its first touch (Linux).
 void advise_huge_pages(void* ptr, int64_t bytes);
