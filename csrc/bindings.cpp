@@ -61,20 +61,21 @@ at::Tensor kd_rows_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& studen
   return grad;
 }
 
-// Fused forward and gradient: (loss [N] fp32, grad = grad_scale * d loss_i / d student_i for every
-// row i, a new contiguous tensor of the student's shape and dtype). grad_scale is the grad_loss
-// the caller expects backward to bring (1/N for a batch mean), so that no rescaling pass follows.
+// Fused forward and gradient: (loss [N] fp32, grad = grad_scale[i] * d loss_i / d student_i for
+// every row i, a new contiguous tensor of the student's shape and dtype). grad_scale [N] (ones
+// when None) is the grad_loss the caller expects backward to bring (1/N for a batch mean), so
+// that no rescaling pass follows.
 std::tuple<at::Tensor, at::Tensor> kd_rows_fwd_grad_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                         const c10::optional<at::Tensor>& labels, int64_t div_id,
                                                         double param, double temperature, double soft_weight,
                                                         double hard_weight, int64_t ignore_index,
-                                                        double grad_scale) {
+                                                        const c10::optional<at::Tensor>& grad_scale) {
   RowsArgs a = make_args(student, teacher, labels, div_id, param, temperature, soft_weight,
                          hard_weight, ignore_index, at::kCPU);
   auto f32 = student.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({a.N}, f32);
   at::Tensor stats = at::empty({a.N, STATS_WIDTH}, f32);  // for rows on the two-kernel path
-  at::Tensor gl = at::full({a.N}, grad_scale, f32);
+  at::Tensor gl = grad_scale.has_value() ? check_grad_loss(*grad_scale, a.N) : at::ones({a.N}, f32);
   at::Tensor grad = at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous));
   a.loss = loss.data_ptr<float>();
   a.stats = stats.data_ptr<float>();
@@ -101,7 +102,7 @@ TORCH_LIBRARY(kdkernels_C, m) {
         "int div_id, float param, float temperature, float soft_weight, float hard_weight, "
         "int ignore_index) -> Tensor");
   m.def("kd_rows_fwd_grad(Tensor student, Tensor teacher, Tensor? labels, int div_id, float param, "
-        "float temperature, float soft_weight, float hard_weight, int ignore_index, float grad_scale) "
+        "float temperature, float soft_weight, float hard_weight, int ignore_index, Tensor? grad_scale) "
         "-> (Tensor, Tensor)");
   m.def("divergence_names() -> str[]", &kd::divergence_names);
   m.def("stats_width() -> int", &kd::stats_width);

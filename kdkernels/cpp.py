@@ -103,10 +103,11 @@ def backward_rows(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels: O
 def forward_rows_with_grad(student: Tensor, teacher: Tensor, labels: Optional[Tensor], div_id: int,
                            param: float, temperature: float, soft_weight: float,
                            hard_weight: float, ignore_index: int,
-                           grad_scale: float = 1.0) -> Tuple[Tensor, Tensor]:
-    """Optional backend function: per-row losses and G = grad_scale · d loss_i / d student_i (the
-    gradient for grad_loss = grad_scale on every row) in one call; G is a new contiguous tensor in
-    the student dtype. Only the CPU kernels implement it (the row stays in cache between passes)."""
+                           grad_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Optional backend function: per-row losses and G[i] = grad_scale[i] · d loss_i / d student_i
+    (the gradient for grad_loss = grad_scale, a float32 [N] tensor; ones when None) in one call;
+    G is a new contiguous tensor in the student dtype. Only the CPU kernels implement it (the row
+    stays in cache between the passes)."""
     _require(student.device)
     if student.device.type != "cpu":
         raise RuntimeError("forward_rows_with_grad is implemented for CPU tensors only")

@@ -325,7 +325,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
         if (not grad_inplace and torch.is_grad_enabled() and s3.requires_grad
                 and has_forward_with_grad(name, s3.device)):
             # loss and gradient in one kernel call, for the grad_loss reduce_rows will send back
-            scale = _row_grad_hint(reduction, s3.shape[0] * s3.shape[1], V, flat_labels,
+            scale = _row_grad_hint((s3.shape[0] * s3.shape[1],), reduction, lead, V, flat_labels,
                                    int(ignore_index), num_items_in_batch, flat_w)
             rows, _ = kd_rows_with_grad(s3, t3[0], flat_labels, name, *args, scale)
         else:
@@ -334,33 +334,25 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
                        token_weights=flat_w)
 
 
-def _row_grad_hint(reduction: str, n_rows: int, V: int, flat_labels: Optional[Tensor],
+def _row_grad_hint(rows_shape, reduction: str, lead_shape, V: int, flat_labels: Optional[Tensor],
                    ignore_index: int, num_items_in_batch=None,
-                   token_weights: Optional[Tensor] = None) -> float:
-    """The grad_loss every row gets back from reduce_rows when the reduced loss has gradient 1,
-    computed in float32 by the same operations as autograd (so that the fused gradient needs no
-    rescaling pass); 1.0 where it is not one number known without a device sync. Only a speed
-    hint: ops.scale_rows_ corrects the gradient whenever the real grad_loss differs."""
-    if token_weights is not None or reduction in ("none", "sum") or torch.compiler.is_compiling():
-        return 1.0
-    if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, Tensor):
-            if num_items_in_batch.device.type != "cpu":
-                return 1.0
-            denom = num_items_in_batch.to(torch.float32).reshape(())
-        else:
-            denom = float(num_items_in_batch)
-    elif flat_labels is None:
-        denom = float(max(n_rows, 1))
-    elif flat_labels.device.type != "cpu":
-        return 1.0
-    else:
-        denom = (flat_labels != ignore_index).sum().clamp_min(1).to(torch.float32)
-    g = torch.ones((), dtype=torch.float32)
-    if reduction == "mean":
-        g = g / V
-    g = float(g / denom)
-    return g if math.isfinite(g) and g > 0 else 1.0
+                   token_weights: Optional[Tensor] = None) -> Optional[Tensor]:
+    """The grad_loss [N] (float32) that reduce_rows sends back to the rows when the reduced loss
+    has gradient 1, obtained by differentiating reduce_rows itself on zeros (a few ops on N
+    floats), so it equals autograd's value bitwise; None (ones) for reduction="none" or while
+    compiling. Only a speed hint for the fused gradient: ops.scale_rows_ rescales whenever the
+    real grad_loss differs. A hint that is not finite, or 0 on a row that is not masked, becomes 1
+    (a masked row's gradient is 0 whatever its scale)."""
+    if reduction == "none" or torch.compiler.is_compiling():
+        return None
+    with torch.enable_grad():
+        r = torch.zeros(rows_shape, dtype=torch.float32, requires_grad=True)
+        out = reduce_rows(r, reduction, lead_shape, V, flat_labels, ignore_index,
+                          num_items_in_batch, token_weights=token_weights)
+        (g,) = torch.autograd.grad(out, r)
+    g = g.detach().contiguous()
+    ok = g != 0 if flat_labels is None else (g != 0) | (flat_labels == ignore_index)
+    return torch.where(torch.isfinite(g) & ok, g, 1.0)
 
 
 def reduce_rows(rows: Tensor, reduction: str, lead_shape, V: int, flat_labels: Optional[Tensor],

@@ -141,9 +141,7 @@ def has_forward_with_grad(backend: str, device: torch.device) -> bool:
 def kd_rows_with_grad(student: Tensor, teacher: Tensor, labels: Optional[Tensor], backend: str,
                       div_id: int, param: float, temperature: float, soft_weight: float,
                       hard_weight: float, ignore_index: int,
-                      grad_scale: float = 1.0) -> Tuple[Tensor, Tensor]:
-    if not (math.isfinite(grad_scale) and grad_scale > 0):
-        raise ValueError(f"grad_scale must be finite and > 0, got {grad_scale!r}")
+                      grad_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     return backends.load(backend).forward_rows_with_grad(student, teacher, labels, div_id, param,
                                                          temperature, soft_weight, hard_weight,
                                                          ignore_index, grad_scale)
@@ -151,7 +149,7 @@ def kd_rows_with_grad(student: Tensor, teacher: Tensor, labels: Optional[Tensor]
 
 @kd_rows_with_grad.register_fake
 def _(student, teacher, labels, backend, div_id, param, temperature, soft_weight, hard_weight,
-      ignore_index, grad_scale=1.0):
+      ignore_index, grad_scale=None):
     n = student.shape[0] * student.shape[1]
     return (student.new_empty((n,), dtype=_loss_dtype(student)),
             torch.empty(student.shape, dtype=student.dtype, device=student.device))
@@ -162,15 +160,18 @@ SCALE_ROWS_MULTIPLIES = [0]
 
 
 @torch.library.custom_op("kdkernels::scale_rows_", mutates_args=("grad",))
-def scale_rows_(grad: Tensor, grad_loss: Tensor, grad_scale: float) -> None:
-    """grad[b, l, :] *= grad_loss[b * L + l] / grad_scale in place, computed in fp32 and rounded
-    once to the dtype of ``grad``. On CPU nothing is done when every grad_loss equals
-    grad_scale (the gradient was computed for exactly that grad_loss)."""
-    gl = grad_loss.reshape(grad.shape[0], grad.shape[1], 1).to(torch.float32)
-    if grad.device.type == "cpu" and bool((gl == grad_scale).all()):
+def scale_rows_(grad: Tensor, grad_loss: Tensor, grad_scale: Optional[Tensor]) -> None:
+    """grad[b, l, :] *= grad_loss[r] / grad_scale[r] (r = b * L + l; grad_scale None: ones) in
+    place, in fp32, rounded to the dtype of ``grad``. On CPU nothing is done when grad_loss equals
+    grad_scale on every row (the gradient was computed for exactly that grad_loss)."""
+    shape = (grad.shape[0], grad.shape[1], 1)
+    gl = grad_loss.reshape(shape).to(torch.float32)
+    gs = None if grad_scale is None else grad_scale.reshape(shape)
+    if grad.device.type == "cpu" and bool((gl == (1.0 if gs is None else gs)).all()):
         return
     SCALE_ROWS_MULTIPLIES[0] += 1
-    grad.mul_(gl / grad_scale if grad_scale != 1.0 else gl)
+    # grad_scale is 0 only on masked rows, whose gradient is 0
+    grad.mul_(gl if gs is None else torch.where(gs != 0, gl / gs, 0.0))
 
 
 @scale_rows_.register_fake
