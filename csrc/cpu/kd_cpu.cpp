@@ -354,7 +354,8 @@ void backward_row(const RowsArgs& a, int64_t r) {
 // (ignored rows, no soft term, a hard term at T != 1, a label out of range) take the two-kernel
 // path forward_row + backward_row with the same grad_loss, which gives the same values.
 template <class S, int DIV>
-void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restrict y) {
+void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restrict y,
+               float* __restrict offs) {
   const RowCtx c = row_context(a, r);
   if (c.ignored || !c.soft || c.hard_separate || c.bad_label) {
     forward_row<S, DIV>(a, r);
@@ -367,25 +368,26 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
   const int64_t V = a.V;
   const float invT = 1.0f / a.temperature, param = a.param;
 
-  // Pass 1: scaled fp32 copies and maxima.
-  float ma = kNegInf, mb = kNegInf;
-  for (int64_t j0 = 0; j0 < V; j0 += BLK) {
-    const int n = (int)std::min<int64_t>(BLK, V - j0);
-    load_scaled(t + j0, x + j0, n, invT);
-    load_scaled(s + j0, y + j0, n, invT);
-    ma = std::max(ma, block_max(x + j0, n));
-    mb = std::max(mb, block_max(y + j0, n));
-  }
-  const float offa = safe_max(ma), offb = safe_max(mb);
-
-  // Pass 2: exponentials (kept), sums, and the online loss of forward / reverse KL.
-  float za = 0.f, zb = 0.f, acc = 0.f;
-  for (int64_t j0 = 0; j0 < V; j0 += BLK) {
-    const int n = (int)std::min<int64_t>(BLK, V - j0);
-    float* __restrict xb = x + j0;
-    float* __restrict yb = y + j0;
-    float bza = 0.f, bzb = 0.f, bacc = 0.f;
-    if (DIV == FORWARD_KL || DIV == REVERSE_KL) {
+  float ma, mb, za = 0.f, zb = 0.f, D, cc = 0.f;
+  if (DIV == FORWARD_KL || DIV == REVERSE_KL) {
+    // One pass from memory, block by block: convert, raise the running maxima, and keep
+    // e^{a - offa_k}, e^{b - offb_k} against the offsets of block k (offs[k]); the loss
+    // accumulates online (DESIGN.md §3). The loads of a block overlap the exponentials.
+    Online oa, ob;
+    float acc = 0.f;  // sum e^{a - ma}(a - b) (forward KL) or e^{b - mb}(b - a) (reverse KL)
+    for (int64_t j0 = 0, k = 0; j0 < V; j0 += BLK, ++k) {
+      const int n = (int)std::min<int64_t>(BLK, V - j0);
+      float* __restrict xb = x + j0;
+      float* __restrict yb = y + j0;
+      load_scaled(t + j0, xb, n, invT);
+      load_scaled(s + j0, yb, n, invT);
+      const float ra = oa.raise(block_max(xb, n));
+      const float rb = ob.raise(block_max(yb, n));
+      acc *= DIV == FORWARD_KL ? ra : rb;
+      const float offa = safe_max(oa.m), offb = safe_max(ob.m);
+      offs[2 * k] = offa;
+      offs[2 * k + 1] = offb;
+      float bza = 0.f, bzb = 0.f, bacc = 0.f;
 #pragma omp simd reduction(+ : bza, bzb, bacc)
       for (int i = 0; i < n; ++i) {
         const float av = xb[i], bv = yb[i];
@@ -401,24 +403,45 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
         }
         yb[i] = eb;
       }
-    } else {
+      oa.z += bza;
+      ob.z += bzb;
+      acc += bacc;
+    }
+    ma = oa.m;
+    mb = ob.m;
+    za = oa.z;
+    zb = ob.z;
+    if (DIV == FORWARD_KL)
+      D = acc / za - (ma - mb) - std::log(za) + std::log(zb);
+    else
+      D = acc / zb - (mb - ma) - std::log(zb) + std::log(za);
+  } else {
+    // Pass 1: scaled fp32 copies and maxima.
+    ma = kNegInf;
+    mb = kNegInf;
+    for (int64_t j0 = 0; j0 < V; j0 += BLK) {
+      const int n = (int)std::min<int64_t>(BLK, V - j0);
+      load_scaled(t + j0, x + j0, n, invT);
+      load_scaled(s + j0, y + j0, n, invT);
+      ma = std::max(ma, block_max(x + j0, n));
+      mb = std::max(mb, block_max(y + j0, n));
+    }
+    const float offa = safe_max(ma), offb = safe_max(mb);
+    // Pass 2: the sums.
+    for (int64_t j0 = 0; j0 < V; j0 += BLK) {
+      const int n = (int)std::min<int64_t>(BLK, V - j0);
+      const float* __restrict xb = x + j0;
+      const float* __restrict yb = y + j0;
+      float bza = 0.f, bzb = 0.f;
 #pragma omp simd reduction(+ : bza, bzb)
       for (int i = 0; i < n; ++i) {
         bza += exp_nonpos(xb[i] - offa);
         bzb += exp_nonpos(yb[i] - offb);
       }
+      za += bza;
+      zb += bzb;
     }
-    za += bza;
-    zb += bzb;
-    acc += bacc;
-  }
-  const float A = logsumexp_from(ma, za), B = logsumexp_from(mb, zb);
-  float D, cc = 0.f;
-  if (DIV == FORWARD_KL) {
-    D = acc / za - (ma - mb) - std::log(za) + std::log(zb);
-  } else if (DIV == REVERSE_KL) {
-    D = acc / zb - (mb - ma) - std::log(zb) + std::log(za);
-  } else {
+    const float A = logsumexp_from(ma, za), B = logsumexp_from(mb, zb);
     // Pass 3: the divergence and c; qg and q replace a and b in the scratch.
     float sphi = 0.f, sqg = 0.f;
     for (int64_t j0 = 0; j0 < V; j0 += BLK) {
@@ -443,6 +466,7 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
     D = (A != A || B != B) ? NAN : sphi;  // NaN input: terms with q = NaN read as 0
     cc = sqg;
   }
+  const float A = logsumexp_from(ma, za), B = logsumexp_from(mb, zb);
   float loss = a.soft_weight * a.temperature * a.temperature * D;
   if (c.hard) loss += a.hard_weight * hard_ce(B, load_one(s + c.label));  // T = 1 here: B = lse(s)
   a.loss[r] = loss;
@@ -454,16 +478,22 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
   const float kp = k_soft / za, kq = (k_soft + k_hard) / zb, inv_zb = 1.0f / zb;
   const float shift = (B - A) + D;
   alignas(64) float gb[BLK];
-  for (int64_t j0 = 0; j0 < V; j0 += BLK) {
+  const float offa = safe_max(ma), offb = safe_max(mb);
+  for (int64_t j0 = 0, k = 0; j0 < V; j0 += BLK, ++k) {
     const int n = (int)std::min<int64_t>(BLK, V - j0);
     const float* __restrict xb = x + j0;
     const float* __restrict yb = y + j0;
+    // online divergences: the stored exponentials of block k are against offs[2k], offs[2k+1]
+    const bool online = DIV == FORWARD_KL || DIV == REVERSE_KL;
+    const float fa = online ? std::exp(offs[2 * k] - offa) : 1.f;
+    const float fb = online ? std::exp(offs[2 * k + 1] - offb) : 1.f;
+    const float kpk = kp * fa, kqk = kq * fb, inv_zbk = inv_zb * fb;
 #pragma omp simd
     for (int i = 0; i < n; ++i) {
       if (DIV == FORWARD_KL)
-        gb[i] = forward_kl_grad_from_exps(xb[i], yb[i], kp, kq);
+        gb[i] = forward_kl_grad_from_exps(xb[i], yb[i], kpk, kqk);
       else if (DIV == REVERSE_KL)
-        gb[i] = reverse_kl_grad_from_exps(yb[i], xb[i], inv_zb, shift, k_soft, k_hard);
+        gb[i] = reverse_kl_grad_from_exps(yb[i], xb[i], inv_zbk, shift, k_soft, k_hard);
       else
         gb[i] = grad_element(k_soft, xb[i], yb[i], cc, k_hard, yb[i], 0.f);
     }
@@ -473,7 +503,7 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
 }
 
 template <class S>
-using FusedFn = void (*)(const RowsArgs&, int64_t, float*, float*);
+using FusedFn = void (*)(const RowsArgs&, int64_t, float*, float*, float*);
 
 template <class S>
 FusedFn<S> pick_fused(int div) {
@@ -491,12 +521,15 @@ FusedFn<S> pick_fused(int div) {
 template <class S>
 void run_fused(const RowsArgs& a, int64_t r0, int64_t r1) {
   FusedFn<S> fn = pick_fused<S>(a.div);
-  // Scratch: two fp32 rows per call of this function (one call per thread and kernel launch).
-  std::unique_ptr<float[]> scratch(new float[2 * a.V + 32]);
+  // Scratch: two fp32 rows and two offsets per block, per call of this function (one call per
+  // thread and kernel launch).
+  const int64_t row = ((a.V + 15) / 16) * 16, nblk = (a.V + BLK - 1) / BLK;
+  std::unique_ptr<float[]> scratch(new float[2 * row + 2 * nblk + 16]);
   float* x = scratch.get();
   x += (16 - (reinterpret_cast<uintptr_t>(x) / sizeof(float)) % 16) % 16;  // 64-byte aligned
-  float* y = x + ((a.V + 15) / 16) * 16;
-  for (int64_t r = r0; r < r1; ++r) fn(a, r, x, y);
+  float* y = x + row;
+  float* offs = y + row;
+  for (int64_t r = r0; r < r1; ++r) fn(a, r, x, y, offs);
   stream_fence();
 }
 
