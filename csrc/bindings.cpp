@@ -82,7 +82,15 @@ std::tuple<at::Tensor, at::Tensor> kd_rows_fwd_grad_cpu(const at::Tensor& studen
   a.grad_loss = gl.data_ptr<float>();
   a.grad = grad.data_ptr();
   if (use_huge_pages()) advise_huge_pages(a.grad, grad.numel() * grad.element_size());
-  at::parallel_for(0, a.N, grain_rows(a.V), [&](int64_t r0, int64_t r1) { cpu_forward_grad_rows(a, r0, r1); });
+  // One task per thread; the threads share the rows dynamically (cpu_forward_grad_rows).
+  // Chunks of about one 2 MiB (huge) page of gradient: threads do not fault the same page.
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 21) / (a.V * (int64_t)grad.element_size()));
+  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (a.N + chunk - 1) / chunk);
+  std::atomic<int64_t> next{0};
+  if (tasks <= 1)
+    cpu_forward_grad_rows(a, next, chunk);
+  else
+    at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) { cpu_forward_grad_rows(a, next, chunk); });
   return {loss, grad};
 }
 

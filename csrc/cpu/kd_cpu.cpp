@@ -518,8 +518,11 @@ FusedFn<S> pick_fused(int div) {
   }
 }
 
+// Rows are taken chunk by chunk from a shared counter until none is left, so a thread that the
+// machine slows down does not hold the others up. Each row is computed by one thread alone, so the
+// results do not depend on the thread count or on which thread took a row.
 template <class S>
-void run_fused(const RowsArgs& a, int64_t r0, int64_t r1) {
+void run_fused(const RowsArgs& a, std::atomic<int64_t>& next, int64_t chunk) {
   FusedFn<S> fn = pick_fused<S>(a.div);
   // Scratch: two fp32 rows and two offsets per block, per call of this function (one call per
   // thread and kernel launch).
@@ -529,7 +532,12 @@ void run_fused(const RowsArgs& a, int64_t r0, int64_t r1) {
   x += (16 - (reinterpret_cast<uintptr_t>(x) / sizeof(float)) % 16) % 16;  // 64-byte aligned
   float* y = x + row;
   float* offs = y + row;
-  for (int64_t r = r0; r < r1; ++r) fn(a, r, x, y, offs);
+  for (;;) {
+    const int64_t r0 = next.fetch_add(chunk);
+    if (r0 >= a.N) break;
+    const int64_t r1 = std::min(a.N, r0 + chunk);
+    for (int64_t r = r0; r < r1; ++r) fn(a, r, x, y, offs);
+  }
   stream_fence();
 }
 
@@ -586,11 +594,11 @@ void cpu_forward_rows(const RowsArgs& args, int64_t row_begin, int64_t row_end) 
   dispatch(args, row_begin, row_end, true);
 }
 
-void cpu_forward_grad_rows(const RowsArgs& a, int64_t r0, int64_t r1) {
+void cpu_forward_grad_rows(const RowsArgs& a, std::atomic<int64_t>& next, int64_t chunk) {
   switch (a.dtype) {
-    case F32: run_fused<float>(a, r0, r1); break;
-    case BF16: run_fused<bf16_t>(a, r0, r1); break;
-    default: run_fused<f16_t>(a, r0, r1); break;
+    case F32: run_fused<float>(a, next, chunk); break;
+    case BF16: run_fused<bf16_t>(a, next, chunk); break;
+    default: run_fused<f16_t>(a, next, chunk); break;
   }
 }
 
