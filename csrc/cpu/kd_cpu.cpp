@@ -131,12 +131,40 @@ inline void stream_fence() {
 #endif
 }
 
+// load_scaled and the block maximum in one sweep (fp32, bf16); fp16 converts first (F16C).
+inline float load_scaled_max(const float* src, float* dst, int n, float scale) {
+  float m = kNegInf;
+#pragma omp simd reduction(max : m)
+  for (int i = 0; i < n; ++i) {
+    const float v = src[i] * scale;
+    dst[i] = v;
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+inline float load_scaled_max(const bf16_t* src, float* dst, int n, float scale) {
+  float m = kNegInf;
+#pragma omp simd reduction(max : m)
+  for (int i = 0; i < n; ++i) {
+    const float v = bits_to_float((int32_t)src[i].x << 16) * scale;
+    dst[i] = v;
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
 // ---- block reductions -------------------------------------------------------------------------
 inline float block_max(const float* x, int n) {
   float m = kNegInf;
 #pragma omp simd reduction(max : m)
   for (int i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
   return m;
+}
+
+inline float load_scaled_max(const f16_t* src, float* dst, int n, float scale) {
+  load_scaled(src, dst, n, scale);
+  return block_max(dst, n);
 }
 
 // Online (max, sum-exp) state of one distribution over a row.
@@ -379,10 +407,8 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
       const int n = (int)std::min<int64_t>(BLK, V - j0);
       float* __restrict xb = x + j0;
       float* __restrict yb = y + j0;
-      load_scaled(t + j0, xb, n, invT);
-      load_scaled(s + j0, yb, n, invT);
-      const float ra = oa.raise(block_max(xb, n));
-      const float rb = ob.raise(block_max(yb, n));
+      const float ra = oa.raise(load_scaled_max(t + j0, xb, n, invT));
+      const float rb = ob.raise(load_scaled_max(s + j0, yb, n, invT));
       acc *= DIV == FORWARD_KL ? ra : rb;
       const float offa = safe_max(oa.m), offb = safe_max(ob.m);
       offs[2 * k] = offa;
@@ -421,10 +447,8 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
     mb = kNegInf;
     for (int64_t j0 = 0; j0 < V; j0 += BLK) {
       const int n = (int)std::min<int64_t>(BLK, V - j0);
-      load_scaled(t + j0, x + j0, n, invT);
-      load_scaled(s + j0, y + j0, n, invT);
-      ma = std::max(ma, block_max(x + j0, n));
-      mb = std::max(mb, block_max(y + j0, n));
+      ma = std::max(ma, load_scaled_max(t + j0, x + j0, n, invT));
+      mb = std::max(mb, load_scaled_max(s + j0, y + j0, n, invT));
     }
     const float offa = safe_max(ma), offb = safe_max(mb);
     // Pass 2: the sums.

@@ -96,9 +96,11 @@ KD_HD KD_INLINE float exp_fast(float x) {
 #endif
 }
 
-// exp_fast for x <= 0 (x - max of its row), -inf or NaN: no overflow handling, and the rounding
-// n = round(x / ln2) by the 1.5 * 2^23 shifter instead of floorf (no float -> int conversion).
-// Same polynomial and accuracy as exp_fast; x < -87.34 (e^x below 2^-126) gives 0.
+// exp_fast for x <= 0 (x - max of its row), -inf or NaN: no overflow handling, the rounding
+// n = round(x / ln2) by the 1.5 * 2^23 shifter instead of floorf (no float -> int conversion), and
+// e^r = 1 + r + r^2 Q(r) with Q of degree 4 fitted for relative error on |r| <= ln2/2 (3e-9
+// before fp32 rounding; measured 8.1e-8 in fp32 over [-87.3, 0], as exp_fast).
+// x < -87.34 (e^x below 2^-126) gives 0.
 KD_HD KD_INLINE float exp_nonpos(float x) {
 #if defined(__CUDA_ARCH__)
   return __expf(x);
@@ -110,12 +112,11 @@ KD_HD KD_INLINE float exp_nonpos(float x) {
   const float fn = kf - shifter;
   float r = xc - fn * 0.693359375f;
   r = r + fn * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
+  float y = 1.381460577249527e-3f;
+  y = y * r + 8.368710987269878e-3f;
+  y = y * r + 4.166838899254799e-2f;
+  y = y * r + 1.666652113199234e-1f;
+  y = y * r + 4.999999403953552e-1f;
   y = y * (r * r) + r + 1.0f;
   // low bits of kf hold n (two's complement, |n| <= 126): 2^n = (n + 127) << 23
   const float scale = bits_to_float((float_to_bits(kf) + 127) << 23);
