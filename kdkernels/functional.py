@@ -323,7 +323,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
     else:
         op = kd_rows_grad_inplace if grad_inplace else kd_rows
         if (not grad_inplace and torch.is_grad_enabled() and s3.requires_grad
-                and has_forward_with_grad(name, s3.device)):
+                and has_forward_with_grad(name, s3.device.type)):
             # loss and gradient in one kernel call, for the grad_loss reduce_rows will send back
             scale = _row_grad_hint((s3.shape[0] * s3.shape[1],), reduction, lead, V, flat_labels,
                                    int(ignore_index), num_items_in_batch, flat_w)
@@ -340,7 +340,7 @@ def _row_grad_hint(rows_shape, reduction: str, lead_shape, V: int, flat_labels: 
     """The grad_loss [N] (float32) that reduce_rows sends back to the rows when the reduced loss
     has gradient 1, obtained by differentiating reduce_rows itself on zeros (a few ops on N
     floats), so it equals autograd's value bitwise; None (ones) for reduction="none" or while
-    compiling. Only a speed hint for the fused gradient: ops.scale_rows_ rescales whenever the
+    compiling. Only a speed hint for the fused gradient: ops.scale_rows rescales whenever the
     real grad_loss differs. A hint that is not finite, or 0 on a row that is not masked, becomes 1
     (a masked row's gradient is 0 whatever its scale)."""
     if reduction == "none" or torch.compiler.is_compiling():

@@ -425,7 +425,7 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
           xb[i] = ea;
         } else {
           bacc += eb > 0.f ? eb * (bv - av) : 0.f;
-          xb[i] = bv - av;
+          xb[i] = (bv - offb) - (av - offa);  // small where q matters, even at |logits| ~ 1e4
         }
         yb[i] = eb;
       }
@@ -500,7 +500,6 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
   const float k_soft = gl * a.soft_weight * a.temperature;
   const float k_hard = c.hard ? gl * a.hard_weight : 0.f;
   const float kp = k_soft / za, kq = (k_soft + k_hard) / zb, inv_zb = 1.0f / zb;
-  const float shift = (B - A) + D;
   alignas(64) float gb[BLK];
   const float offa = safe_max(ma), offb = safe_max(mb);
   for (int64_t j0 = 0, k = 0; j0 < V; j0 += BLK, ++k) {
@@ -512,12 +511,16 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
     const float fa = online ? std::exp(offs[2 * k] - offa) : 1.f;
     const float fb = online ? std::exp(offs[2 * k + 1] - offb) : 1.f;
     const float kpk = kp * fa, kqk = kq * fb, inv_zbk = inv_zb * fb;
+    // reverse KL: log q - log p - D = x - shift_k with x = (b - offb_k) - (a - offa_k)
+    const float shift_k = online ? ((offb - offs[2 * k + 1]) + std::log(zb)) -
+                                       ((offa - offs[2 * k]) + std::log(za)) + D
+                                 : 0.f;
 #pragma omp simd
     for (int i = 0; i < n; ++i) {
       if (DIV == FORWARD_KL)
         gb[i] = forward_kl_grad_from_exps(xb[i], yb[i], kpk, kqk);
       else if (DIV == REVERSE_KL)
-        gb[i] = reverse_kl_grad_from_exps(yb[i], xb[i], inv_zbk, shift, k_soft, k_hard);
+        gb[i] = reverse_kl_grad_from_exps(yb[i], xb[i], inv_zbk, shift_k, k_soft, k_hard);
       else
         gb[i] = grad_element(k_soft, xb[i], yb[i], cc, k_hard, yb[i], 0.f);
     }

@@ -242,8 +242,9 @@ KD_HD KD_INLINE float forward_kl_grad_from_exps(float ea, float eb, float kp, fl
   return eb * kq - ea * kp;
 }
 
-// Reverse KL from eb = e^{b - mb} and d = b - a: q (k_soft (log q - log p - D) + k_hard) with
-// q = eb * inv_zb and log q - log p - D = d - shift, shift = (B - A) + D. Zero where q = 0.
+// Reverse KL from eb = e^{b - mb} and d = (b - mb) - (a - ma): q (k_soft (log q - log p - D) +
+// k_hard) with q = eb * inv_zb and log q - log p - D = d - shift, shift = (B - mb) - (A - ma) + D.
+// Zero where q = 0.
 KD_HD KD_INLINE float reverse_kl_grad_from_exps(float eb, float d, float inv_zb, float shift,
                                                 float k_soft, float k_hard) {
   return eb > 0.0f ? eb * inv_zb * (k_soft * (d - shift) + k_hard) : 0.0f;
