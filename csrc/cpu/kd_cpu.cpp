@@ -154,6 +154,14 @@ inline float load_scaled_max(const bf16_t* src, float* dst, int n, float scale) 
   return m;
 }
 
+// Ask for the next block of a row while this one is computed (the exponentials of a block take
+// longer than its loads from memory, so the reads overlap the arithmetic).
+template <class S>
+inline void prefetch_block(const S* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * (int64_t)sizeof(S); off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
 // ---- block reductions -------------------------------------------------------------------------
 inline float block_max(const float* x, int n) {
   float m = kNegInf;
@@ -407,6 +415,8 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
       const int n = (int)std::min<int64_t>(BLK, V - j0);
       float* __restrict xb = x + j0;
       float* __restrict yb = y + j0;
+      prefetch_block(t + j0 + BLK, std::min<int64_t>(BLK, V - j0 - BLK));
+      prefetch_block(s + j0 + BLK, std::min<int64_t>(BLK, V - j0 - BLK));
       const float ra = oa.raise(load_scaled_max(t + j0, xb, n, invT));
       const float rb = ob.raise(load_scaled_max(s + j0, yb, n, invT));
       acc *= DIV == FORWARD_KL ? ra : rb;

@@ -100,12 +100,13 @@ KD_HD KD_INLINE float exp_fast(float x) {
 // n = round(x / ln2) by the 1.5 * 2^23 shifter instead of floorf (no float -> int conversion), and
 // e^r = 1 + r + r^2 Q(r) with Q of degree 4 fitted for relative error on |r| <= ln2/2 (3e-9
 // before fp32 rounding; measured 8.1e-8 in fp32 over [-87.3, 0], as exp_fast).
-// x < -87.34 (e^x below 2^-126) gives 0.
+// Inputs below -88 (and -inf) are clamped to -88, where n = -127 makes the scale 2^n exactly 0:
+// e^x = 0 for x < -87.68 without a final select; (-87.68, -87.34) gives subnormal values.
 KD_HD KD_INLINE float exp_nonpos(float x) {
 #if defined(__CUDA_ARCH__)
   return __expf(x);
 #else
-  const float lo = -87.3365478515625f;
+  const float lo = -88.0f;
   const float xc = x < lo ? lo : x;  // NaN stays NaN (the comparison is false)
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
   const float kf = xc * 1.44269504088896341f + shifter;
@@ -119,9 +120,8 @@ KD_HD KD_INLINE float exp_nonpos(float x) {
   y = y * r + 4.999999403953552e-1f;
   y = y * (r * r) + r + 1.0f;
   // low bits of kf hold n (two's complement, |n| <= 126): 2^n = (n + 127) << 23
-  const float scale = bits_to_float((float_to_bits(kf) + 127) << 23);
-  const float out = y * scale;
-  return x < lo ? 0.0f : out;
+  const float scale = bits_to_float((float_to_bits(kf) + 127) << 23);  // n = -127: +0.0
+  return y * scale;
 #endif
 }
 
