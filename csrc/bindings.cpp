@@ -61,6 +61,39 @@ at::Tensor kd_rows_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& studen
   return grad;
 }
 
+// Fused forward and gradient: (loss [N] fp32, grad = grad_scale[i] * d loss_i / d student_i for
+// every row i, a new contiguous tensor of the student's shape and dtype). grad_scale [N] (ones
+// when None) is the grad_loss the caller expects backward to bring (1/N for a batch mean), so
+// that no rescaling pass follows.
+std::tuple<at::Tensor, at::Tensor> kd_rows_fwd_grad_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                        const c10::optional<at::Tensor>& labels, int64_t div_id,
+                                                        double param, double temperature, double soft_weight,
+                                                        double hard_weight, int64_t ignore_index,
+                                                        const c10::optional<at::Tensor>& grad_scale) {
+  RowsArgs a = make_args(student, teacher, labels, div_id, param, temperature, soft_weight,
+                         hard_weight, ignore_index, at::kCPU);
+  auto f32 = student.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({a.N}, f32);
+  at::Tensor stats = at::empty({a.N, STATS_WIDTH}, f32);  // for rows on the two-kernel path
+  at::Tensor gl = grad_scale.has_value() ? check_grad_loss(*grad_scale, a.N) : at::ones({a.N}, f32);
+  at::Tensor grad = at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous));
+  a.loss = loss.data_ptr<float>();
+  a.stats = stats.data_ptr<float>();
+  a.grad_loss = gl.data_ptr<float>();
+  a.grad = grad.data_ptr();
+  if (use_huge_pages()) advise_huge_pages(a.grad, grad.numel() * grad.element_size());
+  // One task per thread; the threads share the rows dynamically (cpu_forward_grad_rows).
+  // Chunks of about one 2 MiB (huge) page of gradient: threads do not fault the same page.
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 21) / (a.V * (int64_t)grad.element_size()));
+  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (a.N + chunk - 1) / chunk);
+  std::atomic<int64_t> next{0};
+  if (tasks <= 1)
+    cpu_forward_grad_rows(a, next, chunk);
+  else
+    at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) { cpu_forward_grad_rows(a, next, chunk); });
+  return {loss, grad};
+}
+
 std::vector<std::string> divergence_names() {
   return std::vector<std::string>(kDivergenceNames, kDivergenceNames + NUM_DIVERGENCES);
 }
@@ -76,6 +109,9 @@ TORCH_LIBRARY(kdkernels_C, m) {
   m.def("kd_rows_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? labels, Tensor stats, "
         "int div_id, float param, float temperature, float soft_weight, float hard_weight, "
         "int ignore_index) -> Tensor");
+  m.def("kd_rows_fwd_grad(Tensor student, Tensor teacher, Tensor? labels, int div_id, float param, "
+        "float temperature, float soft_weight, float hard_weight, int ignore_index, Tensor? grad_scale) "
+        "-> (Tensor, Tensor)");
   m.def("divergence_names() -> str[]", &kd::divergence_names);
   m.def("stats_width() -> int", &kd::stats_width);
 }
@@ -83,6 +119,7 @@ TORCH_LIBRARY(kdkernels_C, m) {
 TORCH_LIBRARY_IMPL(kdkernels_C, CPU, m) {
   m.impl("kd_rows_fwd", &kd::kd_rows_fwd_cpu);
   m.impl("kd_rows_bwd", &kd::kd_rows_bwd_cpu);
+  m.impl("kd_rows_fwd_grad", &kd::kd_rows_fwd_grad_cpu);
 }
 
 // A Python module so that `import kdkernels._C` loads the library and runs the registrations.

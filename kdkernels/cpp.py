@@ -13,8 +13,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["STATS_WIDTH", "forward_rows", "backward_rows", "unavailable_reason", "divergence_names"]
+__all__ = ["STATS_WIDTH", "forward_rows", "backward_rows", "forward_rows_with_grad",
+           "unavailable_reason", "divergence_names"]
 
+FORWARD_WITH_GRAD_DEVICES = ("cpu",)  # where forward_rows_with_grad runs (the CPU kernels)
 STATS_WIDTH = 4  # per row: logsumexp(t/T), logsumexp(s/T), c = sum q g, logsumexp(s)
 
 _BUILD_HINT = "run `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)"
@@ -56,6 +58,13 @@ if _CPU_ERROR is None:
         return (student.new_empty((n,), dtype=torch.float32),
                 student.new_empty((n, STATS_WIDTH), dtype=torch.float32))
 
+    @torch.library.register_fake("kdkernels_C::kd_rows_fwd_grad")
+    def _fwd_grad_fake(student, teacher, labels, div_id, param, temperature, soft_weight,
+                       hard_weight, ignore_index, grad_scale):
+        n = student.shape[0] * student.shape[1]
+        return (student.new_empty((n,), dtype=torch.float32),
+                torch.empty(student.shape, dtype=student.dtype, device=student.device))
+
     @torch.library.register_fake("kdkernels_C::kd_rows_bwd")
     def _bwd_fake(grad_loss, student, teacher, labels, stats, div_id, param, temperature,
                   soft_weight, hard_weight, ignore_index):
@@ -89,3 +98,19 @@ def backward_rows(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels: O
     return torch.ops.kdkernels_C.kd_rows_bwd(grad_loss, student, teacher, labels, stats, div_id,
                                              param, temperature, soft_weight, hard_weight,
                                              ignore_index)
+
+
+def forward_rows_with_grad(student: Tensor, teacher: Tensor, labels: Optional[Tensor], div_id: int,
+                           param: float, temperature: float, soft_weight: float,
+                           hard_weight: float, ignore_index: int,
+                           grad_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Optional backend function: per-row losses and G[i] = grad_scale[i] · d loss_i / d student_i
+    (the gradient for grad_loss = grad_scale, a float32 [N] tensor; ones when None) in one call;
+    G is a new contiguous tensor in the student dtype. Only the CPU kernels implement it (the row
+    stays in cache between the passes)."""
+    _require(student.device)
+    if student.device.type != "cpu":
+        raise RuntimeError("forward_rows_with_grad is implemented for CPU tensors only")
+    return torch.ops.kdkernels_C.kd_rows_fwd_grad(student, teacher, labels, div_id, param,
+                                                  temperature, soft_weight, hard_weight,
+                                                  ignore_index, grad_scale)

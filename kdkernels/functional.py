@@ -17,7 +17,7 @@ from . import backends
 from . import distributed
 from . import divergences as D
 from . import reference
-from .ops import kd_rows, kd_rows_grad_inplace
+from .ops import has_forward_with_grad, kd_rows, kd_rows_grad_inplace, kd_rows_with_grad
 
 __all__ = ["kd_loss", "teacher_stats", "TeacherStats", "REDUCTIONS"]
 
@@ -332,9 +332,37 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
                                    teacher_weights=tw)
     else:
         op = kd_rows_grad_inplace if grad_inplace else kd_rows
-        rows, _ = op(s3, t3[0], flat_labels, name, *args)
+        if (not grad_inplace and torch.is_grad_enabled() and s3.requires_grad
+                and has_forward_with_grad(name, s3.device.type)):
+            # loss and gradient in one kernel call, for the grad_loss reduce_rows will send back
+            scale = _row_grad_hint((s3.shape[0] * s3.shape[1],), reduction, lead, V, flat_labels,
+                                   int(ignore_index), num_items_in_batch, flat_w)
+            rows, _ = kd_rows_with_grad(s3, t3[0], flat_labels, name, *args, scale)
+        else:
+            rows, _ = op(s3, t3[0], flat_labels, name, *args)
     return reduce_rows(rows, reduction, lead, V, flat_labels, int(ignore_index), num_items_in_batch,
                        token_weights=flat_w)
+
+
+def _row_grad_hint(rows_shape, reduction: str, lead_shape, V: int, flat_labels: Optional[Tensor],
+                   ignore_index: int, num_items_in_batch=None,
+                   token_weights: Optional[Tensor] = None) -> Optional[Tensor]:
+    """The grad_loss [N] (float32) that reduce_rows sends back to the rows when the reduced loss
+    has gradient 1, obtained by differentiating reduce_rows itself on zeros (a few ops on N
+    floats), so it equals autograd's value bitwise; None (ones) for reduction="none" or while
+    compiling. Only a speed hint for the fused gradient: ops.scale_rows rescales whenever the
+    real grad_loss differs. A hint that is not finite, or 0 on a row that is not masked, becomes 1
+    (a masked row's gradient is 0 whatever its scale)."""
+    if reduction == "none" or torch.compiler.is_compiling():
+        return None
+    with torch.enable_grad():
+        r = torch.zeros(rows_shape, dtype=torch.float32, requires_grad=True)
+        out = reduce_rows(r, reduction, lead_shape, V, flat_labels, ignore_index,
+                          num_items_in_batch, token_weights=token_weights)
+        (g,) = torch.autograd.grad(out, r)
+    g = g.detach().contiguous()
+    ok = g != 0 if flat_labels is None else (g != 0) | (flat_labels == ignore_index)
+    return torch.where(torch.isfinite(g) & ok, g, 1.0)
 
 
 def reduce_rows(rows: Tensor, reduction: str, lead_shape, V: int, flat_labels: Optional[Tensor],

@@ -7,11 +7,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 
 #include "kd_math.h"
 #include "kd_rows.h"
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 #if defined(__linux__)
@@ -107,12 +108,71 @@ inline void store(const float* src, f16_t* dst, int n) {
   for (; i < n; ++i) dst[i].x = float_to_half_scalar(src[i]);
 }
 
+// Gradient store of the fused kernel: fp32 rows bypass the caches (non-temporal stores: the
+// fresh gradient is not read again here, and the scratch rows stay in L2); other dtypes as store().
+// The caller fences (stream_fence) before the results are used.
+template <class S>
+inline void store_stream(const float* src, S* dst, int n) { store(src, dst, n); }
+
+inline void store_stream(const float* src, float* dst, int n) {
+#if defined(__AVX__)
+  int i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 31) != 0; ++i) dst[i] = src[i];
+  for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+  for (; i < n; ++i) dst[i] = src[i];
+#else
+  store(src, dst, n);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
+// load_scaled and the block maximum in one sweep (fp32, bf16); fp16 converts first (F16C).
+inline float load_scaled_max(const float* src, float* dst, int n, float scale) {
+  float m = kNegInf;
+#pragma omp simd reduction(max : m)
+  for (int i = 0; i < n; ++i) {
+    const float v = src[i] * scale;
+    dst[i] = v;
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+inline float load_scaled_max(const bf16_t* src, float* dst, int n, float scale) {
+  float m = kNegInf;
+#pragma omp simd reduction(max : m)
+  for (int i = 0; i < n; ++i) {
+    const float v = bits_to_float((int32_t)src[i].x << 16) * scale;
+    dst[i] = v;
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+// Ask for the next block of a row while this one is computed (the exponentials of a block take
+// longer than its loads from memory, so the reads overlap the arithmetic).
+template <class S>
+inline void prefetch_block(const S* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * (int64_t)sizeof(S); off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
 // ---- block reductions -------------------------------------------------------------------------
 inline float block_max(const float* x, int n) {
   float m = kNegInf;
 #pragma omp simd reduction(max : m)
   for (int i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
   return m;
+}
+
+inline float load_scaled_max(const f16_t* src, float* dst, int n, float scale) {
+  load_scaled(src, dst, n, scale);
+  return block_max(dst, n);
 }
 
 // Online (max, sum-exp) state of one distribution over a row.
@@ -237,7 +297,7 @@ void forward_row(const RowsArgs& a, int64_t r) {
         sphi += bphi;
         sqg += bqg;
       }
-      D = sphi;
+      D = (A != A || B != B) ? NAN : sphi;  // NaN input: terms with q = NaN read as 0
       cc = sqg;
     }
   }
@@ -321,6 +381,203 @@ void backward_row(const RowsArgs& a, int64_t r) {
   }
 }
 
+// ---- fused forward + gradient (for a grad_loss given in advance, a.grad_loss) -------------------
+// The row is read from memory once: pass 1 converts t/T and s/T into the per-thread fp32 scratch
+// rows x and y (V floats each, in L2 for V up to ~128k) and finds the maxima; pass 2 computes each
+// exponential once and keeps it in the scratch (forward / reverse KL: the loss accumulates there
+// too); the other divergences take one more pass for the loss and c = sum q g, which stores qg and
+// q; the last pass writes the gradient from the stored values. Rows this path does not cover
+// (ignored rows, no soft term, a hard term at T != 1, a label out of range) take the two-kernel
+// path forward_row + backward_row with the same grad_loss, which gives the same values.
+template <class S, int DIV>
+void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restrict y,
+               float* __restrict offs) {
+  const RowCtx c = row_context(a, r);
+  if (c.ignored || !c.soft || c.hard_separate || c.bad_label) {
+    forward_row<S, DIV>(a, r);
+    backward_row<S, DIV>(a, r);
+    return;
+  }
+  const S* s = static_cast<const S*>(a.student) + student_offset(a, r);
+  const S* t = static_cast<const S*>(a.teacher) + teacher_offset(a, r);
+  S* g = static_cast<S*>(a.grad) + r * a.V;
+  const int64_t V = a.V;
+  const float invT = 1.0f / a.temperature, param = a.param;
+
+  float ma, mb, za = 0.f, zb = 0.f, D, cc = 0.f;
+  if (DIV == FORWARD_KL || DIV == REVERSE_KL) {
+    // One pass from memory, block by block: convert, raise the running maxima, and keep
+    // e^{a - offa_k}, e^{b - offb_k} against the offsets of block k (offs[k]); the loss
+    // accumulates online (DESIGN.md §3). The loads of a block overlap the exponentials.
+    Online oa, ob;
+    float acc = 0.f;  // sum e^{a - ma}(a - b) (forward KL) or e^{b - mb}(b - a) (reverse KL)
+    for (int64_t j0 = 0, k = 0; j0 < V; j0 += BLK, ++k) {
+      const int n = (int)std::min<int64_t>(BLK, V - j0);
+      float* __restrict xb = x + j0;
+      float* __restrict yb = y + j0;
+      prefetch_block(t + j0 + BLK, std::min<int64_t>(BLK, V - j0 - BLK));
+      prefetch_block(s + j0 + BLK, std::min<int64_t>(BLK, V - j0 - BLK));
+      const float ra = oa.raise(load_scaled_max(t + j0, xb, n, invT));
+      const float rb = ob.raise(load_scaled_max(s + j0, yb, n, invT));
+      acc *= DIV == FORWARD_KL ? ra : rb;
+      const float offa = safe_max(oa.m), offb = safe_max(ob.m);
+      offs[2 * k] = offa;
+      offs[2 * k + 1] = offb;
+      float bza = 0.f, bzb = 0.f, bacc = 0.f;
+#pragma omp simd reduction(+ : bza, bzb, bacc)
+      for (int i = 0; i < n; ++i) {
+        const float av = xb[i], bv = yb[i];
+        const float ea = exp_nonpos(av - offa), eb = exp_nonpos(bv - offb);
+        bza += ea;
+        bzb += eb;
+        if (DIV == FORWARD_KL) {
+          bacc += ea > 0.f ? ea * (av - bv) : 0.f;
+          xb[i] = ea;
+        } else {
+          bacc += eb > 0.f ? eb * (bv - av) : 0.f;
+          xb[i] = (bv - offb) - (av - offa);  // small where q matters, even at |logits| ~ 1e4
+        }
+        yb[i] = eb;
+      }
+      oa.z += bza;
+      ob.z += bzb;
+      acc += bacc;
+    }
+    ma = oa.m;
+    mb = ob.m;
+    za = oa.z;
+    zb = ob.z;
+    if (DIV == FORWARD_KL)
+      D = acc / za - (ma - mb) - std::log(za) + std::log(zb);
+    else
+      D = acc / zb - (mb - ma) - std::log(zb) + std::log(za);
+  } else {
+    // Pass 1: scaled fp32 copies and maxima.
+    ma = kNegInf;
+    mb = kNegInf;
+    for (int64_t j0 = 0; j0 < V; j0 += BLK) {
+      const int n = (int)std::min<int64_t>(BLK, V - j0);
+      ma = std::max(ma, load_scaled_max(t + j0, x + j0, n, invT));
+      mb = std::max(mb, load_scaled_max(s + j0, y + j0, n, invT));
+    }
+    const float offa = safe_max(ma), offb = safe_max(mb);
+    // Pass 2: the sums.
+    for (int64_t j0 = 0; j0 < V; j0 += BLK) {
+      const int n = (int)std::min<int64_t>(BLK, V - j0);
+      const float* __restrict xb = x + j0;
+      const float* __restrict yb = y + j0;
+      float bza = 0.f, bzb = 0.f;
+#pragma omp simd reduction(+ : bza, bzb)
+      for (int i = 0; i < n; ++i) {
+        bza += exp_nonpos(xb[i] - offa);
+        bzb += exp_nonpos(yb[i] - offb);
+      }
+      za += bza;
+      zb += bzb;
+    }
+    const float A = logsumexp_from(ma, za), B = logsumexp_from(mb, zb);
+    // Pass 3: the divergence and c; qg and q replace a and b in the scratch.
+    float sphi = 0.f, sqg = 0.f;
+    for (int64_t j0 = 0; j0 < V; j0 += BLK) {
+      const int n = (int)std::min<int64_t>(BLK, V - j0);
+      float* __restrict xb = x + j0;
+      float* __restrict yb = y + j0;
+      float bphi = 0.f, bqg = 0.f;
+#pragma omp simd reduction(+ : bphi, bqg)
+      for (int i = 0; i < n; ++i) {
+        const float lp = xb[i] - A, lq = yb[i] - B;
+        const float q = exp_nonpos(lq);
+        float phi, qg;
+        div_terms<DIV>(lp, lq, exp_nonpos(lp), q, param, phi, qg);
+        bphi += phi;
+        bqg += qg;
+        xb[i] = qg;
+        yb[i] = q;
+      }
+      sphi += bphi;
+      sqg += bqg;
+    }
+    D = (A != A || B != B) ? NAN : sphi;  // NaN input: terms with q = NaN read as 0
+    cc = sqg;
+  }
+  const float A = logsumexp_from(ma, za), B = logsumexp_from(mb, zb);
+  float loss = a.soft_weight * a.temperature * a.temperature * D;
+  if (c.hard) loss += a.hard_weight * hard_ce(B, load_one(s + c.label));  // T = 1 here: B = lse(s)
+  a.loss[r] = loss;
+
+  // Last pass: the gradient (hard term at T = 1: softmax(s) = q).
+  const float gl = a.grad_loss[r];  // the caller's expected grad_loss (1 unless told)
+  const float k_soft = gl * a.soft_weight * a.temperature;
+  const float k_hard = c.hard ? gl * a.hard_weight : 0.f;
+  const float kp = k_soft / za, kq = (k_soft + k_hard) / zb, inv_zb = 1.0f / zb;
+  alignas(64) float gb[BLK];
+  const float offa = safe_max(ma), offb = safe_max(mb);
+  for (int64_t j0 = 0, k = 0; j0 < V; j0 += BLK, ++k) {
+    const int n = (int)std::min<int64_t>(BLK, V - j0);
+    const float* __restrict xb = x + j0;
+    const float* __restrict yb = y + j0;
+    // online divergences: the stored exponentials of block k are against offs[2k], offs[2k+1]
+    const bool online = DIV == FORWARD_KL || DIV == REVERSE_KL;
+    const float fa = online ? std::exp(offs[2 * k] - offa) : 1.f;
+    const float fb = online ? std::exp(offs[2 * k + 1] - offb) : 1.f;
+    const float kpk = kp * fa, kqk = kq * fb, inv_zbk = inv_zb * fb;
+    // reverse KL: log q - log p - D = x - shift_k with x = (b - offb_k) - (a - offa_k)
+    const float shift_k = online ? ((offb - offs[2 * k + 1]) + std::log(zb)) -
+                                       ((offa - offs[2 * k]) + std::log(za)) + D
+                                 : 0.f;
+#pragma omp simd
+    for (int i = 0; i < n; ++i) {
+      if (DIV == FORWARD_KL)
+        gb[i] = forward_kl_grad_from_exps(xb[i], yb[i], kpk, kqk);
+      else if (DIV == REVERSE_KL)
+        gb[i] = reverse_kl_grad_from_exps(yb[i], xb[i], inv_zbk, shift_k, k_soft, k_hard);
+      else
+        gb[i] = grad_element(k_soft, xb[i], yb[i], cc, k_hard, yb[i], 0.f);
+    }
+    if (c.hard && c.label >= j0 && c.label < j0 + n) gb[c.label - j0] -= k_hard;
+    store_stream(gb, g + j0, n);
+  }
+}
+
+template <class S>
+using FusedFn = void (*)(const RowsArgs&, int64_t, float*, float*, float*);
+
+template <class S>
+FusedFn<S> pick_fused(int div) {
+  switch (div) {
+    case FORWARD_KL: return fused_row<S, FORWARD_KL>;
+    case REVERSE_KL: return fused_row<S, REVERSE_KL>;
+    case JSD: return fused_row<S, JSD>;
+    case SKEW_KL: return fused_row<S, SKEW_KL>;
+    case SKEW_REVERSE_KL: return fused_row<S, SKEW_REVERSE_KL>;
+    case TVD: return fused_row<S, TVD>;
+    default: return nullptr;
+  }
+}
+
+// Rows are taken chunk by chunk from a shared counter until none is left, so a thread that the
+// machine slows down does not hold the others up. Each row is computed by one thread alone, so the
+// results do not depend on the thread count or on which thread took a row.
+template <class S>
+void run_fused(const RowsArgs& a, std::atomic<int64_t>& next, int64_t chunk) {
+  FusedFn<S> fn = pick_fused<S>(a.div);
+  // Scratch: two fp32 rows and two offsets per block, per call of this function (one call per
+  // thread and kernel launch).
+  const int64_t row = ((a.V + 15) / 16) * 16, nblk = (a.V + BLK - 1) / BLK;
+  std::unique_ptr<float[]> scratch(new float[2 * row + 2 * nblk + 16]);
+  float* x = scratch.get();
+  x += (16 - (reinterpret_cast<uintptr_t>(x) / sizeof(float)) % 16) % 16;  // 64-byte aligned
+  float* y = x + row;
+  float* offs = y + row;
+  for (;;) {
+    const int64_t r0 = next.fetch_add(chunk);
+    if (r0 >= a.N) break;
+    const int64_t r1 = std::min(a.N, r0 + chunk);
+    for (int64_t r = r0; r < r1; ++r) fn(a, r, x, y, offs);
+  }
+  stream_fence();
+}
+
 template <class S>
 using RowFn = void (*)(const RowsArgs&, int64_t);
 
@@ -372,6 +629,14 @@ void advise_huge_pages(void* ptr, int64_t bytes) {
 
 void cpu_forward_rows(const RowsArgs& args, int64_t row_begin, int64_t row_end) {
   dispatch(args, row_begin, row_end, true);
+}
+
+void cpu_forward_grad_rows(const RowsArgs& a, std::atomic<int64_t>& next, int64_t chunk) {
+  switch (a.dtype) {
+    case F32: run_fused<float>(a, next, chunk); break;
+    case BF16: run_fused<bf16_t>(a, next, chunk); break;
+    default: run_fused<f16_t>(a, next, chunk); break;
+  }
 }
 
 void cpu_backward_rows(const RowsArgs& args, int64_t row_begin, int64_t row_end) {

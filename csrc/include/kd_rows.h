@@ -5,6 +5,8 @@
 
 #include <stdint.h>
 
+#include <atomic>
+
 namespace kd {
 
 enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
@@ -41,6 +43,10 @@ inline int64_t teacher_offset(const RowsArgs& a, int64_t r) {
 // spreads row ranges over threads.
 void cpu_forward_rows(const RowsArgs& args, int64_t row_begin, int64_t row_end);
 void cpu_backward_rows(const RowsArgs& args, int64_t row_begin, int64_t row_end);
+// Fused forward and gradient for a grad_loss [N] known in advance: writes loss and grad; stats
+// ([N, STATS_WIDTH]) must be given too, for rows that take the two-kernel path. Each calling
+// thread takes `chunk` rows at a time from `next` until all N rows are done.
+void cpu_forward_grad_rows(const RowsArgs& args, std::atomic<int64_t>& next, int64_t chunk);
 // Ask for transparent huge pages on a fresh output buffer before its first touch (Linux).
 void advise_huge_pages(void* ptr, int64_t bytes);
 
