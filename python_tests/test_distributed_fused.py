@@ -66,6 +66,7 @@ def make_cases():
             _case(w, "bad-label", "forward_kl", F64, labels="out_of_range", hw=1.0),
         ]
     out.append(_case(2, "collective-count", kind="count"))
+    out.append(_case(4, "frozen-hidden", "jsd", F64, hw=0.5, kind="partial"))
     return out
 
 
@@ -186,6 +187,8 @@ def _run_case(c, rank, world):
     import torch.distributed as dist
     if c["kind"] == "count":
         return {"counts": _count_collectives(c, rank, world)}
+    if c["kind"] == "partial":
+        return _partial_grads(c, rank, world)
     base, _, ws, bs, ht, wt, bt, labels = make_inputs(c)
     splits = SPLITS[world]
     o0, o1 = shard_bounds(splits, rank)
@@ -202,6 +205,22 @@ def _run_case(c, rank, world):
     assert not other.any(), "gradient leaked into the hidden position outside the view"
     return {"loss": loss.detach(), "gh": gh.detach().clone(), "gw": ws_l.grad.detach(),
             "gb": None if bs_l is None else bs_l.grad.detach()}
+
+
+def _partial_grads(c, rank, world):
+    """Frozen hidden states (only the weight shard learns), and a call under torch.no_grad()."""
+    import torch.distributed as dist
+    _, hs, ws, bs, ht, wt, bt, labels = make_inputs(c)
+    o0, o1 = shard_bounds(SPLITS[world], rank)
+    tr = teacher_rows(SPLITS[world], rank)
+    ws_l = ws[o0:o1].clone().requires_grad_(True)
+    args = (c, dist.group.WORLD, rank, world, hs, ws_l, bs[o0:o1], ht, wt[tr], bt[tr], labels)
+    loss = _shard_loss(*args)
+    loss.backward()
+    with torch.no_grad():
+        loss_ng = _shard_loss(*args)
+    assert not loss_ng.requires_grad
+    return {"loss": loss.detach(), "loss_ng": loss_ng, "gw": ws_l.grad}
 
 
 def _worker(rank, world, port, outdir):
@@ -310,6 +329,19 @@ def test_vocab_sharded_fused_matches_oracle(c):
     if c["ugly"] == "neginf" and bs is not None:
         gb = torch.cat([x["gb"] for x in res], 0)
         assert not gb[NEG_INF_COLS].any(), "-inf columns must get a zero gradient"
+
+
+def test_frozen_hidden_and_no_grad():
+    c = next(c for c in CASES if c["kind"] == "partial")
+    res = results(c)
+    for r, x in enumerate(res):
+        assert "error" not in x, f"rank {r}: {x.get('tb')}"
+    _, hs, ws, bs, ht, wt, bt, labels = make_inputs(c)
+    (exp_loss, exp_grads), _ = _expected(c, hs, ws, bs, ht, wt, bt, labels)
+    for x in res:
+        assert_close(x["loss"], exp_loss, F64, what="loss")
+        assert_close(x["loss_ng"], exp_loss, F64, what="loss under no_grad")
+    assert_close(torch.cat([x["gw"] for x in res], 0), exp_grads[1], F64, what="grad weight")
 
 
 BAD = [c for c in CASES if c["labels"] == "out_of_range"]
