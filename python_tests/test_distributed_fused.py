@@ -157,7 +157,7 @@ def _count_collectives(c, rank, world):
             return fn(*args, **kwargs)
         return wrapper
     out = {}
-    base, hs, ws, bs, ht, wt, bt, labels = make_inputs(c)
+    _, hs, ws, _, ht, wt, _, labels = make_inputs(c)
     o0, o1 = shard_bounds(SPLITS[world], rank)
     tr = teacher_rows(SPLITS[world], rank)
     try:
@@ -380,7 +380,7 @@ def test_collectives_per_call_are_as_documented():
 # ---- single-process checks (no process group needed) ----------------------------------------
 
 def test_vocab_start_index_needs_process_group():
-    _, hs, ws, bs, ht, wt, bt, _ = make_inputs(_case(2, "x"))
+    _, hs, ws, _, ht, wt, _, _ = make_inputs(_case(2, "x"))
     with pytest.raises(ValueError, match="vocab_start_index"):
         kdkernels.fused_linear_kd_loss(hs, ws, ht, wt, vocab_start_index=0)
 
@@ -389,6 +389,6 @@ def test_process_group_needs_initialised_distributed():
     import torch.distributed as dist
     if dist.is_initialized():
         pytest.fail("this test process must not hold a process group")
-    _, hs, ws, bs, ht, wt, bt, _ = make_inputs(_case(2, "x"))
+    _, hs, ws, _, ht, wt, _, _ = make_inputs(_case(2, "x"))
     with pytest.raises(ValueError, match="process_group"):
         kdkernels.fused_linear_kd_loss(hs, ws, ht, wt, process_group=object())
