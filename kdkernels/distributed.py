@@ -49,7 +49,7 @@ from torch import Tensor
 from . import divergences as D
 from .reference import CHUNK_ELEMENTS, _log_mix, compute_dtype, divergence_terms
 
-__all__ = ["vocab_parallel_kd_loss", "vocab_parallel_rows", "global_num_items"]
+__all__ = ["vocab_parallel_kd_loss", "vocab_parallel_rows", "global_num_items", "shard_start"]
 
 _FKL = D.DIVERGENCES["forward_kl"].id
 _RKL = D.DIVERGENCES["reverse_kl"].id
@@ -325,6 +325,14 @@ class _VocabParallelKD(torch.autograd.Function):
         return (grad,) + (None,) * 10
 
 
+def shard_start(local_vocab: int, group, device) -> Tensor:
+    """This rank's first global vocabulary id when the shards lie in rank order: the sum of the
+    lower ranks' shard sizes (one all_gather of one int64 per rank; a 0-dim int64 tensor)."""
+    sizes = _all_gather(torch.tensor([local_vocab], dtype=torch.int64, device=device),
+                        group).view(-1)
+    return sizes[:dist.get_rank(group)].sum()
+
+
 def vocab_parallel_rows(s3: Tensor, t3: Tensor, labels: Optional[Tensor], group,
                         vocab_start_index, div_id: int, param: float, temperature: float,
                         soft_weight: float, hard_weight: float, ignore_index: int):
@@ -336,10 +344,7 @@ def vocab_parallel_rows(s3: Tensor, t3: Tensor, labels: Optional[Tensor], group,
     """
     start = vocab_start_index
     if hard_weight != 0.0 and start is None:
-        # equal or uneven shards in rank order: offset = sizes of the lower ranks
-        sizes = _all_gather(torch.tensor([s3.shape[-1]], dtype=torch.int64, device=s3.device),
-                            group).view(-1)
-        start = sizes[:dist.get_rank(group)].sum()
+        start = shard_start(s3.shape[-1], group, s3.device)
     rows, vocab_size = _VocabParallelKD.apply(s3, t3, labels, group, start, div_id, param,
                                               temperature, soft_weight, hard_weight, ignore_index)
     if labels is not None and labels.device.type == "cpu" and not torch.compiler.is_compiling():

@@ -15,6 +15,14 @@ per-row gradients.
 Layers: ``_run`` (the chunk loop) ← custom ops ``kdkernels::fused_linear_kd`` (scalar loss with
 gradients formed in forward), ``kdkernels::fused_linear_kd_rows`` / ``..._rows_backward``
 (per-row losses) with fake kernels and autograd ← ``fused_linear_kd_loss`` (checks, reduction).
+
+Vocab-parallel (``process_group=``): every rank holds a vocabulary shard of the student and
+teacher weights and the same (replicated) hidden states. The same ``_run`` loop runs on the local
+shard with ``_ShardRows`` in place of a backend: each chunk's per-row losses and local
+logits-gradient come from ``distributed.vocab_parallel_rows`` (its collectives, forward only)
+and ``torch.autograd.grad`` (its backward has no collective). ``grad_weight`` and ``grad_bias``
+are local; the hidden gradient Σ_ranks g_local @ W_local is summed by ONE all_reduce over the
+whole [N, Ds] buffer after the loop (``_VocabParallelFusedKD``, an autograd.Function).
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from . import distributed
 from . import divergences as D
 from . import reference
 from .functional import REDUCTIONS, _check_labels, _check_number, check_options
@@ -85,9 +94,12 @@ def _autograd_in_op_body():
 
 
 def _rows_and_grad(s: Tensor, t: Tensor, labels: Optional[Tensor], grad_rows: Optional[Tensor],
-                   backend: str, args: tuple) -> Tuple[Tensor, Optional[Tensor]]:
+                   backend, args: tuple) -> Tuple[Tensor, Optional[Tensor]]:
     """Per-row losses of a [c, V] chunk and, when ``grad_rows`` is given, the gradient of
-    Σ grad_rows[i]·loss[i] w.r.t. ``s`` (student dtype)."""
+    Σ grad_rows[i]·loss[i] w.r.t. ``s`` (student dtype). ``backend``: a backend name, or a
+    ``_ShardRows`` (vocab-parallel shards)."""
+    if isinstance(backend, _ShardRows):
+        return backend(s, t, labels, grad_rows, args)
     if backend == "reference":
         # The chunk already bounds memory, so the reference formula runs on it directly (no
         # second level of checkpointed chunks), with autograd for the gradient.
@@ -105,6 +117,28 @@ def _rows_and_grad(s: Tensor, t: Tensor, labels: Optional[Tensor], grad_rows: Op
         return rows, None
     g = mod.backward_rows(grad_rows.to(torch.float32).contiguous(), s3, t3, labels, stats, *args)
     return rows, g[0]
+
+
+class _ShardRows:
+    """The per-chunk rows of a vocabulary shard: ``distributed.vocab_parallel_rows`` (the
+    collectives of the statistics, in forward only) and, for the gradient, autograd through it
+    (its backward is local). Remembers the global vocabulary size it returns."""
+
+    def __init__(self, group, start):
+        self.group, self.start, self.vocab_size = group, start, None
+
+    def __call__(self, s, t, labels, grad_rows, args):
+        if grad_rows is None:
+            with torch.no_grad():
+                rows, self.vocab_size = distributed.vocab_parallel_rows(
+                    s.unsqueeze(0), t.unsqueeze(0), labels, self.group, self.start, *args)
+            return rows, None
+        with torch.enable_grad():
+            leaf = s.detach().requires_grad_(True)
+            rows, self.vocab_size = distributed.vocab_parallel_rows(
+                leaf.unsqueeze(0), t.unsqueeze(0), labels, self.group, self.start, *args)
+            (g,) = torch.autograd.grad(rows, leaf, grad_rows.to(rows.dtype).expand_as(rows))
+        return rows.detach(), g
 
 
 def _accumulate_weight_grad(acc: Tensor, g: Tensor, h: Tensor) -> None:
@@ -295,6 +329,74 @@ torch.library.register_autograd("kdkernels::fused_linear_kd_rows", _rows_backwar
                                 setup_context=_rows_setup)
 
 
+# ---- vocab-parallel (sharded lm_head) ----------------------------------------------------------
+
+class _VocabParallelFusedKD(torch.autograd.Function):
+    """The fused loss on vocabulary shards. ``per_row`` False: returns the scalar
+    scale·Σ rows (/ V_global for "mean"), its gradients formed in forward; True: returns the rows
+    [N], and backward recomputes the chunks with the incoming per-row gradients (which must be
+    the same on every rank, as the rows are). Collectives: those of ``vocab_parallel_rows`` per
+    chunk, plus one all_reduce SUM of the hidden gradient per gradient computation."""
+
+    @staticmethod
+    def forward(ctx, hs, ws, bs, ht, wt, bt, labels, scale, group, start, per_row, mean, args,
+                want):
+        nh, nw, nb = want  # which gradients (grad mode is off in here: the caller decides)
+        ctx.set_materialize_grads(False)
+        ctx.per_row, ctx.need = per_row, (nh, nw, nb)
+        if per_row:
+            ctx.save_for_backward(hs, ws, bs, ht, wt, bt, labels)
+            ctx.group, ctx.start, ctx.args = group, start, args
+            return _run(hs, ws, bs, ht, wt, bt, labels, None, _ShardRows(group, start), *args,
+                        False, False, False)[0]
+        rows, gh, gw, gb, vocab_size = _vocab_parallel_run(
+            hs, ws, bs, ht, wt, bt, labels, scale, group, start, args, nh, nw, nb)
+        loss = rows.sum() * scale.to(rows.dtype)
+        if mean and vocab_size is not None:  # "mean": divide by the GLOBAL vocabulary size
+            inv = 1.0 / vocab_size.to(rows.dtype)
+            loss = loss * inv
+            for g in (gh, gw, gb):
+                if g.numel():
+                    g.mul_(inv.to(g.dtype))
+        ctx.save_for_backward(gh, gw, gb)
+        ctx.dtypes = (hs.dtype, ws.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        nh, nw, nb = ctx.need
+        out = [None] * 14
+        if grad_out is None or not (nh or nw or nb):
+            return tuple(out)
+        if ctx.per_row:  # recompute the chunks with the per-row gradients
+            hs, ws, bs, ht, wt, bt, labels = ctx.saved_tensors
+            _, gh, gw, gb, _ = _vocab_parallel_run(hs, ws, bs, ht, wt, bt, labels, grad_out,
+                                                   ctx.group, ctx.start, ctx.args, nh, nw, nb)
+            out[:3] = [gh if nh else None, gw.to(ws.dtype) if nw else None,
+                       gb.to(ws.dtype) if nb else None]
+            return tuple(out)
+        gh, gw, gb = ctx.saved_tensors
+        hd, wd = ctx.dtypes
+        if nh:
+            out[0] = (gh * grad_out.to(gh.dtype)).to(hd)
+        if nw:
+            out[1] = (gw * grad_out.to(gw.dtype)).to(wd)
+        if nb:
+            out[2] = (gb * grad_out.to(gb.dtype)).to(wd)
+        return tuple(out)
+
+
+def _vocab_parallel_run(hs, ws, bs, ht, wt, bt, labels, grad_rows, group, start, args, nh, nw, nb):
+    """``_run`` on the local shard, then the hidden gradient summed over the group (one
+    all_reduce over the whole buffer, issued by every rank even for an empty batch).
+    Returns (rows, grad_hidden, grad_weight, grad_bias, global vocabulary size or None)."""
+    shard = _ShardRows(group, start)
+    rows, gh, gw, gb = _run(hs, ws, bs, ht, wt, bt, labels, grad_rows, shard, *args, nh, nw, nb)
+    if nh:
+        torch.distributed.all_reduce(gh, op=torch.distributed.ReduceOp.SUM, group=group)
+    return rows, gh, gw, gb, shard.vocab_size
+
+
 # ---- public API ---------------------------------------------------------------------------------
 
 def _check_tensor(name: str, x, dim: Optional[int] = None, min_dim: int = 1) -> None:
@@ -361,7 +463,8 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
                          beta: Optional[float] = None, alpha: Optional[float] = None,
                          backend: str = "auto", softcap: Optional[float] = None,
                          chunk_size: Optional[int] = None,
-                         grad_weight_dtype: Optional[torch.dtype] = torch.float32) -> Tensor:
+                         grad_weight_dtype: Optional[torch.dtype] = torch.float32,
+                         process_group=None, vocab_start_index: Optional[int] = None) -> Tensor:
     """``kd_loss(student_hidden @ student_weightᵀ + student_bias, teacher_hidden @ teacher_weightᵀ
     + teacher_bias, ...)`` without ever holding the [N, V] logits: tokens are processed in chunks
     and the gradients w.r.t. the student hidden states, weight and bias are formed chunk by chunk.
@@ -381,6 +484,15 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
             within CHUNK_BUFFER_BYTES, at least MIN_CHUNK_ROWS rows).
         grad_weight_dtype: dtype in which the weight and bias gradients accumulate across chunks:
             torch.float32 (default) or None / the weight's dtype to save memory.
+        process_group: a ``torch.distributed`` tensor-parallel group over which the lm_heads are
+            sharded by vocabulary: ``student_weight`` (and bias) is this rank's [V_local, Ds]
+            shard, ``teacher_weight`` (and bias) the [>= V_local, Dt] shard starting at the same
+            vocabulary id; the hidden states and labels (global ids) are the same on every rank.
+            Returns the full-vocabulary loss on every rank; the weight and bias gradients are
+            those of the local shard, the hidden gradient is the full one (summed over the
+            group). ``backend`` must be "auto" or "reference". See docs/distributed.md.
+        vocab_start_index: with ``process_group``, the global id of this rank's first row of
+            ``student_weight``; None: shards in rank order (needed only with the hard term).
 
     Returns:
         float32 (float64 for float64 inputs): a scalar, or the leading shape for "none".
@@ -407,6 +519,7 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
     if grad_weight_dtype not in (torch.float32, student_weight.dtype):
         raise ValueError(f"grad_weight_dtype must be torch.float32 or the weight dtype "
                          f"({student_weight.dtype}), got {grad_weight_dtype}")
+    distributed.check_args(process_group, vocab_start_index, backend)
     N = math.prod(lead)
     if chunk_size is None:
         chunk = auto_chunk_size(N, V, student_hidden.device)
@@ -416,8 +529,11 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         chunk = int(chunk_size)
-    flat_labels = _check_labels(labels, lead, student_hidden.device, V, int(ignore_index))
-    name = _choose_backend(backend, student_hidden.device, student_hidden.dtype)
+    # with a process group the label range is the global vocabulary, checked by distributed
+    flat_labels = _check_labels(labels, lead, student_hidden.device,
+                                V if process_group is None else None, int(ignore_index))
+    name = (None if process_group is not None
+            else _choose_backend(backend, student_hidden.device, student_hidden.dtype))
 
     hs = student_hidden.reshape(N, student_hidden.shape[-1])
     ht = teacher_hidden.detach().reshape(N, teacher_hidden.shape[-1])
@@ -429,6 +545,19 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
     nh = grad_on and hs.requires_grad
     nw = grad_on and student_weight.requires_grad
     nb = grad_on and student_bias is not None and student_bias.requires_grad
+
+    if process_group is not None:
+        cd = reference.compute_dtype(student_hidden.dtype)
+        start = vocab_start_index
+        if hw != 0.0 and start is None:  # once per call, not per chunk
+            start = distributed.shard_start(V, process_group, student_hidden.device)
+        scale = _row_scale("batchmean" if reduction == "mean" else reduction, N, V, flat_labels,
+                           int(ignore_index), num_items_in_batch, cd, student_hidden.device)
+        out = _VocabParallelFusedKD.apply(hs, student_weight, student_bias, ht, wt, bt,
+                                          flat_labels, scale, process_group, start,
+                                          reduction == "none", reduction == "mean", scalars[1:],
+                                          (nh, nw, nb))
+        return out.view(lead) if reduction == "none" else out
 
     if reduction == "none" or not (nh or nw or nb):
         rows = fused_linear_kd_rows(hs, student_weight, student_bias, ht, wt, bt, flat_labels,
@@ -458,7 +587,8 @@ class FusedLinearKDLoss(torch.nn.Module):
                  reduction: str = "batchmean", beta: Optional[float] = None,
                  alpha: Optional[float] = None, backend: str = "auto",
                  softcap: Optional[float] = None, chunk_size: Optional[int] = None,
-                 grad_weight_dtype: Optional[torch.dtype] = torch.float32):
+                 grad_weight_dtype: Optional[torch.dtype] = torch.float32,
+                 process_group=None, vocab_start_index: Optional[int] = None):
         super().__init__()
         D.resolve_param(D.get(divergence), beta, alpha)
         _check_number("temperature", temperature, positive=True)
@@ -468,7 +598,8 @@ class FusedLinearKDLoss(torch.nn.Module):
                             ignore_index=ignore_index, soft_weight=soft_weight,
                             hard_weight=hard_weight, reduction=reduction, beta=beta, alpha=alpha,
                             backend=backend, softcap=softcap, chunk_size=chunk_size,
-                            grad_weight_dtype=grad_weight_dtype)
+                            grad_weight_dtype=grad_weight_dtype, process_group=process_group,
+                            vocab_start_index=vocab_start_index)
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
                 teacher_weight: Tensor, labels: Optional[Tensor] = None,
