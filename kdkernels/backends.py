@@ -79,8 +79,8 @@ BACKENDS = {
                     _FLOATS + (torch.float64,), 0,  # differentiable loss_rows, no custom op
                     features=FEATURES),
         BackendSpec("triton", "kdkernels.triton.launch", ("cuda", "cpu"), _FLOATS, 7, _probe_triton),
-        BackendSpec("cuda", "kdkernels.cpp", ("cuda",), _FLOATS, 4, _probe_ext("cuda")),
-        BackendSpec("cpu", "kdkernels.cpp", ("cpu",), _FLOATS, 4, _probe_ext("cpu")),
+        BackendSpec("cuda", "kdkernels.cpp", ("cuda",), _FLOATS, 7, _probe_ext("cuda")),
+        BackendSpec("cpu", "kdkernels.cpp", ("cpu",), _FLOATS, 7, _probe_ext("cpu")),
     )
 }
 # backend="auto": first available in this order for the tensors' device type

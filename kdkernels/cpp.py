@@ -17,7 +17,7 @@ __all__ = ["STATS_WIDTH", "forward_rows", "backward_rows", "forward_rows_with_gr
            "unavailable_reason", "divergence_names"]
 
 FORWARD_WITH_GRAD_DEVICES = ("cpu",)  # where forward_rows_with_grad runs (the CPU kernels)
-STATS_WIDTH = 4  # per row: logsumexp(t/T), logsumexp(s/T), c = sum q g, logsumexp(s)
+STATS_WIDTH = 7  # per row: (max, log sum-exp) of t/T and s/T, c = sum q g, (max, log sum-exp) of s
 
 _BUILD_HINT = "run `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)"
 

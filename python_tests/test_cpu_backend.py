@@ -93,7 +93,7 @@ def test_ids_match_python_registry():
                    key=lambda d: d.id)
     assert [d.id for d in by_id] == list(range(len(by_id)))
     assert cpp.divergence_names() == [d.name for d in by_id]
-    assert int(torch.ops.kdkernels_C.stats_width()) == cpp.STATS_WIDTH == 4
+    assert int(torch.ops.kdkernels_C.stats_width()) == cpp.STATS_WIDTH == 7
 
 
 @pytest.mark.parametrize("V", [1, 7, 1271])

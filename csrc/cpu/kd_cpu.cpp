@@ -267,10 +267,11 @@ void forward_row(const RowsArgs& a, int64_t r) {
     }
   }
 
-  float A = 0.f, B = 0.f, cc = 0.f, D = 0.f;
+  LogNorm na{0.f, 0.f}, nb{0.f, 0.f};
+  float cc = 0.f, D = 0.f;
   if (c.soft) {
-    A = oa.lse();
-    B = ob.lse();
+    na = lognorm_from(oa.m, oa.z);
+    nb = lognorm_from(ob.m, ob.z);
     if (DIV == FORWARD_KL) {
       D = acc / oa.z - (oa.m - ob.m) - std::log(oa.z) + std::log(ob.z);
       cc = -1.f;
@@ -278,7 +279,7 @@ void forward_row(const RowsArgs& a, int64_t r) {
       D = acc / ob.z - (ob.m - oa.m) - std::log(ob.z) + std::log(oa.z);
       cc = D + 1.f;
     } else {
-      // Pass 2: the divergence and c = sum q g, from A and B.
+      // Pass 2: the divergence and c = sum q g, from the row normalisers.
       float sphi = 0.f, sqg = 0.f;
       for (int64_t j0 = 0; j0 < V; j0 += BLK) {
         const int n = (int)std::min<int64_t>(BLK, V - j0);
@@ -288,7 +289,7 @@ void forward_row(const RowsArgs& a, int64_t r) {
         float bphi = 0.f, bqg = 0.f;
 #pragma omp simd reduction(+ : bphi, bqg)
         for (int i = 0; i < n; ++i) {
-          const float lp = ab[i] - A, lq = bb[i] - B;
+          const float lp = log_prob(ab[i], na), lq = log_prob(bb[i], nb);
           float phi, qg;
           div_terms<DIV>(lp, lq, exp_fast(lp), exp_fast(lq), param, phi, qg);
           bphi += phi;
@@ -297,42 +298,45 @@ void forward_row(const RowsArgs& a, int64_t r) {
         sphi += bphi;
         sqg += bqg;
       }
-      D = (A != A || B != B) ? NAN : sphi;  // NaN input: terms with q = NaN read as 0
+      D = (lognorm_nan(na) || lognorm_nan(nb)) ? NAN : sphi;  // NaN input: terms with q = NaN read as 0
       cc = sqg;
     }
   }
-  float Sl = c.hard_separate ? os.lse() : B;
+  const LogNorm ns = c.hard_separate ? lognorm_from(os.m, os.z) : nb;
   float loss = c.soft ? a.soft_weight * a.temperature * a.temperature * D : 0.f;
   if (c.hard) {
-    const float ce = c.bad_label ? NAN : hard_ce(Sl, load_one(s + c.label));
+    const float ce = c.bad_label ? NAN : hard_ce(ns, load_one(s + c.label));
     loss += a.hard_weight * ce;
   }
   a.loss[r] = loss;
-  st[STAT_A] = A;
-  st[STAT_B] = B;
+  st[STAT_MA] = na.m;
+  st[STAT_LZA] = na.lz;
+  st[STAT_MB] = nb.m;
+  st[STAT_LZB] = nb.lz;
   st[STAT_C] = cc;
-  st[STAT_S] = Sl;
+  st[STAT_MS] = ns.m;
+  st[STAT_LZS] = ns.lz;
 }
 
 // Gradient of one block into gb. MODE 0: soft only; 1: soft + hard at T = 1 (softmax(s) = q);
-// 2: soft + hard with its own logsumexp Sl; 3: hard only.
+// 2: soft + hard with its own normaliser ns; 3: hard only.
 template <int DIV, int MODE>
 void grad_block(const float* __restrict ab, const float* __restrict bb,
-                const float* __restrict xb, float* __restrict gb, int n, float A, float B,
-                float cc, float Sl, float k_soft, float k_hard, float param) {
+                const float* __restrict xb, float* __restrict gb, int n, LogNorm na, LogNorm nb,
+                float cc, LogNorm ns, float k_soft, float k_hard, float param) {
 #pragma omp simd
   for (int i = 0; i < n; ++i) {
     float out;
     if (MODE == 3) {
-      out = k_hard * exp_fast(xb[i] - Sl);
+      out = k_hard * exp_fast(log_prob(xb[i], ns));
     } else {
-      const float lp = ab[i] - A, lq = bb[i] - B;
+      const float lp = log_prob(ab[i], na), lq = log_prob(bb[i], nb);
       const float p = exp_fast(lp), q = exp_fast(lq);
       float phi, qg;
       div_terms<DIV>(lp, lq, p, q, param, phi, qg);
       if (MODE == 0) out = k_soft * (qg - q * cc);
       else if (MODE == 1) out = grad_element(k_soft, qg, q, cc, k_hard, q, 0.f);
-      else out = grad_element(k_soft, qg, q, cc, k_hard, exp_fast(xb[i] - Sl), 0.f);
+      else out = grad_element(k_soft, qg, q, cc, k_hard, exp_fast(log_prob(xb[i], ns)), 0.f);
     }
     gb[i] = out;
   }
@@ -352,7 +356,9 @@ void backward_row(const RowsArgs& a, int64_t r) {
   const S* s = static_cast<const S*>(a.student) + student_offset(a, r);
   const S* t = static_cast<const S*>(a.teacher) + teacher_offset(a, r);
   const float* st = a.stats + r * STATS_WIDTH;
-  const float A = st[STAT_A], B = st[STAT_B], cc = st[STAT_C], Sl = st[STAT_S];
+  const LogNorm na{st[STAT_MA], st[STAT_LZA]}, nb{st[STAT_MB], st[STAT_LZB]};
+  const LogNorm ns{st[STAT_MS], st[STAT_LZS]};
+  const float cc = st[STAT_C];
   const float gl = a.grad_loss[r];
   const float k_soft = c.soft ? gl * a.soft_weight * a.temperature : 0.f;
   const float k_hard = c.hard ? (c.bad_label ? NAN : gl * a.hard_weight) : 0.f;
@@ -367,13 +373,13 @@ void backward_row(const RowsArgs& a, int64_t r) {
     }
     if (sep) load_scaled(s + j0, xb, n, 1.0f);
     if (soft && !hard)
-      grad_block<DIV, 0>(ab, bb, xb, gb, n, A, B, cc, Sl, k_soft, k_hard, param);
+      grad_block<DIV, 0>(ab, bb, xb, gb, n, na, nb, cc, ns, k_soft, k_hard, param);
     else if (soft && !sep)  // hard term at T = 1: softmax(s) = q
-      grad_block<DIV, 1>(ab, bb, xb, gb, n, A, B, cc, Sl, k_soft, k_hard, param);
+      grad_block<DIV, 1>(ab, bb, xb, gb, n, na, nb, cc, ns, k_soft, k_hard, param);
     else if (soft)
-      grad_block<DIV, 2>(ab, bb, xb, gb, n, A, B, cc, Sl, k_soft, k_hard, param);
+      grad_block<DIV, 2>(ab, bb, xb, gb, n, na, nb, cc, ns, k_soft, k_hard, param);
     else if (hard)
-      grad_block<DIV, 3>(ab, bb, xb, gb, n, A, B, cc, Sl, k_soft, k_hard, param);
+      grad_block<DIV, 3>(ab, bb, xb, gb, n, na, nb, cc, ns, k_soft, k_hard, param);
     else
       std::memset(gb, 0, sizeof(float) * n);
     if (hard && !c.bad_label && c.label >= j0 && c.label < j0 + n) gb[c.label - j0] -= k_hard;
@@ -475,7 +481,7 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
       za += bza;
       zb += bzb;
     }
-    const float A = logsumexp_from(ma, za), B = logsumexp_from(mb, zb);
+    const LogNorm na = lognorm_from(ma, za), nb = lognorm_from(mb, zb);
     // Pass 3: the divergence and c; qg and q replace a and b in the scratch.
     float sphi = 0.f, sqg = 0.f;
     for (int64_t j0 = 0; j0 < V; j0 += BLK) {
@@ -485,7 +491,7 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
       float bphi = 0.f, bqg = 0.f;
 #pragma omp simd reduction(+ : bphi, bqg)
       for (int i = 0; i < n; ++i) {
-        const float lp = xb[i] - A, lq = yb[i] - B;
+        const float lp = log_prob(xb[i], na), lq = log_prob(yb[i], nb);
         const float q = exp_nonpos(lq);
         float phi, qg;
         div_terms<DIV>(lp, lq, exp_nonpos(lp), q, param, phi, qg);
@@ -497,12 +503,12 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
       sphi += bphi;
       sqg += bqg;
     }
-    D = (A != A || B != B) ? NAN : sphi;  // NaN input: terms with q = NaN read as 0
+    D = (lognorm_nan(na) || lognorm_nan(nb)) ? NAN : sphi;  // NaN input: q = NaN terms read as 0
     cc = sqg;
   }
-  const float A = logsumexp_from(ma, za), B = logsumexp_from(mb, zb);
   float loss = a.soft_weight * a.temperature * a.temperature * D;
-  if (c.hard) loss += a.hard_weight * hard_ce(B, load_one(s + c.label));  // T = 1 here: B = lse(s)
+  if (c.hard)  // T = 1 here: the student's normaliser is that of s
+    loss += a.hard_weight * hard_ce(lognorm_from(mb, zb), load_one(s + c.label));
   a.loss[r] = loss;
 
   // Last pass: the gradient (hard term at T = 1: softmax(s) = q).

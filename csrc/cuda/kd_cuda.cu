@@ -188,12 +188,13 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
       for (int k = 0; k < N; ++k) os.z += exp_fast(sv[k] - off);
     }
   }
-  float A = 0.f, B = 0.f, cc = 0.f, D = 0.f;
+  LogNorm na{0.f, 0.f}, nb{0.f, 0.f};
+  float cc = 0.f, D = 0.f;
   if (soft) {
     block_merge(oa, sm);
     block_merge(ob, sm);
-    A = logsumexp_from(oa.m, oa.z);
-    B = logsumexp_from(ob.m, ob.z);
+    na = lognorm_from(oa.m, oa.z);
+    nb = lognorm_from(ob.m, ob.z);
     if (DIV == FORWARD_KL) {
       D = oa.acc / oa.z - (oa.m - ob.m) - logf(oa.z) + logf(ob.z);
       cc = -1.f;
@@ -208,7 +209,7 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
         load_chunk(t, j, V, vec, tv);
 #pragma unroll
         for (int k = 0; k < N; ++k) {
-          const float lp = tv[k] * invT - A, lq = sv[k] * invT - B;
+          const float lp = log_prob(tv[k] * invT, na), lq = log_prob(sv[k] * invT, nb);
           float phi, qg;
           div_terms<DIV>(lp, lq, exp_fast(lp), exp_fast(lq), a.param, phi, qg);
           sphi += phi;
@@ -219,19 +220,22 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
       cc = block_sum(sqg, sm);
     }
   }
-  float Sl = B;
+  LogNorm ns = nb;
   if (sep) {
     block_merge(os, sm);
-    Sl = logsumexp_from(os.m, os.z);
+    ns = lognorm_from(os.m, os.z);
   }
   if (threadIdx.x == 0) {
     float loss = soft ? a.soft_weight * a.temperature * a.temperature * D : 0.f;
-    if (hard) loss += a.hard_weight * (bad_label ? NAN : hard_ce(Sl, to_float(s[label])));
+    if (hard) loss += a.hard_weight * (bad_label ? NAN : hard_ce(ns, to_float(s[label])));
     a.loss[r] = loss;
-    st[STAT_A] = A;
-    st[STAT_B] = B;
+    st[STAT_MA] = na.m;
+    st[STAT_LZA] = na.lz;
+    st[STAT_MB] = nb.m;
+    st[STAT_LZB] = nb.lz;
     st[STAT_C] = cc;
-    st[STAT_S] = Sl;
+    st[STAT_MS] = ns.m;
+    st[STAT_LZS] = ns.lz;
   }
 }
 
@@ -260,7 +264,9 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
   const S* t = static_cast<const S*>(a.teacher) + (r / a.t_L) * a.t_stride_b + (r % a.t_L) * a.t_stride_l;
   const bool vec = aligned16(s) && aligned16(t);
   const float* st = a.stats + r * STATS_WIDTH;
-  const float A = st[STAT_A], B = st[STAT_B], cc = st[STAT_C], Sl = st[STAT_S];
+  const LogNorm na{st[STAT_MA], st[STAT_LZA]}, nb{st[STAT_MB], st[STAT_LZB]};
+  const LogNorm ns{st[STAT_MS], st[STAT_LZS]};
+  const float cc = st[STAT_C];
   const float gl = a.grad_loss[r];
   const float k_soft = soft ? gl * a.soft_weight * a.temperature : 0.f;
   const float k_hard = hard ? (bad_label ? NAN : gl * a.hard_weight) : 0.f;
@@ -273,7 +279,7 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
     for (int k = 0; k < N; ++k) {
       float o = 0.f, q = 0.f;
       if (soft) {
-        const float lp = tv[k] * invT - A, lq = sv[k] * invT - B;
+        const float lp = log_prob(tv[k] * invT, na), lq = log_prob(sv[k] * invT, nb);
         const float p = exp_fast(lp);
         q = exp_fast(lq);
         float phi, qg;
@@ -281,7 +287,7 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
         o = k_soft * (qg - q * cc);
       }
       if (hard) {
-        const float sm = sep ? exp_fast(sv[k] - Sl) : q;
+        const float sm = sep ? exp_fast(log_prob(sv[k], ns)) : q;
         o += k_hard * (sm - (j + k == label ? 1.f : 0.f));
       }
       out[k] = o;

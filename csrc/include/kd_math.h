@@ -44,8 +44,12 @@ static const char* const kDivergenceNames[NUM_DIVERGENCES] = {
 // Divergences whose loss accumulates in the statistics pass (no second pass in forward).
 KD_HD inline constexpr bool is_online(int div) { return div == FORWARD_KL || div == REVERSE_KL; }
 
-// Row statistics saved by forward for backward: STATS_WIDTH = 4 fp32 per row.
-enum StatsCol : int { STAT_A = 0, STAT_B = 1, STAT_C = 2, STAT_S = 3, STATS_WIDTH = 4 };
+// Row statistics saved by forward for backward, fp32 per row: for the teacher (a), the student
+// (b) and the student at T = 1 (hard term, s) the max m and log z of a LogNorm, and c.
+enum StatsCol : int {
+  STAT_MA = 0, STAT_LZA = 1, STAT_MB = 2, STAT_LZB = 3, STAT_C = 4, STAT_MS = 5, STAT_LZS = 6,
+  STATS_WIDTH = 7
+};
 
 constexpr float kNegInf = -INFINITY;
 
@@ -180,6 +184,16 @@ KD_HD KD_INLINE void merge_max_sum(float& m, float& z, float m2, float z2) {
 
 KD_HD KD_INLINE float logsumexp_from(float m, float z) { return m + logf(z); }
 
+// The normaliser of one distribution, log p_i = (x_i - m) - lz, with m and lz kept apart: x - m is
+// exact near the maximum (Sterbenz), so no rounding of m + log z (half an ulp of m: ~5e-4 at
+// |x| ~ 1e4) enters the log-probabilities of the likely tokens.
+struct LogNorm {
+  float m, lz;
+};
+KD_HD KD_INLINE LogNorm lognorm_from(float m, float z) { return LogNorm{safe_max(m), logf(z)}; }
+KD_HD KD_INLINE float log_prob(float x, LogNorm n) { return (x - n.m) - n.lz; }
+KD_HD KD_INLINE bool lognorm_nan(LogNorm n) { return n.m != n.m || n.lz != n.lz; }
+
 // ---- per-element divergence terms ------------------------------------------------------------
 // x (log x - log y) with 0 log 0 = 0 (also when log y = -inf).
 KD_HD KD_INLINE float xlogr(float x, float logx, float logy) {
@@ -251,6 +265,6 @@ KD_HD KD_INLINE float reverse_kl_grad_from_exps(float eb, float d, float inv_zb,
 }
 
 // Hard cross-entropy term: logsumexp(s) - s[label] (T = 1).
-KD_HD KD_INLINE float hard_ce(float lse_s, float s_label) { return lse_s - s_label; }
+KD_HD KD_INLINE float hard_ce(LogNorm ns, float s_label) { return (ns.m - s_label) + ns.lz; }
 
 }  // namespace kd
