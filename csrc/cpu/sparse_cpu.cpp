@@ -82,21 +82,24 @@ inline scalar_t to_scalar(float v) {  // one element, rounded like store_block
   return out;
 }
 
+// xb = x * inv_t, each product rounded to fp32 in its own loop (see sparse_dense_grad: no FMA
+// contraction into a later subtraction, so every pass sees the same b = s/T as the Python head).
+inline void scale_block(const float* x, float* xb, int n, float inv_t) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) xb[i] = x[i] * inv_t;
+}
+
 // ---- online log-sum-exp over blocks ----------------------------------------------------------
 struct Lse {
   float m = kNegInf, z = 0.f;
-  // Adds x[0..n) * scale (scale = 1/T or 1).
-  void add(const float* x, int n, float scale) {
+  void add(const float* x, int n) {
     float bm = kNegInf;
 #pragma omp simd reduction(max : bm)
-    for (int i = 0; i < n; ++i) {
-      float v = x[i] * scale;
-      bm = v > bm ? v : bm;
-    }
+    for (int i = 0; i < n; ++i) bm = x[i] > bm ? x[i] : bm;
     const float off = safe_max(bm);
     float bz = 0.f;
 #pragma omp simd reduction(+ : bz)
-    for (int i = 0; i < n; ++i) bz += exp_fast(x[i] * scale - off);
+    for (int i = 0; i < n; ++i) bz += exp_fast(x[i] - off);
     merge_max_sum(m, z, bm, bz);
   }
   float value() const { return logsumexp_from(m, z); }
@@ -106,6 +109,7 @@ struct Lse {
 template <typename scalar_t>
 void stats_rows(const SparseArgs& a, int64_t r0, int64_t r1) {
   alignas(64) float buf[BLK];
+  alignas(64) float bbuf[BLK];
   const scalar_t* s = static_cast<const scalar_t*>(a.s);
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* row = s + sparse_row_offset(a, r);
@@ -119,8 +123,11 @@ void stats_rows(const SparseArgs& a, int64_t r0, int64_t r1) {
       for (int64_t v0 = 0; v0 < a.V; v0 += BLK) {
         const int n = (int)std::min<int64_t>(BLK, a.V - v0);
         load_block(row + v0, buf, n);
-        if (a.need_b) b.add(buf, n, a.inv_t);
-        if (a.need_a) c.add(buf, n, 1.0f);
+        if (a.need_b) {
+          scale_block(buf, bbuf, n, a.inv_t);
+          b.add(bbuf, n);
+        }
+        if (a.need_a) c.add(buf, n);
       }
       if (a.need_b) lse_b = b.value();
       if (a.need_a) {
@@ -137,15 +144,31 @@ void stats_rows(const SparseArgs& a, int64_t r0, int64_t r1) {
 }
 
 // ---- backward: gradient of rows [r0, r1) -----------------------------------------------------
+// x[0..n) -> the dense gradient terms, in place; xb is scratch space for x * inv_t.
 template <bool UB, bool UA>
-inline void dense_block(float* x, int n, float c_b, float lse_b, float c_a, float lse_a, float inv_t) {
+inline void dense_block(float* x, float* xb, int n, float c_b, float lse_b, float c_a, float lse_a,
+                        float inv_t) {
+  if (UB) scale_block(x, xb, n, inv_t);
 #pragma omp simd
-  for (int i = 0; i < n; ++i) x[i] = sparse_dense_grad(x[i], UB, c_b, lse_b, UA, c_a, lse_a, inv_t);
+  for (int i = 0; i < n; ++i)
+    x[i] = sparse_dense_grad(x[i], UB ? xb[i] : 0.f, UB, c_b, lse_b, UA, c_a, lse_a);
+}
+
+inline void dense_block(bool ub, bool ua, float* x, float* xb, int n, float c_b, float lse_b,
+                        float c_a, float lse_a, float inv_t) {
+  if (ub && ua) dense_block<true, true>(x, xb, n, c_b, lse_b, c_a, lse_a, inv_t);
+  else if (ub) dense_block<true, false>(x, xb, n, c_b, lse_b, c_a, lse_a, inv_t);
+  else if (ua) dense_block<false, true>(x, xb, n, c_b, lse_b, c_a, lse_a, inv_t);
+  else std::memset(static_cast<void*>(x), 0, sizeof(float) * n);
 }
 
 template <typename scalar_t>
 void grad_rows(const SparseArgs& a, int64_t r0, int64_t r1) {
   alignas(64) float buf[BLK];
+  alignas(64) float bbuf[BLK];
+  constexpr int KB = 256;  // gathered columns per fix-up chunk
+  float kval[KB];
+  int64_t kcol[KB];
   const scalar_t* s = static_cast<const scalar_t*>(a.s);
   scalar_t* grad = static_cast<scalar_t*>(a.grad);
   for (int64_t r = r0; r < r1; ++r) {
@@ -163,34 +186,38 @@ void grad_rows(const SparseArgs& a, int64_t r0, int64_t r1) {
       for (int64_t v0 = 0; v0 < a.V; v0 += BLK) {
         const int n = (int)std::min<int64_t>(BLK, a.V - v0);
         load_block(row + v0, buf, n);
-        if (ub && ua) dense_block<true, true>(buf, n, c_b, lse_b, c_a, lse_a, a.inv_t);
-        else if (ub) dense_block<true, false>(buf, n, c_b, lse_b, c_a, lse_a, a.inv_t);
-        else dense_block<false, true>(buf, n, c_b, lse_b, c_a, lse_a, a.inv_t);
+        dense_block(ub, ua, buf, bbuf, n, c_b, lse_b, c_a, lse_a, a.inv_t);
         store_block(buf, out + v0, n);
       }
     }
 
-    // 2. the K gathered columns and the label column, recomputed in fp32 and rounded once
-    auto dense_at = [&](int64_t j) {
-      return sparse_dense_grad(load_one(row + j), ub, c_b, lse_b, ua, c_a, lse_a, a.inv_t);
-    };
+    // 2. the K gathered columns and the label column: the dense value recomputed in fp32 by the
+    //    same block code (bit-identical), plus the sparse gradient, rounded once
     const int64_t lab = a.need_a ? a.labels[r] : -1;
     const bool lab_ok = lab >= 0 && lab < a.V;
     const float g_lab = a.need_a ? a.g_lab[r] : 0.f;
     bool hit = false;
     const int64_t* idx = a.idx + r * a.K;
     const float* g_idx = a.g_idx + r * a.K;
-    for (int64_t k = 0; k < a.K; ++k) {
-      const int64_t j = idx[k];
-      if (j < 0) continue;
-      float v = dense_at(j) + g_idx[k];
-      if (a.need_a && j == lab) {
-        v += g_lab;
-        hit = true;
+    for (int64_t k0 = 0; k0 < a.K + 1; k0 += KB) {
+      int n = 0;
+      for (int64_t k = k0; k < std::min<int64_t>(a.K + 1, k0 + KB); ++k) {
+        // slot k < K: a gathered column; slot K: the label column unless a slot named it
+        const int64_t j = k < a.K ? idx[k] : ((lab_ok && !hit) ? lab : -1);
+        if (j < 0) continue;
+        float extra = k < a.K ? g_idx[k] : g_lab;
+        if (k < a.K && a.need_a && j == lab) {
+          extra += g_lab;
+          hit = true;
+        }
+        kcol[n] = j;
+        buf[n] = load_one(row + j);
+        kval[n] = extra;
+        ++n;
       }
-      out[j] = to_scalar<scalar_t>(v);
+      dense_block(ub, ua, buf, bbuf, n, c_b, lse_b, c_a, lse_a, a.inv_t);
+      for (int i = 0; i < n; ++i) out[kcol[i]] = to_scalar<scalar_t>(buf[i] + kval[i]);
     }
-    if (a.need_a && lab_ok && !hit) out[lab] = to_scalar<scalar_t>(dense_at(lab) + g_lab);
   }
 }
 

@@ -44,12 +44,16 @@ inline int64_t sparse_row_offset(const SparseArgs& a, int64_t r) {
   return (r / a.L) * a.stride_b + (r % a.L) * a.stride_l;
 }
 
-// The dense part of the gradient of one element. use_b / use_a are per-row flags
-// (need_b && c_b != 0, need_a && c_a != 0) so that a zero coefficient contributes exactly 0.
-KD_HD KD_INLINE float sparse_dense_grad(float x, bool use_b, float c_b, float lse_b, bool use_a,
-                                        float c_a, float lse_a, float inv_t) {
+// The dense part of the gradient of one element, from x = s_j and xb = s_j * inv_t. xb must be
+// the product rounded to fp32 (computed and stored apart, never fused into the subtraction): the
+// head in kdkernels/sparse.py forms b = s * (1/T) the same way, and in bucket mode the gradient of
+// the tail term cancels c_B softmax(b)_j against g_k, so both must see the same b. use_b / use_a
+// are per-row flags (need_b && c_b != 0, need_a && c_a != 0): a zero coefficient contributes
+// exactly 0, even for NaN logits.
+KD_HD KD_INLINE float sparse_dense_grad(float x, float xb, bool use_b, float c_b, float lse_b,
+                                        bool use_a, float c_a, float lse_a) {
   float g = 0.0f;
-  if (use_b) g += c_b * exp_fast(x * inv_t - lse_b);
+  if (use_b) g += c_b * exp_fast(xb - lse_b);
   if (use_a) g += c_a * exp_fast(x - lse_a);
   return g;
 }
