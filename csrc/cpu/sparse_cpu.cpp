@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <tuple>
 
@@ -24,6 +25,9 @@
 
 #if defined(__F16C__)
 #include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/mman.h>
 #endif
 
 namespace kd {
@@ -222,6 +226,24 @@ void grad_rows(const SparseArgs& a, int64_t r0, int64_t r1) {
 }
 
 // ---- torch bindings --------------------------------------------------------------------------
+// A fresh gradient buffer of many MB comes from new mmap pages; asking for transparent huge pages
+// before the first touch cuts the page faults (KDKERNELS_CPU_HUGEPAGES=0 turns this off, as for
+// the dense CPU kernels). Only whole 2 MiB pages inside the buffer are advised; failure is harmless.
+void advise_thp(void* p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const char* env = std::getenv("KDKERNELS_CPU_HUGEPAGES");
+  if (env && env[0] == '0') return;
+  const uintptr_t page = uintptr_t(1) << 21;
+  if (bytes < int64_t(4 * page)) return;
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(p) + page - 1) & ~(page - 1);
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes)) & ~(page - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1)); }
 
 SparseArgs make_args(const at::Tensor& s, const at::Tensor& idx, const c10::optional<at::Tensor>& labels,
@@ -321,6 +343,7 @@ at::Tensor sparse_grad_cpu(const at::Tensor& s, const at::Tensor& stats, const a
   a.g_idx = gi.data_ptr<float>();
   a.g_lab = gl.data_ptr<float>();
   a.grad = grad.data_ptr();
+  advise_thp(a.grad, grad.numel() * grad.element_size());
   dispatch(s.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     at::parallel_for(0, a.N, grain_rows(a.V), [&](int64_t r0, int64_t r1) { grad_rows<scalar_t>(a, r0, r1); });
