@@ -29,7 +29,8 @@ Compute: a backend returns, per row, the log-sum-exp of s / T (bucket mode only)
 term only), s[label], and the K gathered logits; a small differentiable "head" in PyTorch turns
 these [N, K] numbers into row losses. The student gradient is dense only through the log-sum-exp
 terms: grad_j = c_B/T · softmax(s/T)_j + c_A · softmax(s)_j + Σ_k g_k [j = idx_k] + g_l [j = label],
-written chunk by chunk (reference) or block by block (Triton); no [N, V] fp32 tensor exists.
+written chunk by chunk (reference) or block by block (Triton, C++ CPU); no [N, V] fp32 tensor
+exists.
 """
 from __future__ import annotations
 
@@ -118,6 +119,9 @@ class _ReferenceStats:
 def _impl(name: str):
     if name == "reference":
         return _ReferenceStats
+    if name == "cpu":
+        from . import sparse_cpp
+        return sparse_cpp
     from .triton import sparse_launch
     return sparse_launch
 
@@ -250,14 +254,29 @@ def _triton_unavailable(device: torch.device, dtype: torch.dtype) -> Optional[st
     return reason
 
 
+def _cpu_unavailable(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    try:
+        from . import sparse_cpp
+    except Exception as e:  # pragma: no cover - depends on the build
+        return f"kdkernels.sparse_cpp failed to import ({type(e).__name__}: {e})"
+    return sparse_cpp.unavailable_reason(device, dtype)
+
+
 def _choose_backend(backend, device: torch.device, dtype: torch.dtype) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend == "auto":   # never the interpreter unless asked for by name
         if device.type == "cuda" and _triton_unavailable(device, dtype) is None:
             return "triton"
+        if device.type == "cpu" and _cpu_unavailable(device, dtype) is None:
+            return "cpu"
         return "reference"
     if backend == "reference":
+        return backend
+    if backend == "cpu":
+        reason = _cpu_unavailable(device, dtype)
+        if reason:
+            raise RuntimeError(f"backend='cpu' is not available for sparse_kd_loss: {reason}")
         return backend
     if backend == "triton":
         reason = _triton_unavailable(device, dtype)
@@ -265,7 +284,7 @@ def _choose_backend(backend, device: torch.device, dtype: torch.dtype) -> str:
             raise RuntimeError(f"backend='triton' is not available for sparse_kd_loss: {reason}")
         return backend
     raise ValueError(f"backend={backend!r} has no sparse top-k kernel; expected 'auto', "
-                     "'reference' or 'triton'")
+                     "'reference', 'triton' or 'cpu'")
 
 
 # ---- public API ---------------------------------------------------------------------------
@@ -297,7 +316,8 @@ def sparse_kd_loss(student_logits: Tensor, teacher_indices: Tensor, teacher_logp
         divergence, temperature, labels, ignore_index, soft_weight, hard_weight, reduction,
         num_items_in_batch, beta, alpha: as in ``kdkernels.kd_loss``; ``temperature`` divides the
             student logits only.
-        backend: "auto" (Triton on CUDA tensors, else the reference), "reference" or "triton".
+        backend: "auto" (Triton on CUDA tensors, the C++ kernels on CPU fp32/bf16/fp16 tensors
+            when built, else the reference), "reference", "triton" or "cpu".
 
     Returns:
         A float32 tensor (float64 for float64 student logits): a scalar, or the leading shape for

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kdkernels
-from kdkernels import sparse_kd_loss
+from kdkernels import sparse_kd_loss, sparse_cpp
 from conftest import TOL, assert_close, backend_params
 
 DIVS = ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
@@ -107,6 +107,15 @@ def oracle_loss_and_grad(s, idx, lp, reduction="batchmean", num_items_in_batch=N
     return out.detach(), g
 
 
+# ---- backends -----------------------------------------------------------------------------
+
+_CPU_REASON = sparse_cpp.unavailable_reason(torch.device("cpu"), torch.float32)
+CPU = pytest.param("cpu", id="cpu", marks=[pytest.mark.skip(
+    reason=f"C++ sparse kernels unavailable: {_CPU_REASON}")] if _CPU_REASON else [])
+needs_cpu = pytest.mark.skipif(_CPU_REASON is not None,
+                               reason=f"C++ sparse kernels unavailable: {_CPU_REASON}")
+
+
 # ---- inputs -------------------------------------------------------------------------------
 
 def make_case(B=2, L=5, V=37, K=6, T=2.0, dtype=torch.float32, ugly=True, seed=0):
@@ -158,7 +167,7 @@ def _run(s, idx, lp, backend, **kw):
 
 # ---- tests --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", backend_params("reference") + [pytest.param("triton", id="triton")])
+@pytest.mark.parametrize("backend", backend_params("reference") + [pytest.param("triton", id="triton"), CPU])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("divergence", DIVS)
 @pytest.mark.parametrize("tail", ["renormalize", "bucket"])
@@ -176,10 +185,11 @@ def test_against_dense_oracle(tail, divergence, dtype, backend, small_blocks):
         assert (g[0, 0] == 0).all(), "ignored row must get an exactly zero gradient"
 
 
+@pytest.mark.parametrize("backend", ["reference", CPU])
 @pytest.mark.parametrize("tail", ["renormalize", "bucket"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("divergence", DIVS)
-def test_k_equals_v_matches_dense_kd_loss(divergence, dtype, tail):
+def test_k_equals_v_matches_dense_kd_loss(divergence, dtype, tail, backend):
     """With every column stored, renormalize is exactly the dense loss (bucket: the tail is 0)."""
     V, T = 29, 1.5
     g = torch.Generator().manual_seed(3)
@@ -193,7 +203,7 @@ def test_k_equals_v_matches_dense_kd_loss(divergence, dtype, tail):
     kw = dict(divergence=divergence, temperature=T, labels=labels, hard_weight=0.25)
     x1 = s.clone().requires_grad_(True)
     x2 = s.clone().requires_grad_(True)
-    a = sparse_kd_loss(x1, idx, lp, tail=tail, **kw, backend="reference")
+    a = sparse_kd_loss(x1, idx, lp, tail=tail, **kw, backend=backend)
     b = kdkernels.kd_loss(x2, t, **kw, backend="reference")
     a.backward()
     b.backward()
@@ -201,7 +211,7 @@ def test_k_equals_v_matches_dense_kd_loss(divergence, dtype, tail):
     assert_close(x1.grad, x2.grad, dtype, what="grad")
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", CPU])
 def test_k_equals_one(backend):
     s, idx, lp, labels = make_case(K=1, ugly=False)
     s = s.contiguous().requires_grad_(True)
@@ -216,20 +226,23 @@ def test_k_equals_one(backend):
         assert_close(gr, e_g, torch.float32, what=f"{div} grad")
 
 
+@pytest.mark.parametrize("backend", ["reference", CPU])
 @pytest.mark.parametrize("tail", ["renormalize", "bucket"])
-def test_unused_slots_are_the_same_as_absent_slots(tail):
+def test_unused_slots_are_the_same_as_absent_slots(tail, backend):
     s, idx, lp, _ = make_case(ugly=False, K=4)
     idx_pad = torch.cat([idx, torch.full_like(idx[..., :2], -1), idx[..., :1] * 0 + 3], -1)
     lp_pad = torch.cat([lp, lp[..., :2] * 0 + 1.0, torch.full_like(lp[..., :1], -math.inf)], -1)
     # slots 5-6: index -1 (value ignored); slot 7: log-prob -inf (index 3 then ignored, even if
     # another slot names column 3)
     for div in DIVS:
-        a = sparse_kd_loss(s, idx, lp, tail=tail, divergence=div, reduction="none")
-        b = sparse_kd_loss(s, idx_pad, lp_pad, tail=tail, divergence=div, reduction="none")
+        a = sparse_kd_loss(s, idx, lp, tail=tail, divergence=div, reduction="none",
+                           backend=backend)
+        b = sparse_kd_loss(s, idx_pad, lp_pad, tail=tail, divergence=div, reduction="none",
+                           backend=backend)
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", CPU])
 @pytest.mark.parametrize("tail", ["renormalize", "bucket"])
 def test_all_rows_ignored(tail, backend):
     s, idx, lp, labels = make_case()
@@ -256,7 +269,7 @@ def test_reductions_and_num_items(reduction):
     assert_close(g, e_g, torch.float32, what="grad")
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", CPU])
 @pytest.mark.parametrize("tail", ["renormalize", "bucket"])
 def test_large_logits(tail, backend):
     """|logits| ~ 1e4: one-hot-like distributions, compared per row."""
@@ -296,13 +309,14 @@ def test_gradcheck_float64(divergence, tail):
     assert torch.autograd.gradcheck(f, (s,))
 
 
-def test_nan_in_counted_row_gives_nan():
+@pytest.mark.parametrize("backend", ["reference", CPU])
+def test_nan_in_counted_row_gives_nan(backend):
     s, idx, lp, labels = make_case()
     s = s.contiguous()
     s[1, 1, 3] = float("nan")
     for tail in ("renormalize", "bucket"):
         out = sparse_kd_loss(s, idx, lp, tail=tail, labels=labels, hard_weight=1.0,
-                             reduction="none")
+                             reduction="none", backend=backend)
         assert torch.isnan(out[1, 1]) and not torch.isnan(out[0]).any()
 
 
@@ -315,15 +329,16 @@ def test_index_and_logprob_dtypes():
     assert_close(half, e, torch.float32, what="fp16 log-probs")
 
 
+@pytest.mark.parametrize("backend", ["triton", CPU])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_triton_matches_reference(dtype, small_blocks):
+def test_kernels_match_reference(dtype, backend, small_blocks):
     s, idx, lp, labels = make_case(V=45, K=21, dtype=dtype)
     for tail in ("renormalize", "bucket"):
         for hw, sw in ((0.0, 1.0), (1.0, 0.0), (0.5, 2.0)):
             kw = dict(tail=tail, divergence="reverse_kl", temperature=1.7, labels=labels,
                       hard_weight=hw, soft_weight=sw)
             a, ga = _run(s, idx, lp, "reference", **kw)
-            b, gb = _run(s, idx, lp, "triton", **kw)
+            b, gb = _run(s, idx, lp, backend, **kw)
             assert_close(b, a, dtype, what="loss")
             assert_close(gb, ga, dtype, what="grad")
 
@@ -369,7 +384,10 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="temperature must be > 0"):
         sparse_kd_loss(s, idx, lp, temperature=0.0)
     with pytest.raises(ValueError, match="no sparse top-k kernel"):
-        sparse_kd_loss(s, idx, lp, backend="cpu")
+        sparse_kd_loss(s, idx, lp, backend="cuda")
+    if _CPU_REASON is None:
+        with pytest.raises(RuntimeError, match="backend='cpu' is not available.*float64"):
+            sparse_kd_loss(s.double(), idx, lp, backend="cpu")
     with pytest.raises(ValueError, match="labels must lie in"):
         sparse_kd_loss(s, idx, lp, labels=labels + 100, hard_weight=1.0)
     with pytest.raises(ValueError, match="unknown divergence"):
@@ -382,6 +400,150 @@ def test_student_dtypes_fp16_and_auto_backend():
     e, eg = oracle_loss_and_grad(s, idx, lp, tail="bucket", labels=labels, hard_weight=0.5)
     assert_close(out, e, torch.float16, what="loss")
     assert_close(g, eg, torch.float16, what="grad")
+
+
+# ---- the C++ CPU kernels --------------------------------------------------------------------
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_cpu_several_v_blocks(tail, dtype):
+    """V = 5000: three column blocks of the C++ kernels (BLK = 2048), the last one partial."""
+    s, idx, lp, labels = make_case(B=2, L=5, V=5000, K=16, dtype=dtype, seed=11)
+    for div in ("forward_kl", "skew_reverse_kl"):
+        kw = dict(tail=tail, divergence=div, temperature=1.7, labels=labels, hard_weight=0.5)
+        out, g = _run(s, idx, lp, "cpu", reduction="none", **kw)
+        e_out, e_g = oracle_loss_and_grad(s, idx, lp, reduction="none", **kw)
+        assert_close(out, e_out, dtype, what=f"{div} loss")
+        assert_close(g, e_g, dtype, what=f"{div} grad")
+        assert (g[0, 0] == 0).all()
+
+
+@needs_cpu
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_cpu_many_rows_over_threads(tail):
+    """512 rows of V = 301: several row ranges per thread in at::parallel_for."""
+    s, idx, lp, labels = make_case(B=4, L=128, V=301, K=8, seed=12)
+    kw = dict(tail=tail, divergence="reverse_kl", temperature=2.0, labels=labels, hard_weight=0.3)
+    out, g = _run(s, idx, lp, "cpu", reduction="none", **kw)
+    e_out, e_g = oracle_loss_and_grad(s, idx, lp, reduction="none", **kw)
+    assert_close(out, e_out, torch.float32, what="loss")
+    assert_close(g, e_g, torch.float32, what="grad")
+
+
+@needs_cpu
+def test_cpu_2d_row_strided_view_and_v1():
+    g = torch.Generator().manual_seed(13)
+    wide = torch.randn(7, 50, generator=g).requires_grad_(True)
+    x = wide[:, :41]                       # [N, V] with row stride 50 > V, used without a copy
+    lp, idx = torch.log_softmax(torch.randn(7, 41, generator=g) / 2.0, -1).topk(5)
+    labels = torch.randint(0, 41, (7,), generator=g)
+    for tail in ("renormalize", "bucket"):
+        kw = dict(tail=tail, divergence="tvd", temperature=2.0, labels=labels, hard_weight=1.0)
+        a = sparse_kd_loss(x, idx, lp, backend="cpu", **kw)
+        (gw,) = torch.autograd.grad(a, wide)
+        assert (gw[:, 41:] == 0).all()
+        ga = gw[:, :41]
+        e, eg = oracle_loss_and_grad(x, idx, lp, **kw)
+        assert_close(a, e, torch.float32, what="loss")
+        assert_close(ga, eg, torch.float32, what="grad")
+    # V = 1, K = 1: the single column holds all the mass on both sides
+    s1 = torch.randn(3, 1, generator=g)
+    for tail in ("renormalize", "bucket"):
+        o, g1 = _run(s1, torch.zeros(3, 1, dtype=torch.int64), torch.zeros(3, 1), "cpu", tail=tail,
+                     labels=torch.zeros(3, dtype=torch.int64), hard_weight=1.0)
+        assert abs(float(o)) < 1e-6 and g1.abs().max() < 1e-6
+
+
+@needs_cpu
+def test_cpu_auto_choice():
+    from kdkernels.sparse import _choose_backend
+    cpu = torch.device("cpu")
+    assert _choose_backend("auto", cpu, torch.float32) == "cpu"
+    assert _choose_backend("auto", cpu, torch.bfloat16) == "cpu"
+    assert _choose_backend("auto", cpu, torch.float64) == "reference"
+
+
+def _op_case(dtype):
+    g = torch.Generator().manual_seed(14)
+    s = (torch.randn(2, 4, 23, generator=g) * 2).to(dtype)[:, :3]   # row-strided view
+    idx = torch.randint(0, 23, (6, 5), generator=g)
+    idx = torch.stack([torch.randperm(23, generator=g)[:5] for _ in range(6)])
+    idx[1, 2] = -1
+    labels = torch.tensor([0, 22, -100, 4, 7, 23])                   # out-of-range: no column
+    return s, idx, labels
+
+
+@needs_cpu
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["BA", "B", "A", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_opcheck_sparse_ops(dtype, need):
+    need_b, need_a = need
+    s, idx, labels = _op_case(dtype)
+    lab = labels if need_a else None
+    ops = torch.ops.kdkernels_C
+    torch.library.opcheck(ops.sparse_stats.default, (s, idx, lab, 1.5, need_b, need_a))
+    stats, gathered = ops.sparse_stats(s, idx, lab, 1.5, need_b, need_a)
+    s32 = s.float().reshape(6, 23)
+    exp_g = torch.where(idx >= 0, s32.gather(1, idx.clamp_min(0)), 0.0)
+    torch.testing.assert_close(gathered, exp_g, rtol=0, atol=0)
+    if need_b:
+        torch.testing.assert_close(stats[:, 0], torch.logsumexp(s32 * (1 / 1.5), 1))
+    if need_a:
+        torch.testing.assert_close(stats[:, 1], torch.logsumexp(s32, 1))
+    g = torch.Generator().manual_seed(15)
+    c_b, c_a, g_lab = (torch.randn(6, generator=g) for _ in range(3))
+    c_b[2] = 0.0
+    g_idx = torch.randn(6, 5, generator=g)
+    args = (s, stats, idx, lab, 1.5, need_b, need_a, c_b, c_a, g_idx, g_lab)
+    torch.library.opcheck(ops.sparse_grad.default, args)
+    grad = ops.sparse_grad(*args)
+    assert grad.dtype == dtype and grad.shape == s.shape and grad.is_contiguous()
+    # the same contract in plain PyTorch (fp32)
+    exp = torch.zeros(6, 23)
+    if need_b:
+        exp += torch.where(c_b[:, None] != 0, c_b[:, None] * torch.exp(s32 / 1.5 - stats[:, :1]), 0.0)
+    if need_a:
+        exp += c_a[:, None] * torch.exp(s32 - stats[:, 1:2])
+        ok = (labels >= 0) & (labels < 23)
+        exp.scatter_add_(1, torch.where(ok, labels, 0)[:, None], torch.where(ok, g_lab, 0.0)[:, None])
+    exp.scatter_add_(1, idx.clamp_min(0), torch.where(idx >= 0, g_idx, 0.0))
+    assert_close(grad.float().reshape(6, 23), exp, dtype, what="grad")
+
+
+@needs_cpu
+def test_sparse_op_bad_arguments():
+    s, idx, labels = _op_case(torch.float32)
+    ops = torch.ops.kdkernels_C
+    with pytest.raises(TypeError, match="idx must be int64"):
+        ops.sparse_stats(s, idx.int(), None, 1.0, True, False)
+    with pytest.raises(TypeError, match="student dtype"):
+        ops.sparse_stats(s.double(), idx, None, 1.0, True, False)
+    with pytest.raises(ValueError, match="idx must be a contiguous"):
+        ops.sparse_stats(s, idx[:3], None, 1.0, True, False)
+    with pytest.raises(ValueError, match="need_a requires labels"):
+        ops.sparse_stats(s, idx, None, 1.0, False, True)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        ops.sparse_stats(s, idx, None, 0.0, True, False)
+
+
+@needs_cpu
+def test_cpu_compile_fullgraph():
+    s, idx, lp, labels = make_case(ugly=False)
+    s = s.contiguous()
+    kw = dict(tail="bucket", divergence="jsd", temperature=2.0, labels=labels, hard_weight=0.5,
+              backend="cpu")
+    f = torch.compile(lambda x: sparse_kd_loss(x, idx, lp, **kw), fullgraph=True,
+                      backend="aot_eager")
+    x1 = s.clone().requires_grad_(True)
+    x2 = s.clone().requires_grad_(True)
+    a = f(x1)
+    b = sparse_kd_loss(x2, idx, lp, **kw)
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(x1.grad, x2.grad)
 
 
 @pytest.mark.gpu
