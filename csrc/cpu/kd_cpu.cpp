@@ -324,6 +324,10 @@ template <int DIV, int MODE>
 void grad_block(const float* __restrict ab, const float* __restrict bb,
                 const float* __restrict xb, float* __restrict gb, int n, LogNorm na, LogNorm nb,
                 float cc, LogNorm ns, float k_soft, float k_hard, float param) {
+  // reverse KL: cc is c' = sum_k q_k x_k of backward_row; qg - q c = q (x - c') is formed in qg
+  const float krev = DIV == REVERSE_KL ? reverse_kl_offset(na, nb) : 0.f;
+  const float crev = cc;
+  if (DIV == REVERSE_KL) cc = 0.f;
 #pragma omp simd
   for (int i = 0; i < n; ++i) {
     float out;
@@ -334,6 +338,7 @@ void grad_block(const float* __restrict ab, const float* __restrict bb,
       const float p = exp_fast(lp), q = exp_fast(lq);
       float phi, qg;
       div_terms<DIV>(lp, lq, p, q, param, phi, qg);
+      if (DIV == REVERSE_KL) qg = q == 0.f ? 0.f : q * (((bb[i] - ab[i]) - krev) - crev);
       if (MODE == 0) out = k_soft * (qg - q * cc);
       else if (MODE == 1) out = grad_element(k_soft, qg, q, cc, k_hard, q, 0.f);
       else out = grad_element(k_soft, qg, q, cc, k_hard, exp_fast(log_prob(xb[i], ns)), 0.f);
@@ -358,12 +363,33 @@ void backward_row(const RowsArgs& a, int64_t r) {
   const float* st = a.stats + r * STATS_WIDTH;
   const LogNorm na{st[STAT_MA], st[STAT_LZA]}, nb{st[STAT_MB], st[STAT_LZB]};
   const LogNorm ns{st[STAT_MS], st[STAT_LZS]};
-  const float cc = st[STAT_C];
   const float gl = a.grad_loss[r];
   const float k_soft = c.soft ? gl * a.soft_weight * a.temperature : 0.f;
   const float k_hard = c.hard ? (c.bad_label ? NAN : gl * a.hard_weight) : 0.f;
   const float invT = 1.0f / a.temperature, param = a.param;
   const bool soft = c.soft, hard = c.hard, sep = c.hard_separate;
+  float cc = st[STAT_C];
+  if (DIV == REVERSE_KL && soft) {
+    // Reverse KL: d/db_j = q_j (x_j - c') with x_j = (b_j - a_j) - k (k per row, kd_math.h) and
+    // c' = sum_k q_k x_k summed here from the same rounded x_k, so that for near one-hot rows
+    // at |logits| ~ 1e4 the rounding of the dominant x_j cancels in x_j - c' (as it does in
+    // autograd) instead of leaving ulp(1e4)-sized errors. One more read of the row.
+    const float k = reverse_kl_offset(na, nb);
+    float sum = 0.f;
+    for (int64_t j0 = 0; j0 < V; j0 += BLK) {
+      const int n = (int)std::min<int64_t>(BLK, V - j0);
+      load_scaled(t + j0, ab, n, invT);
+      load_scaled(s + j0, bb, n, invT);
+      float bs = 0.f;
+#pragma omp simd reduction(+ : bs)
+      for (int i = 0; i < n; ++i) {
+        const float q = exp_fast(log_prob(bb[i], nb));
+        bs += q == 0.f ? 0.f : q * ((bb[i] - ab[i]) - k);
+      }
+      sum += bs;
+    }
+    cc = sum;
+  }
 
   for (int64_t j0 = 0; j0 < V; j0 += BLK) {
     const int n = (int)std::min<int64_t>(BLK, V - j0);
@@ -399,7 +425,9 @@ template <class S, int DIV>
 void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restrict y,
                float* __restrict offs) {
   const RowCtx c = row_context(a, r);
-  if (c.ignored || !c.soft || c.hard_separate || c.bad_label) {
+  // Reverse KL also takes the two-kernel path: its backward forms c from the very values it
+  // subtracts it from (see backward_row), which the stored exponentials here cannot.
+  if (DIV == REVERSE_KL || c.ignored || !c.soft || c.hard_separate || c.bad_label) {
     forward_row<S, DIV>(a, r);
     backward_row<S, DIV>(a, r);
     return;

@@ -267,6 +267,7 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
   const LogNorm na{st[STAT_MA], st[STAT_LZA]}, nb{st[STAT_MB], st[STAT_LZB]};
   const LogNorm ns{st[STAT_MS], st[STAT_LZS]};
   const float cc = st[STAT_C];
+  const float krev = DIV == REVERSE_KL ? reverse_kl_offset(na, nb) : 0.f;  // c = D + 1
   const float gl = a.grad_loss[r];
   const float k_soft = soft ? gl * a.soft_weight * a.temperature : 0.f;
   const float k_hard = hard ? (bad_label ? NAN : gl * a.hard_weight) : 0.f;
@@ -279,12 +280,14 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
     for (int k = 0; k < N; ++k) {
       float o = 0.f, q = 0.f;
       if (soft) {
-        const float lp = log_prob(tv[k] * invT, na), lq = log_prob(sv[k] * invT, nb);
+        const float ak = tv[k] * invT, bk = sv[k] * invT;
+        const float lp = log_prob(ak, na), lq = log_prob(bk, nb);
         const float p = exp_fast(lp);
         q = exp_fast(lq);
         float phi, qg;
         div_terms<DIV>(lp, lq, p, q, a.param, phi, qg);
-        o = k_soft * (qg - q * cc);
+        // reverse KL: qg - q c without the cancellation (kd_math.h)
+        o = DIV != REVERSE_KL ? k_soft * (qg - q * cc) : q == 0.f ? 0.f : k_soft * q * (((bk - ak) - krev) - (cc - 1.f));
       }
       if (hard) {
         const float sm = sep ? exp_fast(log_prob(sv[k], ns)) : q;

@@ -243,6 +243,13 @@ KD_HD KD_INLINE void div_terms(float logp, float logq, float p, float q, float p
 // Gradient with respect to the student logits s of one element:
 //   k_soft * (qg - q c) + k_hard * (softmax(s) - [j = label]),
 // with k_soft = grad_loss * soft_weight * T and k_hard = grad_loss * hard_weight.
+// Reverse KL: d/db_j = q_j (log q_j - log p_j - D) = q_j (x_j - D) with x_j = (b_j - a_j) - k and
+// the per-row constant k = (mb - ma) + (lzb - lza) formed once in double, so each element rounds
+// once instead of cancelling terms of size |b| (|logits| ~ 1e4).
+KD_HD KD_INLINE float reverse_kl_offset(LogNorm na, LogNorm nb) {
+  return (float)(((double)nb.m - (double)na.m) + ((double)nb.lz - (double)na.lz));
+}
+
 KD_HD KD_INLINE float grad_element(float k_soft, float qg, float q, float c, float k_hard, float sm,
                                 float onehot) {
   return k_soft * (qg - q * c) + k_hard * (sm - onehot);
