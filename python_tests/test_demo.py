@@ -27,7 +27,7 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     img = plt.imread(str(out / "curves.png"))
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
     rows = (out / "curves.csv").read_text().strip().splitlines()
-    assert rows[0] == "step,eager,kdkernels,rel_diff" and len(rows) == 1 + 6
+    assert rows[0] == "step,eager,kdkernels,diff_over_first_loss" and len(rows) == 1 + 6
     for r in rows[1:]:
         _, a, b, rel = r.split(",")
         assert abs(float(a) - float(b)) <= 1e-3 * abs(float(a)) and float(a) > 0
