@@ -155,6 +155,8 @@ def test_fuzz_backend_against_oracle(backend):
     def run(case):
         _check_case(backend, case)
         count[0] += 1
+        if PROFILE == "long" and count[0] % 500 == 0:
+            print(f"fuzz[long] backend={backend}: {count[0]} cases passed", flush=True)
 
     count = [0]
     run()
