@@ -132,7 +132,9 @@ def row_losses(student: torch.Tensor, teacher, labels: Optional[torch.Tensor],
         if hard_weight != 0.0:
             in_range = (labels >= 0) & (labels < V)
             idx = torch.where(in_range, labels, 0).unsqueeze(-1)
-            ce = torch.logsumexp(s, dim=-1) - s.gather(-1, idx).squeeze(-1)
+            # -log_softmax(s)[label]: the shift by the max happens before the gather, so at
+            # |logits| ~ 1e4 no ulp(logsumexp) rounding enters the loss or its gradient
+            ce = -torch.log_softmax(s, dim=-1).gather(-1, idx).squeeze(-1)
             # An out-of-range label that is not ignore_index has no defined loss: NaN, never a
             # silent zero or an out-of-bounds read.
             ce = torch.where(in_range, ce, float("nan"))

@@ -68,3 +68,37 @@ def test_nan_in_one_input_gives_nan(backend, div):
         (s if side == "student" else t)[1, 4] = float("nan")
         out = kd.kd_loss(s, t, div, reduction="none", backend=backend)
         assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all(), side
+
+
+def _fuzz_case(backend, case):
+    import test_fuzz
+    test_fuzz._check_case(backend, case)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skew_reverse_kl_alpha_0_disjoint_rows_no_nan(backend):
+    """Long fuzz profile, C++ CPU and Triton: skew_reverse_kl with α = 0 on rows whose q and p
+    are ~117 nats apart gave a NaN gradient: α · q/m was formed as 0 · exp(117) = 0 · inf."""
+    _fuzz_case(backend, ("skew_reverse_kl", {"alpha": 0.0}, 0.05, 2, (2, 3), torch.float32, "randn",
+                         False, 0, "none", 0.0, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hard_term_at_logits_1e4_low_temperature(backend):
+    """Long fuzz profile, reference: the hard cross-entropy formed as logsumexp(s) - s[label]
+    carried ulp(1e4)-sized gradient errors (2e-4 against plain PyTorch's 3e-8)."""
+    _fuzz_case(backend, ("forward_kl", {}, 0.05, 127, (2, 3), torch.float32, "huge", True, 0,
+                         "some", 0.5, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_hot_teacher_at_low_temperature(backend, request):
+    """Long fuzz profile, C++ CPU: forward KL against a one-hot teacher (±1e4 logits) at T = 0.05
+    has a loss error of 3.4e-5 relative (1.59e-6 against a bound of 1.53e-6, i.e. 2.2x plain
+    PyTorch's error): the online loss sums terms in scaled units, where PyTorch shifts first.
+    Known and kept visible; not fixed in this release."""
+    if backend == "cpu":
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="known: C++ online forward-KL loss, one-hot teacher, T = 0.05"))
+    _fuzz_case(backend, ("forward_kl", {}, 0.05, 2, (3,), torch.float32, "onehot", False, 0,
+                         "none", 0.0, 0))

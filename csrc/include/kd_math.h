@@ -194,6 +194,25 @@ KD_HD KD_INLINE LogNorm lognorm_from(float m, float z) { return LogNorm{safe_max
 KD_HD KD_INLINE float log_prob(float x, LogNorm n) { return (x - n.m) - n.lz; }
 KD_HD KD_INLINE bool lognorm_nan(LogNorm n) { return n.m != n.m || n.lz != n.lz; }
 
+// log(w1 e^x + (1 - w1) e^y) for log-probabilities x, y, formed as hi + log(w_hi + w_lo e^(lo-hi)):
+// the mixture never underflows in linear space (both probabilities tiny, or a weight of 0: then
+// it is exactly the other distribution), identical x == y give exactly x, NaN stays NaN, and
+// both -inf give -inf.
+KD_HD KD_INLINE float log_mix(float w1, float x, float y) {
+  const float w2 = 1.0f - w1;
+  const bool xhi = x >= y;
+  const float hi = xhi ? x : y, lo = xhi ? y : x;
+  const float whi = xhi ? w1 : w2, wlo = xhi ? w2 : w1;
+  const float out = hi + log_fast(whi + wlo * exp_fast(lo - safe_max(hi)));
+  return whi == 0.0f ? lo : out;
+}
+
+// w q / m from log w, log q and log m, where w q <= m (the weight of q in the mixture m), so the
+// exponent is <= 0 and never overflows (w = 0, log w = -inf, gives exactly 0); 0 where m = 0.
+KD_HD KD_INLINE float weighted_ratio_to_mix(float logw, float logq, float logm) {
+  return logm == kNegInf ? 0.0f : exp_fast(fminf(logw + logq - logm, 0.0f));
+}
+
 // ---- per-element divergence terms ------------------------------------------------------------
 // x (log x - log y) with 0 log 0 = 0 (also when log y = -inf).
 KD_HD KD_INLINE float xlogr(float x, float logx, float logy) {
@@ -216,24 +235,20 @@ KD_HD KD_INLINE void div_terms(float logp, float logq, float p, float q, float p
     qg = q > 0.0f ? q * (logq - logp + 1.0f) : 0.0f;
   } else if (DIV == JSD) {
     const float beta = param;
-    float m = beta * p + (1.0f - beta) * q;
-    float logm = log_fast(m);
+    const float logm = log_mix(beta, logp, logq);
     phi = beta * xlogr(p, logp, logm) + (1.0f - beta) * xlogr(q, logq, logm);
     qg = (1.0f - beta) * xlogr(q, logq, logm);
   } else if (DIV == SKEW_KL) {
     const float alpha = param;
-    float m = alpha * p + (1.0f - alpha) * q;
-    float logm = log_fast(m);
+    const float logm = log_mix(alpha, logp, logq);
     phi = xlogr(p, logp, logm);
-    float q_over_m = m > 0.0f ? q / m : 0.0f;
-    qg = -(1.0f - alpha) * p * q_over_m;
+    qg = -p * weighted_ratio_to_mix(logf(1.0f - alpha), logq, logm);
   } else if (DIV == SKEW_REVERSE_KL) {
     const float alpha = param;
-    float m = alpha * q + (1.0f - alpha) * p;
-    float logm = log_fast(m);
+    const float logm = log_mix(alpha, logq, logp);
     phi = xlogr(q, logq, logm);
-    float q_over_m = m > 0.0f ? q / m : 0.0f;
-    qg = q > 0.0f ? q * (logq - logm + 1.0f - alpha * q_over_m) : 0.0f;
+    qg = q == 0.0f ? 0.0f
+                   : q * (logq - logm + 1.0f - weighted_ratio_to_mix(logf(alpha), logq, logm));
   } else {  // TVD
     phi = 0.5f * fabsf(p - q);
     qg = 0.5f * q * sign0(q - p);

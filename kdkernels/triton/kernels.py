@@ -92,7 +92,9 @@ def _terms(DIV: tl.constexpr, logp, logq, p, q, param):
     elif DIV == SKEW_REVERSE_KL:
         logm = _log_mix(param, logq, logp)
         phi = tl.where(q == 0, zero, q * (logq - logm))
-        g = logq - logm - param * tl.exp(logq - logm)
+        # α q / m <= 1: formed as exp(log α + log q - log m) (exponent <= 0), so α = 0 with
+        # q >> m = p gives 0, not 0 · inf = NaN
+        g = logq - logm - tl.exp(tl.minimum(tl.log(zero + param) + logq - logm, 0.0))
     else:  # TVD; sign(0) = 0 at ties
         phi = 0.5 * tl.abs(p - q)
         g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, zero))
