@@ -17,6 +17,10 @@ from typing import Optional
 __all__ = ["Divergence", "DIVERGENCES", "get", "resolve_param", "names", "kernel_names"]
 
 
+FP32_TINY = 2.0 ** -126        # smallest normal fp32
+FP32_EPS_HALF = 2.0 ** -24     # 1 - x rounds to 0 in fp32 below this
+
+
 @dataclass(frozen=True)
 class Divergence:
     name: str
@@ -49,6 +53,12 @@ class Divergence:
             lb = "[" if self.low_inclusive else "("
             raise ValueError(f"{self.param} must lie in {lb}{self.low:g}, {self.high:g}) for "
                              f"divergence={self.name!r}, got {value!r}{self.hint}")
+        # The kernels use the parameter and 1 - parameter in fp32: a value fp32 cannot tell from
+        # an endpoint would silently compute another divergence.
+        if (0.0 < value < FP32_TINY) or value > 1.0 - FP32_EPS_HALF:
+            raise ValueError(f"{self.param}={value!r} for divergence={self.name!r} is not "
+                             f"representable in the kernels' fp32 arithmetic: use 0 (where "
+                             f"allowed) or a value in [{FP32_TINY:.3g}, {1.0 - FP32_EPS_HALF!r}]")
         return value
 
 

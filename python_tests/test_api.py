@@ -31,6 +31,8 @@ T = torch.randn(4, 10)
     (dict(divergence="jsd", beta=1.5), ValueError, "beta"),
     (dict(divergence="skew_kl", alpha=1.0), ValueError, "alpha"),
     (dict(divergence="skew_reverse_kl", alpha=-0.1), ValueError, "alpha"),
+    (dict(divergence="skew_kl", alpha=1e-53), ValueError, "fp32"),
+    (dict(divergence="jsd", beta=1 - 1e-9), ValueError, "fp32"),
     (dict(divergence="forward_kl", beta=0.3), ValueError, "beta"),
     (dict(divergence="jsd", alpha=0.3), ValueError, "alpha"),
     (dict(reduction="avg"), ValueError, "reduction"),

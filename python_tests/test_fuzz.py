@@ -50,7 +50,9 @@ def cases(draw, backend):
     if div == "jsd":
         param["beta"] = draw(st.sampled_from([0.01, 0.1, 0.5, 0.9, 0.99]) | st.floats(0.01, 0.99))
     elif div.startswith("skew"):
-        param["alpha"] = draw(st.sampled_from([0.0, 0.1, 0.5, 0.9]) | st.floats(0.0, 0.95))
+        # the admissible domain: 0, or fp32-representable (divergences.FP32_TINY)
+        param["alpha"] = draw(st.sampled_from([0.0, 1e-30, 0.1, 0.5, 0.9])
+                              | st.floats(D.FP32_TINY, 0.95))
     T = draw(st.sampled_from([0.05, 0.5, 1.0, 2.0, 50.0]) | st.floats(0.05, 50.0))
     V = draw(st.sampled_from([1, 2, 7, 127, 1271]) | st.integers(1, MAX_V[backend]))
     lead = draw(st.sampled_from([(3,), (2, 3), (1, 4), (2, 2, 2)]))
