@@ -99,3 +99,17 @@ def test_one_hot_teacher_at_low_temperature(backend):
     logits centred on the running maxima, as the Triton kernel does."""
     _fuzz_case(backend, ("forward_kl", {}, 0.05, 2, (3,), torch.float32, "onehot", False, 0,
                          "none", 0.0, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_kl_at_temperature_50(backend, request):
+    """Long fuzz profile, C++ CPU and Triton (open): forward KL at T = 50 (V = 177) has a loss error
+    2.1x plain PyTorch's (8.2e-4 against a bound of 7.7e-4 on a loss of 9.66 = T²·0.0039): the
+    online form acc/za - log za + log zb cancels two fp32 log-sums of size log V, and T² = 2500
+    magnifies what is left. Kept visible as a strict xfail until the kernels sum the row in
+    higher precision."""
+    if backend in ("cpu", "triton"):
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="known: online forward-KL loss at T = 50, 2.1x plain fp32 error"))
+    _fuzz_case(backend, ("forward_kl", {}, 50.0, 177, (1, 4), torch.float32, "randn", False, 0,
+                         "none", 0.0, 1))
