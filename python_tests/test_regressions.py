@@ -113,3 +113,12 @@ def test_forward_kl_at_temperature_50(backend, request):
             strict=True, reason="known: online forward-KL loss at T = 50, 2.1x plain fp32 error"))
     _fuzz_case(backend, ("forward_kl", {}, 50.0, 177, (1, 4), torch.float32, "randn", False, 0,
                          "none", 0.0, 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("V", [2, 127])
+def test_skew_kl_alpha_0_disjoint_rows(backend, V):
+    """Long fuzz profile, Triton: skew_kl at α = 0 (m = q) on rows where p/q > e^88 gave NaN or a
+    wrong (−inf) gradient: g = −(1−α) p/m overflowed before being multiplied by q."""
+    _fuzz_case(backend, ("skew_kl", {"alpha": 0.0}, 0.05, V, (2, 3), torch.float32, "randn", False,
+                         0, "none", 0.0, 0))

@@ -66,39 +66,41 @@ def _log_mix(w1, x, y):
 
 @triton.jit
 def _terms(DIV: tl.constexpr, logp, logq, p, q, param):
-    """Per-element φ(p, q) and g = ∂φ/∂q (up to an additive constant) of divergence DIV.
+    """Per-element φ(p, q) and q·g, g = ∂φ/∂q (up to an additive constant), of divergence DIV.
 
     ``param`` is β (jsd: m = β p + (1-β) q) or α (skew_kl: m = α p + (1-α) q,
-    skew_reverse_kl: m = α q + (1-α) p). Zero-probability entries
-    contribute 0 to φ (0·log 0 = 0); g is only ever used multiplied by q, guarded by q == 0.
-    The guards test == 0, not > 0, so that a NaN probability stays NaN.
+    skew_reverse_kl: m = α q + (1-α) p). Zero-probability entries contribute 0 (0·log 0 = 0).
+    q·g is returned rather than g because g alone can overflow (skew KL at α = 0: g = -p/q) while
+    q·g is bounded; weighted ratios w·q/m <= 1 are formed as exp(log w + log q - log m) with the
+    exponent capped at 0, so a weight of 0 gives 0, never 0·inf. The guards test == 0, not > 0,
+    so that a NaN probability stays NaN.
     """
     zero = tl.zeros_like(p)
     if DIV == FORWARD_KL:
         phi = tl.where(p == 0, zero, p * (logp - logq))
-        g = -tl.exp(logp - logq)
+        qg = -p
     elif DIV == REVERSE_KL:
         phi = tl.where(q == 0, zero, q * (logq - logp))
-        g = logq - logp
+        qg = phi
     elif DIV == JSD:
         logm = _log_mix(param, logp, logq)
         phi = param * tl.where(p == 0, zero, p * (logp - logm)) \
             + (1.0 - param) * tl.where(q == 0, zero, q * (logq - logm))
-        g = (1.0 - param) * (logq - logm)
+        qg = (1.0 - param) * tl.where(q == 0, zero, q * (logq - logm))
     elif DIV == SKEW_KL:
         logm = _log_mix(param, logp, logq)
         phi = tl.where(p == 0, zero, p * (logp - logm))
-        g = -(1.0 - param) * tl.where(p == 0, zero, tl.exp(logp - logm))
+        w = tl.exp(tl.minimum(tl.log(zero + (1.0 - param)) + logq - logm, 0.0))  # (1-α) q / m
+        qg = tl.where(p == 0, zero, -p * w)
     elif DIV == SKEW_REVERSE_KL:
         logm = _log_mix(param, logq, logp)
         phi = tl.where(q == 0, zero, q * (logq - logm))
-        # α q / m <= 1: formed as exp(log α + log q - log m) (exponent <= 0), so α = 0 with
-        # q >> m = p gives 0, not 0 · inf = NaN
-        g = logq - logm - tl.exp(tl.minimum(tl.log(zero + param) + logq - logm, 0.0))
+        w = tl.exp(tl.minimum(tl.log(zero + param) + logq - logm, 0.0))  # α q / m
+        qg = tl.where(q == 0, zero, q * (logq - logm - w))
     else:  # TVD; sign(0) = 0 at ties
         phi = 0.5 * tl.abs(p - q)
-        g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, zero))
-    return phi, g
+        qg = q * tl.where(q > p, 0.5, tl.where(q < p, -0.5, zero))
+    return phi, qg
 
 
 @triton.jit
@@ -205,9 +207,9 @@ def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
                 logq = (s - mb) * inv_T - lzb
                 p = tl.exp(logp)
                 q = tl.exp(logq)
-                phi, g = _terms(DIV, logp, logq, p, q, param)
+                phi, qg = _terms(DIV, logp, logq, p, q, param)
                 div += tl.sum(phi, 0)
-                c += tl.sum(tl.where(q == 0, 0.0, q * g), 0)
+                c += tl.sum(qg, 0)
     total = soft_scale * div
     if HARD:
         in_range = (label >= 0) & (label < V)
@@ -263,8 +265,8 @@ def kd_bwd_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, gl_ptr, g_ptr,
             if DIV == FORWARD_KL:
                 grad_b = q - p
             else:
-                _, g = _terms(DIV, logp, logq, p, q, param)
-                grad_b = tl.where(q == 0, 0.0, q * (g - c))
+                _, qg = _terms(DIV, logp, logq, p, q, param)
+                grad_b = qg - tl.where(q == 0, 0.0, q * c)  # q·g may be nonzero at q = 0 (skew KL, α = 0)
             grad += soft_scale * grad_b
         if HARD:
             onehot = tl.where(cols == label, 1.0, 0.0)
