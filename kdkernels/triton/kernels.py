@@ -191,10 +191,10 @@ def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
     c = zero
     if SOFT:
         if DIV == FORWARD_KL:
-            div = acc / za - lza + lzb
+            div = acc / za + tl.log(zb / za)  # one log of a ratio near 1: no log V cancellation
             c = zero - 1.0
         elif DIV == REVERSE_KL:
-            div = acc / zb - lzb + lza
+            div = acc / zb + tl.log(za / zb)
             c = div
         else:
             # ---- pass 2: divergences that need the statistics before they can form p, q, m ----
