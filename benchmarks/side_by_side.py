@@ -1,0 +1,28 @@
+"""Side by side in one process: forward+backward medians of eager, torch.compile and kdkernels backends.
+
+    PYTHONPATH=. python benchmarks/side_by_side.py N V ROUNDS [impl,impl,...]   # impls: eager, compile, cpu, reference
+"""
+import sys, time, statistics, torch
+import kdkernels as kd
+from kdkernels.reference import eager_kd_loss
+N, V, R = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+impls = sys.argv[4].split(",") if len(sys.argv) > 4 else ["eager", "compile", "cpu"]
+torch.manual_seed(0)
+s = torch.randn(N, V); t = torch.randn(N, V)
+comp = torch.compile(eager_kd_loss)
+fns = {"eager": lambda x: eager_kd_loss(x, t, temperature=2.0),
+       "compile": lambda x: comp(x, t, temperature=2.0),
+       "cpu": lambda x: kd.kd_loss(x, t, temperature=2.0, backend="cpu"),
+       "reference": lambda x: kd.kd_loss(x, t, temperature=2.0, backend="reference")}
+times = {k: [] for k in impls}; fw = {k: [] for k in impls}
+for k in impls:  # warm-up (compile's first call excluded)
+    x = s.detach().requires_grad_(); fns[k](x).backward()
+for _ in range(R):
+    for k in impls:
+        x = s.detach().requires_grad_()
+        t0 = time.perf_counter(); l = fns[k](x); t1 = time.perf_counter(); l.backward(); t2 = time.perf_counter()
+        times[k].append(t2 - t0); fw[k].append(t1 - t0)
+base = statistics.median(times[impls[0]])
+for k in impls:
+    m = statistics.median(times[k])
+    print(f"{k:>9}: fwd+bwd median {m*1e3:8.1f} ms (fwd {statistics.median(fw[k])*1e3:7.1f} ms)  {impls[0]}/this = {base/m:5.2f}x")
