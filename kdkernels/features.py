@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .functional import REDUCTIONS, _check_number, _check_token_weights, reduce_rows
+from .functional import REDUCTIONS, _check_labels, _check_number, _check_token_weights, reduce_rows
 from .reference import compute_dtype
 
 __all__ = ["feature_loss", "FeatureLoss", "KINDS"]
@@ -44,21 +44,6 @@ def _check_hidden(name: str, x) -> None:
     if x.dim() < 1 or x.shape[-1] < 1:
         raise ValueError(f"{name} must have shape [..., D] with D >= 1, got {tuple(x.shape)}")
 
-
-def _check_mask_labels(labels, lead_shape, device) -> Optional[Tensor]:
-    """Labels only select rows here (compared with ignore_index): any integer value is fine."""
-    if labels is None:
-        return None
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor (int64), got dtype {labels.dtype}")
-    if tuple(labels.shape) != tuple(lead_shape):
-        raise ValueError(f"labels must have the leading shape of the hidden states "
-                         f"{tuple(lead_shape)}, got {tuple(labels.shape)}")
-    if labels.device != device:
-        raise ValueError(f"labels are on {labels.device} but the hidden states are on {device}")
-    return labels.reshape(-1).to(torch.int64)
 
 
 def feature_loss(student_h: Tensor, teacher_h: Tensor, kind: str = "mse",
@@ -106,7 +91,8 @@ def feature_loss(student_h: Tensor, teacher_h: Tensor, kind: str = "mse",
     if num_items_in_batch is not None and not isinstance(num_items_in_batch, Tensor):
         _check_number("num_items_in_batch", num_items_in_batch, positive=True)
     ii = int(ignore_index)
-    flat_labels = _check_mask_labels(labels, lead, student_h.device)
+    flat_labels = _check_labels(labels, lead, student_h.device, None, ii,
+                                what="hidden states")
     flat_w = _check_token_weights(token_weights, lead, student_h.device)
     if flat_w is not None:
         base = flat_labels if flat_labels is not None else torch.zeros_like(flat_w, dtype=torch.int64)

@@ -111,8 +111,11 @@ def check_options(div, beta, alpha, temperature, soft_weight, hard_weight, ignor
     return param, T, sw, hw
 
 
-def _check_labels(labels, lead_shape, device, V: Optional[int],
-                  ignore_index: int) -> Optional[Tensor]:
+def _check_labels(labels, lead_shape, device, V: Optional[int], ignore_index: int,
+                  what: str = "logits") -> Optional[Tensor]:
+    """Flat int64 labels, checked; ``what`` names the tensor the labels go with in messages.
+    V is None skips the range check (a sharded loss checks the global vocabulary; feature losses
+    only compare labels with ignore_index)."""
     if labels is None:
         return None
     if not isinstance(labels, Tensor):
@@ -120,10 +123,10 @@ def _check_labels(labels, lead_shape, device, V: Optional[int],
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor (int64), got dtype {labels.dtype}")
     if tuple(labels.shape) != tuple(lead_shape):
-        raise ValueError(f"labels must have the leading shape of the logits {tuple(lead_shape)}, "
+        raise ValueError(f"labels must have the leading shape of the {what} {tuple(lead_shape)}, "
                          f"got {tuple(labels.shape)}")
     if labels.device != device:
-        raise ValueError(f"labels are on {labels.device} but the logits are on {device}")
+        raise ValueError(f"labels are on {labels.device} but the {what} are on {device}")
     flat = labels.reshape(-1).to(torch.int64)
     # Range check only where it costs no device synchronisation and no graph break
     # (V is None: checked elsewhere, against the global vocabulary of a sharded loss).
