@@ -9,7 +9,6 @@ them, reassembled, with the single-process float64 oracle that materializes the 
 """
 import functools
 import os
-import socket
 import tempfile
 import time
 import traceback
@@ -22,13 +21,12 @@ import kdkernels
 from kdkernels import divergences
 
 from conftest import assert_close
+from test_distributed import (COLLECTIVES, NEG_INF_COLS, PARAMS, SPLITS, _free_port,
+                              shard_bounds)
 from test_fused_linear import oracle_fused, plain_fused
 
 V, VT, DS, DT = 37, 40, 12, 16               # VT > V: the teacher's padding sits on the last rank
 B, L = 3, 7                                  # N = 21 rows
-SPLITS = {2: [13, 24], 4: [10, 3, 14, 10]}   # uneven: V is not divisible by the world size
-NEG_INF_COLS = [0, 5, 10, 11, 12, 36]         # with 4 ranks, the whole of shard 1 is -inf
-PARAMS = {"jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}, "skew_reverse_kl": {"alpha": 0.2}}
 DEADLINE_S = 120
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 
@@ -114,10 +112,6 @@ def loss_kwargs(c):
     return kw
 
 
-def shard_bounds(splits, r):
-    return sum(splits[:r]), sum(splits[:r + 1])
-
-
 def teacher_rows(splits, r):
     """The teacher shard's rows: the student's boundaries, the padding on the last rank."""
     o0, o1 = shard_bounds(splits, r)
@@ -139,10 +133,6 @@ def _shard_loss(c, group, rank, world, hs, ws_l, bs_l, ht, wt_l, bt_l, labels):
                                           teacher_bias=bt_l, labels=labels,
                                           chunk_size=c["chunk"], process_group=group,
                                           vocab_start_index=start, **kw)
-
-
-COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce",
-               "broadcast", "reduce_scatter_tensor", "all_to_all_single", "reduce", "gather")
 
 
 def _count_collectives(c, rank, world):
@@ -241,12 +231,6 @@ def _worker(rank, world, port, outdir):
         torch.save(res, os.path.join(outdir, f"{c['id']}.{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @functools.lru_cache(maxsize=None)
