@@ -23,10 +23,26 @@ namespace {
 // Rows per task: enough work per thread that small inputs do not pay for threading.
 int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1)); }
 
-// KDKERNELS_CPU_HUGEPAGES=0 turns off the transparent-huge-page advice on gradient buffers.
+// KDKERNELS_CPU_HUGEPAGES=0 turns off the transparent-huge-page advice and the up-front page
+// population of gradient buffers.
 bool use_huge_pages() {
   const char* v = std::getenv("KDKERNELS_CPU_HUGEPAGES");
   return !(v && v[0] == '0');
+}
+
+// A fresh gradient buffer: huge pages advised, then its pages faulted in by all threads, each a
+// contiguous share, before the kernel writes it (see populate_pages).
+void prepare_gradient(const at::Tensor& grad) {
+  if (!use_huge_pages()) return;
+  char* p = static_cast<char*>(grad.data_ptr());
+  const int64_t bytes = grad.numel() * grad.element_size();
+  advise_huge_pages(p, bytes);
+  const int64_t huge = int64_t(1) << 21;
+  if (bytes < 4 * huge) return;
+  const int64_t pages = (bytes + huge - 1) / huge;
+  at::parallel_for(0, pages, 1, [&](int64_t b, int64_t e) {
+    populate_pages(p + b * huge, std::min(e * huge, bytes) - b * huge);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_rows_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
@@ -56,7 +72,7 @@ at::Tensor kd_rows_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& studen
   a.grad_loss = gl.data_ptr<float>();
   a.stats = const_cast<float*>(st.data_ptr<float>());
   a.grad = grad.data_ptr();
-  if (use_huge_pages()) advise_huge_pages(a.grad, grad.numel() * grad.element_size());
+  prepare_gradient(grad);
   at::parallel_for(0, a.N, grain_rows(a.V), [&](int64_t r0, int64_t r1) { cpu_backward_rows(a, r0, r1); });
   return grad;
 }
@@ -81,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor> kd_rows_fwd_grad_cpu(const at::Tensor& studen
   a.stats = stats.data_ptr<float>();
   a.grad_loss = gl.data_ptr<float>();
   a.grad = grad.data_ptr();
-  if (use_huge_pages()) advise_huge_pages(a.grad, grad.numel() * grad.element_size());
+  prepare_gradient(grad);
   // One task per thread; the threads share the rows dynamically (cpu_forward_grad_rows).
   // Chunks of about one 2 MiB (huge) page of gradient: threads do not fault the same page.
   const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 21) / (a.V * (int64_t)grad.element_size()));

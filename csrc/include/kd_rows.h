@@ -49,5 +49,11 @@ void cpu_backward_rows(const RowsArgs& args, int64_t row_begin, int64_t row_end)
 void cpu_forward_grad_rows(const RowsArgs& args, std::atomic<int64_t>& next, int64_t chunk);
 // Ask for transparent huge pages on a fresh output buffer before its first touch (Linux).
 void advise_huge_pages(void* ptr, int64_t bytes);
+// Fault in (and zero) the pages of [ptr, ptr + bytes) before the kernel writes them. Faults taken
+// inside the kernel's streaming loop cost more than faulting the same pages up front: the fused
+// forward-KL kernel at N=1024, fp32, 2 threads took 38 -> 26 ms (V=32000) and 109 -> 87 ms
+// (V=128256) on the development VM. The contents are left unspecified (zero or unchanged), so
+// only call it on buffers the kernel then overwrites.
+void populate_pages(void* ptr, int64_t bytes);
 
 }  // namespace kd
