@@ -150,16 +150,27 @@ def test_fuzz_backend_against_oracle(backend):
     if not device_ok:
         pytest.skip(f"backend {backend!r} does not run on CPU tensors")
 
-    @settings(max_examples=EXAMPLES if backend != "triton" else max(EXAMPLES // 5, 5),
+    @settings(max_examples=EXAMPLES if backend != "triton" or PROFILE == "long" else 5,
               deadline=None, derandomize=(PROFILE == "short"), database=None,
               suppress_health_check=list(HealthCheck))
     @given(cases(backend))
     def run(case):
-        _check_case(backend, case)
         count[0] += 1
-        if PROFILE == "long" and count[0] % 500 == 0:
-            print(f"fuzz[long] backend={backend}: {count[0]} cases passed", flush=True)
+        if PROFILE != "long":
+            _check_case(backend, case)
+            return
+        # Long profile: record every failure and go on, so that one run reports all of them
+        # (with the seed to reproduce each); the test fails at the end if any case failed.
+        try:
+            _check_case(backend, case)
+        except AssertionError as e:
+            failures.append(str(e).splitlines()[0])
+            print(f"fuzz[long] FAILED case {count[0]}: {failures[-1]}", flush=True)
+        if count[0] % 500 == 0:
+            print(f"fuzz[long] backend={backend}: {count[0]} cases, {len(failures)} failed",
+                  flush=True)
 
-    count = [0]
+    count, failures = [0], []
     run()
-    print(f"\nfuzz[{PROFILE}] backend={backend}: {count[0]} cases passed")
+    print(f"\nfuzz[{PROFILE}] backend={backend}: {count[0]} cases, {len(failures)} failed")
+    assert not failures, f"{len(failures)} of {count[0]} cases failed:\n" + "\n".join(failures)
