@@ -174,5 +174,6 @@ def test_int64_indexing_more_than_2_31_elements(backend):
     assert float(loss[:-1].abs().max()) < 1e-6
     assert abs(float(loss[-1]) - float(exp[0])) < 1e-3 * abs(float(exp[0]))
     loss.sum().backward()
-    assert float(x.grad[:-1].float().abs().max()) < 1e-6
+    lo, hi = torch.aminmax(x.grad[:-1])  # no full-size temporaries (the gradient is 4.3 GB)
+    assert max(-float(lo), float(hi)) < 1e-6
     assert float(x.grad[-1].float().abs().max()) > 1e-3
