@@ -145,6 +145,22 @@ def test_skew_reverse_kl_alpha_smallest_normal_huge_logits(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [
+    ("skew_kl", {"alpha": 1.1754943508222875e-38}, 36.88853256147894, 2, (2, 2, 2), "denormal",
+     False, "none", 0.0, 8192),
+    ("skew_reverse_kl", {"alpha": 1e-30}, 38.506667603930865, 2, (2, 3), "ties", True, "some", 0.5,
+     91),
+])
+def test_skew_tiny_alpha_close_log_probabilities(backend, case):
+    """C++ CPU, after the first log_mix fix: with alpha ~ 1e-30 and log-probabilities 0.5 apart
+    (T ~ 37), scaling every tiny-weight sum by 2^64 cost ~ulp(44) = 3.8e-6 in log m (loss error
+    1.6e-3 on 3.2, 1.8x the bound). The scaled sum is now taken only where e^(lo - hi) < 2^-115."""
+    div, param, T, V, lead, pattern, strided, mask, hard, seed = case
+    _fuzz_case(backend, (div, param, T, V, lead, torch.float32, pattern, strided, 0, mask, hard,
+                         seed))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_skew_reverse_kl_alpha_0_one_hot_teacher_gradient(backend):
     """C++ CPU: skew reverse KL at alpha = 0 with a one-hot teacher at 1e4 (T = 0.5): every q g
     term is ~4e4 q, c = Σ q g ~ 4e4 and q (g - c) cancels it to ~0.4; fp32 lane sums of c lost

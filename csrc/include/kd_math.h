@@ -198,20 +198,21 @@ KD_HD KD_INLINE bool lognorm_nan(LogNorm n) { return n.m != n.m || n.lz != n.lz;
 // the mixture never underflows in linear space (both probabilities tiny, or a weight of 0: then
 // it is exactly the other distribution), identical x == y give exactly x, NaN stays NaN, and
 // both -inf give -inf.
-// A tiny w_hi (a parameter near 0 or 1, down to 2^-126) is summed with a w_lo e^(lo-hi) of the same
-// size, far below 2^-126, where exp flushes to 0: such sums are formed scaled by 2^64 (and the log
-// shifted back), so that the mixture keeps both parts (found by the fuzzer: skew reverse KL with
-// alpha = 2^-126 lost up to log 2 per element).
+// A tiny w_hi (a parameter near 0 or 1, down to 2^-126) next to a w_lo e^(lo-hi) of its size,
+// far below 2^-126 where exp flushes to 0, is summed scaled by 2^64 and the log shifted back
+// (found by the fuzzer: skew reverse KL with alpha = 2^-126 lost up to log 2 per element). Only
+// then: the shift costs ~ulp(44) absolute, harmless next to |log m - hi| > 41 there but not
+// for the ordinary case, where e^(lo-hi) is normal and the plain sum is exact enough.
 KD_HD KD_INLINE float log_mix(float w1, float x, float y) {
   const float w2 = 1.0f - w1;
   const bool xhi = x >= y;
   const float hi = xhi ? x : y, lo = xhi ? y : x;
   const float whi = xhi ? w1 : w2, wlo = xhi ? w2 : w1;
-  const bool tiny = whi < 8.67361738e-19f;           // 2^-60
-  const float scale = tiny ? 1.8446744e19f : 1.0f;   // 2^64
-  const float shift = tiny ? 44.3614195558365f : 0.0f;  // 64 ln 2
-  const float out =
-      hi + (log_fast(whi * scale + wlo * exp_fast((lo - safe_max(hi)) + shift)) - shift);
+  const float d = lo - safe_max(hi);
+  const bool scaled = whi < 8.67361738e-19f && d < -80.0f;  // w_hi < 2^-60, e^d < 2^-115
+  const float shift = scaled ? 44.3614195558365f : 0.0f;   // 64 ln 2
+  const float sum = (scaled ? whi * 1.8446744e19f : whi) + wlo * exp_fast(d + shift);
+  const float out = hi + (log_fast(sum) - shift);
   return whi == 0.0f ? lo : out;
 }
 

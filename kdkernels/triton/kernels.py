@@ -54,18 +54,19 @@ def _log_mix(w1, x, y):
 
     Factored as hi + log(w_hi + w_lo e^(lo - hi)) so that x == y gives exactly x (identical
     distributions give an exact 0 divergence); -inf where both are -inf, never NaN. A w_hi below
-    2^-60 (parameters down to 2^-126) is summed scaled by 2^64: its partner w_lo e^(lo - hi) is of
-    the same size, below 2^-126, where the GPU's exp flushes to 0 (csrc/include/kd_math.h)."""
+    2^-60 (parameters down to 2^-126) with e^(lo - hi) < 2^-115 is summed scaled by 2^64: both
+    parts are then below 2^-126, where the GPU's exp flushes to 0 (csrc/include/kd_math.h)."""
     w2 = 1.0 - w1
     x_hi = x >= y
     hi = tl.where(x_hi, x, y)
     lo = tl.where(x_hi, y, x)
     w_hi = tl.where(x_hi, w1, w2)
     w_lo = tl.where(x_hi, w2, w1)
-    tiny = w_hi < 8.67361738e-19  # 2^-60
-    scale = tl.where(tiny, 1.8446744e19, 1.0)  # 2^64
-    shift = tl.where(tiny, 44.3614195558365, 0.0)  # 64 ln 2
-    out = hi + (tl.log(w_hi * scale + w_lo * tl.exp((lo - _safe_max(hi)) + shift)) - shift)
+    d = lo - _safe_max(hi)
+    scaled = (w_hi < 8.67361738e-19) & (d < -80.0)  # w_hi < 2^-60, e^d < 2^-115
+    scale = tl.where(scaled, 1.8446744e19, 1.0)  # 2^64
+    shift = tl.where(scaled, 44.3614195558365, 0.0)  # 64 ln 2
+    out = hi + (tl.log(w_hi * scale + w_lo * tl.exp(d + shift)) - shift)
     return tl.where(w_hi == 0.0, lo, out)  # w_hi = 0: m is the other distribution (w_lo = 1)
 
 
