@@ -6,8 +6,9 @@ maxima); the CUDA kernel also merges partial states of threads, warps and the CT
 tested here through a small C++ harness compiled from kd_math.h on this machine: it splits a row
 the way the CUDA forward kernel does (thread i takes chunks i, i + threads, ...; lanes past V read
 -inf), absorbs chunk by chunk, then merges in the kernel's order (xor butterfly in warps of 32,
-then the warps in order) or in a left or right fold. Host build: log_ratio is logf there (the CUDA
-build takes log1pf near 1, kd_math.h).
+then the warps in order) or in a left or right fold. Per chunk it re-centres the state and adds the
+terms into it (the CUDA forward kernel's order) or absorbs the chunk's own sums (the CPU kernel's,
+mode 3). Host build: log_ratio is logf there (the CUDA build takes log1pf near 1, kd_math.h).
 
 The second half runs the same math through the C++ CPU op (forward only, and forward with the
 gradient) on rows whose running maximum moves from block to block at |logits| ~ 1e4, T = 0.05 and
@@ -53,19 +54,30 @@ static void run(const float* a, const float* b, int64_t V, int threads, int chun
       }
       const float nma = raise_max(on.ma, bma), nmb = raise_max(on.mb, bmb);
       const float offa = safe_max(nma), offb = safe_max(nmb);
-      float za = 0.f, zb = 0.f, acc = 0.f;
+      if (mode == 3) {  // the CPU kernel's order: the block's own sums, absorbed
+        float za = 0.f, zb = 0.f, acc = 0.f;
+        for (int k = 0; k < chunk; ++k) {
+          const float av = j + k < V ? a[j + k] : kNegInf, bv = j + k < V ? b[j + k] : kNegInf;
+          const float ea = exp_fast(av - offa), eb = exp_fast(bv - offb);
+          za += ea;
+          zb += eb;
+          acc += online_kl_term<DIV>(av, bv, offa, offb, ea, eb);
+        }
+        on.absorb(nma, nmb, za, zb, acc);
+        continue;
+      }
+      on.absorb(nma, nmb, 0.f, 0.f, 0.f);  // the CUDA kernel's order: re-centre, then add
       for (int k = 0; k < chunk; ++k) {
         const float av = j + k < V ? a[j + k] : kNegInf, bv = j + k < V ? b[j + k] : kNegInf;
         const float ea = exp_fast(av - offa), eb = exp_fast(bv - offb);
-        za += ea;
-        zb += eb;
-        acc += online_kl_term<DIV>(av, bv, offa, offb, ea, eb);
+        on.za += ea;
+        on.zb += eb;
+        on.acc += online_kl_term<DIV>(av, bv, offa, offb, ea, eb);
       }
-      on.absorb(nma, nmb, za, zb, acc);
     }
   }
   OnlineKL<DIV> r;
-  if (mode == 0) {  // warp_merge (xor butterfly) then block_merge (warps in order)
+  if (mode == 0 || mode == 3) {  // warp_merge (xor butterfly) then block_merge (warps in order)
     for (int off = 16; off > 0; off >>= 1) {
       std::vector<OnlineKL<DIV>> nxt(st);
       for (int i = 0; i < threads; ++i) nxt[i].merge(st[i ^ off]);
@@ -176,10 +188,10 @@ def _expected(div, t, s, T):
     return e, p, max(abs(float(e)), abs(centred))
 
 
-# Rounding allowance relative to the cancelling terms: the kernel's merge order (butterfly,
-# depth 12) measured <= 9e-7 of them; the serial folds of 256 states (no kernel does that) up to
-# 1.7e-5, from the 256 rounded additions of the sums z.
-REL = {0: 4e-6, 1: 4e-5, 2: 4e-5}
+# Rounding allowance relative to the cancelling terms: the CUDA kernel's merge order (butterfly,
+# depth 12; modes 0 and 3) measured <= 9e-7 of them; the serial folds of 256 states (no kernel
+# does that) up to 1.7e-5, from the 256 rounded additions of the sums z.
+REL = {0: 4e-6, 1: 4e-5, 2: 4e-5, 3: 4e-6}
 
 
 @pytest.mark.parametrize("div", ["forward_kl", "reverse_kl"])
@@ -194,7 +206,7 @@ def test_merge_matches_oracle(harness, div, T, kind, V):
     lse_a = torch.logsumexp(a.double(), 0)
     lse_b = torch.logsumexp(b.double(), 0)
     for threads, chunk in SPLITS:
-        for mode in (0, 1, 2):
+        for mode in (0, 1, 2, 3):
             out = harness(div, a, b, threads, chunk, mode)
             what = f"{div} {kind} V={V} T={T} split={threads}x{chunk} mode={mode}"
             assert torch.isfinite(out).all(), f"{what}: {out}"
@@ -216,7 +228,7 @@ def test_merge_of_empty_states_is_exact(harness):
         a = torch.tensor([0.5, -1.0, 2.0])
         b = torch.tensor([1.0, 0.25, -3.0])
         ref = harness(div, a, b, 1, 4, 1)  # one state: no merge at all
-        for mode in (0, 1, 2):
+        for mode in (0, 1, 2, 3):
             out = harness(div, a, b, 256, 4, mode)  # 255 empty states
             assert torch.equal(out, ref), (div, mode, out, ref)
         allneg = torch.full((9,), NEG_INF)

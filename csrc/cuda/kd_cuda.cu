@@ -172,16 +172,25 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
       }
       const float nma = raise_max(on.ma, bma), nmb = raise_max(on.mb, bmb);
       const float offa = safe_max(nma), offb = safe_max(nmb);
-      float za = 0.f, zb = 0.f, acc = 0.f;
+      // The chunk's sums against the raised maxima, absorbed (OnlineKL::absorb). For forward /
+      // reverse KL the state is re-centred first and the terms added into it: the same sums, and
+      // fewer live registers (ptxas) than three chunk-local sums.
+      float za = 0.f, zb = 0.f;
+      if (is_online(DIV)) on.absorb(nma, nmb, 0.f, 0.f, 0.f);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         const float av = tv[k], bv = sv[k] * invT;
         const float ea = exp_fast(av - offa), eb = exp_fast(bv - offb);
-        za += ea;
-        zb += eb;
-        acc += online_kl_term<DIV>(av, bv, offa, offb, ea, eb);
+        if (is_online(DIV)) {
+          on.za += ea;
+          on.zb += eb;
+          on.acc += online_kl_term<DIV>(av, bv, offa, offb, ea, eb);
+        } else {
+          za += ea;
+          zb += eb;
+        }
       }
-      on.absorb(nma, nmb, za, zb, acc);
+      if (!is_online(DIV)) on.absorb(nma, nmb, za, zb, 0.f);
     }
     if (sep) {
       float bm = kNegInf;
