@@ -233,6 +233,7 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
       }
       D = block_sum(sphi, sm);
       cc = block_sum(sqg, sm);
+      if (lognorm_nan(na) || lognorm_nan(nb)) D = NAN;  // NaN input: terms with q = NaN read as 0
     }
   }
   LogNorm ns = nb;
