@@ -196,18 +196,6 @@ inline float sum_exp(const float* x, int n, float offset) {
   return s;
 }
 
-// The online KL numerator on centred logits: acc = sum e^{a - ma}((a - ma) - (b - mb)) for forward
-// KL (a <-> b for reverse KL). Centring keeps every term small, so one-hot rows at |logits| ~ 1e4
-// or T ~ 0.05 lose no ulp(max)-sized precision in the final (acc / z - log za + log zb). When the
-// running maxima move by (da, db), the old terms gain z_old (db - da) (forward; the opposite for
-// reverse) before the usual rescaling by e^{-da} (e^{-db}).
-template <int DIV>
-inline float online_kl_rescale(float acc, float za0, float zb0, float da, float db, float ra,
-                               float rb) {
-  if (DIV == FORWARD_KL) return (acc + (za0 == 0.f ? 0.f : za0 * (db - da))) * ra;
-  return (acc + (zb0 == 0.f ? 0.f : zb0 * (da - db))) * rb;
-}
-
 struct RowCtx {
   bool soft, hard, hard_separate;  // hard_separate: logsumexp(s) needs its own pass (T != 1)
   bool ignored, bad_label;
@@ -240,38 +228,34 @@ void forward_row(const RowsArgs& a, int64_t r) {
   const float invT = 1.0f / a.temperature;
   alignas(64) float ab[BLK], bb[BLK], xb[BLK];
 
-  // Pass 1: statistics, and the loss itself for the online divergences.
-  Online oa, ob, os;
-  float acc = 0.f;  // sum e^{a - ma}(a - b) (forward KL) or e^{b - mb}(b - a) (reverse KL)
+  // Pass 1: statistics, and the loss itself for the online divergences: each block's sums are
+  // taken against the raised running maxima and absorbed into the row state (kd_math.h OnlineKL,
+  // the same update and merge the CUDA kernel uses).
+  OnlineKL<DIV> on;
+  on.init();
+  Online os;
   for (int64_t j0 = 0; j0 < V; j0 += BLK) {
     const int n = (int)std::min<int64_t>(BLK, V - j0);
     if (c.soft) {
       load_scaled(t + j0, ab, n, invT);
       load_scaled(s + j0, bb, n, invT);
-      const float ma0 = safe_max(oa.m), mb0 = safe_max(ob.m), za0 = oa.z, zb0 = ob.z;
-      const float ra = oa.raise(block_max(ab, n));
-      const float rb = ob.raise(block_max(bb, n));
-      const float offa = safe_max(oa.m), offb = safe_max(ob.m);
+      const float nma = raise_max(on.ma, block_max(ab, n));
+      const float nmb = raise_max(on.mb, block_max(bb, n));
+      const float offa = safe_max(nma), offb = safe_max(nmb);
+      float za = 0.f, zb = 0.f, sacc = 0.f;
       if (DIV == FORWARD_KL || DIV == REVERSE_KL) {
-        acc = online_kl_rescale<DIV>(acc, za0, zb0, offa - ma0, offb - mb0, ra, rb);
-        float za = 0.f, zb = 0.f, sacc = 0.f;
 #pragma omp simd reduction(+ : za, zb, sacc)
         for (int i = 0; i < n; ++i) {
           const float ea = exp_fast(ab[i] - offa), eb = exp_fast(bb[i] - offb);
           za += ea;
           zb += eb;
-          if (DIV == FORWARD_KL)
-            sacc += ea > 0.f ? ea * ((ab[i] - offa) - (bb[i] - offb)) : 0.f;
-          else
-            sacc += eb > 0.f ? eb * ((bb[i] - offb) - (ab[i] - offa)) : 0.f;
+          sacc += online_kl_term<DIV>(ab[i], bb[i], offa, offb, ea, eb);
         }
-        oa.z += za;
-        ob.z += zb;
-        acc += sacc;
       } else {
-        oa.z += sum_exp(ab, n, offa);
-        ob.z += sum_exp(bb, n, offb);
+        za = sum_exp(ab, n, offa);
+        zb = sum_exp(bb, n, offb);
       }
+      on.absorb(nma, nmb, za, zb, sacc);
     }
     if (c.hard_separate) {
       load_scaled(s + j0, xb, n, 1.0f);
@@ -283,13 +267,13 @@ void forward_row(const RowsArgs& a, int64_t r) {
   LogNorm na{0.f, 0.f}, nb{0.f, 0.f};
   float cc = 0.f, D = 0.f;
   if (c.soft) {
-    na = lognorm_from(oa.m, oa.z);
-    nb = lognorm_from(ob.m, ob.z);
+    na = lognorm_from(on.ma, on.za);
+    nb = lognorm_from(on.mb, on.zb);
     if (DIV == FORWARD_KL) {
-      D = acc / oa.z + std::log(ob.z / oa.z);  // one log of a ratio near 1: no log V cancellation
+      D = on.divergence();
       cc = -1.f;
     } else if (DIV == REVERSE_KL) {
-      D = acc / ob.z + std::log(oa.z / ob.z);
+      D = on.divergence();
       cc = D + 1.f;
     } else {
       // Pass 2: the divergence and c = sum q g, from the row normalisers.
@@ -353,7 +337,7 @@ void grad_block(const float* __restrict ab, const float* __restrict bb,
       const float p = exp_fast(lp), q = exp_fast(lq);
       float phi, qg;
       div_terms<DIV>(lp, lq, p, q, param, phi, qg);
-      if (DIV == REVERSE_KL) qg = q == 0.f ? 0.f : q * (((bb[i] - ab[i]) - krev) - crev);
+      if (DIV == REVERSE_KL) qg = reverse_kl_qg(q, ab[i], bb[i], krev, crev);
       if (MODE == 0) out = k_soft * (qg - q * cc);
       else if (MODE == 1) out = grad_element(k_soft, qg, q, cc, k_hard, q, 0.f);
       else out = grad_element(k_soft, qg, q, cc, k_hard, exp_fast(log_prob(xb[i], ns)), 0.f);
@@ -399,7 +383,7 @@ void backward_row(const RowsArgs& a, int64_t r) {
 #pragma omp simd reduction(+ : bs)
       for (int i = 0; i < n; ++i) {
         const float q = exp_fast(log_prob(bb[i], nb));
-        bs += q == 0.f ? 0.f : q * ((bb[i] - ab[i]) - k);
+        bs += reverse_kl_qx(q, ab[i], bb[i], k);
       }
       sum += bs;
     }
@@ -458,19 +442,17 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
     // One pass from memory, block by block: convert, raise the running maxima, and keep
     // e^{a - offa_k}, e^{b - offb_k} against the offsets of block k (offs[k]); the loss
     // accumulates online (DESIGN.md §3). The loads of a block overlap the exponentials.
-    Online oa, ob;
-    float acc = 0.f;  // sum e^{a - ma}(a - b) (forward KL) or e^{b - mb}(b - a) (reverse KL)
+    OnlineKL<DIV> on;
+    on.init();
     for (int64_t j0 = 0, k = 0; j0 < V; j0 += BLK, ++k) {
       const int n = (int)std::min<int64_t>(BLK, V - j0);
       float* __restrict xb = x + j0;
       float* __restrict yb = y + j0;
       prefetch_block(t + j0 + BLK, std::min<int64_t>(BLK, V - j0 - BLK));
       prefetch_block(s + j0 + BLK, std::min<int64_t>(BLK, V - j0 - BLK));
-      const float ma0 = safe_max(oa.m), mb0 = safe_max(ob.m), za0 = oa.z, zb0 = ob.z;
-      const float ra = oa.raise(load_scaled_max(t + j0, xb, n, invT));
-      const float rb = ob.raise(load_scaled_max(s + j0, yb, n, invT));
-      const float offa = safe_max(oa.m), offb = safe_max(ob.m);
-      acc = online_kl_rescale<DIV>(acc, za0, zb0, offa - ma0, offb - mb0, ra, rb);
+      const float nma = raise_max(on.ma, load_scaled_max(t + j0, xb, n, invT));
+      const float nmb = raise_max(on.mb, load_scaled_max(s + j0, yb, n, invT));
+      const float offa = safe_max(nma), offb = safe_max(nmb);
       offs[2 * k] = offa;
       offs[2 * k + 1] = offb;
       float bza = 0.f, bzb = 0.f, bacc = 0.f;
@@ -480,27 +462,20 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
         const float ea = exp_nonpos(av - offa), eb = exp_nonpos(bv - offb);
         bza += ea;
         bzb += eb;
-        if (DIV == FORWARD_KL) {
-          bacc += ea > 0.f ? ea * ((av - offa) - (bv - offb)) : 0.f;
+        bacc += online_kl_term<DIV>(av, bv, offa, offb, ea, eb);
+        if (DIV == FORWARD_KL)
           xb[i] = ea;
-        } else {
-          bacc += eb > 0.f ? eb * ((bv - offb) - (av - offa)) : 0.f;
+        else
           xb[i] = (bv - offb) - (av - offa);  // small where q matters, even at |logits| ~ 1e4
-        }
         yb[i] = eb;
       }
-      oa.z += bza;
-      ob.z += bzb;
-      acc += bacc;
+      on.absorb(nma, nmb, bza, bzb, bacc);
     }
-    ma = oa.m;
-    mb = ob.m;
-    za = oa.z;
-    zb = ob.z;
-    if (DIV == FORWARD_KL)
-      D = acc / za + std::log(zb / za);
-    else
-      D = acc / zb + std::log(za / zb);
+    ma = on.ma;
+    mb = on.mb;
+    za = on.za;
+    zb = on.zb;
+    D = on.divergence();
   } else {
     // Pass 1: scaled fp32 copies and maxima.
     ma = kNegInf;

@@ -67,42 +67,47 @@ __device__ __forceinline__ void store_chunk(S* row, int64_t j, int64_t V, bool v
   }
 }
 
-// Online (max, sum-exp) with one extra sum rescaled like z (the online KL term).
-struct Online {
-  float m, z, acc;
-  __device__ void init() { m = kNegInf; z = 0.f; acc = 0.f; }
-  __device__ void merge(float m2, float z2, float acc2) {
-    float mn = fmaxf(m, m2);
-    float r1 = rescale(m, mn), r2 = rescale(m2, mn);
-    z = z * r1 + z2 * r2;
-    acc = acc * r1 + acc2 * r2;
-    m = mn;
-  }
+// Partial row states and their merges. The soft term's state is kd_math.h's OnlineKL (teacher and
+// student (max, sum-exp), and the centred online KL numerator: the code the CPU kernels run);
+// the hard term's is a plain (max, sum-exp) pair.
+struct MaxSum {
+  float m, z;
+  __device__ __forceinline__ void init() { m = kNegInf; z = 0.f; }
+  __device__ __forceinline__ void merge(const MaxSum& o) { merge_max_sum(m, z, o.m, o.z); }
 };
 
-__device__ __forceinline__ void warp_merge(Online& o) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    float m2 = __shfl_xor_sync(0xffffffffu, o.m, off);
-    float z2 = __shfl_xor_sync(0xffffffffu, o.z, off);
-    float a2 = __shfl_xor_sync(0xffffffffu, o.acc, off);
-    o.merge(m2, z2, a2);
-  }
+__device__ __forceinline__ MaxSum shfl_xor(const MaxSum& x, int off) {
+  return MaxSum{__shfl_xor_sync(0xffffffffu, x.m, off), __shfl_xor_sync(0xffffffffu, x.z, off)};
 }
 
-// Merge the per-thread states of the CTA; every thread gets the result.
-__device__ void block_merge(Online& o, float* sm /* [3 * WARPS] */) {
+template <int DIV>
+__device__ __forceinline__ OnlineKL<DIV> shfl_xor(const OnlineKL<DIV>& x, int off) {
+  OnlineKL<DIV> o;
+  o.ma = __shfl_xor_sync(0xffffffffu, x.ma, off);
+  o.za = __shfl_xor_sync(0xffffffffu, x.za, off);
+  o.mb = __shfl_xor_sync(0xffffffffu, x.mb, off);
+  o.zb = __shfl_xor_sync(0xffffffffu, x.zb, off);
+  o.acc = is_online(DIV) ? __shfl_xor_sync(0xffffffffu, x.acc, off) : 0.f;
+  return o;
+}
+
+template <class State>
+__device__ __forceinline__ void warp_merge(State& st) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) st.merge(shfl_xor(st, off));
+}
+
+// Merge the per-thread states of the CTA; every thread gets the result. `sm`: WARPS states.
+template <class State>
+__device__ void block_merge(State& st, State* sm) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  warp_merge(o);
+  warp_merge(st);
   __syncthreads();
-  if (lane == 0) {
-    sm[warp] = o.m;
-    sm[WARPS + warp] = o.z;
-    sm[2 * WARPS + warp] = o.acc;
-  }
+  if (lane == 0) sm[warp] = st;
   __syncthreads();
-  o.init();
-  for (int w = 0; w < WARPS; ++w) o.merge(sm[w], sm[WARPS + w], sm[2 * WARPS + w]);
+  st = sm[0];
+#pragma unroll
+  for (int w = 1; w < WARPS; ++w) st.merge(sm[w]);
 }
 
 __device__ float block_sum(float x, float* sm /* [WARPS] */) {
@@ -124,7 +129,7 @@ __device__ __forceinline__ bool aligned16(const void* p) {
 template <class S, int DIV>
 __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
   constexpr int N = Vec<S>::N;
-  __shared__ float sm[3 * WARPS];
+  __shared__ float sm[sizeof(OnlineKL<DIV>) / sizeof(float) * WARPS];  // block reductions
   const int64_t r = blockIdx.x;
   if (r >= a.N) return;
   const int64_t label = a.labels ? a.labels[r] : 0;
@@ -147,8 +152,12 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
   const float invT = 1.0f / a.temperature;
   const int64_t V = a.V;
 
-  Online oa, ob, os;
-  oa.init(); ob.init(); os.init();
+  // Per thread: each chunk's sums are taken against the raised running maxima and absorbed
+  // (OnlineKL::absorb, as the CPU kernel does per block); then warp and CTA merges.
+  OnlineKL<DIV> on;
+  MaxSum os;
+  on.init();
+  os.init();
   for (int64_t j = (int64_t)threadIdx.x * N; j < V; j += (int64_t)THREADS * N) {
     float sv[N], tv[N];
     load_chunk(s, j, V, vec, sv);
@@ -161,26 +170,33 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
         bma = fmaxf(bma, tv[k]);
         bmb = fmaxf(bmb, sv[k] * invT);
       }
-      const float nma = fmaxf(oa.m, bma), nmb = fmaxf(ob.m, bmb);
-      const float ra = rescale(oa.m, nma), rb = rescale(ob.m, nmb);
-      oa.z *= ra; oa.acc *= ra; oa.m = nma;
-      ob.z *= rb; ob.acc *= rb; ob.m = nmb;
+      const float nma = raise_max(on.ma, bma), nmb = raise_max(on.mb, bmb);
       const float offa = safe_max(nma), offb = safe_max(nmb);
+      // The chunk's sums against the raised maxima, absorbed (OnlineKL::absorb). For forward /
+      // reverse KL the state is re-centred first and the terms added into it: the same sums, and
+      // fewer live registers (ptxas) than three chunk-local sums.
+      float za = 0.f, zb = 0.f;
+      if (is_online(DIV)) on.absorb(nma, nmb, 0.f, 0.f, 0.f);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         const float av = tv[k], bv = sv[k] * invT;
         const float ea = exp_fast(av - offa), eb = exp_fast(bv - offb);
-        oa.z += ea;
-        ob.z += eb;
-        if (DIV == FORWARD_KL) oa.acc += ea > 0.f ? ea * (av - bv) : 0.f;
-        if (DIV == REVERSE_KL) ob.acc += eb > 0.f ? eb * (bv - av) : 0.f;
+        if (is_online(DIV)) {
+          on.za += ea;
+          on.zb += eb;
+          on.acc += online_kl_term<DIV>(av, bv, offa, offb, ea, eb);
+        } else {
+          za += ea;
+          zb += eb;
+        }
       }
+      if (!is_online(DIV)) on.absorb(nma, nmb, za, zb, 0.f);
     }
     if (sep) {
       float bm = kNegInf;
 #pragma unroll
       for (int k = 0; k < N; ++k) bm = fmaxf(bm, sv[k]);
-      const float nm = fmaxf(os.m, bm);
+      const float nm = raise_max(os.m, bm);
       os.z *= rescale(os.m, nm);
       os.m = nm;
       const float off = safe_max(nm);
@@ -191,16 +207,15 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
   LogNorm na{0.f, 0.f}, nb{0.f, 0.f};
   float cc = 0.f, D = 0.f;
   if (soft) {
-    block_merge(oa, sm);
-    block_merge(ob, sm);
-    na = lognorm_from(oa.m, oa.z);
-    nb = lognorm_from(ob.m, ob.z);
+    block_merge(on, reinterpret_cast<OnlineKL<DIV>*>(sm));
+    na = lognorm_from(on.ma, on.za);
+    nb = lognorm_from(on.mb, on.zb);
     if (DIV == FORWARD_KL) {
-      D = oa.acc / oa.z - (oa.m - ob.m) - logf(oa.z) + logf(ob.z);
+      D = on.divergence();
       cc = -1.f;
     } else if (DIV == REVERSE_KL) {
-      D = ob.acc / ob.z - (ob.m - oa.m) - logf(ob.z) + logf(oa.z);
-      cc = D + 1.f;
+      D = on.divergence();
+      cc = D + 1.f;  // saved for the record; backward sums its own c' (backward_kernel)
     } else {
       float sphi = 0.f, sqg = 0.f;
       for (int64_t j = (int64_t)threadIdx.x * N; j < V; j += (int64_t)THREADS * N) {
@@ -218,11 +233,12 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
       }
       D = block_sum(sphi, sm);
       cc = block_sum(sqg, sm);
+      if (lognorm_nan(na) || lognorm_nan(nb)) D = NAN;  // NaN input: terms with q = NaN read as 0
     }
   }
   LogNorm ns = nb;
   if (sep) {
-    block_merge(os, sm);
+    block_merge(os, reinterpret_cast<MaxSum*>(sm));
     ns = lognorm_from(os.m, os.z);
   }
   if (threadIdx.x == 0) {
@@ -242,6 +258,7 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
 template <class S, int DIV>
 __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
   constexpr int N = Vec<S>::N;
+  __shared__ float sm[WARPS];
   const int64_t r = blockIdx.x;
   if (r >= a.N) return;
   const int64_t V = a.V;
@@ -266,12 +283,29 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
   const float* st = a.stats + r * STATS_WIDTH;
   const LogNorm na{st[STAT_MA], st[STAT_LZA]}, nb{st[STAT_MB], st[STAT_LZB]};
   const LogNorm ns{st[STAT_MS], st[STAT_LZS]};
-  const float cc = st[STAT_C];
-  const float krev = DIV == REVERSE_KL ? reverse_kl_offset(na, nb) : 0.f;  // c = D + 1
+  const float invT = 1.0f / a.temperature;
+  float cc = st[STAT_C];
+  const float krev = DIV == REVERSE_KL ? reverse_kl_offset(na, nb) : 0.f;
+  if (DIV == REVERSE_KL && soft) {
+    // Reverse KL: d/db_j = q_j (x_j - c') with c' = sum_k q_k x_k summed here from the same
+    // rounded x_k as the gradient (kd_math.h reverse_kl_qx / reverse_kl_qg, as the CPU kernel):
+    // one more read of the row.
+    float part = 0.f;
+    for (int64_t j = (int64_t)threadIdx.x * N; j < V; j += (int64_t)THREADS * N) {
+      float sv[N], tv[N];
+      load_chunk(s, j, V, vec, sv);
+      load_chunk(t, j, V, vec, tv);
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const float ak = tv[k] * invT, bk = sv[k] * invT;
+        part += reverse_kl_qx(exp_fast(log_prob(bk, nb)), ak, bk, krev);
+      }
+    }
+    cc = block_sum(part, sm);
+  }
   const float gl = a.grad_loss[r];
   const float k_soft = soft ? gl * a.soft_weight * a.temperature : 0.f;
   const float k_hard = hard ? (bad_label ? NAN : gl * a.hard_weight) : 0.f;
-  const float invT = 1.0f / a.temperature;
   for (int64_t j = (int64_t)threadIdx.x * N; j < V; j += (int64_t)THREADS * N) {
     float sv[N], tv[N], out[N];
     load_chunk(s, j, V, vec, sv);
@@ -286,8 +320,8 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
         q = exp_fast(lq);
         float phi, qg;
         div_terms<DIV>(lp, lq, p, q, a.param, phi, qg);
-        // reverse KL: qg - q c without the cancellation (kd_math.h)
-        o = DIV != REVERSE_KL ? k_soft * (qg - q * cc) : q == 0.f ? 0.f : k_soft * q * (((bk - ak) - krev) - (cc - 1.f));
+        // reverse KL: qg - q c = q (x - c') without the cancellation (kd_math.h)
+        o = DIV == REVERSE_KL ? k_soft * reverse_kl_qg(q, ak, bk, krev, cc) : k_soft * (qg - q * cc);
       }
       if (hard) {
         const float sm = sep ? exp_fast(log_prob(sv[k], ns)) : q;

@@ -298,4 +298,108 @@ KD_HD KD_INLINE float reverse_kl_grad_from_exps(float eb, float d, float inv_zb,
 // Hard cross-entropy term: logsumexp(s) - s[label] (T = 1).
 KD_HD KD_INLINE float hard_ce(LogNorm ns, float s_label) { return (ns.m - s_label) + ns.lz; }
 
+// ---- online forward / reverse KL on centred logits (DESIGN.md §3, step 1) -----------------------
+// The running maximum after seeing x: keeps a NaN already in m (as the CPU kernels always did).
+KD_HD KD_INLINE float raise_max(float m, float x) { return x > m ? x : m; }
+
+// One element's share of the online KL numerator, against the offsets offa = safe_max(ma),
+// offb = safe_max(mb) and with ea = e^{a - offa}, eb = e^{b - offb}:
+//   forward KL: e^{a - ma}((a - ma) - (b - mb)),   reverse KL: e^{b - mb}((b - mb) - (a - ma)).
+// Centred terms stay small (|a - ma| is not |a| ~ 1e4 / T), so one-hot rows at |logits| ~ 1e4 or
+// T ~ 0.05 keep their precision; a zero weight gives 0 (also where the other logit is -inf).
+template <int DIV>
+KD_HD KD_INLINE float online_kl_term(float a, float b, float offa, float offb, float ea, float eb) {
+  if (DIV == FORWARD_KL) return ea > 0.0f ? ea * ((a - offa) - (b - offb)) : 0.0f;
+  if (DIV == REVERSE_KL) return eb > 0.0f ? eb * ((b - offb) - (a - offa)) : 0.0f;
+  return 0.0f;
+}
+
+// A numerator acc taken against offsets (offa_i, offb_i), re-centred on offsets (offa, offb) no
+// smaller: da = offa_i - offa <= 0, db = offb_i - offb <= 0, ra = e^{ma_i - ma}, rb = e^{mb_i - mb}
+// (rescale()), za, zb the sums that go with acc. Every old term gains (da - db) (forward KL;
+// (db - da) reverse KL) before the usual rescaling:
+//   forward KL: ra (acc + za (da - db)),   reverse KL: rb (acc + zb (db - da)).
+// An empty part (weight za = 0, resp. zb = 0; then acc = 0 too) gives exactly 0, never inf * 0.
+template <int DIV>
+KD_HD KD_INLINE float online_kl_recentre(float acc, float za, float zb, float da, float db,
+                                         float ra, float rb) {
+  if (DIV == FORWARD_KL) return (acc + (za == 0.0f ? 0.0f : za * (da - db))) * ra;
+  if (DIV == REVERSE_KL) return (acc + (zb == 0.0f ? 0.0f : zb * (db - da))) * rb;
+  return 0.0f;
+}
+
+// log(num / den) for the positive sums of the online KL loss. Host: logf of the ratio. CUDA
+// (built with --use_fast_math, where logf is __logf, absolute error ~4e-7 near 1): log1pf of
+// (num - den) / den, exact subtraction (Sterbenz) for a ratio in [0.5, 2], logf elsewhere; so a
+// small divergence times T^2 (T = 50: 2500) does not carry the intrinsic's error.
+KD_HD KD_INLINE float log_ratio(float num, float den) {
+#if defined(__CUDA_ARCH__)
+  const float r = num / den;
+  return (r >= 0.5f && r <= 2.0f) ? log1pf((num - den) / den) : logf(r);
+#else
+  return logf(num / den);
+#endif
+}
+
+// Online state of one row part (a V-block, a CUDA thread's strided share, a warp, a CTA):
+// (ma, za) and (mb, zb) the (max, sum-exp) of a = t/T and b = s/T, and for forward / reverse KL
+// the numerator acc = sum online_kl_term(...) centred on the part's own maxima (through
+// safe_max: an empty part, m = -inf, z = 0, acc = 0). Other divergences ignore acc.
+// The loss is D = acc / za + log(zb / za) (forward KL) or acc / zb + log(za / zb) (reverse KL):
+// one log of a ratio near 1, no cancelling log-sums of size log V.
+template <int DIV>
+struct OnlineKL {
+  float ma, za, mb, zb, acc;
+
+  KD_HD KD_INLINE void init() {
+    ma = kNegInf;
+    mb = kNegInf;
+    za = 0.0f;
+    zb = 0.0f;
+    acc = 0.0f;
+  }
+
+  // Absorb sums (za2, zb2, acc2) taken against new maxima (na, nb), na >= ma, nb >= mb (from
+  // raise_max): the state is re-centred on (na, nb) and the sums added. This is merge() with a
+  // part already centred on the merged maxima (its factors are 1): the per-block update.
+  KD_HD KD_INLINE void absorb(float na, float nb, float za2, float zb2, float acc2) {
+    const float ra = rescale(ma, na), rb = rescale(mb, nb);
+    if (is_online(DIV))
+      acc = online_kl_recentre<DIV>(acc, za, zb, safe_max(ma) - safe_max(na),
+                                    safe_max(mb) - safe_max(nb), ra, rb) + acc2;
+    za = za * ra + za2;
+    zb = zb * rb + zb2;
+    ma = na;
+    mb = nb;
+  }
+
+  // Merge another partial state (any maxima; either may be empty).
+  KD_HD KD_INLINE void merge(const OnlineKL& o) {
+    const float na = raise_max(ma, o.ma), nb = raise_max(mb, o.mb);
+    const float ra = rescale(o.ma, na), rb = rescale(o.mb, nb);
+    const float acc2 = is_online(DIV) ? online_kl_recentre<DIV>(o.acc, o.za, o.zb,
+                                                                safe_max(o.ma) - safe_max(na),
+                                                                safe_max(o.mb) - safe_max(nb),
+                                                                ra, rb)
+                                      : 0.0f;
+    absorb(na, nb, o.za * ra, o.zb * rb, acc2);
+  }
+
+  // The divergence of the whole row (forward / reverse KL only).
+  KD_HD KD_INLINE float divergence() const {
+    return DIV == FORWARD_KL ? acc / za + log_ratio(zb, za) : acc / zb + log_ratio(za, zb);
+  }
+};
+
+// Reverse KL gradient term q_j (x_j - c') with x_j = (b_j - a_j) - k, k = reverse_kl_offset(na, nb),
+// and c' = sum_k q_k x_k summed by the kernel from the same rounded x_k (reverse_kl_qx) in a pass
+// before the gradient: for near one-hot rows at |logits| ~ 1e4 the rounding of the dominant x_j
+// then cancels in x_j - c' (as in autograd) instead of leaving ulp(1e4)-sized errors. 0 where q = 0.
+KD_HD KD_INLINE float reverse_kl_qx(float q, float a, float b, float k) {
+  return q == 0.0f ? 0.0f : q * ((b - a) - k);
+}
+KD_HD KD_INLINE float reverse_kl_qg(float q, float a, float b, float k, float cprime) {
+  return q == 0.0f ? 0.0f : q * (((b - a) - k) - cprime);
+}
+
 }  // namespace kd
