@@ -1,25 +1,49 @@
 """Peak extra RSS and time of one forward+backward, one implementation per fresh process.
 
-Usage: python benchmarks/peak_memory.py {eager|reference|cpu|...} N V
+Usage: python benchmarks/peak_memory.py {eager|compile|reference|cpu|...} N V
+
+"Extra" is the high-water mark of the resident set during the step minus the resident set just
+before it (inputs already allocated; VmHWM is reset through /proc/self/clear_refs first). The
+code paths are warmed first on a tiny problem; torch.compile is also compiled and run once on
+the measured shape, so its compilation memory does not count.
 """
-import resource, sys, time, torch
+import sys, time, torch
 import kdkernels as kd
 from kdkernels.reference import eager_kd_loss
+
+
+def status_kib(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
 impl, N, V = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 g = torch.Generator().manual_seed(0)
 s = torch.randn(N, V, generator=g); t = torch.randn(N, V, generator=g)
-x = s.clone().requires_grad_(True)
-# warm the allocator/code paths on a tiny problem so only the big problem's extra memory counts
-kd.kd_loss(torch.randn(2, 8, requires_grad=True), torch.randn(2, 8), temperature=2.0, backend=impl if impl != "eager" else "reference").backward()
-eager_kd_loss(torch.randn(2, 8, requires_grad=True), torch.randn(2, 8), temperature=2.0).backward()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-t0 = time.perf_counter()
 if impl == "eager":
-    loss = eager_kd_loss(x, t, temperature=2.0)
+    fn = lambda x: eager_kd_loss(x, t, temperature=2.0)  # noqa: E731
+elif impl == "compile":
+    comp = torch.compile(eager_kd_loss)
+    fn = lambda x: comp(x, t, temperature=2.0)  # noqa: E731
+    fn(s.clone().requires_grad_(True)).backward()  # compile on this shape (not measured)
 else:
-    loss = kd.kd_loss(x, t, temperature=2.0, backend=impl)
+    fn = lambda x: kd.kd_loss(x, t, temperature=2.0, backend=impl)  # noqa: E731
+kd.kd_loss(torch.randn(2, 8, requires_grad=True), torch.randn(2, 8), temperature=2.0,
+           backend=impl if impl not in ("eager", "compile") else "reference").backward()
+eager_kd_loss(torch.randn(2, 8, requires_grad=True), torch.randn(2, 8), temperature=2.0).backward()
+x = s.clone().requires_grad_(True)
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")  # VmHWM := current RSS
+base = status_kib("VmRSS")
+t0 = time.perf_counter()
+loss = fn(x)
 loss.backward()
 dt = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status_kib("VmHWM")
 grad_mb = x.grad.numel() * x.grad.element_size() / 2**20
-print(f"{impl}: N={N} V={V} peak extra RSS {(peak - base) / 1024:.0f} MiB (one fp32 gradient = {grad_mb:.0f} MiB), time {dt:.3f}s, loss {float(loss.detach()):.6f}")
+print(f"{impl}: N={N} V={V} peak extra RSS {(peak - base) / 1024:.0f} MiB (one fp32 gradient = "
+      f"{grad_mb:.0f} MiB, ratio {(peak - base) / 1024 / grad_mb:.2f}), time {dt:.3f}s, "
+      f"loss {float(loss.detach()):.6f}")

@@ -13,6 +13,8 @@ import kdkernels as kd
 from kdkernels.reference import eager_kd_loss
 N, V, R = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 impls = sys.argv[4].split(",") if len(sys.argv) > 4 else ["eager", "compile", "cpu"]
+print(f"# N={N} V={V} rounds={R} fp32 forward_kl T=2 | torch {torch.__version__} threads "
+      f"{torch.get_num_threads()} | kdkernels {kd.__version__}", flush=True)
 torch.manual_seed(0)
 s = torch.randn(N, V); t = torch.randn(N, V)
 comp = torch.compile(eager_kd_loss)
