@@ -217,7 +217,10 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
       D = on.divergence();
       cc = D + 1.f;  // saved for the record; backward sums its own c' (backward_kernel)
     } else {
-      float sphi = 0.f, sqg = 0.f;
+      // Per-thread sums in double, as the CPU kernel: c adds q g terms as large as |log p| (4e4
+      // for one-hot teachers at |logits| 1e4) that q (g - c) cancels; the tree over threads is
+      // short and stays fp32.
+      double sphi = 0., sqg = 0.;
       for (int64_t j = (int64_t)threadIdx.x * N; j < V; j += (int64_t)THREADS * N) {
         float sv[N], tv[N];
         load_chunk(s, j, V, vec, sv);
@@ -231,8 +234,8 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
           sqg += qg;
         }
       }
-      D = block_sum(sphi, sm);
-      cc = block_sum(sqg, sm);
+      D = block_sum((float)sphi, sm);
+      cc = block_sum((float)sqg, sm);
       if (lognorm_nan(na) || lognorm_nan(nb)) D = NAN;  // NaN input: terms with q = NaN read as 0
     }
   }
