@@ -63,10 +63,10 @@ def _log_mix(w1, x, y):
     w_hi = tl.where(x_hi, w1, w2)
     w_lo = tl.where(x_hi, w2, w1)
     d = lo - _safe_max(hi)
-    scaled = (w_hi < 8.67361738e-19) & (d < -80.0)  # w_hi < 2^-60, e^d < 2^-115
-    scale = tl.where(scaled, 1.8446744e19, 1.0)  # 2^64
-    shift = tl.where(scaled, 44.3614195558365, 0.0)  # 64 ln 2
-    out = hi + (tl.log(w_hi * scale + w_lo * tl.exp(d + shift)) - shift)
+    # w_hi < 2^-60 and e^d < 2^-115: both parts scaled by 2^64, the log shifted back by 64 ln 2
+    scaled = ((w_hi < 8.67361738e-19) & (d < -80.0)).to(tl.float32)
+    shift = scaled * 44.3614195558365
+    out = hi + (tl.log(w_hi * (1.0 + scaled * 1.8446744e19) + w_lo * tl.exp(d + shift)) - shift)
     return tl.where(w_hi == 0.0, lo, out)  # w_hi = 0: m is the other distribution (w_lo = 1)
 
 
@@ -90,9 +90,8 @@ def _terms(DIV: tl.constexpr, logp, logq, p, q, param):
         qg = phi
     elif DIV == JSD:
         logm = _log_mix(param, logp, logq)
-        phi = param * tl.where(p == 0, zero, p * (logp - logm)) \
-            + (1.0 - param) * tl.where(q == 0, zero, q * (logq - logm))
         qg = (1.0 - param) * tl.where(q == 0, zero, q * (logq - logm))
+        phi = param * tl.where(p == 0, zero, p * (logp - logm)) + qg
     elif DIV == SKEW_KL:
         logm = _log_mix(param, logp, logq)
         phi = tl.where(p == 0, zero, p * (logp - logm))
