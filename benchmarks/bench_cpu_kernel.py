@@ -20,18 +20,11 @@ import time
 IMPLS = ("eager", "compile", "cpu")
 
 
-def _status(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def child(impl, N, V, repeats, threads):
     import torch
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import kdkernels as kd
+    from kdkernels.bench import proc_status_kib
     from kdkernels.reference import eager_kd_loss
 
     torch.set_num_threads(threads)
@@ -50,7 +43,7 @@ def child(impl, N, V, repeats, threads):
     (g,) = torch.autograd.grad(f(), s)
     first = time.perf_counter() - t0
     del g
-    base = _status("VmRSS")
+    base = proc_status_kib("VmRSS") * 1024
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # reset VmHWM to the current RSS
     times = []
@@ -60,7 +53,7 @@ def child(impl, N, V, repeats, threads):
         (g,) = torch.autograd.grad(loss, s)
         times.append(time.perf_counter() - t0)
         del g, loss
-    peak = _status("VmHWM") - base
+    peak = proc_status_kib("VmHWM") * 1024 - base
     times.sort()
     q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
     print(json.dumps(dict(impl=impl, N=N, V=V, threads=threads, first_call_s=first,

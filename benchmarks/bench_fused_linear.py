@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 import kdkernels as kd  # noqa: E402
 from kdkernels import backends, reference  # noqa: E402
+from kdkernels.bench import proc_status_kib as rss_kib  # noqa: E402
 from kdkernels.fused_linear import auto_chunk_size  # noqa: E402
 
 IMPLS = ("eager", "fused")
@@ -65,14 +66,6 @@ def step(impl, a, hs, ws, ht, wt, labels):
                                        temperature=a.temperature, chunk_size=a.chunk_size)
     loss.backward()
     return loss.detach()
-
-
-def rss_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def child(a):

@@ -9,15 +9,8 @@ the measured shape, so its compilation memory does not count.
 """
 import sys, time, torch
 import kdkernels as kd
+from kdkernels.bench import proc_status_kib as status_kib
 from kdkernels.reference import eager_kd_loss
-
-
-def status_kib(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
 
 
 impl, N, V = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

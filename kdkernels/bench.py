@@ -385,9 +385,13 @@ def bytes_per_step(p: Problem) -> int:
 
 # ---- CPU memory: a fresh subprocess per implementation and shape -----------------------------
 
-def _proc_status_kib(key: str) -> int:
+def proc_status_kib(key: str) -> int:
+    """A kB field of /proc/self/status (``VmRSS``, ``VmHWM``, ...) in KiB (Linux)."""
     with open("/proc/self/status") as f:
-        return int(re.search(rf"^{key}:\s+(\d+)\s+kB", f.read(), re.M).group(1))
+        m = re.search(rf"^{key}:\s+(\d+)\s+kB", f.read(), re.M)
+    if m is None:
+        raise RuntimeError(f"{key} not found in /proc/self/status")
+    return int(m.group(1))
 
 
 def _child_main(spec_json: str) -> int:
@@ -409,9 +413,9 @@ def _child_main(spec_json: str) -> int:
             pass
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak-RSS high-water mark (VmHWM) to the current RSS
-        base = _proc_status_kib("VmRSS")
+        base = proc_status_kib("VmRSS")
         out = _step(fn, s, t)
-        peak = _proc_status_kib("VmHWM")
+        peak = proc_status_kib("VmHWM")
         del out
         print(json.dumps({"peak_extra_bytes": (peak - base) * 1024, "base_rss_bytes": base * 1024}))
     except Exception as e:  # reported to the parent, which prints the reason

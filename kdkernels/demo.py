@@ -45,6 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .bench import proc_status_kib
+
 __all__ = ["WordTokenizer", "TinyGPT", "synthetic_text", "run_demo", "add_demo_arguments",
            "loss_call_memory"]
 
@@ -198,14 +200,6 @@ def _batches(tokens: torch.Tensor, batch: int, context: int, steps: int, seed: i
 
 # ---- memory of one loss call, in a fresh process -----------------------------------------------
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
 def _child_memory(method: str, rows: int, vocab: int, divergence: str, temperature: float,
                   threads: int) -> Dict[str, float]:
     """Runs inside the subprocess: peak extra RSS of one loss forward + backward."""
@@ -219,13 +213,13 @@ def _child_memory(method: str, rows: int, vocab: int, divergence: str, temperatu
     # warm-up on 2 separate rows (lazy imports, kernels), touching no [rows, vocab] buffer
     fn(torch.randn(2, vocab, requires_grad=True), torch.randn(2, vocab), divergence,
        temperature).backward()
-    before = _rss_kib("VmRSS")
+    before = proc_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS (Linux >= 4.0)
         f.write("5")
-    hwm0 = _rss_kib("VmHWM")
+    hwm0 = proc_status_kib("VmHWM")
     loss = fn(s, t, divergence, temperature)
     loss.backward()
-    peak = _rss_kib("VmHWM")
+    peak = proc_status_kib("VmHWM")
     return {"extra_mib": (peak - before) / 1024.0, "reset_ok": float(hwm0 <= before + 1024),
             "loss": float(loss)}
 
