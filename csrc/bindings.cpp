@@ -24,11 +24,12 @@ namespace {
 int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1)); }
 
 // KDKERNELS_CPU_HUGEPAGES=0 turns off the transparent-huge-page advice and the up-front page
-// population of gradient buffers.
-bool use_huge_pages() {
-  const char* v = std::getenv("KDKERNELS_CPU_HUGEPAGES");
-  return !(v && v[0] == '0');
+// population of gradient buffers; KDKERNELS_CPU_POPULATE=0 only the population.
+bool env_off(const char* name) {
+  const char* v = std::getenv(name);
+  return v && v[0] == '0';
 }
+bool use_huge_pages() { return !env_off("KDKERNELS_CPU_HUGEPAGES"); }
 
 // A fresh gradient buffer: huge pages advised, then its pages faulted in by all threads, each a
 // contiguous share, before the kernel writes it (see populate_pages).
@@ -38,7 +39,7 @@ void prepare_gradient(const at::Tensor& grad) {
   const int64_t bytes = grad.numel() * grad.element_size();
   advise_huge_pages(p, bytes);
   const int64_t huge = int64_t(1) << 21;
-  if (bytes < 4 * huge) return;
+  if (bytes < 4 * huge || env_off("KDKERNELS_CPU_POPULATE")) return;
   const int64_t pages = (bytes + huge - 1) / huge;
   at::parallel_for(0, pages, 1, [&](int64_t b, int64_t e) {
     populate_pages(p + b * huge, std::min(e * huge, bytes) - b * huge);

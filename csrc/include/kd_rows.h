@@ -51,9 +51,10 @@ void cpu_forward_grad_rows(const RowsArgs& args, std::atomic<int64_t>& next, int
 void advise_huge_pages(void* ptr, int64_t bytes);
 // Fault in (and zero) the pages of [ptr, ptr + bytes) before the kernel writes them. Faults taken
 // inside the kernel's streaming loop cost more than faulting the same pages up front: the fused
-// forward-KL kernel at N=1024, fp32, 2 threads took 38 -> 26 ms (V=32000) and 109 -> 87 ms
-// (V=128256) on the development VM. The contents are left unspecified (zero or unchanged), so
-// only call it on buffers the kernel then overwrites.
+// forward-KL op at N=1024, fp32, 2 threads, took 22 ms instead of 34 (V=32000) and 85 instead of
+// 100-123 (V=128256) on the development VM (benchmarks/cpu_op_timing.py with and without
+// KDKERNELS_CPU_POPULATE=0). The contents are left unspecified (zero or unchanged), so only call
+// it on buffers the kernel then overwrites.
 void populate_pages(void* ptr, int64_t bytes);
 
 }  // namespace kd
