@@ -115,7 +115,7 @@ def test_forward_kl_close_distributions_at_temperature_9(backend):
     """Long fuzz profile, C++ CPU: forward KL at T = 9 between close distributions (V = 22, logits
     -90..-105) has an absolute loss error 3.1e-5 where plain PyTorch's is 8.3e-6: the online form
     acc/za + log(zb/za) cancels two terms down to D ~ 1e-4, so its error is ~1.6 fp32 ulps of
-    T² M (M = 1 + ln V + Σ (p+q)|log p - log q|, test_fuzz._fp32_sizes). The fuzz bound allows 4
+    T² M (M = 1 + ln V + Σ p|log p - log q|, test_fuzz._fp32_sizes). The fuzz bound allows 4
     ulps of T² M for the loss (the rounding of the normalisers the one-pass form cancels; plain
     PyTorch, which subtracts per-element log-probabilities, is more precise on this row). Kept
     as a guard that the error does not grow past that allowance."""
