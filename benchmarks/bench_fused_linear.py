@@ -126,8 +126,9 @@ def main():
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--csv", default=os.path.join(ROOT, "benchmarks", "results",
-                                                 "fused_linear.csv"))
+    p.add_argument("--csv", default=os.path.join(ROOT, "bench_results", "fused_linear.csv"),
+                   help="CSV the rows are appended to (default: the untracked bench_results/; "
+                        "pass benchmarks/results/fused_linear.csv to add to the committed record)")
     p.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
