@@ -251,7 +251,11 @@ def test_matches_two_kernel_path():
         loss2, stats = kd_rows(*args)
         g2 = kd_rows_backward(torch.ones(16), *args[:3], stats, *args[3:])
         torch.testing.assert_close(loss, loss2, rtol=2e-6, atol=1e-6)
-        torch.testing.assert_close(g, g2, rtol=1e-5, atol=1e-8)
+        # Reverse KL: both paths form q (x - c') with c' summed from their own x, rounded against
+        # per-block offsets (fused) or one row offset (two-kernel); where x - c' cancels the two
+        # differ by up to ~2e-7 absolute (both are within 4e-7 of the float64 oracle here).
+        atol = 1e-6 if div == "reverse_kl" else 1e-8
+        torch.testing.assert_close(g, g2, rtol=1e-5, atol=atol)
 
 
 # ---- op checks, threads -------------------------------------------------------------------------

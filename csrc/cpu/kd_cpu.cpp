@@ -424,9 +424,7 @@ template <class S, int DIV>
 void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restrict y,
                float* __restrict offs) {
   const RowCtx c = row_context(a, r);
-  // Reverse KL also takes the two-kernel path: its backward forms c from the very values it
-  // subtracts it from (see backward_row), which the stored exponentials here cannot.
-  if (DIV == REVERSE_KL || c.ignored || !c.soft || c.hard_separate || c.bad_label) {
+  if (c.ignored || !c.soft || c.hard_separate || c.bad_label) {
     forward_row<S, DIV>(a, r);
     backward_row<S, DIV>(a, r);
     return;
@@ -537,25 +535,42 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
   const float kp = k_soft / za, kq = (k_soft + k_hard) / zb, inv_zb = 1.0f / zb;
   alignas(64) float gb[BLK];
   const float offa = safe_max(ma), offb = safe_max(mb);
+  // online divergences: the stored exponentials of block k are against offs[2k], offs[2k+1];
+  // reverse KL: log q - log p - D = d - shift_k with d = (b - offb_k) - (a - offa_k)
+  const bool online = DIV == FORWARD_KL || DIV == REVERSE_KL;
+  auto block_fb = [&](int64_t k) { return online ? std::exp(offs[2 * k + 1] - offb) : 1.f; };
+  auto block_shift = [&](int64_t k) {
+    return online ? ((offb - offs[2 * k + 1]) + std::log(zb)) -
+                        ((offa - offs[2 * k]) + std::log(za)) + D
+                  : 0.f;
+  };
+  float cprime = 0.f;  // reverse KL: c' = sum q x from the stored values (kd_math.h)
+  if (DIV == REVERSE_KL) {
+    double sum = 0.;
+    for (int64_t j0 = 0, k = 0; j0 < V; j0 += BLK, ++k) {
+      const int n = (int)std::min<int64_t>(BLK, V - j0);
+      const float* __restrict xb = x + j0;
+      const float* __restrict yb = y + j0;
+      const float inv_zbk = inv_zb * block_fb(k), shift_k = block_shift(k);
+      double bs = 0.;
+#pragma omp simd reduction(+ : bs)
+      for (int i = 0; i < n; ++i) bs += reverse_kl_qx_from_exps(yb[i], xb[i], inv_zbk, shift_k);
+      sum += bs;
+    }
+    cprime = (float)sum;
+  }
   for (int64_t j0 = 0, k = 0; j0 < V; j0 += BLK, ++k) {
     const int n = (int)std::min<int64_t>(BLK, V - j0);
     const float* __restrict xb = x + j0;
     const float* __restrict yb = y + j0;
-    // online divergences: the stored exponentials of block k are against offs[2k], offs[2k+1]
-    const bool online = DIV == FORWARD_KL || DIV == REVERSE_KL;
-    const float fa = online ? std::exp(offs[2 * k] - offa) : 1.f;
-    const float fb = online ? std::exp(offs[2 * k + 1] - offb) : 1.f;
-    const float kpk = kp * fa, kqk = kq * fb, inv_zbk = inv_zb * fb;
-    // reverse KL: log q - log p - D = x - shift_k with x = (b - offb_k) - (a - offa_k)
-    const float shift_k = online ? ((offb - offs[2 * k + 1]) + std::log(zb)) -
-                                       ((offa - offs[2 * k]) + std::log(za)) + D
-                                 : 0.f;
+    const float fa = online ? std::exp(offs[2 * k] - offa) : 1.f, fb = block_fb(k);
+    const float kpk = kp * fa, kqk = kq * fb, inv_zbk = inv_zb * fb, shift_k = block_shift(k);
 #pragma omp simd
     for (int i = 0; i < n; ++i) {
       if (DIV == FORWARD_KL)
         gb[i] = forward_kl_grad_from_exps(xb[i], yb[i], kpk, kqk);
       else if (DIV == REVERSE_KL)
-        gb[i] = reverse_kl_grad_from_exps(yb[i], xb[i], inv_zbk, shift_k, k_soft, k_hard);
+        gb[i] = reverse_kl_grad_from_exps(yb[i], xb[i], inv_zbk, shift_k, cprime, k_soft, k_hard);
       else
         gb[i] = grad_element(k_soft, xb[i], yb[i], cc, k_hard, yb[i], 0.f);
     }

@@ -287,12 +287,17 @@ KD_HD KD_INLINE float forward_kl_grad_from_exps(float ea, float eb, float kp, fl
   return eb * kq - ea * kp;
 }
 
-// Reverse KL from eb = e^{b - mb} and d = (b - mb) - (a - ma): q (k_soft (log q - log p - D) +
-// k_hard) with q = eb * inv_zb and log q - log p - D = d - shift, shift = (B - mb) - (A - ma) + D.
-// Zero where q = 0.
+// Reverse KL from eb = e^{b - mb} and d = (b - mb) - (a - ma): q (k_soft (x - c') + k_hard) with
+// q = eb * inv_zb, x = d - shift = log q - log p - D (shift = (B - mb) - (A - ma) + D), and
+// c' = sum_k q_k x_k summed by the kernel from these very x_k (exactly 0 but for rounding): for
+// near one-hot rows at |logits| ~ 1e4 the rounding of the dominant x_j then cancels in x_j - c'
+// (as in backward_row). Zero where q = 0.
+KD_HD KD_INLINE float reverse_kl_qx_from_exps(float eb, float d, float inv_zb, float shift) {
+  return eb > 0.0f ? eb * inv_zb * (d - shift) : 0.0f;
+}
 KD_HD KD_INLINE float reverse_kl_grad_from_exps(float eb, float d, float inv_zb, float shift,
-                                                float k_soft, float k_hard) {
-  return eb > 0.0f ? eb * inv_zb * (k_soft * (d - shift) + k_hard) : 0.0f;
+                                                float cprime, float k_soft, float k_hard) {
+  return eb > 0.0f ? eb * inv_zb * (k_soft * ((d - shift) - cprime) + k_hard) : 0.0f;
 }
 
 // Hard cross-entropy term: logsumexp(s) - s[label] (T = 1).
