@@ -1,6 +1,7 @@
 """Side by side in one process: forward+backward medians of eager, torch.compile and kdkernels backends.
 
-    PYTHONPATH=. python benchmarks/side_by_side.py N V ROUNDS [impl,impl,...]   # impls: eager, compile, cpu, reference
+    PYTHONPATH=. python benchmarks/side_by_side.py N V ROUNDS [impl,impl,...] [divergence]
+    # impls: eager, compile, cpu, reference; divergence: forward_kl (default), reverse_kl, ...
 
 Implementations take turns, one step each per round. A step is forward, backward and the release
 of what the step made (the loss with its graph, the gradient): each implementation pays for
@@ -13,15 +14,16 @@ import kdkernels as kd
 from kdkernels.reference import eager_kd_loss
 N, V, R = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 impls = sys.argv[4].split(",") if len(sys.argv) > 4 else ["eager", "compile", "cpu"]
-print(f"# N={N} V={V} rounds={R} fp32 forward_kl T=2 | torch {torch.__version__} threads "
+div = sys.argv[5] if len(sys.argv) > 5 else "forward_kl"
+print(f"# N={N} V={V} rounds={R} fp32 {div} T=2 | torch {torch.__version__} threads "
       f"{torch.get_num_threads()} | kdkernels {kd.__version__}", flush=True)
 torch.manual_seed(0)
 s = torch.randn(N, V); t = torch.randn(N, V)
 comp = torch.compile(eager_kd_loss)
-fns = {"eager": lambda x: eager_kd_loss(x, t, temperature=2.0),
-       "compile": lambda x: comp(x, t, temperature=2.0),
-       "cpu": lambda x: kd.kd_loss(x, t, temperature=2.0, backend="cpu"),
-       "reference": lambda x: kd.kd_loss(x, t, temperature=2.0, backend="reference")}
+fns = {"eager": lambda x: eager_kd_loss(x, t, div, temperature=2.0),
+       "compile": lambda x: comp(x, t, div, temperature=2.0),
+       "cpu": lambda x: kd.kd_loss(x, t, div, temperature=2.0, backend="cpu"),
+       "reference": lambda x: kd.kd_loss(x, t, div, temperature=2.0, backend="reference")}
 times = {k: [] for k in impls}; fw = {k: [] for k in impls}; fb = {k: [] for k in impls}
 for k in impls:  # warm-up (compile's first call excluded)
     x = s.detach().requires_grad_(); fns[k](x).backward()
