@@ -302,19 +302,9 @@ void forward_row(const RowsArgs& a, int64_t r) {
     }
   }
   const LogNorm ns = c.hard_separate ? lognorm_from(os.m, os.z) : nb;
-  float loss = c.soft ? a.soft_weight * a.temperature * a.temperature * D : 0.f;
-  if (c.hard) {
-    const float ce = c.bad_label ? NAN : hard_ce(ns, load_one(s + c.label));
-    loss += a.hard_weight * ce;
-  }
-  a.loss[r] = loss;
-  st[STAT_MA] = na.m;
-  st[STAT_LZA] = na.lz;
-  st[STAT_MB] = nb.m;
-  st[STAT_LZB] = nb.lz;
-  st[STAT_C] = cc;
-  st[STAT_MS] = ns.m;
-  st[STAT_LZS] = ns.lz;
+  const float ce = !c.hard ? 0.f : c.bad_label ? NAN : hard_ce(ns, load_one(s + c.label));
+  a.loss[r] = row_loss(c.soft, a.soft_weight, a.temperature, D, c.hard, a.hard_weight, ce);
+  store_row_stats(st, RowStats{na, nb, cc, ns});
 }
 
 // Gradient of one block into gb. MODE 0: soft only; 1: soft + hard at T = 1 (softmax(s) = q);
@@ -359,15 +349,14 @@ void backward_row(const RowsArgs& a, int64_t r) {
   }
   const S* s = static_cast<const S*>(a.student) + student_offset(a, r);
   const S* t = static_cast<const S*>(a.teacher) + teacher_offset(a, r);
-  const float* st = a.stats + r * STATS_WIDTH;
-  const LogNorm na{st[STAT_MA], st[STAT_LZA]}, nb{st[STAT_MB], st[STAT_LZB]};
-  const LogNorm ns{st[STAT_MS], st[STAT_LZS]};
+  const RowStats rs = load_row_stats(a.stats + r * STATS_WIDTH);
+  const LogNorm na = rs.na, nb = rs.nb, ns = rs.ns;
   const float gl = a.grad_loss[r];
   const float k_soft = c.soft ? gl * a.soft_weight * a.temperature : 0.f;
   const float k_hard = c.hard ? (c.bad_label ? NAN : gl * a.hard_weight) : 0.f;
   const float invT = 1.0f / a.temperature, param = a.param;
   const bool soft = c.soft, hard = c.hard, sep = c.hard_separate;
-  float cc = st[STAT_C];
+  float cc = rs.c;
   if (DIV == REVERSE_KL && soft) {
     // Reverse KL: d/db_j = q_j (x_j - c') with x_j = (b_j - a_j) - k (k per row, kd_math.h) and
     // c' = sum_k q_k x_k summed here from the same rounded x_k, so that for near one-hot rows
@@ -523,10 +512,9 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
     D = (lognorm_nan(na) || lognorm_nan(nb)) ? NAN : sphi;  // NaN input: q = NaN terms read as 0
     cc = sqg;
   }
-  float loss = a.soft_weight * a.temperature * a.temperature * D;
-  if (c.hard)  // T = 1 here: the student's normaliser is that of s
-    loss += a.hard_weight * hard_ce(lognorm_from(mb, zb), load_one(s + c.label));
-  a.loss[r] = loss;
+  // hard term at T = 1 here: the student's normaliser is that of s
+  const float ce = c.hard ? hard_ce(lognorm_from(mb, zb), load_one(s + c.label)) : 0.f;
+  a.loss[r] = row_loss(true, a.soft_weight, a.temperature, D, c.hard, a.hard_weight, ce);
 
   // Last pass: the gradient (hard term at T = 1: softmax(s) = q).
   const float gl = a.grad_loss[r];  // the caller's expected grad_loss (1 unless told)

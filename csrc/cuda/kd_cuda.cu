@@ -245,16 +245,9 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
     ns = lognorm_from(os.m, os.z);
   }
   if (threadIdx.x == 0) {
-    float loss = soft ? a.soft_weight * a.temperature * a.temperature * D : 0.f;
-    if (hard) loss += a.hard_weight * (bad_label ? NAN : hard_ce(ns, to_float(s[label])));
-    a.loss[r] = loss;
-    st[STAT_MA] = na.m;
-    st[STAT_LZA] = na.lz;
-    st[STAT_MB] = nb.m;
-    st[STAT_LZB] = nb.lz;
-    st[STAT_C] = cc;
-    st[STAT_MS] = ns.m;
-    st[STAT_LZS] = ns.lz;
+    const float ce = !hard ? 0.f : bad_label ? NAN : hard_ce(ns, to_float(s[label]));
+    a.loss[r] = row_loss(soft, a.soft_weight, a.temperature, D, hard, a.hard_weight, ce);
+    store_row_stats(st, RowStats{na, nb, cc, ns});
   }
 }
 
@@ -283,11 +276,10 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
   const S* s = static_cast<const S*>(a.student) + (r / a.L) * a.s_stride_b + (r % a.L) * a.s_stride_l;
   const S* t = static_cast<const S*>(a.teacher) + (r / a.t_L) * a.t_stride_b + (r % a.t_L) * a.t_stride_l;
   const bool vec = aligned16(s) && aligned16(t);
-  const float* st = a.stats + r * STATS_WIDTH;
-  const LogNorm na{st[STAT_MA], st[STAT_LZA]}, nb{st[STAT_MB], st[STAT_LZB]};
-  const LogNorm ns{st[STAT_MS], st[STAT_LZS]};
+  const RowStats rs = load_row_stats(a.stats + r * STATS_WIDTH);
+  const LogNorm na = rs.na, nb = rs.nb, ns = rs.ns;
   const float invT = 1.0f / a.temperature;
-  float cc = st[STAT_C];
+  float cc = rs.c;
   const float krev = DIV == REVERSE_KL ? reverse_kl_offset(na, nb) : 0.f;
   if (DIV == REVERSE_KL && soft) {
     // Reverse KL: d/db_j = q_j (x_j - c') with c' = sum_k q_k x_k summed here from the same

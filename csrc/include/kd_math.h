@@ -303,6 +303,35 @@ KD_HD KD_INLINE float reverse_kl_grad_from_exps(float eb, float d, float inv_zb,
 // Hard cross-entropy term: logsumexp(s) - s[label] (T = 1).
 KD_HD KD_INLINE float hard_ce(LogNorm ns, float s_label) { return (ns.m - s_label) + ns.lz; }
 
+// One row's loss: soft_weight T^2 D (when the soft term counts) + hard_weight ce (when the hard
+// term counts; the caller forms ce only then, since the label may be out of range otherwise).
+KD_HD KD_INLINE float row_loss(bool soft, float soft_weight, float T, float D, bool hard,
+                               float hard_weight, float ce) {
+  float loss = soft ? soft_weight * T * T * D : 0.0f;
+  if (hard) loss += hard_weight * ce;
+  return loss;
+}
+
+// The per-row statistics forward saves for backward (StatsCol layout), all zero for ignored rows.
+struct RowStats {
+  LogNorm na, nb;  // teacher a = t/T, student b = s/T
+  float c;         // sum_k q_k g_k
+  LogNorm ns;      // student at T = 1 (hard term)
+};
+KD_HD KD_INLINE void store_row_stats(float* st, const RowStats& rs) {
+  st[STAT_MA] = rs.na.m;
+  st[STAT_LZA] = rs.na.lz;
+  st[STAT_MB] = rs.nb.m;
+  st[STAT_LZB] = rs.nb.lz;
+  st[STAT_C] = rs.c;
+  st[STAT_MS] = rs.ns.m;
+  st[STAT_LZS] = rs.ns.lz;
+}
+KD_HD KD_INLINE RowStats load_row_stats(const float* st) {
+  return RowStats{LogNorm{st[STAT_MA], st[STAT_LZA]}, LogNorm{st[STAT_MB], st[STAT_LZB]},
+                  st[STAT_C], LogNorm{st[STAT_MS], st[STAT_LZS]}};
+}
+
 // ---- online forward / reverse KL on centred logits (DESIGN.md §3, step 1) -----------------------
 // The running maximum after seeing x: keeps a NaN already in m (as the CPU kernels always did).
 KD_HD KD_INLINE float raise_max(float m, float x) { return x > m ? x : m; }
