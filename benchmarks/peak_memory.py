@@ -9,7 +9,7 @@ the measured shape, so its compilation memory does not count.
 """
 import sys, time, torch
 import kdkernels as kd
-from kdkernels.bench import proc_status_kib as status_kib
+from kdkernels.bench import proc_status_kib
 from kdkernels.reference import eager_kd_loss
 
 
@@ -30,12 +30,12 @@ eager_kd_loss(torch.randn(2, 8, requires_grad=True), torch.randn(2, 8), temperat
 x = s.clone().requires_grad_(True)
 with open("/proc/self/clear_refs", "w") as fh:
     fh.write("5")  # VmHWM := current RSS
-base = status_kib("VmRSS")
+base = proc_status_kib("VmRSS")
 t0 = time.perf_counter()
 loss = fn(x)
 loss.backward()
 dt = time.perf_counter() - t0
-peak = status_kib("VmHWM")
+peak = proc_status_kib("VmHWM")
 grad_mb = x.grad.numel() * x.grad.element_size() / 2**20
 print(f"{impl}: N={N} V={V} peak extra RSS {(peak - base) / 1024:.0f} MiB (one fp32 gradient = "
       f"{grad_mb:.0f} MiB, ratio {(peak - base) / 1024 / grad_mb:.2f}), time {dt:.3f}s, "

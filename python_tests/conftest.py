@@ -61,9 +61,10 @@ def assert_close(actual, expected, dtype, plain=None, what="", scale_floor=0.0, 
     diff = abs_err(actual, expected)
     if not diff.numel():
         return 0.0
-    over = diff - torch.as_tensor(abs_floor, dtype=torch.float64)  # error beyond the allowance
+    floor = torch.as_tensor(abs_floor, dtype=torch.float64).expand_as(diff)
+    over = diff - floor  # error beyond each element's allowance
     err, worst = float(over.max()), int(over.argmax())
-    floor_w = float(torch.as_tensor(abs_floor, dtype=torch.float64).expand_as(diff).reshape(-1)[worst])
+    floor_w = float(floor.reshape(-1)[worst])
     assert err <= bound, (f"{what}: max error {float(diff.reshape(-1)[worst]):.3e} > bound "
                           f"{bound + floor_w:.3e} (scale {scale:.3e})")
     return float(diff.max())

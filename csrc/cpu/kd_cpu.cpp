@@ -526,11 +526,10 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
   // online divergences: the stored exponentials of block k are against offs[2k], offs[2k+1];
   // reverse KL: log q - log p - D = d - shift_k with d = (b - offb_k) - (a - offa_k)
   const bool online = DIV == FORWARD_KL || DIV == REVERSE_KL;
+  const float lza = online ? std::log(za) : 0.f, lzb = online ? std::log(zb) : 0.f;
   auto block_fb = [&](int64_t k) { return online ? std::exp(offs[2 * k + 1] - offb) : 1.f; };
   auto block_shift = [&](int64_t k) {
-    return online ? ((offb - offs[2 * k + 1]) + std::log(zb)) -
-                        ((offa - offs[2 * k]) + std::log(za)) + D
-                  : 0.f;
+    return online ? ((offb - offs[2 * k + 1]) + lzb) - ((offa - offs[2 * k]) + lza) + D : 0.f;
   };
   float cprime = 0.f;  // reverse KL: c' = sum q x from the stored values (kd_math.h)
   if (DIV == REVERSE_KL) {
