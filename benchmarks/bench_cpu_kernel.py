@@ -1,6 +1,6 @@
 """CPU benchmark of the C++ backend: forward-KL forward+backward, fp32, T = 2, 2 threads.
 
-Compares PyTorch eager (kdkernels.reference.eager_kd_loss), torch.compile of the same function
+Compares PyTorch eager (kdkernels.tools.eager.eager_kd_loss), torch.compile of the same function
 (first call excluded) and kd_loss(..., backend="cpu"). Each (implementation, shape) runs in a fresh
 subprocess, so peak RSS is its own: peak extra RSS = VmHWM after the timed calls minus VmRSS before
 them (the peak is reset with /proc/self/clear_refs after the warm-up call). Every implementation
@@ -24,8 +24,8 @@ def child(impl, N, V, repeats, threads):
     import torch
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import kdkernels as kd
-    from kdkernels.bench import proc_status_kib
-    from kdkernels.reference import eager_kd_loss
+    from kdkernels.tools.memory_probe import proc_status_kib
+    from kdkernels.tools.eager import eager_kd_loss
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

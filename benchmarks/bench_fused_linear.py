@@ -5,7 +5,7 @@
         --dt 4096 -V 128256
 
 Implementations (each computes loss, then the gradients w.r.t. student hidden and weight):
-  eager  s = h_s @ W_sᵀ, t = h_t @ W_tᵀ (no grad), reference.eager_kd_loss, autograd
+  eager  s = h_s @ W_sᵀ, t = h_t @ W_tᵀ (no grad), eager.eager_kd_loss, autograd
   fused  kdkernels.fused_linear_kd_loss (backend "auto", default chunk size)
 
 Peak extra memory: one fresh subprocess per implementation; on CPU the peak RSS (VmHWM) minus
@@ -30,9 +30,10 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import kdkernels as kd  # noqa: E402
-from kdkernels import backends, reference  # noqa: E402
-from kdkernels.bench import proc_status_kib as rss_kib  # noqa: E402
-from kdkernels.fused_linear import auto_chunk_size  # noqa: E402
+from kdkernels import backends  # noqa
+from kdkernels.tools import eager  # noqa: E402
+from kdkernels.tools.memory_probe import proc_status_kib as rss_kib  # noqa: E402
+from kdkernels.losses.fused_linear import auto_chunk_size  # noqa: E402
 
 IMPLS = ("eager", "fused")
 
@@ -59,7 +60,7 @@ def step(impl, a, hs, ws, ht, wt, labels):
         s = hs @ ws.t()
         with torch.no_grad():
             t = ht @ wt.t()
-        loss = reference.eager_kd_loss(s, t, a.divergence, temperature=a.temperature,
+        loss = eager.eager_kd_loss(s, t, a.divergence, temperature=a.temperature,
                                        labels=labels)
     else:
         loss = kd.fused_linear_kd_loss(hs, ws, ht, wt, labels=labels, divergence=a.divergence,

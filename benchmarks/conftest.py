@@ -8,7 +8,7 @@ uses, so a backend merged later appears here without edits.
 import pytest
 import torch
 
-from kdkernels import bench
+from kdkernels.tools import bench
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # small shapes: each case runs in a fraction of a second on a 2-core CPU

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from kdkernels import cpp  # noqa: F401  (loads the extension and its ops)
+from kdkernels.backends import compiled as cpp  # noqa: F401  (loads the extension and its ops)
 
 N, V = int(sys.argv[1]), int(sys.argv[2])
 R = int(sys.argv[3]) if len(sys.argv) > 3 else 15

@@ -9,8 +9,8 @@ the measured shape, so its compilation memory does not count.
 """
 import sys, time, torch
 import kdkernels as kd
-from kdkernels.bench import proc_status_kib
-from kdkernels.reference import eager_kd_loss
+from kdkernels.tools.memory_probe import proc_status_kib
+from kdkernels.tools.eager import eager_kd_loss
 
 
 impl, N, V = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

@@ -7,7 +7,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from kdkernels.plotting import plot_csv  # noqa: E402
+from kdkernels.tools.plotting import plot_csv  # noqa: E402
 
 if __name__ == "__main__":
     if len(sys.argv) not in (2, 3):

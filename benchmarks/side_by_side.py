@@ -11,7 +11,7 @@ goes (torch.compile keeps [N, V] buffers alive until its loss is dropped; unmapp
 """
 import sys, time, statistics, torch
 import kdkernels as kd
-from kdkernels.reference import eager_kd_loss
+from kdkernels.tools.eager import eager_kd_loss
 N, V, R = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 impls = sys.argv[4].split(",") if len(sys.argv) > 4 else ["eager", "compile", "cpu"]
 div = sys.argv[5] if len(sys.argv) > 5 else "forward_kl"

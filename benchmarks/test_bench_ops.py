@@ -11,9 +11,9 @@ import functools
 import pytest
 import torch
 
-from kdkernels import bench
+from kdkernels.tools import bench
 from kdkernels import divergences as D
-from kdkernels.functional import kd_loss
+from kdkernels import kd_loss
 
 from conftest import DEVICE, N, V, impl_params, sync
 

@@ -6,15 +6,18 @@ Public API::
     loss = kd.kd_loss(student_logits, teacher_logits, divergence="forward_kl", temperature=2.0)
     crit = kd.KDLoss(divergence="jsd", beta=0.5, temperature=2.0)
     loss = kd.fused_linear_kd_loss(h_s, lm_head_s.weight, h_t, lm_head_t.weight, labels=labels)
+
+Layout (README "Layout"): ``divergences`` · ``checks`` · ``reduction`` · ``losses/`` · ``ops/`` ·
+``backends/`` · ``distributed/`` · ``topk`` · ``integrations/`` · ``tools/``.
 """
 from . import divergences
 from .backends import availability as backend_availability
 from .distributed import global_num_items
-from .features import FeatureLoss, feature_loss
-from .functional import TeacherStats, kd_loss, teacher_stats
-from .fused_linear import FusedLinearKDLoss, fused_linear_kd_loss
-from .modules import KDLoss
-from .sparse import sparse_kd_loss
+from .losses.features import FeatureLoss, feature_loss
+from .losses.fused_linear import FusedLinearKDLoss, fused_linear_kd_loss
+from .losses.kd import KDLoss, kd_loss
+from .losses.sparse import sparse_kd_loss
+from .losses.teacher_stats import TeacherStats, teacher_stats
 from .topk import dump_topk, load_topk
 
 __version__ = "0.1.0"

@@ -11,11 +11,11 @@ import sys
 
 # name -> (module, help); each module defines add_arguments(parser) and run(args) -> int
 COMMANDS = {
-    "info": ("kdkernels.cli", "versions, and which backends run here (and why not)"),
-    "check": ("kdkernels.cli", "run every available backend on a default problem"),
-    "bench": ("kdkernels.bench", "time forward+backward of every implementation; CSV, table, PNG"),
+    "info": ("kdkernels.tools.cli", "versions, and which backends run here (and why not)"),
+    "check": ("kdkernels.tools.cli", "run every available backend on a default problem"),
+    "bench": ("kdkernels.tools.bench", "time forward+backward of every implementation; CSV, table, PNG"),
     "topk-dump": ("kdkernels.topk", "store a teacher's top-k log-probabilities (sparse_kd_loss)"),
-    "demo": ("kdkernels.demo", "distil a small LM on the CPU: eager loss vs kdkernels, side by side"),
+    "demo": ("kdkernels.tools.demo", "distil a small LM on the CPU: eager loss vs kdkernels, side by side"),
 }
 
 

@@ -14,7 +14,11 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["Divergence", "DIVERGENCES", "get", "resolve_param", "names", "kernel_names"]
+import torch
+from torch import Tensor
+
+__all__ = ["Divergence", "DIVERGENCES", "get", "resolve_param", "names", "kernel_names",
+           "terms", "dphi_dlogq", "log_mix", "logaddexp", "xlog_ratio"]
 
 
 FP32_TINY = 2.0 ** -126        # smallest normal fp32
@@ -85,6 +89,11 @@ DIVERGENCES = {
     )
 }
 
+# The ids by name, for the code that branches on them.
+FORWARD_KL, REVERSE_KL, JSD, SKEW_KL, SKEW_REVERSE_KL, TVD, LOGIT_MSE = (
+    DIVERGENCES[n].id for n in ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl",
+                                "tvd", "logit_mse"))
+
 # The hard-label term is not a divergence: total per row =
 #   soft_weight * T^2 * D(p, q) + hard_weight * CE(softmax(s), label)   (CE at T = 1)
 
@@ -120,3 +129,82 @@ def resolve_param(div: Divergence, beta: Optional[float], alpha: Optional[float]
             raise ValueError(f"{pname} does not apply to divergence={div.name!r}"
                              + (f" (it takes {div.param})" if div.param else " (it takes no parameter)"))
     return div.check_param(given.get(div.param) if div.param else None)
+
+
+# ---- the per-element math in PyTorch (the reference backend, the sparse head, the shards) ------
+# Zero-probability conventions: 0·log 0 = 0 and −inf logits are legal. Every log that can be −inf
+# is masked before it meets a product, so neither a value nor a gradient turns into NaN where a
+# probability is exactly zero (the "where-NaN" trap of autograd).
+
+_NEG_INF = float("-inf")
+
+
+def xlog_ratio(x: Tensor, logx: Tensor, logy: Tensor) -> Tensor:
+    """Elementwise x·(log x − log y) with 0·(anything) = 0 and NaN-free gradients at x = 0.
+    NaN in x stays NaN (the guard tests x == 0, not x > 0)."""
+    zero = x == 0
+    return torch.where(zero, 0.0, x * (torch.where(zero, 0.0, logx) - torch.where(zero, 0.0, logy)))
+
+
+def logaddexp(x1: Tensor, x2: Tensor) -> Tensor:
+    """log(e^x1 + e^x2); −inf (with zero gradient) where both are −inf."""
+    ok = (x1 > _NEG_INF) | (x2 > _NEG_INF)
+    out = torch.logaddexp(torch.where(ok, x1, 0.0), torch.where(ok, x2, 0.0))
+    return torch.where(ok, out, _NEG_INF)
+
+
+def log_mix(w1: float, l1: Tensor, w2: float, l2: Tensor) -> Tensor:
+    """log(w1·e^l1 + w2·e^l2) for log-probabilities l1, l2; −inf (with zero gradient) where both
+    terms vanish."""
+    x1 = l1 + (math.log(w1) if w1 > 0 else _NEG_INF)
+    x2 = l2 + (math.log(w2) if w2 > 0 else _NEG_INF)
+    return logaddexp(x1, x2)
+
+
+def _mixture(div_id: int, param: float, logp: Tensor, logq: Tensor) -> Optional[Tensor]:
+    """log m of the mixture divergences (None for the others)."""
+    if div_id in (JSD, SKEW_KL):
+        return log_mix(param, logp, 1.0 - param, logq)
+    if div_id == SKEW_REVERSE_KL:
+        return log_mix(param, logq, 1.0 - param, logp)
+    return None
+
+
+def terms(div_id: int, param: float, logp: Tensor, logq: Tensor) -> Tensor:
+    """Per-element φ(p_i, q_i) of divergence ``div_id`` (the sum over the last dim is D)."""
+    p, q = logp.exp(), logq.exp()
+    logm = _mixture(div_id, param, logp, logq)
+    if div_id == FORWARD_KL:
+        return xlog_ratio(p, logp, logq)
+    if div_id == REVERSE_KL:
+        return xlog_ratio(q, logq, logp)
+    if div_id == JSD:
+        return param * xlog_ratio(p, logp, logm) + (1.0 - param) * xlog_ratio(q, logq, logm)
+    if div_id == SKEW_KL:
+        return xlog_ratio(p, logp, logm)
+    if div_id == SKEW_REVERSE_KL:
+        return xlog_ratio(q, logq, logm)
+    if div_id == TVD:
+        return 0.5 * (p - q).abs()
+    raise ValueError(f"unknown divergence id {div_id}")
+
+
+def dphi_dlogq(div_id: int, param: float, logp: Tensor, logq: Tensor) -> Tensor:
+    """u = ∂φ/∂log q = q·g elementwise (DESIGN.md §3), 0 where q = 0. The gradient w.r.t. the
+    scaled student logits is then ∂D/∂b_j = u_j − q_j·Σ_k u_k."""
+    p, q = logp.exp(), logq.exp()
+    qpos = q > 0
+    logm = _mixture(div_id, param, logp, logq)
+    if div_id == FORWARD_KL:
+        return -p
+    if div_id == REVERSE_KL:
+        return torch.where(qpos, q * (logq - logp + 1.0), 0.0)
+    if div_id == JSD:
+        return torch.where(qpos, (1.0 - param) * q * (logq - logm), 0.0)
+    if div_id == SKEW_KL:  # φ = p log(p/m), m = α p + (1−α) q
+        return torch.where(qpos & (p > 0), -(1.0 - param) * p * (logq - logm).exp(), 0.0)
+    if div_id == SKEW_REVERSE_KL:  # φ = q log(q/m), m = α q + (1−α) p
+        return torch.where(qpos, q * (logq - logm + 1.0 - param * (logq - logm).exp()), 0.0)
+    if div_id == TVD:
+        return 0.5 * torch.sign(q - p) * q
+    raise ValueError(f"unknown divergence id {div_id}")

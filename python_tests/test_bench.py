@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from kdkernels import bench
+from kdkernels.tools import bench
 from kdkernels.__main__ import main
-from kdkernels.functional import kd_loss
-from kdkernels.reference import eager_kd_loss
+from kdkernels import kd_loss
+from kdkernels.tools.eager import eager_kd_loss
 
 
 def _run(tmp_path, *argv):
@@ -97,15 +97,18 @@ def _nan_loss(p):
     return lambda x, t: (x * float("nan")).sum()
 
 
+def _add_impls(monkeypatch, *impls):
+    """The built-in implementations plus ``impls`` (the bench has no registration hook)."""
+    builtin = bench.implementations
+    monkeypatch.setattr(bench, "implementations", lambda: {**builtin(), **{i.name: i for i in impls}})
+
+
 @pytest.fixture
-def wrong_impls():
+def wrong_impls(monkeypatch):
     impls = [bench.Impl("wrong-loss", _wrong_loss), bench.Impl("wrong-grad", _wrong_grad),
              bench.Impl("nan", _nan_loss)]
-    for impl in impls:
-        bench.register_impl(impl)
-    yield [i.name for i in impls]
-    for impl in impls:
-        bench.unregister_impl(impl.name)
+    _add_impls(monkeypatch, *impls)
+    return [i.name for i in impls]
 
 
 def test_refuses_implementations_that_disagree(tmp_path, capsys, wrong_impls):
@@ -122,7 +125,7 @@ def test_refuses_implementations_that_disagree(tmp_path, capsys, wrong_impls):
     assert printed.count("REFUSED") == 3
     assert "gradient error 1.00e+00" in printed  # wrong-grad: twice the gradient
     # the plot is drawn from the CSV, where the refused implementations have no time rows
-    from kdkernels.plotting import _series, read_csv
+    from kdkernels.tools.plotting import _series, read_csv
     series = _series(read_csv(str(out / "results.csv")), "time_s", "V", "N", 16)
     assert set(series) == {"eager"}
     _png_ok(out / "forward_kl_float32.png")
@@ -238,12 +241,9 @@ def _wrong_last_row(p):
 def test_sampled_gradient_check_refuses_a_wrong_last_row(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "FULL_CHECK_ELEMENTS", 100)  # force the sampled comparison
     monkeypatch.setattr(bench, "SAMPLE_ROWS", 4)
-    bench.register_impl(bench.Impl("wrong-last-row", _wrong_last_row))
-    try:
-        rc, out = _run(tmp_path, "--N", "37", "--V", "50", "--repeats", "1", "--no-memory",
-                       "--no-plots", "--impl", "eager", "kd-reference", "wrong-last-row")
-    finally:
-        bench.unregister_impl("wrong-last-row")
+    _add_impls(monkeypatch, bench.Impl("wrong-last-row", _wrong_last_row))
+    rc, out = _run(tmp_path, "--N", "37", "--V", "50", "--repeats", "1", "--no-memory",
+                   "--no-plots", "--impl", "eager", "kd-reference", "wrong-last-row")
     assert rc == 1
     rows = _rows(out)
     status = {r["implementation"]: r["metric"] for r in rows if r["metric"] in ("time_s", "failed")}

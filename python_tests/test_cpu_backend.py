@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import kdkernels as kd
-from kdkernels import cpp, divergences
-from kdkernels.ops import kd_rows, kd_rows_backward
+from kdkernels import divergences
+from kdkernels.backends import compiled as cpp
+from kdkernels.ops.dense import kd_rows, kd_rows_backward
 
 import oracle
 from conftest import TOL, assert_close

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import kdkernels as kd
-from kdkernels import backends, cpp, divergences
+from kdkernels import backends, divergences
+from kdkernels.backends import compiled as cpp
 
 import oracle
 from conftest import assert_close

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kdkernels import __main__ as cli
-from kdkernels import demo
+from kdkernels.tools import demo
 
 TINY = ["--steps", "6", "--teacher-steps", "3", "--vocab", "300", "--tokens", "3000", "--batch",
         "2", "--context", "8", "--teacher-dim", "32", "--teacher-layers", "1", "--student-dim",

@@ -218,7 +218,7 @@ def _run_case(c, rank, world, groups):
 
 def _worker(rank, world, port, outdir, backend):
     import torch.distributed as dist
-    import kdkernels.distributed as kdd
+    import kdkernels.backends.reference as kdd  # the row chunks of every PyTorch path
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     kdd.CHUNK_ELEMENTS = 64  # several row chunks per shard: exercises the chunk loops

@@ -215,7 +215,7 @@ def _partial_grads(c, rank, world):
 
 def _worker(rank, world, port, outdir):
     import torch.distributed as dist
-    import kdkernels.distributed as kdd
+    import kdkernels.backends.reference as kdd  # the row chunks of every PyTorch path
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     kdd.CHUNK_ELEMENTS = 64  # row chunks inside the vocab-parallel rows too

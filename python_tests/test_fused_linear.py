@@ -10,8 +10,10 @@ import torch
 
 import kdkernels as kd
 from kdkernels import divergences as D
-from kdkernels import fused_linear as FL
-from kdkernels import reference
+from kdkernels.losses import fused_linear as FL
+from kdkernels.ops import fused_linear as FLO
+from kdkernels.checks import compute_dtype
+from kdkernels.tools import eager
 
 import oracle
 from conftest import assert_close, backend_params
@@ -64,7 +66,7 @@ def plain_fused(hs, ws, bs, ht, wt, bt, divergence, reduction="batchmean", softc
     t = ht @ wt.t() if bt is None else torch.addmm(bt, ht, wt.t())
     if softcap is not None:
         s, t = softcap * torch.tanh(s / softcap), softcap * torch.tanh(t / softcap)
-    out = reference.eager_kd_loss(s, t, divergence, reduction=reduction, **kw)
+    out = eager.eager_kd_loss(s, t, divergence, reduction=reduction, **kw)
     grads = torch.autograd.grad(out.sum(), [x for x in (h, w, b) if x is not None])
     return out.detach(), list(grads)
 
@@ -329,16 +331,16 @@ def test_opcheck_ops():
         hs.requires_grad_(True)
         ws.requires_grad_(True)
         bs.requires_grad_(True)
-        scale = torch.tensor(0.25, dtype=reference.compute_dtype(dtype))
-        torch.library.opcheck(FL.fused_linear_kd,
+        scale = torch.tensor(0.25, dtype=compute_dtype(dtype))
+        torch.library.opcheck(FLO.fused_linear_kd,
                               (hs, ws, bs, ht, wt, bt, lab, scale) + scal + (True, True, True))
-        torch.library.opcheck(FL.fused_linear_kd_rows, (hs, ws, bs, ht, wt, bt, lab) + scal)
-        g = torch.randn(6, dtype=reference.compute_dtype(dtype))
-        torch.library.opcheck(FL.fused_linear_kd_rows_backward,
+        torch.library.opcheck(FLO.fused_linear_kd_rows, (hs, ws, bs, ht, wt, bt, lab) + scal)
+        g = torch.randn(6, dtype=compute_dtype(dtype))
+        torch.library.opcheck(FLO.fused_linear_kd_rows_backward,
                               (g, hs.detach(), ws.detach(), bs.detach(), ht, wt, bt, lab) + scal
                               + (True, False, True))
     hs, ws, _, ht, wt, _, _ = _op_args(torch.float32, bias=False, labels=False)
-    torch.library.opcheck(FL.fused_linear_kd_rows, (hs.requires_grad_(True), ws, None, ht, wt,
+    torch.library.opcheck(FLO.fused_linear_kd_rows, (hs.requires_grad_(True), ws, None, ht, wt,
                                                     None, None) + scal)
 
 

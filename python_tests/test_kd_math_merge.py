@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import kdkernels as kd
-from kdkernels import cpp
+from kdkernels.backends import compiled as cpp
 
 import oracle
 from conftest import assert_close

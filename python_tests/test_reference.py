@@ -143,7 +143,7 @@ def test_padded_teacher_vocab_and_strided_views_need_no_copy(recwarn):
     assert_close(out, exp, torch.float32)
     assert_close(grad, exp_grad, torch.float32)
     # the view used by the kernels shares storage with the input (no copy)
-    from kdkernels.functional import as_rows
+    from kdkernels.checks import as_rows
     assert as_rows(s).data_ptr() == s.data_ptr() and as_rows(t[..., :V]).data_ptr() == t.data_ptr()
 
 
@@ -174,7 +174,7 @@ def test_vocab_one():
 
 def test_large_row_count_is_chunked():
     """More rows than one chunk: the chunked, checkpointed path must equal the oracle."""
-    from kdkernels import reference
+    from kdkernels.backends import reference
     old = reference.CHUNK_ELEMENTS
     reference.CHUNK_ELEMENTS = 64 * 10  # 10 rows per chunk
     try:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kdkernels
-from kdkernels import sparse_kd_loss, sparse_cpp
+from kdkernels import backends, sparse_kd_loss
 from conftest import TOL, assert_close, backend_params
 
 DIVS = ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
@@ -109,7 +109,7 @@ def oracle_loss_and_grad(s, idx, lp, reduction="batchmean", num_items_in_batch=N
 
 # ---- backends -----------------------------------------------------------------------------
 
-_CPU_REASON = sparse_cpp.unavailable_reason(torch.device("cpu"), torch.float32)
+_CPU_REASON = backends.availability("cpu")
 CPU = pytest.param("cpu", id="cpu", marks=[pytest.mark.skip(
     reason=f"C++ sparse kernels unavailable: {_CPU_REASON}")] if _CPU_REASON else [])
 needs_cpu = pytest.mark.skipif(_CPU_REASON is not None,
@@ -143,7 +143,7 @@ def make_case(B=2, L=5, V=37, K=6, T=2.0, dtype=torch.float32, ugly=True, seed=0
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Several V-blocks and K-blocks in the Triton kernels on small shapes."""
-    from kdkernels.triton import sparse_launch
+    from kdkernels.backends.triton import sparse_launch
     monkeypatch.setattr(sparse_launch, "BLOCK_V", 16)
     monkeypatch.setattr(sparse_launch, "MAX_BLOCK_K", 16)
 
@@ -457,7 +457,7 @@ def test_cpu_2d_row_strided_view_and_v1():
 
 @needs_cpu
 def test_cpu_auto_choice():
-    from kdkernels.sparse import _choose_backend
+    from kdkernels.backends import choose as _choose_backend
     cpu = torch.device("cpu")
     assert _choose_backend("auto", cpu, torch.float32) == "cpu"
     assert _choose_backend("auto", cpu, torch.bfloat16) == "cpu"
@@ -564,8 +564,8 @@ _AOT_SCRIPT = r'''
 import inspect, json, sys, triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from kdkernels.triton import sparse_kernels as K
-from kdkernels.triton import sparse_launch as SL
+from kdkernels.backends.triton import sparse_kernels as K
+from kdkernels.backends.triton import sparse_launch as SL
 c = {"s_ptr": "*bf16", "stride_b": "i64", "stride_l": "i64", "L": "i32", "V": "i32",
      "stats_ptr": "*fp32", "inv_t": "fp32", "NEED_B": "constexpr", "NEED_A": "constexpr",
      "idx_ptr": "*i64", "K": "i32", "lab_ptr": "*i64", "gath_ptr": "*fp32", "grad_ptr": "*bf16",

@@ -12,7 +12,9 @@ import oracle
 from conftest import assert_close, backend_params
 
 import kdkernels as kd
-from kdkernels import backends, reference
+from kdkernels import backends
+from kdkernels.ops import dense as ops
+from kdkernels.tools import eager as reference
 from kdkernels import divergences as D
 
 pytestmark = pytest.mark.parametrize("backend", backend_params("triton"))
@@ -283,17 +285,16 @@ def test_empty_batch(backend):
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["kd_rows", "kd_rows_grad_inplace"])
 def test_opcheck(backend, inplace):
-    from kdkernels import ops
     V = 37
     s = _rand((2, 3, V), torch.float32).requires_grad_(True)
     t = _rand((2, 3, V + 3), torch.float32)[..., :V]
     labels = _labels((2, 3), V).reshape(-1)
-    fwd = ops.kd_rows_grad_inplace if inplace else ops.kd_rows
+    fwd = ops.kd_rows
     bwd = ops.kd_rows_backward_inplace if inplace else ops.kd_rows_backward
     scalars = ("triton", 2, 0.4, 2.0, 1.0, 0.5, -100)
-    torch.library.opcheck(fwd, (s, t, labels) + scalars)
-    torch.library.opcheck(fwd, (s, t, None) + scalars[:4] + (1.0, 0.0, -100))
-    stats = fwd(s, t, labels, *scalars)[1].detach()
+    torch.library.opcheck(fwd, (s, t, labels) + scalars + (inplace,))
+    torch.library.opcheck(fwd, (s, t, None) + scalars[:4] + (1.0, 0.0, -100, inplace))
+    stats = fwd(s, t, labels, *scalars, inplace)[1].detach()
     gl = torch.rand(6, device=DEVICE)
     torch.library.opcheck(bwd, (gl, s.detach().clone(), t, labels, stats) + scalars)
 
@@ -345,13 +346,12 @@ def test_gpu_compile_fullgraph(backend):
 def test_compile_fullgraph_ops(backend, inplace):
     """The custom ops trace under torch.compile(fullgraph=True) (aot_eager: no C++ compile here)
     and give the eager gradient."""
-    from kdkernels import ops
-    op = ops.kd_rows_grad_inplace if inplace else ops.kd_rows
+    op = ops.kd_rows
     s = _rand((2, 3, 300), torch.float32).requires_grad_(True)
     t = _rand((2, 3, 300), torch.float32)
 
     def f(x, t):
-        return op(x * 1, t, None, "triton", 2, 0.5, 2.0, 1.0, 0.0, -100)[0].sum()
+        return op(x * 1, t, None, "triton", 2, 0.5, 2.0, 1.0, 0.0, -100, inplace)[0].sum()
 
     torch.compile(f, backend="aot_eager", fullgraph=True)(s, t).backward()
     got = s.grad.clone()

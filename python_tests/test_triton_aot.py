@@ -2,8 +2,8 @@
 every divergence id, in fp32 and bf16, and ptxas reports no spills (no GPU needed)."""
 import pytest
 
-from kdkernels.triton import aot
-from kdkernels.triton.launch import DEFAULT_CONFIGS
+from kdkernels.backends.triton import aot
+from kdkernels.backends.triton.launch import DEFAULT_CONFIGS
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,8 @@ left out of both g and c here, which keeps c small and the difference accurate.
 import triton
 import triton.language as tl
 
+from .. import STATS_WIDTH
+
 # Divergence ids (kdkernels.divergences; never renumbered there).
 FORWARD_KL = tl.constexpr(0)
 REVERSE_KL = tl.constexpr(1)
@@ -39,7 +41,7 @@ JSD = tl.constexpr(2)
 SKEW_KL = tl.constexpr(3)
 SKEW_REVERSE_KL = tl.constexpr(4)
 TVD = tl.constexpr(5)
-STATS = tl.constexpr(7)  # per-row fp32 statistics, see the module docstring
+STATS = tl.constexpr(STATS_WIDTH)  # per-row fp32 statistics, see the module docstring
 
 
 @triton.jit

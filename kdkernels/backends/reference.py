@@ -1,54 +1,28 @@
 """Pure-PyTorch reference backend: readable, any device, fp32 math (float64 for float64 inputs).
 
-It is the CPU fallback and the oracle the kernels are tested against. ``row_losses`` is the
+It is the fallback, the oracle the kernels are tested against, and the one backend with every
+feature (ensembles, teacher gradients, logit_mse; the sparse student statistics at the end). ``row_losses`` is the
 formula of DESIGN.md §2 on a block of rows, written with plain tensor ops so autograd gives the
 gradients of §3. ``loss_rows`` applies it over chunks of rows under activation checkpointing, so
 the reference never holds more than a few [chunk, V] fp32 buffers at a time and needs no
 hand-written backward.
-
-Zero-probability conventions: 0·log 0 = 0 and −inf logits are legal. Every log that can be −inf is
-masked before it meets a product, so neither the value nor the gradient turns into NaN where a
-probability is exactly zero (the "where-NaN" trap of autograd).
+The per-element math and its zero-probability conventions are in ``kdkernels.divergences``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from . import divergences as D
+from .. import divergences as D
+from ..checks import compute_dtype
 
 _NEG_INF = float("-inf")
 # Elements of fp32 work per chunk of rows (~4 MB per [chunk, V] fp32 buffer).
 CHUNK_ELEMENTS = 1 << 20
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _xlog_ratio(x: torch.Tensor, logx: torch.Tensor, logy: torch.Tensor) -> torch.Tensor:
-    """Elementwise x·(log x − log y) with 0·(anything) = 0 and NaN-free gradients at x = 0.
-    NaN in x stays NaN (the guard tests x == 0, not x > 0)."""
-    zero = x == 0
-    return torch.where(zero, 0.0, x * (torch.where(zero, 0.0, logx) - torch.where(zero, 0.0, logy)))
-
-
-def _logaddexp(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-    """log(e^x1 + e^x2); −inf (with zero gradient) where both are −inf."""
-    ok = (x1 > _NEG_INF) | (x2 > _NEG_INF)
-    out = torch.logaddexp(torch.where(ok, x1, 0.0), torch.where(ok, x2, 0.0))
-    return torch.where(ok, out, _NEG_INF)
-
-
-def _log_mix(w1: float, l1: torch.Tensor, w2: float, l2: torch.Tensor) -> torch.Tensor:
-    """log(w1·e^l1 + w2·e^l2) for log-probabilities l1, l2; −inf (with zero gradient) where both
-    terms vanish."""
-    x1 = l1 + (math.log(w1) if w1 > 0 else _NEG_INF)
-    x2 = l2 + (math.log(w2) if w2 > 0 else _NEG_INF)
-    return _logaddexp(x1, x2)
 
 
 def teacher_log_probs(teachers, weights, temperature: float) -> torch.Tensor:
@@ -61,7 +35,7 @@ def teacher_log_probs(teachers, weights, temperature: float) -> torch.Tensor:
         if w == 0.0:
             continue  # a zero-weight teacher adds nothing (and gets a zero gradient)
         x = torch.log_softmax(t / temperature, dim=-1) + math.log(w)
-        acc = x if acc is None else _logaddexp(acc, x)
+        acc = x if acc is None else D.logaddexp(acc, x)
     return acc
 
 
@@ -73,26 +47,6 @@ def logit_mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     d = torch.where(keep, t, 0.0) - torch.where(keep, s, 0.0)
     d = torch.where(keep, d - d.sum(-1, keepdim=True) / n, 0.0)  # centred t − s = t̃ − s̃
     return d.square().sum(-1) / (2.0 * n.squeeze(-1))
-
-
-def divergence_terms(div_id: int, param: float, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """Per-element φ(p_i, q_i) of the divergence ``div_id`` (sum over the last dim gives D)."""
-    p, q = logp.exp(), logq.exp()
-    if div_id == D.DIVERGENCES["forward_kl"].id:
-        return _xlog_ratio(p, logp, logq)
-    if div_id == D.DIVERGENCES["reverse_kl"].id:
-        return _xlog_ratio(q, logq, logp)
-    if div_id == D.DIVERGENCES["jsd"].id:
-        beta = param
-        logm = _log_mix(beta, logp, 1.0 - beta, logq)
-        return beta * _xlog_ratio(p, logp, logm) + (1.0 - beta) * _xlog_ratio(q, logq, logm)
-    if div_id == D.DIVERGENCES["skew_kl"].id:
-        return _xlog_ratio(p, logp, _log_mix(param, logp, 1.0 - param, logq))
-    if div_id == D.DIVERGENCES["skew_reverse_kl"].id:
-        return _xlog_ratio(q, logq, _log_mix(param, logq, 1.0 - param, logp))
-    if div_id == D.DIVERGENCES["tvd"].id:
-        return 0.5 * (p - q).abs()
-    raise ValueError(f"unknown divergence id {div_id}")
 
 
 def row_losses(student: torch.Tensor, teacher, labels: Optional[torch.Tensor],
@@ -118,14 +72,14 @@ def row_losses(student: torch.Tensor, teacher, labels: Optional[torch.Tensor],
         t = [x[..., :V].to(cd) for x in teacher]
     loss = torch.zeros(s.shape[:-1], dtype=cd, device=s.device)
     if soft_weight != 0.0:
-        if div_id == D.DIVERGENCES["logit_mse"].id:  # no temperature, no T² (see divergences.py)
+        if div_id == D.LOGIT_MSE:  # no temperature, no T² (see divergences.py)
             if not isinstance(t, torch.Tensor):
                 t = sum(w * x for w, x in zip(teacher_weights, t) if w != 0.0)
             loss = loss + soft_weight * logit_mse(s, t)
         else:
             logp = teacher_log_probs(t, teacher_weights, temperature)
             logq = torch.log_softmax(s / temperature, dim=-1)
-            div = divergence_terms(div_id, param, logp, logq).sum(-1)
+            div = D.terms(div_id, param, logp, logq).sum(-1)
             loss = loss + (soft_weight * temperature * temperature) * div
     if labels is not None:
         valid = labels != ignore_index
@@ -143,17 +97,19 @@ def row_losses(student: torch.Tensor, teacher, labels: Optional[torch.Tensor],
     return loss
 
 
-def _row_chunks(B: int, L: int, V: int):
-    """Yield (b, l0, l1): chunks of rows of a [B, L, V] view, about CHUNK_ELEMENTS elements each."""
+def row_chunks(B: int, L: int, V: int):
+    """Yield (b, l0, l1, r0, r1): chunks [b, l0:l1] of rows of a [B, L, V] view, about
+    CHUNK_ELEMENTS elements each, and their flat row range [r0, r1)."""
     step = max(1, CHUNK_ELEMENTS // max(V, 1))
     for b in range(B):
         for l0 in range(0, L, step):
-            yield b, l0, min(L, l0 + step)
+            l1 = min(L, l0 + step)
+            yield b, l0, l1, b * L + l0, b * L + l1
 
 
 # ---- the reference backend ------------------------------------------------------------------
 
-def _masked_row_losses(student, teachers, labels, args, weights, mask_teachers=False):
+def masked_row_losses(student, teachers, labels, args, weights, mask_teachers=False):
     """``row_losses`` on one chunk; ``teachers`` is a tuple (one tensor for a single teacher)."""
     if labels is not None:
         # Ignored rows (padding) may hold NaN or -inf: replace them so that their (discarded)
@@ -176,9 +132,9 @@ class _ChunkedRows(torch.autograd.Function):
     def forward(ctx, student, labels, args, weights, *teachers):
         B, L, V = student.shape
         out = torch.empty(B * L, dtype=compute_dtype(student.dtype), device=student.device)
-        for b, l0, l1 in _row_chunks(B, L, V):
+        for b, l0, l1, _, _ in row_chunks(B, L, V):
             lab = None if labels is None else labels[b * L + l0:b * L + l1]
-            out[b * L + l0:b * L + l1] = _masked_row_losses(
+            out[b * L + l0:b * L + l1] = masked_row_losses(
                 student[b, l0:l1], tuple(t[b, l0:l1] for t in teachers), lab, args, weights)
         ctx.save_for_backward(student, labels, *teachers)
         ctx.args, ctx.weights = args, weights
@@ -193,14 +149,14 @@ class _ChunkedRows(torch.autograd.Function):
         grad_s = torch.empty((B, L, V), dtype=student.dtype, device=student.device) if want_s else None
         grad_t = [torch.empty(t.shape, dtype=t.dtype, device=t.device) if w else None
                   for t, w in zip(teachers, want_t)]
-        for b, l0, l1 in _row_chunks(B, L, V):
+        for b, l0, l1, _, _ in row_chunks(B, L, V):
             r0, r1 = b * L + l0, b * L + l1
             lab = None if labels is None else labels[r0:r1]
             with torch.enable_grad():
                 s = student[b, l0:l1].detach().requires_grad_(want_s)
                 ts = tuple(t[b, l0:l1].detach().requires_grad_(w) for t, w in zip(teachers, want_t))
                 leaves = ([s] if want_s else []) + [t for t, w in zip(ts, want_t) if w]
-                loss = _masked_row_losses(s, ts, lab, ctx.args, ctx.weights,
+                loss = masked_row_losses(s, ts, lab, ctx.args, ctx.weights,
                                           mask_teachers=any(want_t))
                 grads = list(torch.autograd.grad(loss, leaves, grad_out[r0:r1], allow_unused=True,
                                                  materialize_grads=True))
@@ -237,9 +193,9 @@ def loss_rows(student, teacher, labels, div_id, param, temperature, soft_weight,
     B, L, V = student.shape
     mask_teachers = any(t.requires_grad for t in teachers)
     pieces = []
-    for b, l0, l1 in _row_chunks(B, L, V):
+    for b, l0, l1, _, _ in row_chunks(B, L, V):
         lab = None if labels is None else labels[b * L + l0:b * L + l1]
-        pieces.append(checkpoint(_masked_row_losses, student[b, l0:l1],
+        pieces.append(checkpoint(masked_row_losses, student[b, l0:l1],
                                  tuple(t[b, l0:l1] for t in teachers), lab, args, weights,
                                  mask_teachers, use_reentrant=False))
     if not pieces:
@@ -247,25 +203,89 @@ def loss_rows(student, teacher, labels, div_id, param, temperature, soft_weight,
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
-# ---- the naive eager formula (benchmark baseline; holds several [N, V] fp32 buffers) --------
 
-def eager_kd_loss(student: torch.Tensor, teacher: torch.Tensor, divergence: str = "forward_kl",
-                  temperature: float = 1.0, labels=None, ignore_index: int = -100,
-                  soft_weight: float = 1.0, hard_weight: float = 0.0, beta=None, alpha=None,
-                  reduction: str = "batchmean") -> torch.Tensor:
-    """What a user writes without this library: the DESIGN.md §2 formula on the full [N, V]
-    tensors, plain autograd. Used as the baseline in benchmarks, not by the library itself."""
-    div = D.get(divergence)
-    param = D.resolve_param(div, beta, alpha)
-    V = student.shape[-1]
-    s2 = student.reshape(-1, V)
-    t2 = teacher.detach()[..., :V].reshape(-1, V)
-    lab = None if labels is None else labels.reshape(-1)
-    rows = row_losses(s2, t2, lab, div.id, param, temperature, soft_weight, hard_weight, ignore_index)
-    n = rows.numel() if lab is None else (lab != ignore_index).sum().clamp_min(1)
-    if reduction == "sum":
-        return rows.sum()
-    if reduction == "none":
-        return rows.view(student.shape[:-1])
-    out = rows.sum() / n
-    return out / V if reduction == "mean" else out
+
+@contextlib.contextmanager
+def _autograd_in_op_body():
+    """Turn autograd back on inside a custom-op body (where the fused linear op calls
+    ``rows_with_grad``). Custom-op implementations run below the autograd dispatch key (and, in
+    compiled graphs, below functorch too), so ``torch.autograd.grad`` would record nothing there.
+    This lifts the exclusion of the autograd keys for the duration of the block and enables grad
+    mode. (The one use of a private torch API in the package: the reference has no hand-written
+    gradient to call instead.)"""
+    K = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    exclude = exclude.remove(K.AutogradFunctionality).remove(K.ADInplaceOrView)
+    include = torch._C._dispatch_tls_local_include_set()
+    with torch._C._ForceDispatchKeyGuard(include, exclude), torch.enable_grad():
+        yield
+
+
+def rows_with_grad(s: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor],
+                   grad_rows: Optional[torch.Tensor], args: tuple):
+    """Per-row losses of one [c, V] chunk and, when ``grad_rows`` is given, the gradient of
+    Σ grad_rows[i]·loss[i] w.r.t. ``s``; callable inside a custom-op body. The chunk already
+    bounds memory, so the formula runs on it directly (no second level of chunks)."""
+    if grad_rows is None:
+        return masked_row_losses(s, (t,), labels, args, None), None
+    with _autograd_in_op_body():
+        leaf = s.detach().requires_grad_(True)
+        rows = masked_row_losses(leaf, (t,), labels, args, None)
+        (g,) = torch.autograd.grad(rows, leaf, grad_rows.to(rows.dtype).expand_as(rows))
+    return rows.detach(), g
+
+
+# ---- the student side of sparse_kd_loss (the "sparse" capability) --------------------------
+
+def sparse_stats(s3: torch.Tensor, idx: torch.Tensor, labels: Optional[torch.Tensor], T: float,
+                 need_b: bool, need_a: bool):
+    """-> stats [N, 3] (lse(s/T), lse(s), s[label]; 0 where not needed), gathered s[idx] [N, K]."""
+    Bd, L, V = s3.shape
+    cd = compute_dtype(s3.dtype)
+    K = idx.shape[1]
+    stats = torch.zeros((Bd * L, 3), dtype=cd, device=s3.device)
+    gathered = torch.zeros((Bd * L, K), dtype=cd, device=s3.device)
+    gidx = idx.clamp_min(0)
+    lab = None
+    if need_a:
+        lab = torch.where((labels >= 0) & (labels < V), labels, 0).unsqueeze(1)
+    for b, l0, l1, r0, r1 in row_chunks(Bd, L, V):
+        x = s3[b, l0:l1]
+        gathered[r0:r1] = x.gather(1, gidx[r0:r1]).to(cd)
+        if need_b or need_a:
+            x = x.to(cd)
+            if need_b:
+                stats[r0:r1, 0] = torch.logsumexp(x * (1.0 / T), dim=1)
+            if need_a:
+                stats[r0:r1, 1] = torch.logsumexp(x, dim=1)
+                stats[r0:r1, 2] = x.gather(1, lab[r0:r1]).squeeze(1)
+    return stats, gathered
+
+
+def sparse_grad(s3: torch.Tensor, stats: torch.Tensor, idx: torch.Tensor,
+                labels: Optional[torch.Tensor], T: float, need_b: bool, need_a: bool,
+                c_b: torch.Tensor, c_a: torch.Tensor, g_idx: torch.Tensor,
+                g_lab: torch.Tensor) -> torch.Tensor:
+    """-> grad [B, L, V]: c_b·softmax(s/T) + c_a·softmax(s) + g_idx at idx + g_lab at label."""
+    Bd, L, V = s3.shape
+    cd = compute_dtype(s3.dtype)
+    grad = torch.empty((Bd, L, V), dtype=s3.dtype, device=s3.device)
+    gidx = idx.clamp_min(0)
+    g_idx = torch.where(idx >= 0, g_idx, 0.0)
+    if need_a:
+        in_range = (labels >= 0) & (labels < V)
+        lab = torch.where(in_range, labels, 0).unsqueeze(1)
+        g_lab = torch.where(in_range, g_lab, 0.0).unsqueeze(1)
+    for b, l0, l1, r0, r1 in row_chunks(Bd, L, V):
+        x = s3[b, l0:l1].to(cd)
+        g = torch.zeros_like(x)
+        if need_b:  # c_B · softmax(s/T); rows with c_B = 0 (ignored rows) stay exactly 0
+            c = c_b[r0:r1].unsqueeze(1)
+            g += torch.where(c != 0, c * torch.exp(x * (1.0 / T) - stats[r0:r1, 0:1]), 0.0)
+        if need_a:
+            c = c_a[r0:r1].unsqueeze(1)
+            g += torch.where(c != 0, c * torch.exp(x - stats[r0:r1, 1:2]), 0.0)
+            g.scatter_add_(1, lab[r0:r1], g_lab[r0:r1])
+        g.scatter_add_(1, gidx[r0:r1], g_idx[r0:r1])
+        grad[b, l0:l1] = g
+    return grad

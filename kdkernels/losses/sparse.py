@@ -23,7 +23,7 @@ only (on GPU the check would cost a host synchronisation; the result is then und
 Everything else follows ``kd_loss``: T divides the student logits (the stored teacher
 log-probabilities are already tempered), the soft term is multiplied by T², the hard
 cross-entropy is at T = 1, labels equal to ``ignore_index`` mask rows, and the reductions and
-the zero-counted-rows rule are those of ``kdkernels.functional.reduce_rows``.
+the zero-counted-rows rule are those of ``kdkernels.reduction``.
 
 Compute: a backend returns, per row, the log-sum-exp of s / T (bucket mode only) and of s (hard
 term only), s[label], and the K gathered logits; a small differentiable "head" in PyTorch turns
@@ -35,16 +35,16 @@ exists.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from . import backends
-from . import divergences as D
-from .functional import _check_labels, as_rows, check_options, reduce_rows
-from .reference import _row_chunks, compute_dtype, divergence_terms
+from .. import backends
+from .. import divergences as D
+from ..checks import as_rows, check_float_tensor, check_labels, check_options, compute_dtype
+from ..ops.sparse import sparse_stats
+from ..reduction import reduce_rows
 
 __all__ = ["sparse_kd_loss", "TAILS", "TAIL_FLOOR"]
 
@@ -55,104 +55,6 @@ _NEG_INF = float("-inf")
 _LN2 = math.log(2.0)
 # CPU check of bucket-mode inputs: a row's teacher mass above 1 + this is not a distribution.
 _MASS_SLACK = 1e-2
-
-
-# ---- backends of the student statistics ---------------------------------------------------
-
-class _ReferenceStats:
-    """Pure PyTorch, chunked over rows (at most a few [chunk, V] buffers in the compute dtype)."""
-
-    @staticmethod
-    def forward(s3: Tensor, idx: Tensor, labels: Optional[Tensor], T: float, need_b: bool,
-                need_a: bool):
-        Bd, L, V = s3.shape
-        cd = compute_dtype(s3.dtype)
-        K = idx.shape[1]
-        stats = torch.zeros((Bd * L, 3), dtype=cd, device=s3.device)
-        gathered = torch.zeros((Bd * L, K), dtype=cd, device=s3.device)
-        gidx = idx.clamp_min(0)
-        lab = None
-        if need_a:
-            lab = torch.where((labels >= 0) & (labels < V), labels, 0).unsqueeze(1)
-        for b, l0, l1 in _row_chunks(Bd, L, V):
-            r0, r1 = b * L + l0, b * L + l1
-            x = s3[b, l0:l1]
-            gathered[r0:r1] = x.gather(1, gidx[r0:r1]).to(cd)
-            if need_b or need_a:
-                x = x.to(cd)
-                if need_b:
-                    stats[r0:r1, 0] = torch.logsumexp(x * (1.0 / T), dim=1)
-                if need_a:
-                    stats[r0:r1, 1] = torch.logsumexp(x, dim=1)
-                    stats[r0:r1, 2] = x.gather(1, lab[r0:r1]).squeeze(1)
-        return stats, gathered
-
-    @staticmethod
-    def backward(s3: Tensor, stats: Tensor, idx: Tensor, labels: Optional[Tensor], T: float,
-                 need_b: bool, need_a: bool, c_b: Tensor, c_a: Tensor, g_idx: Tensor,
-                 g_lab: Tensor) -> Tensor:
-        Bd, L, V = s3.shape
-        cd = compute_dtype(s3.dtype)
-        grad = torch.empty((Bd, L, V), dtype=s3.dtype, device=s3.device)
-        gidx = idx.clamp_min(0)
-        g_idx = torch.where(idx >= 0, g_idx, 0.0)
-        if need_a:
-            in_range = (labels >= 0) & (labels < V)
-            lab = torch.where(in_range, labels, 0).unsqueeze(1)
-            g_lab = torch.where(in_range, g_lab, 0.0).unsqueeze(1)
-        for b, l0, l1 in _row_chunks(Bd, L, V):
-            r0, r1 = b * L + l0, b * L + l1
-            x = s3[b, l0:l1].to(cd)
-            g = torch.zeros_like(x)
-            if need_b:  # c_B · softmax(s/T); rows with c_B = 0 (ignored rows) stay exactly 0
-                c = c_b[r0:r1].unsqueeze(1)
-                g += torch.where(c != 0, c * torch.exp(x * (1.0 / T) - stats[r0:r1, 0:1]), 0.0)
-            if need_a:
-                c = c_a[r0:r1].unsqueeze(1)
-                g += torch.where(c != 0, c * torch.exp(x - stats[r0:r1, 1:2]), 0.0)
-                g.scatter_add_(1, lab[r0:r1], g_lab[r0:r1])
-            g.scatter_add_(1, gidx[r0:r1], g_idx[r0:r1])
-            grad[b, l0:l1] = g
-        return grad
-
-
-def _impl(name: str):
-    if name == "reference":
-        return _ReferenceStats
-    if name == "cpu":
-        from . import sparse_cpp
-        return sparse_cpp
-    from .triton import sparse_launch
-    return sparse_launch
-
-
-class _StudentStats(torch.autograd.Function):
-    """s3 [B, L, V] -> (lse(s/T) [N], lse(s) [N], s[label] [N], s[idx] [N, K]), differentiable."""
-
-    @staticmethod
-    def forward(ctx, s3, idx, labels, T, need_b, need_a, backend):
-        stats, gathered = _impl(backend).forward(s3, idx, labels, T, need_b, need_a)
-        ctx.save_for_backward(s3, stats, idx, labels)
-        ctx.cfg = (T, need_b, need_a, backend)
-        return stats[:, 0].clone(), stats[:, 1].clone(), stats[:, 2].clone(), gathered
-
-    @staticmethod
-    def backward(ctx, g_lse_t, g_lse, g_lab, g_idx):
-        s3, stats, idx, labels = ctx.saved_tensors
-        T, need_b, need_a, backend = ctx.cfg
-        if not ctx.needs_input_grad[0]:
-            return (None,) * 7
-        cd = stats.dtype
-        n = stats.shape[0]
-
-        def z(g, shape):
-            return torch.zeros(shape, dtype=cd, device=stats.device) if g is None \
-                else g.to(cd).contiguous()
-        c_b = z(g_lse_t, (n,)) / T          # d lse(s/T) / ds = softmax(s/T) / T
-        c_a = z(g_lse, (n,))
-        grad = _impl(backend).backward(s3, stats, idx, labels, T, need_b, need_a, c_b, c_a,
-                                       z(g_idx, idx.shape), z(g_lab, (n,)))
-        return (grad,) + (None,) * 6
 
 
 # ---- the per-row head on [N, K] ----------------------------------------------------------
@@ -170,7 +72,7 @@ def _log1m_exp_floored(x: Tensor) -> Tensor:
     return torch.where(x > -_LN2, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def _soft_divergence(gathered, lse_t, lp, valid, div, param, T, tail):
+def _soft_divergence(gathered, lse_t, lp, valid, div_id, param, T, tail):
     has = valid.any(dim=1)
     b = gathered * (1.0 / T)   # the same product as the kernels: b is consistent with lse(b)
     Lq = _masked_lse(b, valid, has)      # log Σ_K exp(s/T)
@@ -183,7 +85,7 @@ def _soft_divergence(gathered, lse_t, lp, valid, div, param, T, tail):
         logp = torch.where(valid, lp, _NEG_INF)
         logq = torch.cat([logq, _log1m_exp_floored(Lq - lse_t).unsqueeze(1)], dim=1)
         logp = torch.cat([logp, _log1m_exp_floored(Lp).unsqueeze(1)], dim=1)
-    return divergence_terms(div.id, param, logp, logq).sum(dim=1)
+    return D.terms(div_id, param, logp, logq).sum(dim=1)
 
 
 # ---- argument checks --------------------------------------------------------------------
@@ -238,55 +140,6 @@ def _check_teacher_values(idx2: Tensor, used: Tensor, lp2: Tensor, V: int, tail:
                              "teacher), not logits")
 
 
-def _triton_unavailable(device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    reason = backends._probe_triton()   # triton importable; a GPU, or the interpreter
-    if reason is None and device.type not in ("cuda", "cpu"):
-        reason = f"it does not run on {device.type} tensors"
-    if reason is None and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        reason = "CPU tensors need TRITON_INTERPRET=1 (set before importing triton)"
-    if reason is None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        reason = f"it does not accept {dtype} logits (fp32, bf16, fp16 only)"
-    if reason is None:
-        try:
-            from .triton import sparse_launch  # noqa: F401
-        except Exception as e:  # pragma: no cover - depends on the machine
-            reason = f"kdkernels.triton.sparse_launch failed to import ({type(e).__name__}: {e})"
-    return reason
-
-
-def _cpu_unavailable(device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    try:
-        from . import sparse_cpp
-    except Exception as e:  # pragma: no cover - depends on the build
-        return f"kdkernels.sparse_cpp failed to import ({type(e).__name__}: {e})"
-    return sparse_cpp.unavailable_reason(device, dtype)
-
-
-def _choose_backend(backend, device: torch.device, dtype: torch.dtype) -> str:
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    if backend == "auto":   # never the interpreter unless asked for by name
-        if device.type == "cuda" and _triton_unavailable(device, dtype) is None:
-            return "triton"
-        if device.type == "cpu" and _cpu_unavailable(device, dtype) is None:
-            return "cpu"
-        return "reference"
-    if backend == "reference":
-        return backend
-    if backend == "cpu":
-        reason = _cpu_unavailable(device, dtype)
-        if reason:
-            raise RuntimeError(f"backend='cpu' is not available for sparse_kd_loss: {reason}")
-        return backend
-    if backend == "triton":
-        reason = _triton_unavailable(device, dtype)
-        if reason:
-            raise RuntimeError(f"backend='triton' is not available for sparse_kd_loss: {reason}")
-        return backend
-    raise ValueError(f"backend={backend!r} has no sparse top-k kernel; expected 'auto', "
-                     "'reference', 'triton' or 'cpu'")
-
-
 # ---- public API ---------------------------------------------------------------------------
 
 def sparse_kd_loss(student_logits: Tensor, teacher_indices: Tensor, teacher_logprobs: Tensor, *,
@@ -323,26 +176,18 @@ def sparse_kd_loss(student_logits: Tensor, teacher_indices: Tensor, teacher_logp
         A float32 tensor (float64 for float64 student logits): a scalar, or the leading shape for
         ``reduction="none"``.
     """
-    if not isinstance(student_logits, Tensor):
-        raise TypeError(f"student_logits must be a torch.Tensor, got "
-                        f"{type(student_logits).__name__}")
-    if not student_logits.is_floating_point():
-        raise TypeError(f"student_logits must be a floating-point tensor, got dtype "
-                        f"{student_logits.dtype}")
-    if student_logits.dim() < 1 or student_logits.shape[-1] < 1:
-        raise ValueError(f"student_logits must have shape [..., V] with V >= 1, got "
-                         f"{tuple(student_logits.shape)}")
+    check_float_tensor("student_logits", student_logits)
     V = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
     _check_teacher(teacher_indices, teacher_logprobs, lead, student_logits.device, V)
     if not isinstance(tail, str) or tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
-    div = D.get(divergence)
-    param, T, sw, hw = check_options(div, beta, alpha, temperature, soft_weight, hard_weight,
-                                     ignore_index, reduction, labels, num_items_in_batch)
-    ignore_index = int(ignore_index)
-    flat_labels = _check_labels(labels, lead, student_logits.device, V, ignore_index)
-    name = _choose_backend(backend, student_logits.device, student_logits.dtype)
+    opts = check_options(divergence, beta, alpha, temperature, soft_weight, hard_weight,
+                         ignore_index, reduction, labels, num_items_in_batch)
+    T, sw, hw, ignore_index = opts.temperature, opts.soft_weight, opts.hard_weight, opts.ignore_index
+    flat_labels = check_labels(labels, lead, student_logits.device, V, ignore_index)
+    name = backends.choose(backend, student_logits.device, student_logits.dtype, {"sparse"},
+                           "sparse_kd_loss")
 
     cd = compute_dtype(student_logits.dtype)
     K = teacher_indices.shape[-1]
@@ -358,8 +203,9 @@ def sparse_kd_loss(student_logits: Tensor, teacher_indices: Tensor, teacher_logp
     need_b = need_soft and tail == "bucket"
     need_a = hw != 0.0
     s3 = as_rows(student_logits, names=("student_logits",))
-    lse_t, lse_1, s_lab, gathered = _StudentStats.apply(
-        s3, idx_k, flat_labels if need_a else None, T, need_b, need_a, name)
+    stats, gathered = sparse_stats(s3, idx_k, flat_labels if need_a else None, T, need_b, need_a,
+                                   name)
+    lse_t, lse_1, s_lab = stats.unbind(1)
 
     ok = None if flat_labels is None else flat_labels != ignore_index
     if ok is not None:  # ignored rows: sanitise every input of the head (zero, NaN-free grads)
@@ -369,8 +215,8 @@ def sparse_kd_loss(student_logits: Tensor, teacher_indices: Tensor, teacher_logp
     rows = torch.zeros(idx2.shape[0], dtype=cd, device=student_logits.device)
     if need_soft:
         lp_safe = torch.where(valid, lp2, 0.0)
-        rows = rows + (sw * T * T) * _soft_divergence(gathered, lse_t, lp_safe, valid, div, param,
-                                                      T, tail)
+        rows = rows + (sw * T * T) * _soft_divergence(gathered, lse_t, lp_safe, valid, opts.div_id,
+                                                      opts.param, T, tail)
     if need_a:
         in_range = (flat_labels >= 0) & (flat_labels < V)
         ce = torch.where(in_range, lse_1 - s_lab, float("nan"))

@@ -21,29 +21,19 @@ needed). Gradients reach every input that requires grad, the teacher's hidden st
 """
 from __future__ import annotations
 
-import numbers
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from .functional import REDUCTIONS, _check_labels, _check_number, _check_token_weights, reduce_rows
-from .reference import compute_dtype
+from ..checks import (check_float_tensor, check_int, check_labels, check_num_items,
+                      check_reduction, check_token_weights, compute_dtype, mask_zero_weights)
+from ..reduction import reduce_rows
 
 __all__ = ["feature_loss", "FeatureLoss", "KINDS"]
 
 KINDS = ("mse", "cosine")
 _COS_EPS = 1e-8  # denominators ‖x‖·‖h_t‖ below this count as this (zero vectors give cos 0)
-
-
-def _check_hidden(name: str, x) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"{name} must have shape [..., D] with D >= 1, got {tuple(x.shape)}")
-
 
 
 def feature_loss(student_h: Tensor, teacher_h: Tensor, kind: str = "mse",
@@ -67,12 +57,11 @@ def feature_loss(student_h: Tensor, teacher_h: Tensor, kind: str = "mse",
     Returns:
         float32 (float64 for float64 inputs): a scalar, or the leading shape for "none".
     """
-    _check_hidden("student_h", student_h)
-    _check_hidden("teacher_h", teacher_h)
+    check_float_tensor("student_h", student_h, last="D")
+    check_float_tensor("teacher_h", teacher_h, last="D")
     if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction)
     if projection is not None and not callable(projection):
         raise TypeError(f"projection must be callable (e.g. an nn.Linear) or None, got "
                         f"{type(projection).__name__}")
@@ -86,17 +75,11 @@ def feature_loss(student_h: Tensor, teacher_h: Tensor, kind: str = "mse",
         raise ValueError(f"student_h width {student_h.shape[-1]} differs from teacher_h width "
                          f"{teacher_h.shape[-1]}; pass a projection (e.g. FeatureLoss(..., "
                          f"student_dim=..., teacher_dim=...))")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if num_items_in_batch is not None and not isinstance(num_items_in_batch, Tensor):
-        _check_number("num_items_in_batch", num_items_in_batch, positive=True)
-    ii = int(ignore_index)
-    flat_labels = _check_labels(labels, lead, student_h.device, None, ii,
-                                what="hidden states")
-    flat_w = _check_token_weights(token_weights, lead, student_h.device)
-    if flat_w is not None:
-        base = flat_labels if flat_labels is not None else torch.zeros_like(flat_w, dtype=torch.int64)
-        flat_labels = torch.where(flat_w == 0, ii, base)
+    ii = check_int("ignore_index", ignore_index)
+    check_num_items(num_items_in_batch)
+    flat_labels = check_labels(labels, lead, student_h.device, None, ii, what="hidden states")
+    flat_w = check_token_weights(token_weights, lead, student_h.device)
+    flat_labels = mask_zero_weights(flat_labels, flat_w, ii)
 
     s = student_h.reshape(-1, student_h.shape[-1])
     t = teacher_h.reshape(-1, teacher_h.shape[-1])
@@ -139,8 +122,7 @@ class FeatureLoss(torch.nn.Module):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_reduction(reduction)
         for name, d in (("student_dim", student_dim), ("teacher_dim", teacher_dim)):
             if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {d!r}")

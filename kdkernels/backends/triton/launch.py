@@ -2,7 +2,7 @@
 
 Checks the arguments, allocates the outputs (O(N) in forward, one gradient in the student's dtype
 in backward, or none with ``out=student`` for the in-place gradient), picks the launch
-configuration and launches one program per row. No autograd here (see ``kdkernels.ops``).
+configuration and launches one program per row. No autograd here (see ``kdkernels.ops.dense``).
 
 Launch configuration: fixed defaults per GPU architecture (``DEFAULT_CONFIGS``). Two environment
 variables change it:
@@ -21,10 +21,11 @@ from torch import Tensor
 
 import triton
 
+from .. import STATS_WIDTH
+from . import interpreting
 from . import kernels as K
+from .sparse_launch import sparse_grad, sparse_stats  # noqa: F401  (the "sparse" capability)
 
-STATS_WIDTH = 7  # kernels.STATS: (mt, log za, ms, log zb, c, mx, log zx)
-SUPPORTS_GRAD_INPLACE = True  # backward_rows(..., out=student) writes into the student
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -39,10 +40,6 @@ DEFAULT_CONFIGS = {
 _FALLBACK_CONFIG = {"fwd": (2048, 8), "bwd": (4096, 8)}
 _INTERPRETER_CONFIG = {"fwd": (4096, 1), "bwd": (4096, 1)}
 _MIN_BLOCK = 16
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _config(kind: str, device: torch.device, V: int) -> Tuple[int, int]:
@@ -105,7 +102,7 @@ def _check(student: Tensor, teacher: Tensor, labels: Optional[Tensor]) -> None:
         raise ValueError(f"teacher shape {tuple(teacher.shape)} does not fit student shape "
                          f"{tuple(student.shape)} (same number of rows B·L and a vocabulary at "
                          "least as wide)")
-    if student.device.type == "cpu" and not _interpreting():
+    if student.device.type == "cpu" and not interpreting():
         raise RuntimeError("the triton backend runs on CPU tensors only in the Triton interpreter "
                            "(TRITON_INTERPRET=1 set before importing triton)")
     if student.device.type not in ("cuda", "cpu"):

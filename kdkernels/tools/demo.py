@@ -13,7 +13,7 @@ What it does, in order:
    (a random teacher would only teach noise).
 3. Students. Two copies of one smaller ``TinyGPT`` (same initial weights, same optimiser
    settings, same batches, same teacher logits) are trained side by side, one with the naive
-   eager loss (``kdkernels.reference.eager_kd_loss``, the formula on full [N, V] tensors) and one
+   eager loss (``kdkernels.tools.eager.eager_kd_loss``, the formula on full [N, V] tensors) and one
    with ``kdkernels.kd_loss`` (backend "auto"). Their loss curves must agree within
    ``--rtol`` of the curve's scale (its first value): two fp32 training runs that differ only in
    rounding drift apart slowly as the weights diverge, so the difference at each step is compared
@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .bench import proc_status_kib
+from .memory_probe import proc_status_kib
 
 __all__ = ["WordTokenizer", "TinyGPT", "synthetic_text", "run_demo", "add_demo_arguments",
            "loss_call_memory"]
@@ -200,12 +200,12 @@ def _batches(tokens: torch.Tensor, batch: int, context: int, steps: int, seed: i
 
 # ---- memory of one loss call, in a fresh process -----------------------------------------------
 
-def _child_memory(method: str, rows: int, vocab: int, divergence: str, temperature: float,
+def child_memory(method: str, rows: int, vocab: int, divergence: str, temperature: float,
                   threads: int) -> Dict[str, float]:
     """Runs inside the subprocess: peak extra RSS of one loss forward + backward."""
     torch.set_num_threads(threads)
-    from . import kd_loss
-    from .reference import eager_kd_loss
+    from .. import kd_loss
+    from .eager import eager_kd_loss
     g = torch.Generator().manual_seed(0)
     s = torch.randn(rows, vocab, generator=g).mul_(3).requires_grad_(True)
     t = torch.randn(rows, vocab, generator=g).mul_(3)
@@ -230,8 +230,8 @@ def loss_call_memory(method: str, rows: int, vocab: int, divergence: str = "forw
     fresh Python process; ``method`` is "eager" or "kdkernels". None where /proc is missing."""
     if not os.path.exists("/proc/self/clear_refs"):
         return None
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = ("import json, kdkernels.demo as d; print(json.dumps(d._child_memory("
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = ("import json, kdkernels.tools.demo as d; print(json.dumps(d.child_memory("
             f"{method!r}, {rows}, {vocab}, {divergence!r}, {temperature!r}, {threads})))")
     env = dict(os.environ)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -306,8 +306,8 @@ def _plot(path: str, eager: List[float], fused: List[float], label: str) -> None
 def run_demo(args) -> int:
     from tqdm import tqdm
 
-    from . import backends, kd_loss
-    from .reference import eager_kd_loss
+    from .. import backends, kd_loss
+    from .eager import eager_kd_loss
 
     for name in ("steps", "vocab", "batch", "context", "threads"):
         if getattr(args, name) < 1:

@@ -1,39 +1,35 @@
-"""Torch custom ops over the backends: schema, fake (meta) kernels and autograd.
+"""The dense row ops: schema, fake (meta) kernels and autograd (``torch.library`` only).
 
-``kdkernels::kd_rows`` returns per-row losses and backend-private statistics;
-``kdkernels::kd_rows_backward`` turns per-row loss gradients into the student-logit gradient.
-Both dispatch to the backend module named by their ``backend`` argument, so every backend gets
+``kdkernels::kd_rows`` returns per-row losses and statistics; ``kdkernels::kd_rows_backward``
+(or ``..._backward_inplace``) turns per-row loss gradients into the student-logit gradient;
+``kdkernels::kd_rows_with_grad`` forms losses and gradient in one call.
+They dispatch to the backend module named by their ``backend`` argument, so every backend gets
 ``torch.compile(fullgraph=True)`` support and autograd from this one place.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import backends
-
-
-def _loss_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from .. import backends
 
 
 @torch.library.custom_op("kdkernels::kd_rows", mutates_args=())
 def kd_rows(student: Tensor, teacher: Tensor, labels: Optional[Tensor], backend: str, div_id: int,
             param: float, temperature: float, soft_weight: float, hard_weight: float,
-            ignore_index: int) -> Tuple[Tensor, Tensor]:
+            ignore_index: int, grad_inplace: bool = False) -> Tuple[Tensor, Tensor]:
+    """Per-row losses and statistics. ``grad_inplace``: backward writes the gradient into the
+    student logits' own storage (opt-in; the logits are destroyed)."""
     return backends.load(backend).forward_rows(student, teacher, labels, div_id, param, temperature,
                                                soft_weight, hard_weight, ignore_index)
 
 
 @kd_rows.register_fake
-def _kd_rows_fake(student, teacher, labels, backend, div_id, param, temperature, soft_weight,
-                  hard_weight, ignore_index):
-    n = student.shape[0] * student.shape[1]
-    return (student.new_empty((n,), dtype=_loss_dtype(student)),
-            student.new_empty((n, backends.BACKENDS[backend].stats_width), dtype=torch.float32))
+def _(student, teacher, labels, backend, div_id, param, temperature, soft_weight, hard_weight,
+      ignore_index, grad_inplace=False):
+    return backends.rows_outputs_like(student)
 
 
 @torch.library.custom_op("kdkernels::kd_rows_backward", mutates_args=())
@@ -54,36 +50,27 @@ def _(grad_loss, student, teacher, labels, stats, backend, div_id, param, temper
 def _setup_context(ctx, inputs, output):
     student, teacher, labels, *scalars = inputs
     ctx.save_for_backward(student, teacher, labels, output[1])
-    ctx.scalars = scalars
+    ctx.scalars, ctx.grad_inplace = scalars[:-1], scalars[-1]
 
 
 def _backward(ctx, grad_loss, grad_stats):
     student, teacher, labels, stats = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:
-        grad = kd_rows_backward(grad_loss, student, teacher, labels, stats, *ctx.scalars)
-    return (grad,) + (None,) * 9
+        if ctx.grad_inplace:
+            grad = student.detach()  # same storage; overwritten with the gradient just below
+            kd_rows_backward_inplace(grad_loss, grad, teacher, labels, stats, *ctx.scalars)
+        else:
+            grad = kd_rows_backward(grad_loss, student, teacher, labels, stats, *ctx.scalars)
+    return (grad,) + (None,) * 10
 
 
 torch.library.register_autograd("kdkernels::kd_rows", _backward, setup_context=_setup_context)
 
 
-# ---- opt-in in-place gradient -----------------------------------------------------------------
-# ``kd_rows_grad_inplace`` computes what ``kd_rows`` computes; its backward writes the gradient
-# into the student logits' own storage (``kd_rows_backward_inplace`` mutates ``student``) and hands
-# that storage on as the gradient, so backward allocates no [N, V] buffer. The student logits are
-# destroyed: after backward they hold their gradient.
-
-@torch.library.custom_op("kdkernels::kd_rows_grad_inplace", mutates_args=())
-def kd_rows_grad_inplace(student: Tensor, teacher: Tensor, labels: Optional[Tensor], backend: str,
-                         div_id: int, param: float, temperature: float, soft_weight: float,
-                         hard_weight: float, ignore_index: int) -> Tuple[Tensor, Tensor]:
-    return backends.load(backend).forward_rows(student, teacher, labels, div_id, param, temperature,
-                                               soft_weight, hard_weight, ignore_index)
-
-
-kd_rows_grad_inplace.register_fake(_kd_rows_fake)
-
+# ``kd_rows_backward_inplace`` writes the gradient into the student logits' own storage (it
+# mutates ``student``) and ``_backward`` hands that storage on as the gradient, so backward
+# allocates no [N, V] buffer on backends with the "grad_inplace" capability.
 
 @torch.library.custom_op("kdkernels::kd_rows_backward_inplace", mutates_args=("student",))
 def kd_rows_backward_inplace(grad_loss: Tensor, student: Tensor, teacher: Tensor,
@@ -93,7 +80,7 @@ def kd_rows_backward_inplace(grad_loss: Tensor, student: Tensor, teacher: Tensor
     mod = backends.load(backend)
     args = (grad_loss.contiguous(), student, teacher, labels, stats, div_id, param, temperature,
             soft_weight, hard_weight, ignore_index)
-    if getattr(mod, "SUPPORTS_GRAD_INPLACE", False):
+    if backends.has(backend, "grad_inplace"):
         mod.backward_rows(*args, out=student)
     else:  # a backend without an in-place kernel: same result, without the memory saving
         student.copy_(mod.backward_rows(*args))
@@ -105,19 +92,6 @@ def _(grad_loss, student, teacher, labels, stats, backend, div_id, param, temper
     return None
 
 
-def _backward_inplace(ctx, grad_loss, grad_stats):
-    student, teacher, labels, stats = ctx.saved_tensors
-    grad = None
-    if ctx.needs_input_grad[0]:
-        grad = student.detach()  # same storage; overwritten with the gradient just below
-        kd_rows_backward_inplace(grad_loss, grad, teacher, labels, stats, *ctx.scalars)
-    return (grad,) + (None,) * 9
-
-
-torch.library.register_autograd("kdkernels::kd_rows_grad_inplace", _backward_inplace,
-                                setup_context=_setup_context)
-
-
 # ---- fused forward + gradient --------------------------------------------------------------------
 # ``kd_rows_with_grad`` asks the backend for the per-row losses AND the gradient
 # G = grad_scale · d loss_i / d student_i in one call (backend function ``forward_rows_with_grad``):
@@ -125,17 +99,8 @@ torch.library.register_autograd("kdkernels::kd_rows_grad_inplace", _backward_inp
 # once and each exponential is computed once. ``grad_scale`` is the per-row grad_loss the caller
 # expects backward to bring (for a batch mean 1/denominator; 1 when unknown). Backward hands G on
 # as the gradient when grad_loss is that one (no second kernel, no second [N, V] buffer), and a
-# rescaled copy otherwise. functional.kd_loss uses it when the student needs a gradient.
-
-@torch.compiler.assume_constant_result
-def has_forward_with_grad(backend: str, device_type: str) -> bool:
-    """True when ``backend`` implements ``forward_rows_with_grad`` for tensors on ``device_type``
-    (a constant for torch.compile)."""
-    if backend == "reference":
-        return False
-    mod = backends.load(backend)
-    return (getattr(mod, "forward_rows_with_grad", None) is not None
-            and device_type in getattr(mod, "FORWARD_WITH_GRAD_DEVICES", ()))
+# rescaled copy otherwise. ``kd_loss`` uses it on backends with the "fused_grad" capability when
+# the student needs a gradient.
 
 
 @torch.library.custom_op("kdkernels::kd_rows_with_grad", mutates_args=())
@@ -151,13 +116,8 @@ def kd_rows_with_grad(student: Tensor, teacher: Tensor, labels: Optional[Tensor]
 @kd_rows_with_grad.register_fake
 def _(student, teacher, labels, backend, div_id, param, temperature, soft_weight, hard_weight,
       ignore_index, grad_scale=None):
-    n = student.shape[0] * student.shape[1]
-    return (student.new_empty((n,), dtype=_loss_dtype(student)),
+    return (backends.rows_outputs_like(student)[0],
             torch.empty(student.shape, dtype=student.dtype, device=student.device))
-
-
-# Calls of scale_rows that had to multiply (tests check that the expected cases skip it).
-SCALE_ROWS_MULTIPLIES = [0]
 
 
 def _eager(t: Tensor) -> bool:
@@ -176,7 +136,6 @@ def scale_rows(grad: Tensor, grad_loss: Tensor, grad_scale: Optional[Tensor]) ->
     if grad.device.type == "cpu" and _eager(grad) \
             and bool((gl == (1.0 if gs is None else gs)).all()):
         return grad
-    SCALE_ROWS_MULTIPLIES[0] += 1
     # grad_scale is 0 only on masked rows, whose gradient is 0
     ratio = gl if gs is None else torch.where(gs != 0, gl / gs, 0.0)
     out = torch.empty_like(grad)

@@ -1,5 +1,5 @@
-"""The compiled backends "cpu" and "cuda": the backend contract of ``backends.py`` over the
-``torch.ops.kdkernels_C`` ops of the C++ extensions.
+"""The compiled backends "cpu" and "cuda": the backend contract of ``kdkernels.backends`` over the
+``torch.ops.kdkernels_C`` ops of the C++ extensions (dense rows; sparse top-k statistics on CPU).
 
 ``kdkernels._C`` holds the op schemas and the CPU kernels (always built); ``kdkernels._C_cuda``
 registers CUDA implementations of the same ops (built only where torch has CUDA and nvcc exists).
@@ -13,11 +13,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["STATS_WIDTH", "forward_rows", "backward_rows", "forward_rows_with_grad",
-           "unavailable_reason", "divergence_names"]
+from . import STATS_WIDTH, rows_outputs_like
 
-FORWARD_WITH_GRAD_DEVICES = ("cpu",)  # where forward_rows_with_grad runs (the CPU kernels)
-STATS_WIDTH = 7  # per row: (max, log sum-exp) of t/T and s/T, c = sum q g, (max, log sum-exp) of s
+__all__ = ["forward_rows", "backward_rows", "forward_rows_with_grad", "sparse_stats",
+           "sparse_grad", "unavailable_reason", "divergence_names"]
 
 _BUILD_HINT = "run `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)"
 
@@ -50,19 +49,18 @@ def unavailable_reason(device: str) -> Optional[str]:
     return f"no compiled backend for device {device!r}"
 
 
+# Fakes of the kdkernels_C ops themselves, for torch.library.opcheck and for callers that trace
+# them directly; the kdkernels:: ops above them have their own (kdkernels.ops). Same shape helper.
 if _CPU_ERROR is None:
     @torch.library.register_fake("kdkernels_C::kd_rows_fwd")
     def _fwd_fake(student, teacher, labels, div_id, param, temperature, soft_weight, hard_weight,
                   ignore_index):
-        n = student.shape[0] * student.shape[1]
-        return (student.new_empty((n,), dtype=torch.float32),
-                student.new_empty((n, STATS_WIDTH), dtype=torch.float32))
+        return rows_outputs_like(student.float(), STATS_WIDTH)
 
     @torch.library.register_fake("kdkernels_C::kd_rows_fwd_grad")
     def _fwd_grad_fake(student, teacher, labels, div_id, param, temperature, soft_weight,
                        hard_weight, ignore_index, grad_scale):
-        n = student.shape[0] * student.shape[1]
-        return (student.new_empty((n,), dtype=torch.float32),
+        return (rows_outputs_like(student.float())[0],
                 torch.empty(student.shape, dtype=student.dtype, device=student.device))
 
     @torch.library.register_fake("kdkernels_C::kd_rows_bwd")
@@ -114,3 +112,44 @@ def forward_rows_with_grad(student: Tensor, teacher: Tensor, labels: Optional[Te
     return torch.ops.kdkernels_C.kd_rows_fwd_grad(student, teacher, labels, div_id, param,
                                                   temperature, soft_weight, hard_weight,
                                                   ignore_index, grad_scale)
+
+
+# ---- sparse top-k student statistics (csrc/cpu/sparse_cpu.cpp) ----------------------------
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+if _CPU_ERROR is None:
+    @torch.library.register_fake("kdkernels_C::sparse_stats")
+    def _stats_fake(s, idx, labels, temperature, need_b, need_a):
+        n = s.shape[0] * s.shape[1]
+        return (s.new_empty((n, 3), dtype=torch.float32),
+                s.new_empty((n, idx.shape[1]), dtype=torch.float32))
+
+    @torch.library.register_fake("kdkernels_C::sparse_grad")
+    def _grad_fake(s, stats, idx, labels, temperature, need_b, need_a, c_b, c_a, g_idx, g_lab):
+        return torch.empty(s.shape, dtype=s.dtype, device=s.device)
+
+
+def _check_sparse(s3: Tensor, idx: Tensor) -> None:
+    assert s3.dim() == 3 and (s3.stride(2) == 1 or s3.shape[2] == 1), "s3: [B, L, V], unit column stride"
+    assert s3.dtype in _DTYPES, s3.dtype
+    assert idx.dtype == torch.int64 and idx.is_contiguous() and idx.shape[0] == s3.shape[0] * s3.shape[1]
+
+
+def sparse_stats(s3: Tensor, idx: Tensor, labels: Optional[Tensor], T: float, need_b: bool,
+            need_a: bool):
+    """-> stats [N, 3] fp32 (lse(s/T), lse(s), s[label]; 0 where not needed), gathered [N, K] fp32."""
+    _check_sparse(s3, idx)
+    lab = labels.contiguous() if need_a else None
+    return torch.ops.kdkernels_C.sparse_stats(s3, idx, lab, float(T), bool(need_b), bool(need_a))
+
+
+def sparse_grad(s3: Tensor, stats: Tensor, idx: Tensor, labels: Optional[Tensor], T: float,
+             need_b: bool, need_a: bool, c_b: Tensor, c_a: Tensor, g_idx: Tensor,
+             g_lab: Tensor) -> Tensor:
+    """-> grad [B, L, V] in the student dtype (contiguous)."""
+    _check_sparse(s3, idx)
+    lab = labels.contiguous() if need_a else None
+    return torch.ops.kdkernels_C.sparse_grad(s3, stats, idx, lab, float(T), bool(need_b),
+                                             bool(need_a), c_b, c_a, g_idx, g_lab)

@@ -1,7 +1,7 @@
 """Launchers of the sparse top-k kernels: checks, allocation, grid (thin; no autograd here).
 
-``forward`` and ``backward`` have the signatures of ``kdkernels.sparse._ReferenceStats``.
-On CPU tensors the kernels run only under the Triton interpreter (TRITON_INTERPRET=1).
+``sparse_stats`` and ``sparse_grad`` have the signatures of the reference backend's
+(``kdkernels.backends.reference``); ``launch.py`` exports them as part of the triton backend.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _check(s3: torch.Tensor, idx: torch.Tensor) -> None:
     assert idx.dtype == torch.int64 and idx.is_contiguous() and idx.shape[0] == s3.shape[0] * s3.shape[1]
 
 
-def forward(s3: torch.Tensor, idx: torch.Tensor, labels: Optional[torch.Tensor], T: float,
+def sparse_stats(s3: torch.Tensor, idx: torch.Tensor, labels: Optional[torch.Tensor], T: float,
             need_b: bool, need_a: bool):
     _check(s3, idx)
     Bd, L, V = s3.shape
@@ -47,7 +47,7 @@ def forward(s3: torch.Tensor, idx: torch.Tensor, labels: Optional[torch.Tensor],
     return stats, gathered
 
 
-def backward(s3: torch.Tensor, stats: torch.Tensor, idx: torch.Tensor,
+def sparse_grad(s3: torch.Tensor, stats: torch.Tensor, idx: torch.Tensor,
              labels: Optional[torch.Tensor], T: float, need_b: bool, need_a: bool,
              c_b: torch.Tensor, c_a: torch.Tensor, g_idx: torch.Tensor,
              g_lab: torch.Tensor) -> torch.Tensor:

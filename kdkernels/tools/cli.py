@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from . import __version__, backends
-from . import divergences as D
+from .. import __version__, backends
+from .. import divergences as D
 
 
 def _versions() -> dict:
@@ -44,7 +44,7 @@ def add_check_arguments(p) -> None:
 
 
 def run_check(args) -> int:
-    from .functional import kd_loss
+    from ..losses.kd import kd_loss
 
     dtype = getattr(torch, args.dtype)
     dev = torch.device(args.device)

@@ -3,7 +3,7 @@
 All implementations run side by side in one process on the same inputs, one shape at a time:
 
 ``eager``
-    ``kdkernels.reference.eager_kd_loss``: the DESIGN.md §2 formula on the full [N, V] tensors with
+    ``kdkernels.tools.eager.eager_kd_loss``: the DESIGN.md §2 formula on the full [N, V] tensors with
     plain autograd, i.e. what a user writes without this library.
 ``compile``
     ``torch.compile`` of that same function. Its first call on each shape (compilation, or a
@@ -59,7 +59,7 @@ GBps, pct_copy (GPU only)
     ``copy_``, counting the bytes read and written).
 
 Output: a table (ratios against eager), ``results.csv`` with one row per (implementation, shape,
-metric), PNG plots drawn from the CSV (``kdkernels.plotting``), and ``table.txt``.
+metric), PNG plots drawn from the CSV (``kdkernels.tools.plotting``), and ``table.txt``.
 """
 from __future__ import annotations
 
@@ -85,8 +85,9 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from . import __version__, backends
-from . import divergences as D
+from .. import __version__, backends
+from .. import divergences as D
+from .memory_probe import proc_status_kib
 
 __all__ = ["Problem", "Impl", "register_impl", "unregister_impl", "implementations", "TOLERANCE",
            "CSV_COLUMNS", "sweep", "run_bench", "add_bench_arguments"]
@@ -134,27 +135,12 @@ class Impl:
     name: str
     build: Callable[[Problem], Callable]
     unavailable: Callable[[Problem], Optional[str]] = lambda p: None
-    module: str = ""  # imported by the memory subprocess so that the registration exists there
-
-
-_EXTRA: Dict[str, Impl] = {}
-
-
-def register_impl(impl: Impl) -> None:
-    """Add an implementation (a hook for tests and experiments; built-ins need no registration)."""
-    if not isinstance(impl, Impl):
-        raise TypeError(f"impl must be a kdkernels.bench.Impl, got {type(impl).__name__}")
-    _EXTRA[impl.name] = impl
-
-
-def unregister_impl(name: str) -> None:
-    _EXTRA.pop(name, None)
 
 
 # ---- the built-in implementations -----------------------------------------------------------
 
 def _eager_build(p: Problem):
-    from .reference import eager_kd_loss
+    from .eager import eager_kd_loss
     return functools.partial(eager_kd_loss, divergence=p.divergence, temperature=p.temperature)
 
 
@@ -162,7 +148,7 @@ def _eager_build(p: Problem):
 def _compiled(divergence: str, temperature: float):
     # One compiled function per (divergence, T), shared by all shapes, so shape changes are the
     # recompilations a user would see (and are timed as first calls).
-    from .reference import eager_kd_loss
+    from .eager import eager_kd_loss
     return torch.compile(functools.partial(eager_kd_loss, divergence=divergence,
                                            temperature=temperature))
 
@@ -236,7 +222,7 @@ def _backend_unavailable(name: str) -> Callable[[Problem], Optional[str]]:
 
 def _backend_build(name: str) -> Callable[[Problem], Callable]:
     def build(p: Problem):
-        from .functional import kd_loss
+        from ..losses.kd import kd_loss
         return functools.partial(kd_loss, divergence=p.divergence, temperature=p.temperature,
                                  backend=name)
     return build
@@ -247,9 +233,7 @@ def implementations() -> Dict[str, Impl]:
     impls = [Impl("eager", _eager_build), Impl("compile", _compile_build),
              Impl("liger", _liger_build, _liger_unavailable)]
     impls += [Impl(f"kd-{n}", _backend_build(n), _backend_unavailable(n)) for n in backends.names()]
-    out = {i.name: i for i in impls}
-    out.update(_EXTRA)
-    return out
+    return {i.name: i for i in impls}
 
 
 # ---- machine description --------------------------------------------------------------------
@@ -347,7 +331,7 @@ SAMPLE_ROWS = 512
 
 def reference_result(p: Problem, s, t):
     """(loss, rows, grad_rows) of the reference backend: ``rows`` None means all rows."""
-    from .functional import kd_loss
+    from ..losses.kd import kd_loss
     kw = dict(divergence=p.divergence, temperature=p.temperature, backend="reference")
     if p.N * p.V <= FULL_CHECK_ELEMENTS:
         loss, grad = _step(functools.partial(kd_loss, **kw), s, t)
@@ -385,22 +369,11 @@ def bytes_per_step(p: Problem) -> int:
 
 # ---- CPU memory: a fresh subprocess per implementation and shape -----------------------------
 
-def proc_status_kib(key: str) -> int:
-    """A kB field of /proc/self/status (``VmRSS``, ``VmHWM``, ...) in KiB (Linux)."""
-    with open("/proc/self/status") as f:
-        m = re.search(rf"^{key}:\s+(\d+)\s+kB", f.read(), re.M)
-    if m is None:
-        raise RuntimeError(f"{key} not found in /proc/self/status")
-    return int(m.group(1))
-
-
-def _child_main(spec_json: str) -> int:
+def child_main(spec_json: str) -> int:
     """Entry point of the memory subprocess; prints one JSON object on its last stdout line."""
     spec = json.loads(spec_json)
     try:
         torch.set_num_threads(int(spec["threads"]))
-        if spec.get("module"):
-            importlib.import_module(spec["module"])
         p = Problem(**spec["problem"])
         impl = implementations()[spec["impl"]]
         s, t = p.inputs()
@@ -425,12 +398,11 @@ def _child_main(spec_json: str) -> int:
 
 def cpu_peak_extra_bytes(impl: Impl, p: Problem, timeout: float = 600.0):
     """(bytes, None) or (None, reason): peak extra RSS of one step in a fresh subprocess."""
-    spec = {"problem": asdict(p), "impl": impl.name, "threads": torch.get_num_threads(),
-            "module": impl.module}
-    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = {"problem": asdict(p), "impl": impl.name, "threads": torch.get_num_threads()}
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([pkg_parent] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    code = "import sys; from kdkernels.bench import _child_main; sys.exit(_child_main(sys.argv[1]))"
+    code = "import sys; from kdkernels.tools.bench import child_main; sys.exit(child_main(sys.argv[1]))"
     try:
         r = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True,
                            text=True, env=env, timeout=timeout)

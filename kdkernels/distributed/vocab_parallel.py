@@ -46,23 +46,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import divergences as D
-from .reference import CHUNK_ELEMENTS, _log_mix, compute_dtype, divergence_terms
+from .. import divergences as D
+from ..backends.reference import row_chunks
+from ..checks import compute_dtype
+from .data_parallel import check_group
 
-__all__ = ["vocab_parallel_kd_loss", "vocab_parallel_rows", "global_num_items", "shard_start"]
+__all__ = ["vocab_parallel_rows", "shard_start", "check_vocab_parallel_args", "all_gather"]
 
-_FKL = D.DIVERGENCES["forward_kl"].id
-_RKL = D.DIVERGENCES["reverse_kl"].id
-_JSD = D.DIVERGENCES["jsd"].id
-_SKL = D.DIVERGENCES["skew_kl"].id
-_SRKL = D.DIVERGENCES["skew_reverse_kl"].id
-_TVD = D.DIVERGENCES["tvd"].id
+_FKL, _RKL = D.FORWARD_KL, D.REVERSE_KL
 _NEG_INF = float("-inf")
 
 
 # ---- communication helpers (torch.distributed collectives only) ------------------------------
 
-def _all_gather(x: Tensor, group) -> Tensor:
+def all_gather(x: Tensor, group) -> Tensor:
     """[W, *x.shape]: x of every rank of ``group``, in rank order (one collective)."""
     W = dist.get_world_size(group)
     out = x.new_empty((W * x.numel(),))
@@ -71,16 +68,7 @@ def _all_gather(x: Tensor, group) -> Tensor:
     return out.view(W, *x.shape)
 
 
-def check_group(process_group) -> None:
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("process_group was given but torch.distributed is not initialized "
-                         "(call torch.distributed.init_process_group first)")
-    if not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError("process_group must be a torch.distributed.ProcessGroup, got "
-                        f"{type(process_group).__name__}")
-
-
-def check_args(process_group, vocab_start_index, backend: str) -> None:
+def check_vocab_parallel_args(process_group, vocab_start_index, backend: str) -> None:
     """Checks of the vocab-parallel arguments of ``kd_loss`` (nothing to check without them)."""
     if process_group is None:
         if vocab_start_index is not None:
@@ -100,65 +88,7 @@ def check_args(process_group, vocab_start_index, backend: str) -> None:
                          "(use backend='auto')")
 
 
-def global_num_items(labels: Tensor, ignore_index: int = -100, group=None) -> Tensor:
-    """Number of counted tokens (labels != ignore_index) summed over the data-parallel ``group``.
-
-    Returns an int64 tensor on the labels' device (one all_reduce, no host synchronisation). Pass
-    it as ``num_items_in_batch`` so that each rank's loss is its share of the loss of the global
-    batch: the per-rank losses then sum to the loss of one big batch, and so do the gradients.
-    Without an initialised process group (and ``group=None``) it returns the local count.
-    """
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    count = (labels != ignore_index).sum().to(torch.int64)
-    if group is None and not (dist.is_available() and dist.is_initialized()):
-        return count
-    if group is not None:
-        check_group(group)
-    dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
-    return count
-
-
-# ---- per-element math -------------------------------------------------------------------------
-
-def dphi_dlogq(div_id: int, param: float, logp: Tensor, logq: Tensor) -> Tensor:
-    """u = ∂φ/∂log q = q·g elementwise (DESIGN.md §3), 0 where q = 0.
-
-    The gradient w.r.t. the scaled student logits is then ∂D/∂b_j = u_j − q_j·Σ_k u_k.
-    """
-    p, q = logp.exp(), logq.exp()
-    qpos = q > 0
-    if div_id == _FKL:
-        return -p
-    if div_id == _RKL:
-        return torch.where(qpos, q * (logq - logp + 1.0), 0.0)
-    if div_id == _JSD:
-        logm = _log_mix(param, logp, 1.0 - param, logq)
-        return torch.where(qpos, (1.0 - param) * q * (logq - logm), 0.0)
-    if div_id == _SKL:  # φ = p log(p/m), m = α p + (1−α) q
-        logm = _log_mix(param, logp, 1.0 - param, logq)
-        both = qpos & (p > 0)
-        return torch.where(both, -(1.0 - param) * p * (logq - logm).exp(), 0.0)
-    if div_id == _SRKL:  # φ = q log(q/m), m = α q + (1−α) p
-        logm = _log_mix(param, logq, 1.0 - param, logp)
-        return torch.where(qpos, q * (logq - logm + 1.0 - param * (logq - logm).exp()), 0.0)
-    if div_id == _TVD:
-        return 0.5 * torch.sign(q - p) * q
-    raise ValueError(f"unknown divergence id {div_id}")
-
-
-def _chunks(B: int, L: int, V: int):
-    """(b, l0, l1, r0, r1): row chunks of a [B, L, V] view and their flat row range."""
-    step = max(1, CHUNK_ELEMENTS // max(V, 1))
-    for b in range(B):
-        for l0 in range(0, L, step):
-            l1 = min(L, l0 + step)
-            yield b, l0, l1, b * L + l0, b * L + l1
-
+# ---- per-row merges -------------------------------------------------------------------------
 
 def _finite_or_zero(x: Tensor) -> Tensor:
     return torch.where(torch.isfinite(x), x, 0.0)
@@ -235,7 +165,7 @@ class _VocabParallelKD(torch.autograd.Function):
             lab_local = torch.where(owned, lab_local, 0)
 
         # pass 1: local statistics
-        for b, l0, l1, r0, r1 in _chunks(Bsz, L, V):
+        for b, l0, l1, r0, r1 in row_chunks(Bsz, L, V):
             s = s3[b, l0:l1].to(cd)
             if sw:
                 a = t3[b, l0:l1, :V].to(cd) / T
@@ -246,14 +176,14 @@ class _VocabParallelKD(torch.autograd.Function):
                 local[r0:r1, ci["mb"]], local[r0:r1, ci["zb"]] = mb, zb
                 if online:
                     logp, logq = _shard_log_prob(a, ma, za), _shard_log_prob(bb, mb, zb)
-                    local[r0:r1, ci["w"]] = divergence_terms(div_id, param, logp, logq).sum(-1)
+                    local[r0:r1, ci["w"]] = D.terms(div_id, param, logp, logq).sum(-1)
             if hard_own:
                 local[r0:r1, ci["ms"]], local[r0:r1, ci["zs"]] = _local_lse(s)
             if hw:
                 sl = s.gather(-1, lab_local[r0:r1, None]).squeeze(-1)
                 local[r0:r1, ci["sl"]] = torch.where(owned[r0:r1], sl, 0.0)
 
-        G = _all_gather(local, group)                 # [W, N + 1, k]   (collective 1)
+        G = all_gather(local, group)                 # [W, N + 1, k]   (collective 1)
         vocab_size = G[:, N, 0].sum()
         G = G[:, :N]
 
@@ -271,13 +201,13 @@ class _VocabParallelKD(torch.autograd.Function):
             else:
                 # pass 2: Σφ and the partial c with the global statistics
                 part = torch.zeros(N, 2 if need_grad else 1, dtype=cd, device=dev)
-                for b, l0, l1, r0, r1 in _chunks(Bsz, L, V):
+                for b, l0, l1, r0, r1 in row_chunks(Bsz, L, V):
                     rr = slice(r0, r1)
                     logp = _log_prob(t3[b, l0:l1, :V].to(cd) / T, Ma[rr], Za[rr])
                     logq = _log_prob(s3[b, l0:l1].to(cd) / T, Mb[rr], Zb[rr])
-                    part[rr, 0] = divergence_terms(div_id, param, logp, logq).sum(-1)
+                    part[rr, 0] = D.terms(div_id, param, logp, logq).sum(-1)
                     if need_grad:
-                        part[rr, 1] = dphi_dlogq(div_id, param, logp, logq).sum(-1)
+                        part[rr, 1] = D.dphi_dlogq(div_id, param, logp, logq).sum(-1)
                 dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)   # (collective 2)
                 Dv = part[:, 0]
                 if need_grad:
@@ -305,14 +235,14 @@ class _VocabParallelKD(torch.autograd.Function):
         grad = torch.empty_like(s3, memory_format=torch.contiguous_format)
         cd = compute_dtype(s3.dtype)
         go = grad_rows.to(cd)
-        for b, l0, l1, r0, r1 in _chunks(Bsz, L, V):
+        for b, l0, l1, r0, r1 in row_chunks(Bsz, L, V):
             Ma, Za, Mb, Zb, Ms, Zs, c = stats[r0:r1].unbind(1)
             s = s3[b, l0:l1].to(cd)
             g = torch.zeros_like(s)
             if sw:
                 logp = _log_prob(t3[b, l0:l1, :V].to(cd) / T, Ma, Za)
                 logq = _log_prob(s / T, Mb, Zb)
-                u = dphi_dlogq(div_id, param, logp, logq)
+                u = D.dphi_dlogq(div_id, param, logp, logq)
                 g = (sw * T) * (u - logq.exp() * c[:, None])
             if hw:
                 g = g + hw * _log_prob(s, Ms, Zs).exp()
@@ -328,7 +258,7 @@ class _VocabParallelKD(torch.autograd.Function):
 def shard_start(local_vocab: int, group, device) -> Tensor:
     """This rank's first global vocabulary id when the shards lie in rank order: the sum of the
     lower ranks' shard sizes (one all_gather of one int64 per rank; a 0-dim int64 tensor)."""
-    sizes = _all_gather(torch.tensor([local_vocab], dtype=torch.int64, device=device),
+    sizes = all_gather(torch.tensor([local_vocab], dtype=torch.int64, device=device),
                         group).view(-1)
     return sizes[:dist.get_rank(group)].sum()
 
@@ -355,13 +285,3 @@ def vocab_parallel_rows(s3: Tensor, t3: Tensor, labels: Optional[Tensor], group,
                              f"or equal ignore_index={ignore_index}; found {int(labels[i])} at "
                              f"flat position {i}")
     return rows, vocab_size
-
-
-def vocab_parallel_kd_loss(student_logits: Tensor, teacher_logits: Tensor, process_group,
-                           vocab_start_index: Optional[int] = None, **kwargs) -> Tensor:
-    """``kd_loss`` on vocabulary shards: same arguments as ``kdkernels.kd_loss``, with the
-    tensor-parallel ``process_group`` and this rank's ``vocab_start_index`` (default: shards in
-    rank order, offsets from the gathered shard sizes)."""
-    from .functional import kd_loss
-    return kd_loss(student_logits, teacher_logits, process_group=process_group,
-                   vocab_start_index=vocab_start_index, **kwargs)
