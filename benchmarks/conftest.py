@@ -2,7 +2,7 @@
 
 Run from the repository root: ``python -m pytest benchmarks -q`` (add ``--benchmark-only`` to
 skip the correctness-only parts, ``--benchmark-json=out.json`` to keep the numbers).
-Implementations come from ``kdkernels.bench.implementations()``, the same registry the CLI
+Implementations come from ``kdkernels.tools.bench.implementations()``, the same registry the CLI
 uses, so a backend merged later appears here without edits.
 """
 import pytest

@@ -1,7 +1,7 @@
 // TORCH_LIBRARY registration of the kdkernels_C ops and their CPU implementations.
 //
 // The namespace is kdkernels_C (the Python custom ops own "kdkernels"). Fake kernels are
-// registered from Python (kdkernels/cpp.py); autograd lives in kdkernels/ops.py, which calls these
+// registered from Python (kdkernels/backends/compiled.py); autograd lives in kdkernels/ops/dense.py, which calls these
 // ops through the backend contract. The CUDA implementations are registered by the separate
 // kdkernels._C_cuda extension (csrc/cuda/bindings_cuda.cpp) for the same schemas.
 #include <ATen/ATen.h>

@@ -1,6 +1,6 @@
 """An independent float64 oracle for the DESIGN.md §2 definitions, on dense tensors.
 
-Written separately from kdkernels.reference (no shared code): −inf logits are replaced by a huge
+Written separately from kdkernels.backends.reference (no shared code): −inf logits are replaced by a huge
 finite negative number, so exp gives exactly 0 and every product 0·log(·) is finite, which keeps
 autograd free of NaN without any masking logic.
 """

@@ -4,7 +4,7 @@
 //   sparse_grad(s, stats, idx, labels?, temperature, need_b, need_a, c_b, c_a, g_idx, g_lab)
 //       -> grad [B, L, V] (student dtype, contiguous)
 //
-// The same contract as kdkernels/triton/sparse_launch.py (see csrc/include/kd_sparse.h). Rows are
+// The same contract as kdkernels/backends/triton/sparse_launch.py (see csrc/include/kd_sparse.h). Rows are
 // spread over threads with at::parallel_for; each row is walked in blocks of BLK columns that are
 // converted to fp32 into a stack buffer (L1) and processed by `omp simd` loops over the branch-free
 // exp_fast of kd_math.h. No [N, V] temporary: the only large write is the gradient.

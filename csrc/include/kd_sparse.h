@@ -46,7 +46,7 @@ inline int64_t sparse_row_offset(const SparseArgs& a, int64_t r) {
 
 // The dense part of the gradient of one element, from x = s_j and xb = s_j * inv_t. xb must be
 // the product rounded to fp32 (computed and stored apart, never fused into the subtraction): the
-// head in kdkernels/sparse.py forms b = s * (1/T) the same way, and in bucket mode the gradient of
+// head in kdkernels/losses/sparse.py forms b = s * (1/T) the same way, and in bucket mode the gradient of
 // the tail term cancels c_B softmax(b)_j against g_k, so both must see the same b. use_b / use_a
 // are per-row flags (need_b && c_b != 0, need_a && c_a != 0): a zero coefficient contributes
 // exactly 0, even for NaN logits.

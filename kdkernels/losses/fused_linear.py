@@ -2,7 +2,7 @@
 weights, logits never held in full (the chunk loop is ``kdkernels.ops.fused_linear``).
 
 Because every reduction except "none" is a weighted sum of the rows with weights known in
-advance (``kdkernels.reduction.row_weights``), forward produces the gradients of the reduced loss
+advance (``kdkernels.reduction.row_grad``), forward produces the gradients of the reduced loss
 and backward only scales them by the incoming scalar gradient. With ``reduction="none"`` forward
 computes only the rows, and backward recomputes the logits chunk by chunk with the incoming
 per-row gradients. Vocab-parallel: ``kdkernels.distributed.fused_linear``. See
@@ -21,7 +21,7 @@ from ..checks import check_int, check_linear, check_labels, check_number, check_
 from ..distributed.fused_linear import VocabParallelFusedKD
 from ..distributed.vocab_parallel import check_vocab_parallel_args, shard_start
 from ..ops.fused_linear import LinearConfig, fused_linear_kd, fused_linear_kd_rows
-from ..reduction import row_weights
+from ..reduction import row_grad
 
 __all__ = ["fused_linear_kd_loss", "FusedLinearKDLoss", "auto_chunk_size"]
 
@@ -144,7 +144,7 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
         if opts.hard_weight != 0.0 and start is None:  # once per call, not per chunk
             start = shard_start(V, process_group, dev)
         # "mean" divides by the GLOBAL vocabulary, known after the first collective
-        scale = row_weights("batchmean" if reduction == "mean" else reduction, N, V, flat_labels,
+        scale = row_grad("batchmean" if reduction == "mean" else reduction, N, V, flat_labels,
                             ii, num_items_in_batch, dtype=cd, device=dev)
         out = VocabParallelFusedKD.apply(hs, student_weight, student_bias, ht, wt, bt, flat_labels,
                                          scale, process_group, start, reduction == "none",
@@ -157,10 +157,10 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
                                     *scalars)
         if reduction == "none":
             return rows.view(lead)
-        scale = row_weights(reduction, N, V, flat_labels, ii, num_items_in_batch,
+        scale = row_grad(reduction, N, V, flat_labels, ii, num_items_in_batch,
                             dtype=rows.dtype, device=rows.device)
         return (rows * scale).sum()
-    scale = row_weights(reduction, N, V, flat_labels, ii, num_items_in_batch, dtype=cd, device=dev)
+    scale = row_grad(reduction, N, V, flat_labels, ii, num_items_in_batch, dtype=cd, device=dev)
     loss, *_ = fused_linear_kd(hs, student_weight, student_bias, ht, wt, bt, flat_labels, scale,
                                *scalars, *need)
     return loss

@@ -18,7 +18,7 @@ from ..checks import (as_rows, check_float_tensor, check_labels, check_options,
                       check_teachers, check_token_weights, mask_zero_weights)
 from ..distributed.vocab_parallel import check_vocab_parallel_args, vocab_parallel_rows
 from ..ops.dense import kd_rows, kd_rows_with_grad
-from ..reduction import reduce_rows, row_weights
+from ..reduction import reduce_rows, row_grad
 
 __all__ = ["kd_loss", "KDLoss"]
 
@@ -134,7 +134,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
           and backends.has(name, "fused_grad")):
         # loss and gradient in one kernel call, for the grad_loss reduce_rows will send back
         hint = _grad_hint(reduction, s3.shape[0] * s3.shape[1], V, flat_labels, ii,
-                          num_items_in_batch, flat_w)
+                          num_items_in_batch, flat_w, s3.device)
         rows, _ = kd_rows_with_grad(s3, t3[0], flat_labels, name, *args, hint)
     else:
         rows, _ = kd_rows(s3, t3[0], flat_labels, name, *args, grad_inplace)
@@ -143,17 +143,17 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
 
 
 def _grad_hint(reduction: str, n_rows: int, V: int, flat_labels: Optional[Tensor],
-               ignore_index: int, num_items_in_batch, flat_w: Optional[Tensor]) -> Optional[Tensor]:
+               ignore_index: int, num_items_in_batch, flat_w: Optional[Tensor],
+               device) -> Optional[Tensor]:
     """The grad_loss [N] (float32) reduce_rows sends back to the rows when the reduced loss has
-    gradient 1: its own row weights, so bitwise autograd's value; None (ones) for "none" or while
+    gradient 1 (``reduction.row_grad``: bitwise autograd's value); None (ones) for "none" or while
     compiling. Only a speed hint for the fused gradient: ops.dense.scale_rows rescales whenever
     the real grad_loss differs. A weight that is not finite, or 0 on a row that is not masked,
     becomes 1 (a masked row's gradient is 0 whatever its scale)."""
     if reduction == "none" or torch.compiler.is_compiling():
         return None
-    g = row_weights(reduction, n_rows, V, flat_labels, ignore_index, num_items_in_batch, flat_w,
-                    dtype=torch.float32, device=None if flat_w is not None else (
-                        flat_labels.device if flat_labels is not None else "cpu"))
+    g = row_grad(reduction, n_rows, V, flat_labels, ignore_index, num_items_in_batch, flat_w,
+                 dtype=torch.float32, device=device)
     ok = g != 0 if flat_labels is None else (g != 0) | (flat_labels == ignore_index)
     return torch.where(torch.isfinite(g) & ok, g, 1.0).contiguous()
 

@@ -501,14 +501,14 @@ def sweep(args, on_progress: Optional[Callable[[List[Result]], None]] = None) ->
 
     ``on_progress(results_so_far)`` is called after each shape (the CLI rewrites its CSV there, so
     a run killed by an outer timeout still leaves every finished shape on disk)."""
-    from tqdm import tqdm
+    from .progress import progress
 
     impls = implementations()
     chosen = [impls[n] for n in (args.impl or list(impls))]
     problems = _problems(args)
     results: List[Result] = []
     deadline = time.perf_counter() + args.time_budget if args.time_budget else None
-    bar = tqdm(total=len(problems) * len(chosen), desc="bench", unit="case", file=sys.stderr,
+    bar = progress(total=len(problems) * len(chosen), desc="bench", unit="case", file=sys.stderr,
                disable=args.quiet or None)
     for p in problems:
         bar.set_postfix_str(f"{p.divergence} {p.dtype} N={p.N} V={p.V}")

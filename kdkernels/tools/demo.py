@@ -304,7 +304,7 @@ def _plot(path: str, eager: List[float], fused: List[float], label: str) -> None
 
 
 def run_demo(args) -> int:
-    from tqdm import tqdm
+    from .progress import progress
 
     from .. import backends, kd_loss
     from .eager import eager_kd_loss
@@ -338,7 +338,7 @@ def run_demo(args) -> int:
     ctx = args.context
     teacher = TinyGPT(V, args.teacher_dim, args.teacher_layers, max(1, args.teacher_dim // 32), ctx)
     opt = torch.optim.AdamW(teacher.parameters(), lr=args.lr)
-    bar = tqdm(_batches(ids, args.batch, ctx, args.teacher_steps, args.seed + 1),
+    bar = progress(_batches(ids, args.batch, ctx, args.teacher_steps, args.seed + 1),
                total=args.teacher_steps, desc="teacher (CE)", disable=args.no_progress)
     teacher_ce = float("nan")
     for x, y in bar:
@@ -364,7 +364,7 @@ def run_demo(args) -> int:
     curves = {k: [] for k in students}
     loss_times = {k: [] for k in students}
     step_times = {k: [] for k in students}
-    bar = tqdm(_batches(ids, args.batch, ctx, args.steps, args.seed + 2), total=args.steps,
+    bar = progress(_batches(ids, args.batch, ctx, args.steps, args.seed + 2), total=args.steps,
                desc="students (KD)", disable=args.no_progress)
     for i, (x, y) in enumerate(bar):
         with torch.no_grad():

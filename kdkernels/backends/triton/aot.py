@@ -6,7 +6,7 @@
 Under ``TRITON_INTERPRET=1`` the kernels are interpreter objects that cannot be compiled, so the
 work then runs in a child process without that variable.
 
-Command line: ``python -m kdkernels.triton.aot`` prints the report as JSON lines.
+Command line: ``python -m kdkernels.backends.triton.aot`` prints the report as JSON lines.
 """
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def compile_report(variants: Optional[List[dict]] = None, workers: int = 2) -> L
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "kdkernels.triton.aot", "--json-in",
+    proc = subprocess.run([sys.executable, "-m", "kdkernels.backends.triton.aot", "--json-in",
                            json.dumps(variants), "--workers", str(workers)],
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0:
