@@ -509,6 +509,22 @@ def analyse_kernel(name: str, instrs: List[Instr], threads: int, elems_per_iter:
     return out
 
 
+def loop_unrolls(name: str, instrs: List[Instr], ptx_bytes: List[int]) -> List[int]:
+    """ptxas unroll factor of each top-level loop: its SASS global bytes over its PTX bytes."""
+    loops = top_level_loops(find_loops(instrs))
+    if len(ptx_bytes) != len(loops):
+        raise RuntimeError(f"{name}: {len(loops)} SASS loops but {len(ptx_bytes)} PTX loops")
+    unroll = []
+    for (a, b), pb in zip(loops, ptx_bytes):
+        c = count(instrs[a:b + 1])
+        sb = c.ldg_bytes + c.stg_bytes
+        u = sb / pb if pb else 1
+        if u != int(u) or u < 1:
+            raise RuntimeError(f"{name}: SASS loop moves {sb} B, PTX loop {pb} B per thread")
+        unroll.append(int(u))
+    return unroll
+
+
 def triton_launch_rows(launch: Launch, cap: int, compiled: dict) -> List[dict]:
     name = launch.kernel
     if name not in TRITON_LOOPS:
@@ -522,18 +538,7 @@ def triton_launch_rows(launch: Launch, cap: int, compiled: dict) -> List[dict]:
     ext = {"V": MODEL_V, "K": MODEL_K}
     desc = TRITON_LOOPS[name]
     threads = compiled["num_warps"] * WARP
-    loops = top_level_loops(find_loops(instrs))
-    ptx_bytes = compiled["ptx_loop_bytes"]
-    if len(ptx_bytes) != len(loops):
-        raise RuntimeError(f"{name}: {len(loops)} SASS loops but {len(ptx_bytes)} PTX loops")
-    unroll = []
-    for (a, b), pb in zip(loops, ptx_bytes):
-        c = count(instrs[a:b + 1])
-        sb = c.ldg_bytes + c.stg_bytes
-        u = sb / pb if pb else 1
-        if u != int(u) or u < 1:
-            raise RuntimeError(f"{name}: SASS loop moves {sb} B, PTX loop {pb} B per thread")
-        unroll.append(int(u))
+    unroll = loop_unrolls(name, instrs, compiled["ptx_loop_bytes"])
     elems = [ce[blk] * u for (_, blk), u in zip(desc, unroll)]
     rows = analyse_kernel(name, instrs, threads, elems + [ce[blk] for _, blk in desc[len(elems):]],
                           [ext[e] for e, _ in desc], MODEL_N, res, compiled["shared"])

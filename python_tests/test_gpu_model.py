@@ -94,8 +94,9 @@ x = torch.empty(16, dtype=torch.bfloat16)
 ln = G.Launch("copy_kernel", copy_kernel, (x, x, 4096), dict(BLOCK=1024, num_warps=4))
 c = G.compile_launch(ln, 90)
 (name, ins), = G.parse_sass(c["sass"]).items()
-rows = G.analyse_kernel(name, ins, 128, [1024], [4096], 1, {{}}, 0)
-print(json.dumps(dict(rows=rows, ptx=c["ptx_loop_bytes"])))
+unroll = G.loop_unrolls(name, ins, c["ptx_loop_bytes"])
+rows = G.analyse_kernel(name, ins, 128, [1024 * unroll[0]], [4096], 1, {{}}, 0)
+print(json.dumps(dict(rows=rows, ptx=c["ptx_loop_bytes"], unroll=unroll)))
 
 # one real variant end to end: forward KL, bf16, sm_90a, labels + hard term
 v = G.triton_variants(caps=[90], dtypes=["bf16"], divs=[0], modes=["hard"], sparse=False)
@@ -104,11 +105,13 @@ print(json.dumps(G.model_triton(v, workers=1)))
 
 
 @pytest.fixture(scope="module")
-def child():
+def child(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _CHILD.format(bench=os.path.join(ROOT, "benchmarks"))],
-                          env=env, capture_output=True, text=True, timeout=300)
+    script = tmp_path_factory.mktemp("gpu_model") / "child.py"  # @jit needs a source file
+    script.write_text(_CHILD.format(bench=os.path.join(ROOT, "benchmarks")))
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith(("{", "["))]
     return lines
