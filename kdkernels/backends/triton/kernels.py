@@ -143,14 +143,24 @@ def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
     n = tl.where(valid, V, 0)
     ninf = float("-inf")
     zero = tl.zeros([], tl.float32)
-    ma = zero + ninf  # running max and sum-exp of a
-    za = zero
-    mb = zero + ninf  # ... of b
-    zb = zero
-    acc = zero        # online KL numerator (forward / reverse KL)
-    ms = zero + ninf  # ... of s at T = 1 (hard term)
-    zs = zero
-    s_lab = zero      # s[label]
+    k2 = inv_T * 1.4426950408889634  # exp((x - m)/T) = exp2((x - m)·k2): the scale folded in
+    # Per-lane online state: lane j keeps the (max, sum-exp) of the columns j, j + BLOCK, ... of
+    # a, b (and s at T = 1), and the online KL numerator, with no reduction inside the loop; the
+    # lanes merge once after it. Each element costs one exp2 per distribution: e = e^{-|x - m|/T}
+    # is the new element's weight when x <= m, else the old sum's rescale factor.
+    lane_ninf = tl.full([BLOCK], ninf, tl.float32)
+    lane_zero = tl.zeros([BLOCK], tl.float32)
+    ma = lane_ninf  # running max and sum-exp of a, per lane (raw logit units)
+    za = lane_zero
+    mb = lane_ninf  # ... of b
+    zb = lane_zero
+    acc = lane_zero  # online KL numerator (forward / reverse KL)
+    ms = lane_ninf  # ... of s at T = 1 (hard term)
+    zs = lane_zero
+    s_lab = zero      # s[label], loaded once
+    if HARD:
+        lab_ok = (label >= 0) & (label < V) & valid
+        s_lab = tl.load(s_row + tl.where(lab_ok, label, 0), mask=lab_ok, other=0.0).to(tl.float32)
 
     # ---- pass 1: statistics (and the forward / reverse KL loss) ----
     for start in range(0, n, BLOCK):
@@ -159,41 +169,79 @@ def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
         s = tl.load(s_row + cols, mask=mask, other=ninf).to(tl.float32)
         if SOFT:
             t = tl.load(t_row + cols, mask=mask, other=ninf).to(tl.float32)
-            # ma, mb: running maxima of the RAW logits t, s (max of a = ma/T since T > 0)
-            ma_new = tl.maximum(ma, tl.max(t, 0))
-            mb_new = tl.maximum(mb, tl.max(s, 0))
-            ca = (t - _safe_max(ma_new)) * inv_T  # a and b centred on their running maxima
-            cb = (s - _safe_max(mb_new)) * inv_T
-            ea = tl.exp(ca)
-            eb = tl.exp(cb)
-            ra = tl.exp((ma - _safe_max(ma_new)) * inv_T)
-            rb = tl.exp((mb - _safe_max(mb_new)) * inv_T)
+            up_a = t > ma  # the lane's max moves to this element
+            up_b = s > mb
+            ea = tl.where(t == ninf, 0.0, tl.exp2(-tl.abs(t - ma) * k2))
+            eb = tl.where(s == ninf, 0.0, tl.exp2(-tl.abs(s - mb) * k2))
+            ma_new = tl.where(up_a, t, ma)
+            mb_new = tl.where(up_b, s, mb)
+            ra = tl.where(up_a, ea, 1.0)  # rescale of the old sums
+            wa = tl.where(up_a, 1.0, ea)  # weight e^{a - ma} of the new element
+            rb = tl.where(up_b, eb, 1.0)
+            wb = tl.where(up_b, 1.0, eb)
             # Online KL on centred logits: acc = Σ e^{a-ma} ((a - ma) - (b - mb)) for forward KL
             # (a <-> b for reverse KL); when the maxima move by (da, db), the old terms gain
             # z·(db - da) before the usual rescaling. Centring keeps the terms small, so V = 1 or
             # identical rows give an exact 0 and |logits| ~ 1e4 lose no precision.
+            if DIV == FORWARD_KL or DIV == REVERSE_KL:
+                da = tl.where(up_a, ma_new - ma, 0.0)
+                db = tl.where(up_b, mb_new - mb, 0.0)
+                ca = (t - _safe_max(ma_new)) * inv_T
+                cb = (s - _safe_max(mb_new)) * inv_T
             if DIV == FORWARD_KL:
-                shift = tl.where(za == 0, 0.0, za * ((mb_new - mb) - (ma_new - ma)) * inv_T)
-                acc = (acc + shift) * ra + tl.sum(tl.where(ea == 0, 0.0, ea * (ca - cb)), 0)
+                shift = tl.where(za == 0, 0.0, za * (db - da) * inv_T)
+                acc = (acc + shift) * ra + tl.where(wa == 0, 0.0, wa * (ca - cb))
             if DIV == REVERSE_KL:
-                shift = tl.where(zb == 0, 0.0, zb * ((ma_new - ma) - (mb_new - mb)) * inv_T)
-                acc = (acc + shift) * rb + tl.sum(tl.where(eb == 0, 0.0, eb * (cb - ca)), 0)
-            za = za * ra + tl.sum(ea, 0)
-            zb = zb * rb + tl.sum(eb, 0)
+                shift = tl.where(zb == 0, 0.0, zb * (da - db) * inv_T)
+                acc = (acc + shift) * rb + tl.where(wb == 0, 0.0, wb * (cb - ca))
+            za = za * ra + wa
+            zb = zb * rb + wb
             ma = ma_new
             mb = mb_new
         if HARD:
-            ms_new = tl.maximum(ms, tl.max(s, 0))
-            zs = zs * tl.exp(ms - _safe_max(ms_new)) + tl.sum(tl.exp(s - _safe_max(ms_new)), 0)
-            ms = ms_new
-            s_lab += tl.sum(tl.where(cols == label, s, 0.0), 0)
+            up_s = s > ms
+            es = tl.where(s == ninf, 0.0, tl.exp2(-tl.abs(s - ms) * 1.4426950408889634))
+            zs = tl.where(up_s, zs * es + 1.0, zs + es)
+            ms = tl.where(up_s, s, ms)
+
+    # ---- the one merge of the lanes ----
+    if SOFT:
+        ma_r = tl.max(ma, 0)
+        mb_r = tl.max(mb, 0)
+        fa = tl.exp2((ma - _safe_max(ma_r)) * k2)
+        fb = tl.exp2((mb - _safe_max(mb_r)) * k2)
+        if DIV == FORWARD_KL:
+            d = tl.where(mb == mb_r, 0.0, mb_r - mb) - tl.where(ma == ma_r, 0.0, ma_r - ma)
+            acc_r = tl.sum((acc + tl.where(za == 0, 0.0, za * d * inv_T)) * fa, 0)
+        elif DIV == REVERSE_KL:
+            d = tl.where(ma == ma_r, 0.0, ma_r - ma) - tl.where(mb == mb_r, 0.0, mb_r - mb)
+            acc_r = tl.sum((acc + tl.where(zb == 0, 0.0, zb * d * inv_T)) * fb, 0)
+        else:
+            acc_r = zero
+        za_r = tl.sum(za * fa, 0)
+        zb_r = tl.sum(zb * fb, 0)
+    else:
+        ma_r = zero + ninf
+        mb_r = zero + ninf
+        acc_r = zero
+        za_r = zero
+        zb_r = zero
+    if HARD:
+        ms_r = tl.max(ms, 0)
+        zs_r = tl.sum(zs * tl.exp2((ms - _safe_max(ms_r)) * 1.4426950408889634), 0)
+    else:
+        ms_r = zero + ninf
+        zs_r = zero
+    acc = acc_r
+    za = za_r
+    zb = zb_r
 
     lza = tl.log(za)
     lzb = tl.log(zb)
-    lzs = tl.log(zs)
-    ma = _safe_max(ma)
-    mb = _safe_max(mb)
-    ms = _safe_max(ms)
+    lzs = tl.log(zs_r)
+    ma = _safe_max(ma_r)
+    mb = _safe_max(mb_r)
+    ms = _safe_max(ms_r)
     div = zero
     c = zero
     if SOFT:

@@ -30,14 +30,16 @@ from .sparse_launch import sparse_grad, sparse_stats  # noqa: F401  (the "sparse
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # (major, minor) compute capability -> {"fwd" | "bwd": (BLOCK, num_warps)}. Not yet measured on
-# a GPU. Chosen from the ptxas reports of python_tests/test_triton_aot.py: forward at 2048 columns
-# × 8 warps (8 fp32 values per thread per live array; 4096 made ptxas spill 4-8 bytes in the
-# second pass of skew_kl / skew_reverse_kl / jsd), backward at 4096 × 8 (no spills, <= 80 regs).
+# a GPU. Chosen from the ptxas reports of python_tests/test_triton_aot.py and the SASS model
+# (benchmarks/gpu_model.py): forward at 1024 columns × 8 warps (4 values per thread per live
+# array: the statistics pass keeps 7 per-lane arrays of online state across the loop, and 2048
+# made ptxas spill 4 bytes for fp32 forward / reverse KL with the hard term), backward at
+# 4096 × 8 (no spills, <= 80 regs).
 DEFAULT_CONFIGS = {
-    (8, 0): {"fwd": (2048, 8), "bwd": (4096, 8)},
-    (9, 0): {"fwd": (2048, 8), "bwd": (4096, 8)},
+    (8, 0): {"fwd": (1024, 8), "bwd": (4096, 8)},
+    (9, 0): {"fwd": (1024, 8), "bwd": (4096, 8)},
 }
-_FALLBACK_CONFIG = {"fwd": (2048, 8), "bwd": (4096, 8)}
+_FALLBACK_CONFIG = {"fwd": (1024, 8), "bwd": (4096, 8)}
 _INTERPRETER_CONFIG = {"fwd": (4096, 1), "bwd": (4096, 1)}
 _MIN_BLOCK = 16
 
