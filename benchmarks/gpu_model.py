@@ -49,7 +49,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT_DIR = os.path.join(ROOT, "benchmarks", "results", "gpu-model")
 
 # ---- the project's modules this tool reads: one place, so a moved package is one edit ----------
-TRITON_PKG = "kdkernels.triton"            # kernels.py, launch.py, sparse_kernels.py, sparse_launch.py
+TRITON_PKG = "kdkernels.backends.triton"            # kernels.py, launch.py, sparse_kernels.py, sparse_launch.py
 TRITON_MODULES = ("kernels", "launch", "sparse_kernels", "sparse_launch")
 CUDA_SOURCE = os.path.join(ROOT, "csrc", "cuda", "kd_cuda.cu")
 CUDA_INCLUDE = os.path.join(ROOT, "csrc", "include")
