@@ -18,7 +18,7 @@ from torch import Tensor
 from . import divergences as D
 
 __all__ = ["Options", "REDUCTIONS", "check_number", "check_int", "check_float_tensor",
-           "check_reduction", "check_options", "check_labels", "check_teachers",
+           "check_reduction", "check_same_rows", "check_options", "check_labels", "check_teachers",
            "check_token_weights", "check_num_items", "mask_zero_weights", "check_linear", "as_rows",
            "compute_dtype"]
 
@@ -76,6 +76,15 @@ def check_float_tensor(name: str, x, *, last: str = "V", dim: Optional[int] = No
     if x.dim() < 1 or x.shape[-1] < 1:
         raise ValueError(f"{name} must have shape [..., {last}] with {last} >= 1, got "
                          f"{tuple(x.shape)}")
+
+
+def check_same_rows(tname: str, t: Tensor, sname: str, s: Tensor) -> None:
+    """Teacher-side tensor ``t`` has the leading shape and device of the student-side ``s``."""
+    if t.shape[:-1] != s.shape[:-1]:
+        raise ValueError(f"{tname} leading shape {tuple(t.shape[:-1])} differs from {sname} "
+                         f"leading shape {tuple(s.shape[:-1])}")
+    if t.device != s.device:
+        raise ValueError(f"{tname} is on {t.device} but {sname} is on {s.device}")
 
 
 def check_reduction(reduction) -> str:

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from ..checks import (check_float_tensor, check_int, check_labels, check_num_items,
-                      check_reduction, check_token_weights, compute_dtype, mask_zero_weights)
+                      check_reduction, check_same_rows, check_token_weights, compute_dtype,
+                      mask_zero_weights)
 from ..reduction import reduce_rows
 
 __all__ = ["feature_loss", "FeatureLoss", "KINDS"]
@@ -66,11 +67,7 @@ def feature_loss(student_h: Tensor, teacher_h: Tensor, kind: str = "mse",
         raise TypeError(f"projection must be callable (e.g. an nn.Linear) or None, got "
                         f"{type(projection).__name__}")
     lead = student_h.shape[:-1]
-    if teacher_h.shape[:-1] != lead:
-        raise ValueError(f"teacher_h leading shape {tuple(teacher_h.shape[:-1])} differs from "
-                         f"student_h leading shape {tuple(lead)}")
-    if teacher_h.device != student_h.device:
-        raise ValueError(f"teacher_h is on {teacher_h.device} but student_h is on {student_h.device}")
+    check_same_rows("teacher_h", teacher_h, "student_h", student_h)
     if projection is None and student_h.shape[-1] != teacher_h.shape[-1]:
         raise ValueError(f"student_h width {student_h.shape[-1]} differs from teacher_h width "
                          f"{teacher_h.shape[-1]}; pass a projection (e.g. FeatureLoss(..., "

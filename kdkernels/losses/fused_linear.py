@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..checks import check_int, check_linear, check_labels, check_number, check_options, compute_dtype
+from ..checks import (check_int, check_labels, check_linear, check_number, check_options,
+                      check_same_rows, compute_dtype)
 from ..distributed.fused_linear import VocabParallelFusedKD
 from ..distributed.vocab_parallel import check_vocab_parallel_args, shard_start
 from ..ops.fused_linear import LinearConfig, fused_linear_kd, fused_linear_kd_rows
@@ -94,13 +95,8 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
     """
     check_linear("student", student_hidden, student_weight, student_bias)
     check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
-    if teacher_hidden.device != student_hidden.device:
-        raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden is on "
-                         f"{student_hidden.device}")
+    check_same_rows("teacher_hidden", teacher_hidden, "student_hidden", student_hidden)
     lead = student_hidden.shape[:-1]
-    if teacher_hidden.shape[:-1] != lead:
-        raise ValueError(f"teacher_hidden leading shape {tuple(teacher_hidden.shape[:-1])} differs "
-                         f"from student_hidden leading shape {tuple(lead)}")
     V = student_weight.shape[0]
     if teacher_weight.shape[0] < V:
         raise ValueError(f"teacher_weight vocabulary ({teacher_weight.shape[0]}) is smaller than "
