@@ -1,4 +1,6 @@
-"""The C++ CPU backend (kdkernels._C, backend="cpu") against the float64 oracle.
+"""The C++ CPU backend (kdkernels._C, backend="cpu") against the float64 oracle. The edge cases
+every backend shares (−inf columns, huge logits, underflow, strided views, ignored rows, NaN,
+out-of-range labels) are in test_contract.py.
 
 Values and gradients go through the public kd_loss(..., backend="cpu"); the error bound is
 conftest.assert_close with the reference backend in the same dtype as the "plain PyTorch" term.
@@ -119,93 +121,12 @@ def test_large_vocab(div, dtype):
     check(s, t, **_kw(div, temperature=1.5, labels=labels, hard_weight=0.2))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("div", DIVS)
-def test_neg_inf_columns_shared(div, dtype):
-    V = 1100  # not a multiple of the 1024-element block
-    s, t = logits((2, 3, V), dtype), logits((2, 3, V), dtype)
-    cols = torch.tensor([0, 5, 1023, 1024, V - 1])
-    s[..., cols] = float("-inf")
-    t[..., cols] = float("-inf")
-    labels = torch.randint(6, 1000, (2, 3))
-    keep = torch.ones(V, dtype=torch.bool)
-    keep[cols] = False
-    # The oracle's own gradient is NaN at -inf columns for the mixture divergences, so it sees
-    # only the finite columns; check() asserts exact zeros on the others.
-    rows, _ = check(s, t, keep=keep, **_kw(div, temperature=1.0, labels=labels, hard_weight=0.5))
-    assert torch.isfinite(rows).all()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("div", DIVS)
-def test_huge_logits(div, dtype):
-    s, t = logits((2, 2, 777), dtype, 1e4), logits((2, 2, 777), dtype, 1e4)
-    rows, _ = check(s, t, **_kw(div, temperature=2.0))
-    assert torch.isfinite(rows).all()
-
-
-@pytest.mark.parametrize("div", DIVS)
-def test_underflowing_probabilities(div):
-    # Both distributions put ~0 mass (below fp32 range after exp) on most columns: 0 log 0 = 0.
-    V = 300
-    s = torch.full((1, 2, V), -200.0)
-    t = torch.full((1, 2, V), -180.0)
-    s[..., :3] = torch.tensor([5.0, 4.0, 1.0])
-    t[..., :3] = torch.tensor([4.0, 5.0, 2.0])
-    rows, g = check(s, t, **_kw(div))
-    assert torch.isfinite(rows).all() and torch.isfinite(g).all()
-
-
-def test_identical_distributions_give_zero():
-    s = logits((2, 2, 500), torch.float32)
-    for div in DIVS:
-        rows = kd.kd_loss(s, s.clone(), reduction="none", backend="cpu", **_kw(div))
-        assert rows.abs().max() < 1e-5, div
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("div", ["forward_kl", "jsd", "tvd"])
-def test_strided_views_and_padded_teacher(div, dtype):
-    B, L, V, Vt = 3, 5, 1271, 1300
-    s_full = logits((B, L + 1, V), dtype)
-    t_full = logits((B, L + 1, Vt), dtype)
-    s, t = s_full[:, :-1], t_full[:, 1:]  # row-strided views, teacher padded to Vt > V
-    assert not s.is_contiguous()
-    labels = torch.randint(0, V, (B, L))
-    labels[2] = -100
-    check(s, t, **_kw(div, temperature=3.0, labels=labels, hard_weight=0.25))
-
-
-def test_all_rows_ignored():
-    s, t = logits((2, 3, 77), torch.float32), logits((2, 3, 77), torch.float32)
-    labels = torch.full((2, 3), -100)
-    x = s.clone().requires_grad_(True)
-    for red in ("batchmean", "sum", "mean"):
-        out = kd.kd_loss(x, t, labels=labels, hard_weight=1.0, reduction=red, backend="cpu")
-        (g,) = torch.autograd.grad(out, x)
-        assert float(out) == 0.0 and (g == 0).all() and not torch.isnan(g).any()
-
-
 @pytest.mark.parametrize("T", [1.0, 2.5])
 def test_hard_only_and_soft_only(T):
     s, t = logits((2, 4, 333), torch.float32), logits((2, 4, 333), torch.float32)
     labels = torch.randint(0, 333, (2, 4))
     check(s, t, divergence="reverse_kl", temperature=T, labels=labels, soft_weight=0.0, hard_weight=1.0)
     check(s, t, divergence="reverse_kl", temperature=T, labels=labels, soft_weight=1.0, hard_weight=0.0)
-
-
-def test_nan_input_gives_nan():
-    s, t = logits((1, 2, 50), torch.float32), logits((1, 2, 50), torch.float32)
-    s[0, 0, 7] = float("nan")
-    rows = kd.kd_loss(s, t, reduction="none", backend="cpu")
-    assert torch.isnan(rows[0, 0]) and torch.isfinite(rows[0, 1])
-
-
-def test_out_of_range_label_is_nan_not_a_read():
-    s, t = logits((1, 3, 20), torch.float32), logits((1, 3, 20), torch.float32)
-    labels = torch.tensor([3, 20, -5])
-    loss, _ = kd_rows(s, t, labels, "cpu", 0, 0.0, 1.0, 1.0, 1.0, -100)
-    assert torch.isfinite(loss[0]) and torch.isnan(loss[1]) and torch.isnan(loss[2])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
