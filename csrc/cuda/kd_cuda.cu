@@ -15,6 +15,12 @@
 #include "kd_cuda.h"
 #include "kd_math.h"
 
+// Kernel launch: triple chevrons under nvcc; the host emulation (csrc/testing/cuda_emu.h, tests
+// only) defines KD_LAUNCH to run the same kernel on the CPU.
+#ifndef KD_LAUNCH
+#define KD_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
+
 namespace kd {
 namespace {
 
@@ -332,10 +338,8 @@ template <class S, int DIV>
 int launch(const RowsArgs& a, cudaStream_t stream, bool fwd) {
   if (a.N == 0) return 0;
   dim3 grid((unsigned)a.N), block(THREADS);
-  if (fwd)
-    forward_kernel<S, DIV><<<grid, block, 0, stream>>>(a);
-  else
-    backward_kernel<S, DIV><<<grid, block, 0, stream>>>(a);
+  void (*kernel)(RowsArgs) = fwd ? forward_kernel<S, DIV> : backward_kernel<S, DIV>;
+  KD_LAUNCH(kernel, grid, block, 0, stream, a);
   return (int)cudaGetLastError();
 }
 
