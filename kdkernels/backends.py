@@ -117,6 +117,8 @@ def _probe(name: str) -> Optional[str]:
 
 
 def load(name: str):
+    if name == "cuda" and os.environ.get("KDKERNELS_CUDA_EMULATE") == "1":  # kdkernels.cuda_emulate
+        return importlib.import_module("kdkernels.cuda_emulate")  # CPU tensors emulated, CUDA real
     return importlib.import_module(BACKENDS[name].module)
 
 
@@ -143,7 +145,10 @@ def choose(backend: str, device: torch.device, dtype: torch.dtype,
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend={backend!r}; expected 'auto' or one of {names()}")
     spec = BACKENDS[backend]
-    if device.type not in spec.devices:
+    emulated = backend == "cuda" and device.type == "cpu"  # kdkernels.cuda_emulate (test tool)
+    if emulated:
+        importlib.import_module("kdkernels.cuda_emulate").require()
+    elif device.type not in spec.devices:
         raise ValueError(f"backend={backend!r} does not run on {device.type} tensors "
                          f"(it runs on: {', '.join(spec.devices)})")
     if dtype not in spec.dtypes:
@@ -155,7 +160,7 @@ def choose(backend: str, device: torch.device, dtype: torch.dtype,
         raise ValueError(f"backend={backend!r} does not support {', '.join(missing)} (needed by "
                          f"this call; its optional features: {have}); use backend='reference' or "
                          f"backend='auto'")
-    reason = availability(backend)
+    reason = None if emulated else availability(backend)
     if reason:
         raise RuntimeError(f"backend={backend!r} is not available: {reason}")
     if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
