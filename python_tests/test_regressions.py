@@ -1,14 +1,16 @@
 """Named regression tests: each failure the fuzzer / property tests found, kept as a fixed case.
 
-Every case runs on every backend available here (the Triton kernels in the interpreter)."""
+Every case runs on every backend available here (the Triton kernels in the interpreter, the CUDA
+kernels under their host emulation, kdkernels/cuda_emulate.py)."""
 import pytest
 import torch
 
 import kdkernels as kd
-from conftest import assert_close, backend_params
+from conftest import assert_close, backend_params, cuda_emulated
 import oracle
 
-BACKENDS = [p for p in backend_params() if p.values[0] != "cuda"]
+# CPU tensors: "cuda" only under the host emulation (on a GPU machine test_cuda_backend.py covers it)
+BACKENDS = [p for p in backend_params() if p.values[0] != "cuda" or cuda_emulated()]
 
 
 def _check(backend, s, t, div, scale_floor=0.0, **kw):
