@@ -94,8 +94,23 @@ def library():
                      extra_cflags=["-O2", "-g0", "-std=c++17", "-fno-strict-aliasing"],
                      extra_ldflags=["-lpthread"], build_directory=d, is_python_module=False,
                      verbose=os.environ.get("KDKERNELS_CUDA_EMULATE_VERBOSE") == "1")
+                _register_fakes()
                 _loaded[0] = True
     return torch.ops.kdkernels_cuda_emu
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("kdkernels_cuda_emu::kd_rows_fwd")
+    def _fwd(student, teacher, labels, div_id, param, temperature, soft_weight, hard_weight,
+             ignore_index):
+        n = student.shape[0] * student.shape[1]
+        return (student.new_empty((n,), dtype=torch.float32),
+                student.new_empty((n, STATS_WIDTH), dtype=torch.float32))
+
+    @torch.library.register_fake("kdkernels_cuda_emu::kd_rows_bwd")
+    def _bwd(grad_loss, student, teacher, labels, stats, div_id, param, temperature, soft_weight,
+             hard_weight, ignore_index):
+        return torch.empty(student.shape, dtype=student.dtype, device=student.device)
 
 
 def _real():
