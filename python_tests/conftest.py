@@ -11,11 +11,15 @@ import torch
 if not torch.cuda.is_available():
     # Must happen before anything imports triton (it is read when @triton.jit decorates).
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # backend="cuda" on CPU tensors: the CUDA kernels under their host emulation
+    # (kdkernels/backends/cuda_emulate.py; built on first use). KDKERNELS_CUDA_EMULATE=0 turns it off.
+    os.environ.setdefault("KDKERNELS_CUDA_EMULATE", "1")
 
 import pytest  # noqa: E402
 
 import kdkernels  # noqa: E402
 from kdkernels import backends  # noqa: E402
+from kdkernels.backends import cuda_emulate  # noqa: E402
 
 # relative tolerance on max |actual - expected| / max |expected|, per input dtype
 TOL = {
@@ -70,11 +74,19 @@ def assert_close(actual, expected, dtype, plain=None, what="", scale_floor=0.0, 
     return float(diff.max())
 
 
+def cuda_emulated() -> bool:
+    """True when backend="cuda" runs here on CPU tensors, under the host emulation."""
+    return not torch.cuda.is_available() and cuda_emulate.unavailable_reason() is None
+
+
 def backend_params(*names):
-    """pytest params for backends, skipped with the reason where one cannot run here."""
+    """pytest params for backends, skipped with the reason where one cannot run here. Without a
+    GPU, "cuda" runs on CPU tensors under the host emulation when KDKERNELS_CUDA_EMULATE=1."""
     out = []
     for name in names or backends.names():
         reason = backends.availability(name)
+        if name == "cuda" and not torch.cuda.is_available():
+            reason = cuda_emulate.unavailable_reason()
         marks = [pytest.mark.skip(reason=f"backend {name!r} unavailable: {reason}")] if reason else []
         out.append(pytest.param(name, marks=marks, id=name))
     return out

@@ -49,7 +49,8 @@ T = torch.randn(4, 10)
     (dict(num_items_in_batch=0), ValueError, "num_items_in_batch"),
     (dict(num_items_in_batch=torch.ones(2)), ValueError, "num_items_in_batch"),
 ])
-def test_bad_inputs(kwargs, exc, needle):
+def test_bad_inputs(kwargs, exc, needle, monkeypatch):
+    monkeypatch.delenv("KDKERNELS_CUDA_EMULATE", raising=False)  # backend="cuda" on CPU: an error
     args = dict(student_logits=S, teacher_logits=T)
     args.update(kwargs)
     with pytest.raises(exc, match=None) as info:
@@ -70,6 +71,21 @@ def test_module_validates_at_construction():
         kd.KDLoss(reduction="avg")
     with pytest.raises(ValueError, match="temperature"):
         kd.KDLoss(temperature=0)
+
+
+def test_cuda_on_cpu_tensors_only_under_emulation(monkeypatch):
+    """backend="cuda" on CPU tensors: a clear error naming KDKERNELS_CUDA_EMULATE, and with it
+    set (a test tool, kdkernels/backends/cuda_emulate.py) the emulated kernels; "auto" never picks it."""
+    monkeypatch.delenv("KDKERNELS_CUDA_EMULATE", raising=False)
+    with pytest.raises(ValueError, match="KDKERNELS_CUDA_EMULATE=1"):
+        kd.kd_loss(S, T, backend="cuda")
+    monkeypatch.setenv("KDKERNELS_CUDA_EMULATE", "1")
+    assert backends.choose("auto", torch.device("cpu"), torch.float32) != "cuda"
+    from kdkernels.backends import cuda_emulate
+    if torch.cuda.is_available() or cuda_emulate.unavailable_reason():
+        pytest.skip("no CUDA emulation here")
+    out = kd.kd_loss(S, T, backend="cuda")
+    torch.testing.assert_close(out, kd.kd_loss(S, T, backend="reference"), rtol=1e-5, atol=1e-6)
 
 
 def test_auto_backend_falls_back_and_float64_uses_reference():

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 import kdkernels as kd
 from kdkernels import backends
 from kdkernels import divergences as D
-from conftest import assert_close, backend_params
+from conftest import assert_close, backend_params, cuda_emulated
 import oracle
 
 PROFILE = os.environ.get("KDKERNELS_FUZZ", "short")
@@ -193,10 +193,11 @@ def _check_case(backend, case):
 
 @pytest.mark.parametrize("backend", backend_params())
 def test_fuzz_backend_against_oracle(backend):
-    if backend == "cuda" or (backend == "triton" and not torch.cuda.is_available()
-                             and os.environ.get("TRITON_INTERPRET") != "1"):
-        pytest.skip("needs a GPU")
-    device_ok = "cpu" in backends.BACKENDS[backend].devices
+    if (backend == "cuda" and not cuda_emulated()) or (
+            backend == "triton" and not torch.cuda.is_available()
+            and os.environ.get("TRITON_INTERPRET") != "1"):
+        pytest.skip("needs a GPU (or, for cuda, KDKERNELS_CUDA_EMULATE=1 without one)")
+    device_ok = "cpu" in backends.BACKENDS[backend].devices or backend == "cuda"
     if not device_ok:
         pytest.skip(f"backend {backend!r} does not run on CPU tensors")
 

@@ -3,10 +3,23 @@
 // reverse KL accumulated online) + a second pass for the other divergences; backward recomputes
 // p and q from the saved per-row (A, B, c, S) and writes the gradient.
 //
-// Loads are 16-byte vectors when the row start is 16-byte aligned (always true for contiguous
-// rows whose V is a multiple of 16 / sizeof(element)), scalar otherwise and in the tail.
-// Reductions: warp shuffles, then one value per warp through shared memory. Offsets are int64.
-// No torch headers: the binding lives in bindings_cuda.cpp.
+// Precision: maxima are kept in raw logit units and every scaled logit is formed as (x - m) / T,
+// the shift before the scaling (as the Triton kernels): x - m is exact near the maximum, so at
+// |logits| ~ 1e4 or T ~ 0.05 the likely tokens carry no rounding of size ulp(x / T), and a teacher
+// that is the student plus a constant gives exactly the student's log-probabilities. The stats
+// row holds (mt, log za, ms, log zb, c, ms1, log zs): raw maxima, log sum-exps centred on them.
+//
+// Loads are 16-byte vectors. A row whose start is not 16-byte aligned (bf16 with V % 8 != 0, row
+// views such as logits[:, :-1]) peels its unaligned head: thread 0's first chunk is the `head`
+// elements before the first 16-byte boundary (scalar loads), every other chunk starts on a
+// boundary. The teacher and the gradient use vector loads / stores too when their start has the
+// student's offset modulo 16 (the usual case: same V, same view), scalar ones otherwise.
+// The soft / hard-term switches are template parameters of the kernels (no runtime branches in
+// the loops). Reductions: warp shuffles, then one value per warp through shared memory.
+// Offsets are int64. No torch headers: the binding lives in bindings_cuda.cpp.
+//
+// The same file runs on the CPU under the host emulation of the CUDA execution model
+// (csrc/testing/cuda_emu.h, tests only): hence KD_LAUNCH instead of <<<...>>>.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -14,6 +27,12 @@
 
 #include "kd_cuda.h"
 #include "kd_math.h"
+
+// Kernel launch: triple chevrons under nvcc; the host emulation (csrc/testing/cuda_emu.h, tests
+// only) defines KD_LAUNCH to run the same kernel on the CPU.
+#ifndef KD_LAUNCH
+#define KD_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
 
 namespace kd {
 namespace {
@@ -35,26 +54,50 @@ struct Vec {
   static constexpr int N = 16 / sizeof(S);
 };
 
-// Load elements [j, j + N) of a row into fp32 (vector load when `vec`, else bounded scalar loads;
-// out-of-range lanes get -inf so they carry no probability).
+// Elements before the first 16-byte boundary of a row (0 when aligned; the row start is always
+// element-aligned for torch tensors, else no vector loads: `vector_ok`).
+template <class S>
+__device__ __forceinline__ int head_of(const void* p) {
+  const unsigned mis = (unsigned)(reinterpret_cast<uintptr_t>(p) & 15u);
+  return (int)(((16u - mis) & 15u) / sizeof(S));
+}
+template <class S>
+__device__ __forceinline__ bool vector_ok(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) % sizeof(S)) == 0;
+}
+// Same offset modulo 16: vector accesses at the same column indices are aligned for both.
+__device__ __forceinline__ bool same_phase(const void* p, const void* q) {
+  return ((reinterpret_cast<uintptr_t>(p) ^ reinterpret_cast<uintptr_t>(q)) & 15u) == 0;
+}
+// First column of this thread's first chunk: chunks start at head - N (the peeled head, whose
+// lanes below column 0 are empty) when head > 0, else at 0.
+template <class S>
+__device__ __forceinline__ int64_t first_chunk(int head) {
+  constexpr int N = Vec<S>::N;
+  return (head ? (int64_t)head - N : 0) + (int64_t)threadIdx.x * N;
+}
+
+// Load columns [j, j + N) of a row into fp32: one 16-byte load when `vec` and the chunk lies in
+// [0, V) (then row + j is 16-byte aligned), else bounded scalar loads; lanes outside [0, V) get
+// -inf so they carry no probability.
 template <class S>
 __device__ __forceinline__ void load_chunk(const S* row, int64_t j, int64_t V, bool vec, float* out) {
   constexpr int N = Vec<S>::N;
-  if (vec && j + N <= V) {
+  if (vec && j >= 0 && j + N <= V) {
     uint4 raw = *reinterpret_cast<const uint4*>(row + j);
     const S* e = reinterpret_cast<const S*>(&raw);
 #pragma unroll
     for (int k = 0; k < N; ++k) out[k] = to_float(e[k]);
   } else {
 #pragma unroll
-    for (int k = 0; k < N; ++k) out[k] = j + k < V ? to_float(row[j + k]) : kNegInf;
+    for (int k = 0; k < N; ++k) out[k] = (j + k >= 0 && j + k < V) ? to_float(row[j + k]) : kNegInf;
   }
 }
 
 template <class S>
 __device__ __forceinline__ void store_chunk(S* row, int64_t j, int64_t V, bool vec, const float* in) {
   constexpr int N = Vec<S>::N;
-  if (vec && j + N <= V) {
+  if (vec && j >= 0 && j + N <= V) {
     uint4 raw;
     S* e = reinterpret_cast<S*>(&raw);
 #pragma unroll
@@ -63,17 +106,53 @@ __device__ __forceinline__ void store_chunk(S* row, int64_t j, int64_t V, bool v
   } else {
 #pragma unroll
     for (int k = 0; k < N; ++k)
-      if (j + k < V) row[j + k] = from_float<S>(in[k]);
+      if (j + k >= 0 && j + k < V) row[j + k] = from_float<S>(in[k]);
   }
 }
 
-// Partial row states and their merges. The soft term's state is kd_math.h's OnlineKL (teacher and
-// student (max, sum-exp), and the centred online KL numerator: the code the CPU kernels run);
-// the hard term's is a plain (max, sum-exp) pair.
+// Partial row states and their merges. The hard term's is a plain (max, sum-exp) pair (T = 1).
 struct MaxSum {
   float m, z;
   __device__ __forceinline__ void init() { m = kNegInf; z = 0.f; }
   __device__ __forceinline__ void merge(const MaxSum& o) { merge_max_sum(m, z, o.m, o.z); }
+};
+
+// The soft term's: kd_math.h's OnlineKL (sum-exps za, zb and the centred online KL numerator acc,
+// its recentring and divergence) with the maxima ma, mb in RAW logit units (of t and s): every
+// exponent and every recentring shift is (m_old - m_new) / T, the difference taken first.
+template <int DIV>
+struct RawOnlineKL {
+  OnlineKL<DIV> k;  // k.ma, k.mb: running maxima of t and s
+  float invT;
+
+  __device__ __forceinline__ void init(float inv_t) {
+    k.init();
+    invT = inv_t;
+  }
+  __device__ __forceinline__ float factor(float m_old, float m_new) const {
+    return m_old == kNegInf ? 0.f : expf((m_old - m_new) * invT);
+  }
+  // Re-centre on raw maxima na >= ma, nb >= mb and add sums taken against them.
+  __device__ __forceinline__ void absorb(float na, float nb, float za2, float zb2, float acc2) {
+    const float ra = factor(k.ma, na), rb = factor(k.mb, nb);
+    if (is_online(DIV))
+      k.acc = online_kl_recentre<DIV>(k.acc, k.za, k.zb, (safe_max(k.ma) - safe_max(na)) * invT,
+                                      (safe_max(k.mb) - safe_max(nb)) * invT, ra, rb) + acc2;
+    k.za = k.za * ra + za2;
+    k.zb = k.zb * rb + zb2;
+    k.ma = na;
+    k.mb = nb;
+  }
+  __device__ __forceinline__ void merge(const RawOnlineKL& o) {
+    const float na = raise_max(k.ma, o.k.ma), nb = raise_max(k.mb, o.k.mb);
+    const float ra = factor(o.k.ma, na), rb = factor(o.k.mb, nb);
+    const float acc2 = is_online(DIV)
+                           ? online_kl_recentre<DIV>(o.k.acc, o.k.za, o.k.zb,
+                                                     (safe_max(o.k.ma) - safe_max(na)) * invT,
+                                                     (safe_max(o.k.mb) - safe_max(nb)) * invT, ra, rb)
+                           : 0.f;
+    absorb(na, nb, o.k.za * ra, o.k.zb * rb, acc2);
+  }
 };
 
 __device__ __forceinline__ MaxSum shfl_xor(const MaxSum& x, int off) {
@@ -81,13 +160,14 @@ __device__ __forceinline__ MaxSum shfl_xor(const MaxSum& x, int off) {
 }
 
 template <int DIV>
-__device__ __forceinline__ OnlineKL<DIV> shfl_xor(const OnlineKL<DIV>& x, int off) {
-  OnlineKL<DIV> o;
-  o.ma = __shfl_xor_sync(0xffffffffu, x.ma, off);
-  o.za = __shfl_xor_sync(0xffffffffu, x.za, off);
-  o.mb = __shfl_xor_sync(0xffffffffu, x.mb, off);
-  o.zb = __shfl_xor_sync(0xffffffffu, x.zb, off);
-  o.acc = is_online(DIV) ? __shfl_xor_sync(0xffffffffu, x.acc, off) : 0.f;
+__device__ __forceinline__ RawOnlineKL<DIV> shfl_xor(const RawOnlineKL<DIV>& x, int off) {
+  RawOnlineKL<DIV> o;
+  o.invT = x.invT;  // uniform over the CTA
+  o.k.ma = __shfl_xor_sync(0xffffffffu, x.k.ma, off);
+  o.k.za = __shfl_xor_sync(0xffffffffu, x.k.za, off);
+  o.k.mb = __shfl_xor_sync(0xffffffffu, x.k.mb, off);
+  o.k.zb = __shfl_xor_sync(0xffffffffu, x.k.zb, off);
+  o.k.acc = is_online(DIV) ? __shfl_xor_sync(0xffffffffu, x.k.acc, off) : 0.f;
   return o;
 }
 
@@ -122,14 +202,17 @@ __device__ float block_sum(float x, float* sm /* [WARPS] */) {
   return total;
 }
 
-__device__ __forceinline__ bool aligned16(const void* p) {
-  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+// A scaled log-probability, shift first: (x - m) / T - log z.
+__device__ __forceinline__ float log_prob_scaled(float x, LogNorm n, float invT) {
+  return (x - n.m) * invT - n.lz;
 }
 
-template <class S, int DIV>
+// SOFT: the soft term counts (soft_weight != 0). SEP: the hard term needs its own (max, sum-exp)
+// of s at T = 1 (labels, hard_weight != 0, and not (SOFT and T == 1), where it is the student's).
+template <class S, int DIV, bool SOFT, bool SEP>
 __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
   constexpr int N = Vec<S>::N;
-  __shared__ float sm[sizeof(OnlineKL<DIV>) / sizeof(float) * WARPS];  // block reductions
+  __shared__ float sm[sizeof(RawOnlineKL<DIV>) / sizeof(float) * WARPS];  // block reductions
   const int64_t r = blockIdx.x;
   if (r >= a.N) return;
   const int64_t label = a.labels ? a.labels[r] : 0;
@@ -142,49 +225,47 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
     }
     return;
   }
-  const bool soft = a.soft_weight != 0.f;
   const bool hard = a.labels && a.hard_weight != 0.f;
   const bool bad_label = hard && (label < 0 || label >= a.V);
-  const bool sep = hard && !(soft && a.temperature == 1.f);
   const S* s = static_cast<const S*>(a.student) + (r / a.L) * a.s_stride_b + (r % a.L) * a.s_stride_l;
   const S* t = static_cast<const S*>(a.teacher) + (r / a.t_L) * a.t_stride_b + (r % a.t_L) * a.t_stride_l;
-  const bool vec = aligned16(s) && aligned16(t);
+  const int head = head_of<S>(s);
+  const bool vs = vector_ok<S>(s), vt = vs && same_phase(s, t);
   const float invT = 1.0f / a.temperature;
   const int64_t V = a.V;
+  const int64_t j0 = first_chunk<S>(head);
 
-  // Per thread: each chunk's sums are taken against the raised running maxima and absorbed
-  // (OnlineKL::absorb, as the CPU kernel does per block); then warp and CTA merges.
-  OnlineKL<DIV> on;
+  // Per thread: each chunk's sums are taken against the raised running maxima and absorbed (as
+  // the CPU kernel does per block); then warp and CTA merges.
+  RawOnlineKL<DIV> on;
   MaxSum os;
-  on.init();
+  on.init(invT);
   os.init();
-  for (int64_t j = (int64_t)threadIdx.x * N; j < V; j += (int64_t)THREADS * N) {
+  for (int64_t j = j0; j < V; j += (int64_t)THREADS * N) {
     float sv[N], tv[N];
-    load_chunk(s, j, V, vec, sv);
-    if (soft) {
-      load_chunk(t, j, V, vec, tv);
+    load_chunk(s, j, V, vs, sv);
+    if (SOFT) {
+      load_chunk(t, j, V, vt, tv);
       float bma = kNegInf, bmb = kNegInf;
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        tv[k] *= invT;
         bma = fmaxf(bma, tv[k]);
-        bmb = fmaxf(bmb, sv[k] * invT);
+        bmb = fmaxf(bmb, sv[k]);
       }
-      const float nma = raise_max(on.ma, bma), nmb = raise_max(on.mb, bmb);
+      const float nma = raise_max(on.k.ma, bma), nmb = raise_max(on.k.mb, bmb);
       const float offa = safe_max(nma), offb = safe_max(nmb);
-      // The chunk's sums against the raised maxima, absorbed (OnlineKL::absorb). For forward /
-      // reverse KL the state is re-centred first and the terms added into it: the same sums, and
-      // fewer live registers (ptxas) than three chunk-local sums.
+      // For forward / reverse KL the state is re-centred first and the terms added into it: the
+      // same sums, and fewer live registers (ptxas) than three chunk-local sums.
       float za = 0.f, zb = 0.f;
       if (is_online(DIV)) on.absorb(nma, nmb, 0.f, 0.f, 0.f);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        const float av = tv[k], bv = sv[k] * invT;
-        const float ea = exp_fast(av - offa), eb = exp_fast(bv - offb);
+        const float ca = (tv[k] - offa) * invT, cb = (sv[k] - offb) * invT;  // shift, then scale
+        const float ea = exp_fast(ca), eb = exp_fast(cb);
         if (is_online(DIV)) {
-          on.za += ea;
-          on.zb += eb;
-          on.acc += online_kl_term<DIV>(av, bv, offa, offb, ea, eb);
+          on.k.za += ea;
+          on.k.zb += eb;
+          on.k.acc += online_kl_term<DIV>(ca, cb, 0.f, 0.f, ea, eb);
         } else {
           za += ea;
           zb += eb;
@@ -192,7 +273,7 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
       }
       if (!is_online(DIV)) on.absorb(nma, nmb, za, zb, 0.f);
     }
-    if (sep) {
+    if (SEP) {
       float bm = kNegInf;
 #pragma unroll
       for (int k = 0; k < N; ++k) bm = fmaxf(bm, sv[k]);
@@ -206,33 +287,37 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
   }
   LogNorm na{0.f, 0.f}, nb{0.f, 0.f};
   float cc = 0.f, D = 0.f;
-  if (soft) {
-    block_merge(on, reinterpret_cast<OnlineKL<DIV>*>(sm));
-    na = lognorm_from(on.ma, on.za);
-    nb = lognorm_from(on.mb, on.zb);
+  if (SOFT) {
+    block_merge(on, reinterpret_cast<RawOnlineKL<DIV>*>(sm));
+    na = lognorm_from(on.k.ma, on.k.za);
+    nb = lognorm_from(on.k.mb, on.k.zb);
     if (DIV == FORWARD_KL) {
-      D = on.divergence();
+      D = on.k.divergence();
       cc = -1.f;
     } else if (DIV == REVERSE_KL) {
-      D = on.divergence();
+      D = on.k.divergence();
       cc = D + 1.f;  // saved for the record; backward sums its own c' (backward_kernel)
     } else {
-      // Per-thread sums in double, as the CPU kernel: c adds q g terms as large as |log p| (4e4
-      // for one-hot teachers at |logits| 1e4) that q (g - c) cancels; the tree over threads is
+      // c adds q g terms as large as |log p| (4e4 for one-hot teachers at |logits| 1e4) that
+      // q (g - c) cancels: each thread sums a chunk (N terms) in fp32 and carries double only
+      // across its chunks (2 double adds per chunk, not per element); the tree over threads is
       // short and stays fp32.
       double sphi = 0., sqg = 0.;
-      for (int64_t j = (int64_t)threadIdx.x * N; j < V; j += (int64_t)THREADS * N) {
+      for (int64_t j = j0; j < V; j += (int64_t)THREADS * N) {
         float sv[N], tv[N];
-        load_chunk(s, j, V, vec, sv);
-        load_chunk(t, j, V, vec, tv);
+        load_chunk(s, j, V, vs, sv);
+        load_chunk(t, j, V, vt, tv);
+        float cphi = 0.f, cqg = 0.f;
 #pragma unroll
         for (int k = 0; k < N; ++k) {
-          const float lp = log_prob(tv[k] * invT, na), lq = log_prob(sv[k] * invT, nb);
+          const float lp = log_prob_scaled(tv[k], na, invT), lq = log_prob_scaled(sv[k], nb, invT);
           float phi, qg;
           div_terms<DIV>(lp, lq, exp_fast(lp), exp_fast(lq), a.param, phi, qg);
-          sphi += phi;
-          sqg += qg;
+          cphi += phi;
+          cqg += qg;
         }
+        sphi += (double)cphi;
+        sqg += (double)cqg;
       }
       D = block_sum((float)sphi, sm);
       cc = block_sum((float)sqg, sm);
@@ -240,18 +325,19 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
     }
   }
   LogNorm ns = nb;
-  if (sep) {
+  if (SEP) {
     block_merge(os, reinterpret_cast<MaxSum*>(sm));
     ns = lognorm_from(os.m, os.z);
   }
   if (threadIdx.x == 0) {
     const float ce = !hard ? 0.f : bad_label ? NAN : hard_ce(ns, to_float(s[label]));
-    a.loss[r] = row_loss(soft, a.soft_weight, a.temperature, D, hard, a.hard_weight, ce);
+    a.loss[r] = row_loss(SOFT, a.soft_weight, a.temperature, D, hard, a.hard_weight, ce);
     store_row_stats(st, RowStats{na, nb, cc, ns});
   }
 }
 
-template <class S, int DIV>
+// SOFT as in forward_kernel; HARD: labels and hard_weight != 0 (the hard term's gradient).
+template <class S, int DIV, bool SOFT, bool HARD>
 __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
   constexpr int N = Vec<S>::N;
   __shared__ float sm[WARPS];
@@ -259,83 +345,95 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
   if (r >= a.N) return;
   const int64_t V = a.V;
   S* g = static_cast<S*>(a.grad) + r * V;
-  const bool gvec = aligned16(g);
+  const S* s = static_cast<const S*>(a.student) + (r / a.L) * a.s_stride_b + (r % a.L) * a.s_stride_l;
+  const S* t = static_cast<const S*>(a.teacher) + (r / a.t_L) * a.t_stride_b + (r % a.t_L) * a.t_stride_l;
+  const int head = head_of<S>(s);
+  const bool vs = vector_ok<S>(s), vt = vs && same_phase(s, t), vg = vs && same_phase(s, g);
+  const int64_t j0 = first_chunk<S>(head);
   const int64_t label = a.labels ? a.labels[r] : 0;
   const bool ignored = a.labels && label == a.ignore_index;
   if (ignored) {
     float zero[N];
 #pragma unroll
     for (int k = 0; k < N; ++k) zero[k] = 0.f;
-    for (int64_t j = (int64_t)threadIdx.x * N; j < V; j += (int64_t)THREADS * N) store_chunk(g, j, V, gvec, zero);
+    for (int64_t j = j0; j < V; j += (int64_t)THREADS * N) store_chunk(g, j, V, vg, zero);
     return;
   }
-  const bool soft = a.soft_weight != 0.f;
-  const bool hard = a.labels && a.hard_weight != 0.f;
-  const bool bad_label = hard && (label < 0 || label >= V);
-  const bool sep = hard && !(soft && a.temperature == 1.f);
-  const S* s = static_cast<const S*>(a.student) + (r / a.L) * a.s_stride_b + (r % a.L) * a.s_stride_l;
-  const S* t = static_cast<const S*>(a.teacher) + (r / a.t_L) * a.t_stride_b + (r % a.t_L) * a.t_stride_l;
-  const bool vec = aligned16(s) && aligned16(t);
+  const bool bad_label = HARD && (label < 0 || label >= V);
+  const bool sep = HARD && (!SOFT || a.temperature != 1.f);
   const RowStats rs = load_row_stats(a.stats + r * STATS_WIDTH);
   const LogNorm na = rs.na, nb = rs.nb, ns = rs.ns;
   const float invT = 1.0f / a.temperature;
   float cc = rs.c;
-  const float krev = DIV == REVERSE_KL ? reverse_kl_offset(na, nb) : 0.f;
-  if (DIV == REVERSE_KL && soft) {
+  // reverse KL: log q - log p = (cb - ca) - (lzb - lza), the constant formed once in double
+  const float krev = DIV == REVERSE_KL ? reverse_kl_offset(LogNorm{0.f, na.lz}, LogNorm{0.f, nb.lz}) : 0.f;
+  if (DIV == REVERSE_KL && SOFT) {
     // Reverse KL: d/db_j = q_j (x_j - c') with c' = sum_k q_k x_k summed here from the same
     // rounded x_k as the gradient (kd_math.h reverse_kl_qx / reverse_kl_qg, as the CPU kernel):
     // one more read of the row.
     float part = 0.f;
-    for (int64_t j = (int64_t)threadIdx.x * N; j < V; j += (int64_t)THREADS * N) {
+    for (int64_t j = j0; j < V; j += (int64_t)THREADS * N) {
       float sv[N], tv[N];
-      load_chunk(s, j, V, vec, sv);
-      load_chunk(t, j, V, vec, tv);
+      load_chunk(s, j, V, vs, sv);
+      load_chunk(t, j, V, vt, tv);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        const float ak = tv[k] * invT, bk = sv[k] * invT;
-        part += reverse_kl_qx(exp_fast(log_prob(bk, nb)), ak, bk, krev);
+        const float ca = (tv[k] - na.m) * invT, cb = (sv[k] - nb.m) * invT;
+        part += reverse_kl_qx(exp_fast(cb - nb.lz), ca, cb, krev);
       }
     }
     cc = block_sum(part, sm);
   }
   const float gl = a.grad_loss[r];
-  const float k_soft = soft ? gl * a.soft_weight * a.temperature : 0.f;
-  const float k_hard = hard ? (bad_label ? NAN : gl * a.hard_weight) : 0.f;
-  for (int64_t j = (int64_t)threadIdx.x * N; j < V; j += (int64_t)THREADS * N) {
+  const float k_soft = SOFT ? gl * a.soft_weight * a.temperature : 0.f;
+  const float k_hard = HARD ? (bad_label ? NAN : gl * a.hard_weight) : 0.f;
+  for (int64_t j = j0; j < V; j += (int64_t)THREADS * N) {
     float sv[N], tv[N], out[N];
-    load_chunk(s, j, V, vec, sv);
-    if (soft) load_chunk(t, j, V, vec, tv);
+    load_chunk(s, j, V, vs, sv);
+    if (SOFT) load_chunk(t, j, V, vt, tv);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       float o = 0.f, q = 0.f;
-      if (soft) {
-        const float ak = tv[k] * invT, bk = sv[k] * invT;
-        const float lp = log_prob(ak, na), lq = log_prob(bk, nb);
+      if (SOFT) {
+        const float ca = (tv[k] - na.m) * invT, cb = (sv[k] - nb.m) * invT;
+        const float lp = ca - na.lz, lq = cb - nb.lz;
         const float p = exp_fast(lp);
         q = exp_fast(lq);
         float phi, qg;
         div_terms<DIV>(lp, lq, p, q, a.param, phi, qg);
         // reverse KL: qg - q c = q (x - c') without the cancellation (kd_math.h)
-        o = DIV == REVERSE_KL ? k_soft * reverse_kl_qg(q, ak, bk, krev, cc) : k_soft * (qg - q * cc);
+        o = DIV == REVERSE_KL ? k_soft * reverse_kl_qg(q, ca, cb, krev, cc) : k_soft * (qg - q * cc);
       }
-      if (hard) {
-        const float sm = sep ? exp_fast(log_prob(sv[k], ns)) : q;
-        o += k_hard * (sm - (j + k == label ? 1.f : 0.f));
+      if (HARD) {
+        const float sm1 = sep ? exp_fast(log_prob(sv[k], ns)) : q;
+        o += k_hard * (sm1 - (j + k == label ? 1.f : 0.f));
       }
       out[k] = o;
     }
-    store_chunk(g, j, V, gvec, out);
+    store_chunk(g, j, V, vg, out);
   }
 }
 
 template <class S, int DIV>
 int launch(const RowsArgs& a, cudaStream_t stream, bool fwd) {
   if (a.N == 0) return 0;
-  dim3 grid((unsigned)a.N), block(THREADS);
+  const bool soft = a.soft_weight != 0.f;
+  const bool hard = a.labels && a.hard_weight != 0.f;
+  const bool sep = hard && !(soft && a.temperature == 1.f);
+  void (*kernel)(RowsArgs);
   if (fwd)
-    forward_kernel<S, DIV><<<grid, block, 0, stream>>>(a);
+    kernel = soft ? (sep ? forward_kernel<S, DIV, true, true> : forward_kernel<S, DIV, true, false>)
+                  : (sep ? forward_kernel<S, DIV, false, true> : forward_kernel<S, DIV, false, false>);
   else
-    backward_kernel<S, DIV><<<grid, block, 0, stream>>>(a);
+    kernel = soft ? (hard ? backward_kernel<S, DIV, true, true> : backward_kernel<S, DIV, true, false>)
+                  : (hard ? backward_kernel<S, DIV, false, true> : backward_kernel<S, DIV, false, false>);
+  dim3 grid((unsigned)a.N), block(THREADS);
+  // An error left pending by an earlier, unrelated call is not this launch's: clear it first
+  // (cudaPeekAtLastError / cudaGetLastError), so the check after the launch reports only the
+  // launch's own error. A sticky error (a corrupted context) is not cleared by this and is
+  // reported after the launch, which cannot have run.
+  if (cudaPeekAtLastError() != cudaSuccess) (void)cudaGetLastError();
+  KD_LAUNCH(kernel, grid, block, 0, stream, a);
   return (int)cudaGetLastError();
 }
 

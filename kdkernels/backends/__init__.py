@@ -151,6 +151,8 @@ def _probe(name: str) -> Optional[str]:
 
 
 def load(name: str):
+    if name == "cuda" and os.environ.get("KDKERNELS_CUDA_EMULATE") == "1":  # kdkernels.backends.cuda_emulate
+        return importlib.import_module("kdkernels.backends.cuda_emulate")  # CPU tensors emulated, CUDA real
     return importlib.import_module(BACKENDS[name].module)
 
 
@@ -188,13 +190,16 @@ def choose(backend: str, device: torch.device, dtype: torch.dtype,
         raise ValueError(f"backend={backend!r} does not support {', '.join(missing)} (needed by "
                          f"{what}; its optional features: {have}); use backend='reference' or "
                          f"backend='auto'")
-    if device.type not in spec.devices:
+    emulated = backend == "cuda" and device.type == "cpu"  # kdkernels.backends.cuda_emulate (test tool)
+    if emulated:
+        importlib.import_module("kdkernels.backends.cuda_emulate").require()
+    elif device.type not in spec.devices:
         raise ValueError(f"backend={backend!r} does not run on {device.type} tensors "
                          f"(it runs on: {', '.join(spec.devices)})")
     if dtype not in spec.dtypes:
         raise TypeError(f"backend={backend!r} does not accept {dtype} logits "
                         f"(it accepts: {', '.join(str(d) for d in spec.dtypes)})")
-    reason = availability(backend)
+    reason = None if emulated else availability(backend)
     if reason:
         raise RuntimeError(f"backend={backend!r} is not available: {reason}")
     if backend == "triton" and device.type == "cpu" and not interpreting():

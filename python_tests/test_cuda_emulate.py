@@ -1,0 +1,140 @@
+"""The CUDA kernels (csrc/cuda/kd_cuda.cu) executed on the CPU under the host emulation of the CUDA
+execution model (csrc/testing/cuda_emu.h, kdkernels/backends/cuda_emulate.py), against the float64 oracle.
+
+conftest.py sets KDKERNELS_CUDA_EMULATE=1 on machines without a GPU, so CI runs these; the
+extension is built on first use (about half a minute). Every case goes through the public API
+with backend="cuda" on CPU tensors, forward and backward, and is checked by test_fuzz._check_case
+(the fuzzer's bound: at most about twice plain PyTorch's fp32 error, plus a few ulps of the terms
+that cancel).
+"""
+import os
+
+import pytest
+import torch
+
+import kdkernels as kd
+from kdkernels import backends, divergences
+from kdkernels.backends import cuda_emulate
+
+import oracle
+import test_fuzz
+from conftest import assert_close, cuda_emulated
+
+pytestmark = pytest.mark.skipif(not cuda_emulated(), reason=(
+    "a CUDA GPU is present (test_cuda_backend.py runs the real kernels)" if torch.cuda.is_available()
+    else f"CUDA emulation unavailable: {cuda_emulate.unavailable_reason()}"))
+
+DIVS = divergences.kernel_names()
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+PARAM = {"jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}, "skew_reverse_kl": {"alpha": 0.2}}
+
+
+def case(div, dtype, V, T=2.0, lead=(2, 3), pattern="randn", strided=False, pad=0, mask="some",
+         hard=0.5, seed=0):
+    return (div, PARAM.get(div, {}), T, V, lead, dtype, pattern, strided, pad, mask, hard, seed)
+
+
+# V: 1, 7 (under one vector), 1271 and 5003 (not multiples of any vector width), 50257-like.
+# Odd V in bf16/fp16 and the strided views start rows off 16-byte boundaries (peeled heads);
+# pad > 0 (teacher wider than the student) gives the teacher another alignment than the student.
+@pytest.mark.parametrize("V", [1, 7, 1271, 5003])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("div", DIVS)
+def test_matrix_labels_hard_term(div, dtype, V):
+    test_fuzz._check_case("cuda", case(div, dtype, V, strided=V % 2 == 1, pad=3 if V > 7 else 0,
+                                       seed=V))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("div", DIVS)
+def test_patterns(div, dtype):
+    """-inf columns, |logits| ~ 1e4 at T = 0.05, one-hot teachers, exact ties, all rows ignored,
+    soft term only, T = 1 with the hard term (its statistics shared with the student's)."""
+    for pattern, T, V, mask, hard in [("neginf", 2.0, 1271, "some", 0.5),
+                                      ("huge", 0.05, 127, "some", 0.5),
+                                      ("onehot", 0.05, 300, "none", 0.0),
+                                      ("ties", 0.05, 77, "none", 0.0),
+                                      ("randn", 1.0, 333, "all", 0.5),
+                                      ("randn", 0.7, 1000, "none", 0.0),
+                                      ("randn", 1.0, 999, "some", 0.5)]:
+        test_fuzz._check_case("cuda", case(div, dtype, V, T=T, pattern=pattern, mask=mask,
+                                           hard=hard, strided=True, pad=64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("div", ["forward_kl", "jsd"])
+def test_vocabulary_50257(div, dtype):
+    test_fuzz._check_case("cuda", case(div, dtype, 50257, lead=(2,), strided=True, seed=3))
+
+
+@pytest.mark.parametrize("div", DIVS)
+def test_forward_only_and_hard_only(div):
+    """Forward without autograd (the two-kernel path's first kernel alone), and the hard term
+    alone (soft_weight = 0: the kernels without the soft term)."""
+    g = torch.Generator().manual_seed(2)
+    s = (torch.randn(3, 4, 1271, generator=g) * 3).bfloat16()
+    t = (torch.randn(3, 4, 1300, generator=g) * 3).bfloat16()[..., 1:]  # wider, offset teacher
+    labels = torch.randint(0, 1271, (3, 4), generator=g)
+    labels[0, 2] = -100
+    kw = dict(temperature=1.5, labels=labels, hard_weight=0.5, reduction="none", **PARAM.get(div, {}))
+    with torch.no_grad():
+        out = kd.kd_loss(s, t, div, backend="cuda", **kw)
+    okw = dict(divergence_name=div, **kw)
+    exp, _ = oracle.loss_and_grad(s, t, **okw)
+    plain, _ = oracle.loss_and_grad(s, t, dtype=torch.float32, **okw)
+    assert_close(out, exp, torch.bfloat16, plain=plain, what="forward only")
+    x = s.clone().requires_grad_(True)
+    kw["soft_weight"] = 0.0
+    out = kd.kd_loss(x, t, div, backend="cuda", **kw)
+    out.sum().backward()
+    okw = dict(divergence_name=div, **kw)
+    exp, eg = oracle.loss_and_grad(s, t, **okw)
+    plain, pg = oracle.loss_and_grad(s, t, dtype=torch.float32, **okw)
+    assert_close(out.detach(), exp, torch.bfloat16, plain=plain, what="hard only loss")
+    assert_close(x.grad, eg, torch.bfloat16, plain=pg, what="hard only grad")
+    assert (x.grad[0, 2] == 0).all()
+
+
+def test_close_to_the_cpu_kernels():
+    """Same inputs through backend='cuda' (emulated) and 'cpu': same math (kd_math.h), different
+    summation order, so close but not bitwise; both ignore the same rows exactly."""
+    s, t = torch.randn(5, 2049), torch.randn(5, 2049)
+    labels = torch.tensor([1, -100, 3, 4, -100])
+    a = kd.kd_loss(s, t, "jsd", labels=labels, hard_weight=0.3, reduction="none", backend="cuda")
+    b = kd.kd_loss(s, t, "jsd", labels=labels, hard_weight=0.3, reduction="none", backend="cpu")
+    assert a[1] == 0 and a[4] == 0
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_threads_mode(monkeypatch):
+    """Each CUDA thread an OS thread (the ThreadSanitizer mode): same results as the fibers."""
+    s, t = torch.randn(2, 3001).bfloat16(), torch.randn(2, 3001).bfloat16()
+    fib = kd.kd_loss(s, t, "tvd", reduction="none", backend="cuda")
+    monkeypatch.setenv("KDKERNELS_CUDA_EMULATE_MODE", "threads")
+    thr = kd.kd_loss(s, t, "tvd", reduction="none", backend="cuda")
+    assert torch.equal(fib, thr)
+
+
+def test_pending_error_is_not_this_launchs():
+    """An error left pending by an earlier, unrelated CUDA call is not reported as the launch's
+    own (the launcher clears it first)."""
+    cuda_emulate.set_pending_error(1)  # cudaErrorInvalidValue, as from an unrelated call
+    out = kd.kd_loss(torch.randn(2, 10), torch.randn(2, 10), backend="cuda")
+    assert torch.isfinite(out)
+
+
+def test_cuda_on_cpu_needs_the_variable(monkeypatch):
+    monkeypatch.delenv("KDKERNELS_CUDA_EMULATE", raising=False)
+    with pytest.raises(ValueError, match="KDKERNELS_CUDA_EMULATE=1"):
+        kd.kd_loss(torch.randn(2, 10), torch.randn(2, 10), backend="cuda")
+    monkeypatch.setenv("KDKERNELS_CUDA_EMULATE", "0")
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        kd.kd_loss(torch.randn(2, 10), torch.randn(2, 10), backend="cuda")
+
+
+def test_never_chosen_by_auto():
+    assert os.environ.get("KDKERNELS_CUDA_EMULATE") == "1"
+    for dtype in DTYPES:
+        assert backends.choose("auto", torch.device("cpu"), dtype) != "cuda"
+    assert backends.choose("cuda", torch.device("cpu"), torch.float32) == "cuda"
+    assert backends.load("cuda") is cuda_emulate
