@@ -29,6 +29,7 @@ custom op; it implements every feature and is the oracle the kernels are tested 
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -151,8 +152,10 @@ def _probe(name: str) -> Optional[str]:
 
 
 def load(name: str):
-    if name == "cuda" and os.environ.get("KDKERNELS_CUDA_EMULATE") == "1":  # kdkernels.backends.cuda_emulate
-        return importlib.import_module("kdkernels.backends.cuda_emulate")  # CPU tensors emulated, CUDA real
+    """The module implementing backend ``name``. With KDKERNELS_CUDA_EMULATE=1, "cuda" is
+    ``cuda_emulate``: CPU tensors go to the emulated kernels, CUDA tensors to the real ones."""
+    if name == "cuda" and os.environ.get("KDKERNELS_CUDA_EMULATE") == "1":
+        return importlib.import_module("kdkernels.backends.cuda_emulate")
     return importlib.import_module(BACKENDS[name].module)
 
 
