@@ -284,7 +284,7 @@ void forward_row(const RowsArgs& a, int64_t r) {
         const int n = (int)std::min<int64_t>(BLK, V - j0);
         load_scaled(t + j0, ab, n, invT);
         load_scaled(s + j0, bb, n, invT);
-        const float param = a.param;
+        const DivParam param = div_param<DIV>(a.param);
         double bphi = 0., bqg = 0.;
 #pragma omp simd reduction(+ : bphi, bqg)
         for (int i = 0; i < n; ++i) {
@@ -312,7 +312,7 @@ void forward_row(const RowsArgs& a, int64_t r) {
 template <int DIV, int MODE>
 void grad_block(const float* __restrict ab, const float* __restrict bb,
                 const float* __restrict xb, float* __restrict gb, int n, LogNorm na, LogNorm nb,
-                float cc, LogNorm ns, float k_soft, float k_hard, float param) {
+                float cc, LogNorm ns, float k_soft, float k_hard, DivParam param) {
   // reverse KL: cc is c' = sum_k q_k x_k of backward_row; qg - q c = q (x - c') is formed in qg
   const float krev = DIV == REVERSE_KL ? reverse_kl_offset(na, nb) : 0.f;
   const float crev = cc;
@@ -354,7 +354,8 @@ void backward_row(const RowsArgs& a, int64_t r) {
   const float gl = a.grad_loss[r];
   const float k_soft = c.soft ? gl * a.soft_weight * a.temperature : 0.f;
   const float k_hard = c.hard ? (c.bad_label ? NAN : gl * a.hard_weight) : 0.f;
-  const float invT = 1.0f / a.temperature, param = a.param;
+  const float invT = 1.0f / a.temperature;
+  const DivParam param = div_param<DIV>(a.param);
   const bool soft = c.soft, hard = c.hard, sep = c.hard_separate;
   float cc = rs.c;
   if (DIV == REVERSE_KL && soft) {
@@ -422,7 +423,8 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
   const S* t = static_cast<const S*>(a.teacher) + teacher_offset(a, r);
   S* g = static_cast<S*>(a.grad) + r * a.V;
   const int64_t V = a.V;
-  const float invT = 1.0f / a.temperature, param = a.param;
+  const float invT = 1.0f / a.temperature;
+  const DivParam param = div_param<DIV>(a.param);
 
   float ma, mb, za = 0.f, zb = 0.f, D, cc = 0.f;
   if (DIV == FORWARD_KL || DIV == REVERSE_KL) {

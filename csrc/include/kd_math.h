@@ -218,8 +218,11 @@ KD_HD KD_INLINE float log_mix(float w1, float x, float y) {
 
 // w q / m from log w, log q and log m, where w q <= m (the weight of q in the mixture m), so the
 // exponent is <= 0 and never overflows (w = 0, log w = -inf, gives exactly 0); 0 where m = 0.
+// (A select, not fminf: a libm call in the host build that kept the element loops scalar; the
+// same value, NaN included: fminf(NaN, 0) = 0.)
 KD_HD KD_INLINE float weighted_ratio_to_mix(float logw, float logq, float logm) {
-  return logm == kNegInf ? 0.0f : exp_fast(fminf(logw + logq - logm, 0.0f));
+  const float x = logw + logq - logm;
+  return logm == kNegInf ? 0.0f : exp_fast(x < 0.0f ? x : 0.0f);
 }
 
 // ---- per-element divergence terms ------------------------------------------------------------
@@ -230,12 +233,27 @@ KD_HD KD_INLINE float xlogr(float x, float logx, float logy) {
 
 KD_HD KD_INLINE float sign0(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
 
-// phi(p, q) and qg = q * d phi / d q for one element, given log p, log q (p = e^{log p}, ...).
-// `param` is beta for jsd, alpha for the skew divergences. Never NaN for finite log p, log q or
-// -inf ones; both probabilities underflowing to 0 give phi = qg = 0.
+// The runtime parameter of a divergence (beta for jsd, alpha for the skew divergences) with the
+// per-call constant its terms need: logw, the log of q's weight in the mixture m (skew KL:
+// log(1 - alpha); skew reverse KL: log alpha; unused otherwise). Formed once per call
+// (div_param), not per element: a libm logf inside the element loop kept the host loops scalar
+// (skew KL ran 20x slower than forward KL on the CPU backend).
+struct DivParam {
+  float param, logw;
+};
 template <int DIV>
-KD_HD KD_INLINE void div_terms(float logp, float logq, float p, float q, float param, float& phi,
-                            float& qg) {
+KD_HD KD_INLINE DivParam div_param(float param) {
+  return DivParam{param, DIV == SKEW_KL ? logf(1.0f - param)
+                         : DIV == SKEW_REVERSE_KL ? logf(param) : 0.0f};
+}
+
+// phi(p, q) and qg = q * d phi / d q for one element, given log p, log q (p = e^{log p}, ...).
+// Never NaN for finite log p, log q or -inf ones; both probabilities underflowing to 0 give
+// phi = qg = 0.
+template <int DIV>
+KD_HD KD_INLINE void div_terms(float logp, float logq, float p, float q, DivParam dp, float& phi,
+                               float& qg) {
+  const float param = dp.param;
   if (DIV == FORWARD_KL) {
     phi = xlogr(p, logp, logq);
     qg = -p;  // q * (-p / q)
@@ -251,17 +269,24 @@ KD_HD KD_INLINE void div_terms(float logp, float logq, float p, float q, float p
     const float alpha = param;
     const float logm = log_mix(alpha, logp, logq);
     phi = xlogr(p, logp, logm);
-    qg = -p * weighted_ratio_to_mix(logf(1.0f - alpha), logq, logm);
+    qg = -p * weighted_ratio_to_mix(dp.logw, logq, logm);
   } else if (DIV == SKEW_REVERSE_KL) {
     const float alpha = param;
     const float logm = log_mix(alpha, logq, logp);
     phi = xlogr(q, logq, logm);
     qg = q == 0.0f ? 0.0f
-                   : q * (logq - logm + 1.0f - weighted_ratio_to_mix(logf(alpha), logq, logm));
+                   : q * (logq - logm + 1.0f - weighted_ratio_to_mix(dp.logw, logq, logm));
   } else {  // TVD
     phi = 0.5f * fabsf(p - q);
     qg = 0.5f * q * sign0(q - p);
   }
+}
+
+// The same with the bare parameter (the constant formed here, per call of this function).
+template <int DIV>
+KD_HD KD_INLINE void div_terms(float logp, float logq, float p, float q, float param, float& phi,
+                               float& qg) {
+  div_terms<DIV>(logp, logq, p, q, div_param<DIV>(param), phi, qg);
 }
 
 // Gradient with respect to the student logits s of one element:
