@@ -1,7 +1,8 @@
 """Side by side in one process: forward+backward medians of eager, torch.compile and kdkernels backends.
 
-    PYTHONPATH=. python benchmarks/side_by_side.py N V ROUNDS [impl,impl,...] [divergence]
-    # impls: eager, compile, cpu, reference; divergence: forward_kl (default), reverse_kl, ...
+    PYTHONPATH=. python benchmarks/side_by_side.py N V ROUNDS [impl,impl,...] [divergence] [dtype]
+    # impls: eager, compile, cpu, reference; divergence: forward_kl (default), reverse_kl, ...;
+    # dtype: float32 (default) or bfloat16 (inputs and gradient in that dtype)
 
 Implementations take turns, one step each per round. A step is forward, backward and the release
 of what the step made (the loss with its graph, the gradient): each implementation pays for
@@ -15,10 +16,12 @@ from kdkernels.tools.eager import eager_kd_loss
 N, V, R = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 impls = sys.argv[4].split(",") if len(sys.argv) > 4 else ["eager", "compile", "cpu"]
 div = sys.argv[5] if len(sys.argv) > 5 else "forward_kl"
-print(f"# N={N} V={V} rounds={R} fp32 {div} T=2 | torch {torch.__version__} threads "
+dtype = getattr(torch, sys.argv[6]) if len(sys.argv) > 6 else torch.float32
+dname = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+print(f"# N={N} V={V} rounds={R} {dname} {div} T=2 | torch {torch.__version__} threads "
       f"{torch.get_num_threads()} | kdkernels {kd.__version__}", flush=True)
 torch.manual_seed(0)
-s = torch.randn(N, V); t = torch.randn(N, V)
+s = torch.randn(N, V).to(dtype); t = torch.randn(N, V).to(dtype)
 comp = torch.compile(eager_kd_loss)
 fns = {"eager": lambda x: eager_kd_loss(x, t, div, temperature=2.0),
        "compile": lambda x: comp(x, t, div, temperature=2.0),

@@ -9,40 +9,21 @@
 #include <torch/library.h>
 #include <Python.h>
 
-#include <cstdlib>
 #include <string>
 #include <vector>
 
 #include "kd_math.h"
+#include "kd_mem.h"
 #include "kd_rows.h"
 #include "kd_torch_checks.h"
 
 namespace kd {
 namespace {
 
-// Rows per task: enough work per thread that small inputs do not pay for threading.
-int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1)); }
-
-// KDKERNELS_CPU_HUGEPAGES=0 turns off the transparent-huge-page advice and the up-front page
-// population of gradient buffers; KDKERNELS_CPU_POPULATE=0 only the population.
-bool env_off(const char* name) {
-  const char* v = std::getenv(name);
-  return v && v[0] == '0';
-}
-bool use_huge_pages() { return !env_off("KDKERNELS_CPU_HUGEPAGES"); }
-
-// A fresh gradient buffer: huge pages advised, then its pages faulted in by all threads, each a
-// contiguous share, before the kernel writes it (see populate_pages).
+// A fresh gradient buffer (kd_mem.h): huge pages advised, pages faulted in by all threads.
 void prepare_gradient(const at::Tensor& grad) {
-  if (!use_huge_pages()) return;
-  char* p = static_cast<char*>(grad.data_ptr());
-  const int64_t bytes = grad.numel() * grad.element_size();
-  advise_huge_pages(p, bytes);
-  const int64_t huge = int64_t(1) << 21;
-  if (bytes < 4 * huge || env_off("KDKERNELS_CPU_POPULATE")) return;
-  const int64_t pages = (bytes + huge - 1) / huge;
-  at::parallel_for(0, pages, 1, [&](int64_t b, int64_t e) {
-    populate_pages(p + b * huge, std::min(e * huge, bytes) - b * huge);
+  ::kd::prepare_gradient(grad.data_ptr(), grad.numel() * grad.element_size(), [](int64_t n, const auto& f) {
+    at::parallel_for(0, n, 1, f);
   });
 }
 

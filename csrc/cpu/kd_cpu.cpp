@@ -9,104 +9,19 @@
 #include <cstring>
 #include <memory>
 
+#include "kd_dtype.h"
 #include "kd_math.h"
 #include "kd_rows.h"
+#include "kd_switch.h"
 
-#if defined(__F16C__) || defined(__AVX__)
+#if defined(__AVX__)
 #include <immintrin.h>
-#endif
-#if defined(__linux__)
-#include <sys/mman.h>
 #endif
 
 namespace kd {
 namespace {
 
 constexpr int BLK = 1024;
-
-struct bf16_t { uint16_t x; };
-struct f16_t { uint16_t x; };
-
-// ---- fp32 conversion of one block ---------------------------------------------------------------
-inline void load_scaled(const float* src, float* dst, int n, float scale) {
-#pragma omp simd
-  for (int i = 0; i < n; ++i) dst[i] = src[i] * scale;
-}
-
-inline void load_scaled(const bf16_t* src, float* dst, int n, float scale) {
-#pragma omp simd
-  for (int i = 0; i < n; ++i) dst[i] = bits_to_float((int32_t)src[i].x << 16) * scale;
-}
-
-inline float half_to_float_scalar(uint16_t h) {
-  // IEEE binary16 -> binary32, exact (normal, subnormal, inf, NaN).
-  uint32_t sign = (uint32_t)(h & 0x8000) << 16;
-  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff;
-  float out;
-  if (exp == 0) {
-    out = (float)man * 5.9604644775390625e-8f;  // 2^-24
-    out = sign ? -out : out;
-    return out;
-  }
-  uint32_t bits = sign | (exp == 31 ? (0xffu << 23) | (man << 13) : ((exp + 112) << 23) | (man << 13));
-  std::memcpy(&out, &bits, 4);
-  return out;
-}
-
-inline void load_scaled(const f16_t* src, float* dst, int n, float scale) {
-  int i = 0;
-#if defined(__F16C__)
-  for (; i + 8 <= n; i += 8) {
-    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(scale)));
-  }
-#endif
-  for (; i < n; ++i) dst[i] = half_to_float_scalar(src[i].x) * scale;
-}
-
-inline float load_one(const float* p) { return *p; }
-inline float load_one(const bf16_t* p) { return bits_to_float((int32_t)p->x << 16); }
-inline float load_one(const f16_t* p) { return half_to_float_scalar(p->x); }
-
-// ---- block store in the output dtype (round to nearest even) ------------------------------------
-inline void store(const float* src, float* dst, int n) { std::memcpy(dst, src, sizeof(float) * n); }
-
-inline void store(const float* src, bf16_t* dst, int n) {
-#pragma omp simd
-  for (int i = 0; i < n; ++i) {
-    uint32_t b = (uint32_t)float_to_bits(src[i]);
-    uint32_t r = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
-    bool nan = (b & 0x7fffffffu) > 0x7f800000u;
-    dst[i].x = (uint16_t)(nan ? 0x7fc0u : r);
-  }
-}
-
-inline uint16_t float_to_half_scalar(float f) {
-  // binary32 -> binary16, round to nearest even, overflow to inf, NaN kept.
-  uint32_t x = (uint32_t)float_to_bits(f);
-  uint32_t sign = (x >> 16) & 0x8000u;
-  uint32_t ax = x & 0x7fffffffu;
-  if (ax > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);
-  if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);  // rounds to >= 65520: inf
-  if (ax < 0x38800000u) {                                   // subnormal or zero in half
-    float a = bits_to_float((int32_t)ax) * 16777216.0f;     // * 2^24: units of the half ulp
-    uint32_t m = (uint32_t)std::nearbyint(a);
-    return (uint16_t)(sign | m);
-  }
-  uint32_t r = ax + 0xfffu + ((ax >> 13) & 1u) - (112u << 23);
-  return (uint16_t)(sign | (r >> 13));
-}
-
-inline void store(const float* src, f16_t* dst, int n) {
-  int i = 0;
-#if defined(__F16C__)
-  for (; i + 8 <= n; i += 8) {
-    __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
-  }
-#endif
-  for (; i < n; ++i) dst[i].x = float_to_half_scalar(src[i]);
-}
 
 // Gradient store of the fused kernel: fp32 rows bypass the caches (non-temporal stores: the
 // fresh gradient is not read again here, and the scratch rows stay in L2); other dtypes as store().
@@ -402,13 +317,20 @@ void backward_row(const RowsArgs& a, int64_t r) {
 }
 
 // ---- fused forward + gradient (for a grad_loss given in advance, a.grad_loss) -------------------
-// The row is read from memory once: pass 1 converts t/T and s/T into the per-thread fp32 scratch
-// rows x and y (V floats each, in L2 for V up to ~128k) and finds the maxima; pass 2 computes each
-// exponential once and keeps it in the scratch (forward / reverse KL: the loss accumulates there
-// too); the other divergences take one more pass for the loss and c = sum q g, which stores qg and
-// q; the last pass writes the gradient from the stored values. Rows this path does not cover
-// (ignored rows, no soft term, a hard term at T != 1, a label out of range) take the two-kernel
-// path forward_row + backward_row with the same grad_loss, which gives the same values.
+// The row is read from memory once, in the statistics pass: block by block, t/T and s/T are
+// converted into the per-thread fp32 scratch rows x and y (V floats each, in L2 for V up to
+// ~64k, L3 above), the running maxima raised, and the sums of e^{a - offa_k}, e^{b - offb_k}
+// taken against the offsets of block k (offs[2k], offs[2k + 1]) and absorbed into the row state
+// (kd_math.h OnlineKL, as forward_row); the loads of the next block are prefetched so that they
+// overlap the exponentials. Forward and reverse KL accumulate their loss there too and keep the
+// exponentials (and reverse KL the centred d = (b - offb) - (a - offa)) in the scratch; TVD keeps
+// the exponentials; JSD and the skew divergences keep a and b.
+// Then, for all but forward / reverse KL, one pass from the scratch forms the loss terms and
+// qg = q g, q (kept in the scratch in place of what was there) and sums the loss and c = sum q g;
+// the last pass writes the gradient k_soft (qg - q c) + k_hard q. The gradient is the only write
+// to memory. Rows this path does not cover (ignored rows, no soft term, a hard term at T != 1, a
+// label out of range) take the two-kernel path forward_row + backward_row with the same grad_loss,
+// which gives the same values.
 template <class S, int DIV>
 void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restrict y,
                float* __restrict offs) {
@@ -418,93 +340,101 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
     backward_row<S, DIV>(a, r);
     return;
   }
+  constexpr bool online = is_online(DIV);
   const S* s = static_cast<const S*>(a.student) + student_offset(a, r);
   const S* t = static_cast<const S*>(a.teacher) + teacher_offset(a, r);
   S* g = static_cast<S*>(a.grad) + r * a.V;
   const int64_t V = a.V;
   const float invT = 1.0f / a.temperature, param = a.param;
 
-  float ma, mb, za = 0.f, zb = 0.f, D, cc = 0.f;
-  if (DIV == FORWARD_KL || DIV == REVERSE_KL) {
-    // One pass from memory, block by block: convert, raise the running maxima, and keep
-    // e^{a - offa_k}, e^{b - offb_k} against the offsets of block k (offs[k]); the loss
-    // accumulates online (DESIGN.md §3). The loads of a block overlap the exponentials.
-    OnlineKL<DIV> on;
-    on.init();
+  // The statistics pass (the one read of the row from memory).
+  OnlineKL<DIV> on;
+  on.init();
+  for (int64_t j0 = 0, k = 0; j0 < V; j0 += BLK, ++k) {
+    const int n = (int)std::min<int64_t>(BLK, V - j0);
+    float* __restrict xb = x + j0;
+    float* __restrict yb = y + j0;
+    prefetch_block(t + j0 + BLK, std::min<int64_t>(BLK, V - j0 - BLK));
+    prefetch_block(s + j0 + BLK, std::min<int64_t>(BLK, V - j0 - BLK));
+    const float nma = raise_max(on.ma, load_scaled_max(t + j0, xb, n, invT));
+    const float nmb = raise_max(on.mb, load_scaled_max(s + j0, yb, n, invT));
+    const float offa = safe_max(nma), offb = safe_max(nmb);
+    offs[2 * k] = offa;
+    offs[2 * k + 1] = offb;
+    float bza = 0.f, bzb = 0.f, bacc = 0.f;
+#pragma omp simd reduction(+ : bza, bzb, bacc)
+    for (int i = 0; i < n; ++i) {
+      const float av = xb[i], bv = yb[i];
+      const float ea = exp_nonpos(av - offa), eb = exp_nonpos(bv - offb);
+      bza += ea;
+      bzb += eb;
+      if (online) bacc += online_kl_term<DIV>(av, bv, offa, offb, ea, eb);
+      if (DIV == FORWARD_KL || DIV == TVD) {
+        xb[i] = ea;
+        yb[i] = eb;
+      } else if (DIV == REVERSE_KL) {
+        xb[i] = (bv - offb) - (av - offa);  // small where q matters, even at |logits| ~ 1e4
+        yb[i] = eb;
+      }
+    }
+    on.absorb(nma, nmb, bza, bzb, bacc);
+  }
+  const float ma = on.ma, mb = on.mb, za = on.za, zb = on.zb;
+  const float offa = safe_max(ma), offb = safe_max(mb);
+  // Factors that bring the exponentials kept against block k's offsets to the row's.
+  auto block_fa = [&](int64_t k) { return std::exp(offs[2 * k] - offa); };
+  auto block_fb = [&](int64_t k) { return std::exp(offs[2 * k + 1] - offb); };
+
+  float D, cc = 0.f;
+  if (online) {
+    D = on.divergence();
+  } else {
+    // The loss terms and c; qg and q replace what the scratch held.
+    const LogNorm na = lognorm_from(ma, za), nb = lognorm_from(mb, zb);
+    const float inv_za = 1.0f / za, inv_zb = 1.0f / zb;
+    alignas(64) float pb[BLK];
+    // Summed in double: c adds q g terms as large as |log p| (4e4 for one-hot teachers at
+    // |logits| 1e4), and q (g - c) cancels them; fp32 lane sums lost ~20 ulps of 4e4 there.
+    // (A loop of its own: double accumulators next to the element math ran out of registers.)
+    double sphi = 0., sqg = 0.;
     for (int64_t j0 = 0, k = 0; j0 < V; j0 += BLK, ++k) {
       const int n = (int)std::min<int64_t>(BLK, V - j0);
       float* __restrict xb = x + j0;
       float* __restrict yb = y + j0;
-      prefetch_block(t + j0 + BLK, std::min<int64_t>(BLK, V - j0 - BLK));
-      prefetch_block(s + j0 + BLK, std::min<int64_t>(BLK, V - j0 - BLK));
-      const float nma = raise_max(on.ma, load_scaled_max(t + j0, xb, n, invT));
-      const float nmb = raise_max(on.mb, load_scaled_max(s + j0, yb, n, invT));
-      const float offa = safe_max(nma), offb = safe_max(nmb);
-      offs[2 * k] = offa;
-      offs[2 * k + 1] = offb;
-      float bza = 0.f, bzb = 0.f, bacc = 0.f;
-#pragma omp simd reduction(+ : bza, bzb, bacc)
-      for (int i = 0; i < n; ++i) {
-        const float av = xb[i], bv = yb[i];
-        const float ea = exp_nonpos(av - offa), eb = exp_nonpos(bv - offb);
-        bza += ea;
-        bzb += eb;
-        bacc += online_kl_term<DIV>(av, bv, offa, offb, ea, eb);
-        if (DIV == FORWARD_KL)
-          xb[i] = ea;
-        else
-          xb[i] = (bv - offb) - (av - offa);  // small where q matters, even at |logits| ~ 1e4
-        yb[i] = eb;
+      if (DIV == TVD) {
+        // p and q from the kept exponentials, rounded in a loop of their own: in the loop below
+        // the compiler would contract p - q into an FMA, and identical rows must give p - q = 0.
+        const float kpk = inv_za * block_fa(k), kqk = inv_zb * block_fb(k);
+#pragma omp simd
+        for (int i = 0; i < n; ++i) {
+          xb[i] *= kpk;
+          yb[i] *= kqk;
+        }
       }
-      on.absorb(nma, nmb, bza, bzb, bacc);
-    }
-    ma = on.ma;
-    mb = on.mb;
-    za = on.za;
-    zb = on.zb;
-    D = on.divergence();
-  } else {
-    // Pass 1: scaled fp32 copies and maxima.
-    ma = kNegInf;
-    mb = kNegInf;
-    for (int64_t j0 = 0; j0 < V; j0 += BLK) {
-      const int n = (int)std::min<int64_t>(BLK, V - j0);
-      ma = std::max(ma, load_scaled_max(t + j0, x + j0, n, invT));
-      mb = std::max(mb, load_scaled_max(s + j0, y + j0, n, invT));
-    }
-    const float offa = safe_max(ma), offb = safe_max(mb);
-    // Pass 2: the sums.
-    for (int64_t j0 = 0; j0 < V; j0 += BLK) {
-      const int n = (int)std::min<int64_t>(BLK, V - j0);
-      const float* __restrict xb = x + j0;
-      const float* __restrict yb = y + j0;
-      float bza = 0.f, bzb = 0.f;
-#pragma omp simd reduction(+ : bza, bzb)
+#pragma omp simd
       for (int i = 0; i < n; ++i) {
-        bza += exp_nonpos(xb[i] - offa);
-        bzb += exp_nonpos(yb[i] - offb);
+        float p = 0.f, q = 0.f, lp = 0.f, lq = 0.f;
+        if (DIV == TVD) {
+          p = xb[i];
+          q = yb[i];
+        }
+        float phi, qg;
+        if (DIV == TVD) {
+          div_terms<DIV>(lp, lq, p, q, param, phi, qg);
+        } else {
+          lp = log_prob(xb[i], na);
+          lq = log_prob(yb[i], nb);
+          q = mix_div_terms<DIV>(lp, lq, param, phi, qg);
+        }
+        pb[i] = phi;
+        xb[i] = qg;
+        yb[i] = q;
       }
-      za += bza;
-      zb += bzb;
-    }
-    const LogNorm na = lognorm_from(ma, za), nb = lognorm_from(mb, zb);
-    // Pass 3: the divergence and c; qg and q replace a and b in the scratch.
-    double sphi = 0., sqg = 0.;  // double: see forward_row
-    for (int64_t j0 = 0; j0 < V; j0 += BLK) {
-      const int n = (int)std::min<int64_t>(BLK, V - j0);
-      float* __restrict xb = x + j0;
-      float* __restrict yb = y + j0;
       double bphi = 0., bqg = 0.;
 #pragma omp simd reduction(+ : bphi, bqg)
       for (int i = 0; i < n; ++i) {
-        const float lp = log_prob(xb[i], na), lq = log_prob(yb[i], nb);
-        const float q = exp_nonpos(lq);
-        float phi, qg;
-        div_terms<DIV>(lp, lq, exp_nonpos(lp), q, param, phi, qg);
-        bphi += phi;
-        bqg += qg;
-        xb[i] = qg;
-        yb[i] = q;
+        bphi += pb[i];
+        bqg += xb[i];
       }
       sphi += bphi;
       sqg += bqg;
@@ -522,14 +452,10 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
   const float k_hard = c.hard ? gl * a.hard_weight : 0.f;
   const float kp = k_soft / za, kq = (k_soft + k_hard) / zb, inv_zb = 1.0f / zb;
   alignas(64) float gb[BLK];
-  const float offa = safe_max(ma), offb = safe_max(mb);
-  // online divergences: the stored exponentials of block k are against offs[2k], offs[2k+1];
   // reverse KL: log q - log p - D = d - shift_k with d = (b - offb_k) - (a - offa_k)
-  const bool online = DIV == FORWARD_KL || DIV == REVERSE_KL;
   const float lza = online ? std::log(za) : 0.f, lzb = online ? std::log(zb) : 0.f;
-  auto block_fb = [&](int64_t k) { return online ? std::exp(offs[2 * k + 1] - offb) : 1.f; };
   auto block_shift = [&](int64_t k) {
-    return online ? ((offb - offs[2 * k + 1]) + lzb) - ((offa - offs[2 * k]) + lza) + D : 0.f;
+    return ((offb - offs[2 * k + 1]) + lzb) - ((offa - offs[2 * k]) + lza) + D;
   };
   float cprime = 0.f;  // reverse KL: c' = sum q x from the stored values (kd_math.h)
   if (DIV == REVERSE_KL) {
@@ -550,8 +476,9 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
     const int n = (int)std::min<int64_t>(BLK, V - j0);
     const float* __restrict xb = x + j0;
     const float* __restrict yb = y + j0;
-    const float fa = online ? std::exp(offs[2 * k] - offa) : 1.f, fb = block_fb(k);
-    const float kpk = kp * fa, kqk = kq * fb, inv_zbk = inv_zb * fb, shift_k = block_shift(k);
+    const float fa = online ? block_fa(k) : 1.f, fb = online ? block_fb(k) : 1.f;
+    const float kpk = kp * fa, kqk = kq * fb, inv_zbk = inv_zb * fb;
+    const float shift_k = DIV == REVERSE_KL ? block_shift(k) : 0.f;
 #pragma omp simd
     for (int i = 0; i < n; ++i) {
       if (DIV == FORWARD_KL)
@@ -566,28 +493,14 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
   }
 }
 
-template <class S>
-using FusedFn = void (*)(const RowsArgs&, int64_t, float*, float*, float*);
-
-template <class S>
-FusedFn<S> pick_fused(int div) {
-  switch (div) {
-    case FORWARD_KL: return fused_row<S, FORWARD_KL>;
-    case REVERSE_KL: return fused_row<S, REVERSE_KL>;
-    case JSD: return fused_row<S, JSD>;
-    case SKEW_KL: return fused_row<S, SKEW_KL>;
-    case SKEW_REVERSE_KL: return fused_row<S, SKEW_REVERSE_KL>;
-    case TVD: return fused_row<S, TVD>;
-    default: return nullptr;
-  }
-}
-
 // Rows are taken chunk by chunk from a shared counter until none is left, so a thread that the
 // machine slows down does not hold the others up. Each row is computed by one thread alone, so the
 // results do not depend on the thread count or on which thread took a row.
 template <class S>
 void run_fused(const RowsArgs& a, std::atomic<int64_t>& next, int64_t chunk) {
-  FusedFn<S> fn = pick_fused<S>(a.div);
+  using FusedFn = void (*)(const RowsArgs&, int64_t, float*, float*, float*);
+  const FusedFn fn = with_divergence(a.div, [](auto d) -> FusedFn { return &fused_row<S, d.value>; });
+  if (!fn) return;
   // Scratch: two fp32 rows and two offsets per block, per call of this function (one call per
   // thread and kernel launch).
   const int64_t row = ((a.V + 15) / 16) * 16, nblk = (a.V + BLK - 1) / BLK;
@@ -606,86 +519,27 @@ void run_fused(const RowsArgs& a, std::atomic<int64_t>& next, int64_t chunk) {
 }
 
 template <class S>
-using RowFn = void (*)(const RowsArgs&, int64_t);
-
-template <class S>
-RowFn<S> pick(int div, bool fwd) {
-  switch (div) {
-    case FORWARD_KL: return fwd ? forward_row<S, FORWARD_KL> : backward_row<S, FORWARD_KL>;
-    case REVERSE_KL: return fwd ? forward_row<S, REVERSE_KL> : backward_row<S, REVERSE_KL>;
-    case JSD: return fwd ? forward_row<S, JSD> : backward_row<S, JSD>;
-    case SKEW_KL: return fwd ? forward_row<S, SKEW_KL> : backward_row<S, SKEW_KL>;
-    case SKEW_REVERSE_KL:
-      return fwd ? forward_row<S, SKEW_REVERSE_KL> : backward_row<S, SKEW_REVERSE_KL>;
-    case TVD: return fwd ? forward_row<S, TVD> : backward_row<S, TVD>;
-    default: return nullptr;
-  }
-}
-
-template <class S>
 void run_rows(const RowsArgs& a, int64_t r0, int64_t r1, bool fwd) {
-  RowFn<S> fn = pick<S>(a.div, fwd);
+  using RowFn = void (*)(const RowsArgs&, int64_t);
+  const RowFn fn = with_divergence(a.div, [fwd](auto d) -> RowFn {
+    return fwd ? &forward_row<S, d.value> : &backward_row<S, d.value>;
+  });
+  if (!fn) return;
   for (int64_t r = r0; r < r1; ++r) fn(a, r);
-}
-
-void dispatch(const RowsArgs& a, int64_t r0, int64_t r1, bool fwd) {
-  switch (a.dtype) {
-    case F32: run_rows<float>(a, r0, r1, fwd); break;
-    case BF16: run_rows<bf16_t>(a, r0, r1, fwd); break;
-    default: run_rows<f16_t>(a, r0, r1, fwd); break;
-  }
 }
 
 }  // namespace
 
-void advise_huge_pages(void* ptr, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  // Fresh multi-MB buffers come from new mmap pages whose first touch dominates the gradient
-  // pass; transparent huge pages cut the page faults 512-fold (PyTorch's THP_MEM_ALLOC_ENABLE
-  // does the same). Only the 2 MiB-aligned interior is advised; failure is harmless.
-  const uintptr_t huge = uintptr_t(1) << 21;
-  if (bytes < int64_t(4 * huge)) return;
-  uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + huge - 1) & ~(huge - 1);
-  uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + uintptr_t(bytes)) & ~(huge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)ptr;
-  (void)bytes;
-#endif
-}
-
-void populate_pages(void* ptr, int64_t bytes) {
-#if defined(__linux__)
-  // MADV_POPULATE_WRITE (Linux 5.14) maps and zeroes the pages without a user-space write; older
-  // kernels refuse it (EINVAL), and then one store per 4 KiB page faults them in.
-  constexpr int kPopulateWrite = 23;
-  const uintptr_t page = 4096;
-  uintptr_t begin = reinterpret_cast<uintptr_t>(ptr) & ~(page - 1);
-  uintptr_t end = reinterpret_cast<uintptr_t>(ptr) + uintptr_t(bytes);
-  if (bytes <= 0) return;
-  if (madvise(reinterpret_cast<void*>(begin), end - begin, kPopulateWrite) == 0) return;
-  volatile char* c = static_cast<volatile char*>(ptr);
-  for (int64_t off = 0; off < bytes; off += page) c[off] = 0;
-#else
-  (void)ptr;
-  (void)bytes;
-#endif
-}
-
-void cpu_forward_rows(const RowsArgs& args, int64_t row_begin, int64_t row_end) {
-  dispatch(args, row_begin, row_end, true);
+void cpu_forward_rows(const RowsArgs& a, int64_t row_begin, int64_t row_end) {
+  with_dtype(a.dtype, [&](auto tag) { run_rows<decltype(tag)>(a, row_begin, row_end, true); });
 }
 
 void cpu_forward_grad_rows(const RowsArgs& a, std::atomic<int64_t>& next, int64_t chunk) {
-  switch (a.dtype) {
-    case F32: run_fused<float>(a, next, chunk); break;
-    case BF16: run_fused<bf16_t>(a, next, chunk); break;
-    default: run_fused<f16_t>(a, next, chunk); break;
-  }
+  with_dtype(a.dtype, [&](auto tag) { run_fused<decltype(tag)>(a, next, chunk); });
 }
 
-void cpu_backward_rows(const RowsArgs& args, int64_t row_begin, int64_t row_end) {
-  dispatch(args, row_begin, row_end, false);
+void cpu_backward_rows(const RowsArgs& a, int64_t row_begin, int64_t row_end) {
+  with_dtype(a.dtype, [&](auto tag) { run_rows<decltype(tag)>(a, row_begin, row_end, false); });
 }
 
 }  // namespace kd

@@ -10,25 +10,17 @@
 // exp_fast of kd_math.h. No [N, V] temporary: the only large write is the gradient.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <tuple>
 
+#include "kd_dtype.h"
 #include "kd_math.h"
+#include "kd_mem.h"
 #include "kd_sparse.h"
-
-#if defined(__F16C__)
-#include <immintrin.h>
-#endif
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace kd {
 namespace sparse_cpu {
@@ -36,55 +28,7 @@ namespace {
 
 constexpr int BLK = 2048;
 
-// ---- block conversion to and from fp32 ------------------------------------------------------
-inline void load_block(const float* src, float* dst, int n) { std::memcpy(dst, src, sizeof(float) * n); }
-
-inline void load_block(const c10::BFloat16* src, float* dst, int n) {
-  const uint16_t* u = reinterpret_cast<const uint16_t*>(src);
-#pragma omp simd
-  for (int i = 0; i < n; ++i) dst[i] = bits_to_float((int32_t)u[i] << 16);
-}
-
-inline void load_block(const c10::Half* src, float* dst, int n) {
-  int i = 0;
-#if defined(__F16C__)
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-#endif
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-inline void store_block(const float* src, float* dst, int n) { std::memcpy(dst, src, sizeof(float) * n); }
-
-inline void store_block(const float* src, c10::BFloat16* dst, int n) {
-  uint16_t* u = reinterpret_cast<uint16_t*>(dst);
-#pragma omp simd
-  for (int i = 0; i < n; ++i) {  // round to nearest even; NaN stays a quiet NaN
-    uint32_t b = (uint32_t)float_to_bits(src[i]);
-    uint32_t r = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
-    u[i] = (uint16_t)(((b & 0x7fffffffu) > 0x7f800000u) ? 0x7fc0u : r);
-  }
-}
-
-inline void store_block(const float* src, c10::Half* dst, int n) {
-  int i = 0;
-#if defined(__F16C__)
-  for (; i + 8 <= n; i += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-#endif
-  for (; i < n; ++i) dst[i] = c10::Half(src[i]);
-}
-
-template <typename scalar_t>
-inline float load_one(const scalar_t* p) { return static_cast<float>(*p); }
-
-template <typename scalar_t>
-inline scalar_t to_scalar(float v) {  // one element, rounded like store_block
-  scalar_t out;
-  store_block(&v, &out, 1);
-  return out;
-}
+// Block conversion to and from fp32: kd_dtype.h (load_block, store, load_one, to_dtype).
 
 // xb = x * inv_t, each product rounded to fp32 in its own loop (see sparse_dense_grad: no FMA
 // contraction into a later subtraction, so every pass sees the same b = s/T as the Python head).
@@ -191,7 +135,7 @@ void grad_rows(const SparseArgs& a, int64_t r0, int64_t r1) {
         const int n = (int)std::min<int64_t>(BLK, a.V - v0);
         load_block(row + v0, buf, n);
         dense_block(ub, ua, buf, bbuf, n, c_b, lse_b, c_a, lse_a, a.inv_t);
-        store_block(buf, out + v0, n);
+        store(buf, out + v0, n);
       }
     }
 
@@ -220,31 +164,19 @@ void grad_rows(const SparseArgs& a, int64_t r0, int64_t r1) {
         ++n;
       }
       dense_block(ub, ua, buf, bbuf, n, c_b, lse_b, c_a, lse_a, a.inv_t);
-      for (int i = 0; i < n; ++i) out[kcol[i]] = to_scalar<scalar_t>(buf[i] + kval[i]);
+      for (int i = 0; i < n; ++i) out[kcol[i]] = to_dtype<scalar_t>(buf[i] + kval[i]);
     }
   }
 }
 
 // ---- torch bindings --------------------------------------------------------------------------
-// A fresh gradient buffer of many MB comes from new mmap pages; asking for transparent huge pages
-// before the first touch cuts the page faults (KDKERNELS_CPU_HUGEPAGES=0 turns this off, as for
-// the dense CPU kernels). Only whole 2 MiB pages inside the buffer are advised; failure is harmless.
-void advise_thp(void* p, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const char* env = std::getenv("KDKERNELS_CPU_HUGEPAGES");
-  if (env && env[0] == '0') return;
-  const uintptr_t page = uintptr_t(1) << 21;
-  if (bytes < int64_t(4 * page)) return;
-  const uintptr_t lo = (reinterpret_cast<uintptr_t>(p) + page - 1) & ~(page - 1);
-  const uintptr_t hi = (reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes)) & ~(page - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#else
-  (void)p;
-  (void)bytes;
-#endif
+// A fresh gradient buffer (kd_mem.h, as for the dense CPU kernels): huge pages advised, pages
+// faulted in by all threads; the kernel then writes every element.
+void prepare_grad(const at::Tensor& grad) {
+  ::kd::prepare_gradient(grad.data_ptr(), grad.numel() * grad.element_size(), [](int64_t n, const auto& f) {
+    at::parallel_for(0, n, 1, f);
+  });
 }
-
-int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1)); }
 
 SparseArgs make_args(const at::Tensor& s, const at::Tensor& idx, const c10::optional<at::Tensor>& labels,
                      double temperature, bool need_b, bool need_a) {
@@ -299,9 +231,7 @@ at::Tensor f32_vec(const at::Tensor& x, int64_t N, const char* name) {
 
 template <typename F>
 void dispatch(at::ScalarType t, F&& f) {
-  if (t == at::kFloat) f(float{});
-  else if (t == at::kBFloat16) f(c10::BFloat16{});
-  else f(c10::Half{});
+  with_dtype(t == at::kFloat ? F32 : t == at::kBFloat16 ? BF16 : F16, f);
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_stats_cpu(const at::Tensor& s, const at::Tensor& idx,
@@ -343,7 +273,7 @@ at::Tensor sparse_grad_cpu(const at::Tensor& s, const at::Tensor& stats, const a
   a.g_idx = gi.data_ptr<float>();
   a.g_lab = gl.data_ptr<float>();
   a.grad = grad.data_ptr();
-  advise_thp(a.grad, grad.numel() * grad.element_size());
+  prepare_grad(grad);
   dispatch(s.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     at::parallel_for(0, a.N, grain_rows(a.V), [&](int64_t r0, int64_t r1) { grad_rows<scalar_t>(a, r0, r1); });

@@ -203,23 +203,43 @@ KD_HD KD_INLINE bool lognorm_nan(LogNorm n) { return n.m != n.m || n.lz != n.lz;
 // (found by the fuzzer: skew reverse KL with alpha = 2^-126 lost up to log 2 per element). Only
 // then: the shift costs ~ulp(44) absolute, harmless next to |log m - hi| > 41 there but not
 // for the ordinary case, where e^(lo-hi) is normal and the plain sum is exact enough.
-KD_HD KD_INLINE float log_mix(float w1, float x, float y) {
+// MixParts holds the two scaled terms u_hi = w_hi 2^k, u_lo = w_lo e^(lo-hi) 2^k (k = 0 or 64) of
+// the sum, so that the shares of x and y in m (w1 e^x / m, (1 - w1) e^y / m) are u / (u_hi + u_lo):
+// one division, where exp(log w + x - log m) took an exp and a per-call log w.
+struct MixParts {
+  float hi, lo, uhi, ulo, shift, whi, ed;  // ed = e^(lo - hi + shift)
+  bool xhi;  // x is the larger
+};
+KD_HD KD_INLINE MixParts mix_parts(float w1, float x, float y) {
+  MixParts m;
   const float w2 = 1.0f - w1;
-  const bool xhi = x >= y;
-  const float hi = xhi ? x : y, lo = xhi ? y : x;
-  const float whi = xhi ? w1 : w2, wlo = xhi ? w2 : w1;
-  const float d = lo - safe_max(hi);
-  const bool scaled = whi < 8.67361738e-19f && d < -80.0f;  // w_hi < 2^-60, e^d < 2^-115
-  const float shift = scaled ? 44.3614195558365f : 0.0f;   // 64 ln 2
-  const float sum = (scaled ? whi * 1.8446744e19f : whi) + wlo * exp_fast(d + shift);
-  const float out = hi + (log_fast(sum) - shift);
-  return whi == 0.0f ? lo : out;
+  m.xhi = x >= y;
+  m.hi = m.xhi ? x : y;
+  m.lo = m.xhi ? y : x;
+  m.whi = m.xhi ? w1 : w2;
+  const float wlo = m.xhi ? w2 : w1;
+  const float d = m.lo - safe_max(m.hi);                       // <= 0, or NaN
+  const bool scaled = m.whi < 8.67361738e-19f && d < -80.0f;  // w_hi < 2^-60, e^d < 2^-115
+  m.shift = scaled ? 44.3614195558365f : 0.0f;                 // 64 ln 2
+  m.uhi = scaled ? m.whi * 1.8446744e19f : m.whi;
+  m.ed = exp_nonpos(d + m.shift);
+  m.ulo = wlo * m.ed;
+  return m;
 }
+KD_HD KD_INLINE float log_mix_from(const MixParts& m) {
+  const float out = m.hi + (log_fast(m.uhi + m.ulo) - m.shift);
+  return m.whi == 0.0f ? m.lo : out;
+}
+KD_HD KD_INLINE float log_mix(float w1, float x, float y) { return log_mix_from(mix_parts(w1, x, y)); }
 
-// w q / m from log w, log q and log m, where w q <= m (the weight of q in the mixture m), so the
-// exponent is <= 0 and never overflows (w = 0, log w = -inf, gives exactly 0); 0 where m = 0.
-KD_HD KD_INLINE float weighted_ratio_to_mix(float logw, float logq, float logm) {
-  return logm == kNegInf ? 0.0f : exp_fast(fminf(logw + logq - logm, 0.0f));
+// The share of x (of_x) or of y in the mixture m of mix_parts, given logm = log_mix_from(m):
+// 0 where m = 0; where the sum underflows (w_hi = 0 and e^(lo-hi) = 0) the lower one is all of m.
+KD_HD KD_INLINE float mix_share(const MixParts& m, float logm, bool of_x) {
+  const float sum = m.uhi + m.ulo;
+  const bool is_hi = of_x == m.xhi;
+  const float u = is_hi ? m.uhi : m.ulo;
+  const float share = sum > 0.0f ? u / sum : (is_hi ? 0.0f : 1.0f);
+  return logm == kNegInf ? 0.0f : share;
 }
 
 // ---- per-element divergence terms ------------------------------------------------------------
@@ -232,10 +252,12 @@ KD_HD KD_INLINE float sign0(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0
 
 // phi(p, q) and qg = q * d phi / d q for one element, given log p, log q (p = e^{log p}, ...).
 // `param` is beta for jsd, alpha for the skew divergences. Never NaN for finite log p, log q or
-// -inf ones; both probabilities underflowing to 0 give phi = qg = 0.
+// -inf ones; both probabilities underflowing to 0 give phi = qg = 0. No libm call: the host
+// kernels call this inside `omp simd` loops, which a libm call keeps scalar (a per-element logf
+// of the mixture weight made skew KL 20x slower than forward KL on the CPU backend).
 template <int DIV>
 KD_HD KD_INLINE void div_terms(float logp, float logq, float p, float q, float param, float& phi,
-                            float& qg) {
+                               float& qg) {
   if (DIV == FORWARD_KL) {
     phi = xlogr(p, logp, logq);
     qg = -p;  // q * (-p / q)
@@ -248,20 +270,37 @@ KD_HD KD_INLINE void div_terms(float logp, float logq, float p, float q, float p
     phi = beta * xlogr(p, logp, logm) + (1.0f - beta) * xlogr(q, logq, logm);
     qg = (1.0f - beta) * xlogr(q, logq, logm);
   } else if (DIV == SKEW_KL) {
-    const float alpha = param;
-    const float logm = log_mix(alpha, logp, logq);
+    // m = alpha p + (1 - alpha) q; q g = -(1 - alpha) p q / m = -p * (share of q in m)
+    const MixParts mp = mix_parts(param, logp, logq);
+    const float logm = log_mix_from(mp);
     phi = xlogr(p, logp, logm);
-    qg = -p * weighted_ratio_to_mix(logf(1.0f - alpha), logq, logm);
+    qg = -p * mix_share(mp, logm, false);
   } else if (DIV == SKEW_REVERSE_KL) {
-    const float alpha = param;
-    const float logm = log_mix(alpha, logq, logp);
+    // m = alpha q + (1 - alpha) p; q g = q (log q - log m + 1 - alpha q / m)
+    const MixParts mp = mix_parts(param, logq, logp);
+    const float logm = log_mix_from(mp);
     phi = xlogr(q, logq, logm);
-    qg = q == 0.0f ? 0.0f
-                   : q * (logq - logm + 1.0f - weighted_ratio_to_mix(logf(alpha), logq, logm));
+    qg = q == 0.0f ? 0.0f : q * (logq - logm + 1.0f - mix_share(mp, logm, true));
   } else {  // TVD
     phi = 0.5f * fabsf(p - q);
     qg = 0.5f * q * sign0(q - p);
   }
+}
+
+// div_terms of the mixture divergences (jsd, skew KL, skew reverse KL) from log p and log q alone,
+// returning q: p and q are e^hi and e^hi e^(lo - hi), the latter from the mixture's own
+// exponential (one exp fewer than e^{log p} and e^{log q} apart; ~1 ulp more rounding in the
+// smaller one, and values below 2^-126 may come out subnormal instead of 0).
+template <int DIV>
+KD_HD KD_INLINE float mix_div_terms(float logp, float logq, float param, float& phi, float& qg) {
+  const bool rev = DIV == SKEW_REVERSE_KL;  // its mixture weights q by param
+  const MixParts mp = mix_parts(param, rev ? logq : logp, rev ? logp : logq);
+  const float ehi = exp_nonpos(mp.hi);
+  const float elo = ehi * (mp.ed * (mp.shift != 0.0f ? 5.42101086e-20f : 1.0f));  // * 2^-64
+  const bool p_hi = rev ? !mp.xhi : mp.xhi;
+  const float p = p_hi ? ehi : elo, q = p_hi ? elo : ehi;
+  div_terms<DIV>(logp, logq, p, q, param, phi, qg);
+  return q;
 }
 
 // Gradient with respect to the student logits s of one element:

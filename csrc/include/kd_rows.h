@@ -47,14 +47,6 @@ void cpu_backward_rows(const RowsArgs& args, int64_t row_begin, int64_t row_end)
 // ([N, STATS_WIDTH]) must be given too, for rows that take the two-kernel path. Each calling
 // thread takes `chunk` rows at a time from `next` until all N rows are done.
 void cpu_forward_grad_rows(const RowsArgs& args, std::atomic<int64_t>& next, int64_t chunk);
-// Ask for transparent huge pages on a fresh output buffer before its first touch (Linux).
-void advise_huge_pages(void* ptr, int64_t bytes);
-// Fault in (and zero) the pages of [ptr, ptr + bytes) before the kernel writes them. Faults taken
-// inside the kernel's streaming loop cost more than faulting the same pages up front: the fused
-// forward-KL op at N=1024, fp32, 2 threads, took 22 ms instead of 34 (V=32000) and 85 instead of
-// 100-123 (V=128256) on the development VM (benchmarks/cpu_op_timing.py with and without
-// KDKERNELS_CPU_POPULATE=0). The contents are left unspecified (zero or unchanged), so only call
-// it on buffers the kernel then overwrites.
-void populate_pages(void* ptr, int64_t bytes);
+// (The memory policy of the gradient buffers, huge pages and page population: kd_mem.h.)
 
 }  // namespace kd
