@@ -114,9 +114,9 @@ def _check_teacher(idx, lp, lead, K_device, V: int):
 def duplicate_rows(idx2: Tensor, used: Tensor) -> Tensor:
     """[N] bool: rows where two used slots name the same column. Device-side (a sort of the
     [N, K] indices, no host synchronisation): on GPU such rows get a NaN loss; on CPU
-    ``_check_teacher_values`` has already refused them."""
+    ``_check_teacher_values`` refuses them with an error."""
     K = idx2.shape[1]
-    if K < 2 or idx2.device.type == "cpu":
+    if K < 2:
         return torch.zeros(idx2.shape[0], dtype=torch.bool, device=idx2.device)
     # unused slots get distinct negative sentinels, so only used slots can collide
     sentinel = -2 - torch.arange(K, device=idx2.device).expand_as(idx2)
@@ -234,7 +234,10 @@ def sparse_kd_loss(student_logits: Tensor, teacher_indices: Tensor, teacher_logp
         in_range = (flat_labels >= 0) & (flat_labels < V)
         ce = torch.where(in_range, lse_1 - s_lab, float("nan"))
         rows = rows + hw * ce
-    rows = torch.where(bad_slot.any(dim=1) | duplicate_rows(idx2, used), float("nan"), rows)
+    bad_row = bad_slot.any(dim=1)
+    if idx2.device.type != "cpu":  # on CPU, _check_teacher_values has refused duplicates
+        bad_row = bad_row | duplicate_rows(idx2, used)
+    rows = torch.where(bad_row, float("nan"), rows)
     if ok is not None:
         rows = torch.where(ok, rows, 0.0)
     return reduce_rows(rows, reduction, lead, V, flat_labels, ignore_index, num_items_in_batch)
