@@ -10,9 +10,9 @@ start=$(date +%s)
 rm -rf .venv36
 python3 -m venv .venv36
 . .venv36/bin/activate
-pip install -q torch==2.13.0 triton==3.6.0 "numpy<2.4" pytest hypothesis
+pip install -q torch==2.13.0 triton==3.6.0 "numpy<2.4" pytest pytest-xdist hypothesis
 # the package from the source tree (no C++ build needed for the Triton tests)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python -m pytest -q -p no:cacheprovider python_tests/test_triton.py python_tests/test_triton_aot.py \
+python -m pytest -q -p no:cacheprovider -n 2 python_tests/test_triton.py python_tests/test_triton_aot.py \
     python_tests/test_sparse.py -k "triton or aot"
 echo "triton 3.6.0 pass finished in $(( $(date +%s) - start )) s"
