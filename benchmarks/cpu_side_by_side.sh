@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU figures of issues 4 and 20: forward+backward+release, N = 1024, T = 2, side by side in
-# one process (benchmarks/side_by_side.py: torch.compile of kdkernels.reference.eager_kd_loss
+# one process (benchmarks/side_by_side.py: torch.compile of kdkernels.tools.eager.eager_kd_loss
 # against the C++ CPU backend), for every divergence and dtype (fp32, bf16), at V = 32000 and
 # V = 128256; then the op alone next to its memory-streaming floor (benchmarks/cpu_op_timing.py),
 # and peak extra memory of the cpu backend in fresh processes (benchmarks/peak_memory.py).

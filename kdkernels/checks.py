@@ -126,7 +126,10 @@ def check_labels(labels, lead_shape, device, V: Optional[int], ignore_index: int
                  what: str = "logits") -> Optional[Tensor]:
     """Flat int64 labels, checked; ``what`` names the tensor the labels go with in messages.
     V is None skips the range check (a sharded loss checks the global vocabulary; feature losses
-    only compare labels with ignore_index). A view is reshaped without a copy where it can be."""
+    only compare labels with ignore_index). The result is contiguous: a view is reshaped without a
+    copy where it can be, and a strided view (``labels[:, -1]``, a one-position chunk) costs one
+    copy of the N labels (8 bytes per row, never a copy of logits), so every kernel can take the
+    labels at unit stride."""
     if labels is None:
         return None
     if not isinstance(labels, Tensor):
@@ -138,7 +141,7 @@ def check_labels(labels, lead_shape, device, V: Optional[int], ignore_index: int
                          f"got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but the {what} are on {device}")
-    flat = labels.reshape(-1).to(torch.int64)
+    flat = labels.reshape(-1).to(torch.int64).contiguous()
     if V is not None and flat.device.type == "cpu" and not torch.compiler.is_compiling() \
             and flat.numel():
         bad = (flat != ignore_index) & ((flat < 0) | (flat >= V))

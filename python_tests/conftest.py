@@ -5,6 +5,7 @@ twice that of plain PyTorch computing the same formula in the input dtype, plus 
 tolerance relative to the size of the expected values.
 """
 import os
+import sys
 
 import torch
 
@@ -79,6 +80,46 @@ def cuda_emulated() -> bool:
     return not torch.cuda.is_available() and cuda_emulate.unavailable_reason() is None
 
 
+# ---- devices: every backend test takes its tensors' device from the backend --------------------
+
+SIMULATE_GPU = os.environ.get("KDKERNELS_SIMULATE_GPU") == "1"
+if SIMULATE_GPU and "--collect-only" in sys.argv:
+    # collection only (nothing runs): module-level torch.cuda.is_available() checks in the test
+    # files see a GPU, so their skip marks are those of a GPU machine
+    torch.cuda.is_available = lambda: True
+GPU = torch.cuda.is_available()
+_GPU_BACKENDS = ("triton", "cuda")
+
+
+def device_for(backend: str) -> torch.device:
+    """The device a test hands to ``backend``: CUDA for triton / cuda on a machine with a GPU
+    (a compiled Triton launch never sees CPU tensors), CPU otherwise (the Triton interpreter, the
+    C++ CPU kernels, the reference)."""
+    return torch.device("cuda") if GPU and backend in _GPU_BACKENDS else torch.device("cpu")
+
+
+def on(backend: str, *xs):
+    """``xs`` moved to ``device_for(backend)`` (None and non-tensors unchanged); one value for one
+    argument, else a tuple."""
+    dev = device_for(backend)
+    out = tuple(x.to(dev) if isinstance(x, torch.Tensor) else x for x in xs)
+    return out[0] if len(out) == 1 else out
+
+
+def kw_on(backend: str, kw: dict) -> dict:
+    """A copy of the keyword arguments ``kw`` with its tensors moved to ``device_for(backend)``."""
+    return {k: on(backend, v) for k, v in kw.items()}
+
+
+def cpu(x):
+    """A result back on the CPU, for comparison with the (CPU, float64) oracle."""
+    return x.cpu() if isinstance(x, torch.Tensor) else x
+
+
+# The device the bench picks by default (python -m kdkernels bench): CUDA when present.
+BENCH_DEVICE = "cuda" if GPU else "cpu"
+
+
 def backend_params(*names):
     """pytest params for backends, skipped with the reason where one cannot run here. Without a
     GPU, "cuda" runs on CPU tensors under the host emulation when KDKERNELS_CUDA_EMULATE=1."""
@@ -95,3 +136,75 @@ def backend_params(*names):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+# ---- the collection-time guard ------------------------------------------------------------------
+# On a machine with a GPU (or with KDKERNELS_SIMULATE_GPU=1, which pretends there is one for a
+# collection run: ``KDKERNELS_SIMULATE_GPU=1 python -m pytest python_tests --collect-only -q``), a
+# test parametrized with backend="triton" or "cuda" must take its device from ``device_for`` (or
+# ``on``); a module that never does is a module whose tensors stay on the CPU, and collection
+# fails naming it. At run time the launchers refuse CPU tensors without the interpreter
+# (kdkernels.backends.triton.require_launchable; test_device_guard.py proves it in a subprocess).
+_DEVICE_HELPERS = ("device_for", "on(", "kw_on(", "BENCH_DEVICE")
+
+
+def _gpu_backend_of(item):
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return None
+    b = callspec.params.get("backend")
+    return b if b in _GPU_BACKENDS else None
+
+
+def pytest_collection_modifyitems(config, items):
+    if not (GPU or SIMULATE_GPU):
+        return
+    offenders, counts = {}, {}
+    for item in items:
+        path = str(item.fspath)
+        if _gpu_backend_of(item):
+            src = item.module.__file__ if getattr(item, "module", None) else path
+            with open(src) as f:
+                text = f.read()
+            if not any(h in text for h in _DEVICE_HELPERS):
+                offenders.setdefault(os.path.basename(src), []).append(item.nodeid)
+        if SIMULATE_GPU:
+            counts.setdefault(os.path.basename(path), [0, 0])[0 if _would_run(item) else 1] += 1
+    if offenders:
+        raise pytest.UsageError(
+            "tests hand backend='triton'/'cuda' tensors that never leave the CPU (use "
+            "conftest.device_for / on): " + "; ".join(f"{m}: {len(v)} tests" for m, v in
+                                                      sorted(offenders.items())))
+    if SIMULATE_GPU:
+        config._kd_simulated_counts = counts
+
+
+def _would_run(item) -> bool:
+    """Whether ``item`` would run on a GPU machine: no skip mark, no skipif mark whose condition
+    holds (conditions are evaluated with the simulated GPU), and for backend params, the backend
+    would be available there (triton and cuda are, given the CUDA build)."""
+    for m in item.iter_markers("skip"):
+        reason = str(m.kwargs.get("reason", m.args[0] if m.args else ""))
+        if SIMULATE_GPU and ("unavailable" in reason and any(f"'{b}'" in reason
+                                                             for b in _GPU_BACKENDS)):
+            continue  # skipped here only because this machine has no GPU
+        return False
+    for m in item.iter_markers("skipif"):
+        if m.args and all(bool(c) for c in m.args if not isinstance(c, str)):
+            return False
+    return True
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    counts = getattr(config, "_kd_simulated_counts", None)
+    if not counts:
+        return
+    tr = terminalreporter
+    tr.section("tests that would run on a GPU machine (KDKERNELS_SIMULATE_GPU=1, static marks)")
+    total = [0, 0]
+    for name in sorted(counts):
+        run, skip = counts[name]
+        total[0] += run
+        total[1] += skip
+        tr.write_line(f"{name:32s} run {run:5d}   skipped {skip:5d}")
+    tr.write_line(f"{'total':32s} run {total[0]:5d}   skipped {total[1]:5d}")

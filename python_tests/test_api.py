@@ -118,3 +118,47 @@ def test_cli_check_small():
     r = _cli("check", "--rows", "16", "--vocab", "300", "--repeats", "1")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("reference") >= 6 and "worst relative" in r.stdout
+
+
+# ---- labels that are non-contiguous views (issue 16) ---------------------------------------------
+
+from conftest import backend_params as _backend_params, cpu as _cpu, on as _on  # noqa: E402
+
+
+@pytest.mark.parametrize("backend", _backend_params("reference", "cpu", "triton", "cuda"))
+def test_strided_label_views_on_every_backend(backend):
+    """kd_loss(s[:, -1], t[:, -1], labels=y[:, -1]): a label view of stride L is accepted (one
+    copy of the N labels at most, never of the logits) and gives the same loss and gradient as
+    contiguous labels."""
+    g = torch.Generator().manual_seed(4)
+    B, L, V = 3, 5, 97
+    s = _on(backend, torch.randn(B, L, V, generator=g)).requires_grad_(True)
+    t = _on(backend, torch.randn(B, L, V, generator=g))
+    y = torch.randint(0, V, (B, L), generator=g)
+    y[1, -1] = -100
+    y = _on(backend, y)
+    for sl in (lambda x: x[:, -1], lambda x: x[:, 1::2]):
+        assert not sl(y).is_contiguous()
+        kw = dict(divergence="jsd", temperature=2.0, hard_weight=0.4, reduction="none",
+                  backend=backend)
+        a = kd.kd_loss(sl(s), sl(t), labels=sl(y), **kw)
+        (ga,) = torch.autograd.grad(a.sum(), s)
+        b = kd.kd_loss(sl(s), sl(t), labels=sl(y).contiguous(), **kw)
+        (gb,) = torch.autograd.grad(b.sum(), s)
+        assert torch.equal(_cpu(a), _cpu(b)) and torch.equal(_cpu(ga), _cpu(gb))
+
+
+def test_torchtune_chunked_one_position_chunks():
+    """The torchtune chunked loss with as many chunks as positions: every label chunk is a
+    [B, 1] view of stride L."""
+    from kdkernels.integrations import torchtune as kd_tt
+    g = torch.Generator().manual_seed(5)
+    B, L, V = 2, 4, 50
+    s = torch.randn(B, L, V, generator=g)
+    t = torch.randn(B, L, V, generator=g)
+    y = torch.randint(0, V, (B, L), generator=g)
+    y[0, 2] = -100
+    chunked = kd_tt.ForwardKLWithChunkedOutputLoss(num_output_chunks=L)
+    got = chunked(list(s.chunk(L, dim=1)), list(t.chunk(L, dim=1)), y)
+    ref = kd.kd_loss(s, t, labels=y, backend="reference")
+    torch.testing.assert_close(got, ref)

@@ -11,6 +11,7 @@ from kdkernels.tools import bench
 from kdkernels.__main__ import main
 from kdkernels import kd_loss
 from kdkernels.tools.eager import eager_kd_loss
+from conftest import BENCH_DEVICE
 
 
 def _run(tmp_path, *argv):
@@ -45,7 +46,7 @@ def test_cli_tiny_sweep_writes_csv_png_and_table(tmp_path, capsys):
     for r in times:
         med, p20, p80 = float(r["median"]), float(r["p20"]), float(r["p80"])
         assert 0 < p20 <= med <= p80
-        assert r["device"] == "cpu" and r["dtype"] == "float32" and r["divergence"] == "forward_kl"
+        assert r["device"] == BENCH_DEVICE and r["dtype"] == "float32" and r["divergence"] == "forward_kl"
         assert "torch=" in r["versions"] and r["date"] and r["card"]
     errs = [float(r["median"]) for r in rows if r["metric"] in ("loss_err", "grad_err")]
     assert len(errs) == 8 and max(errs) <= bench.TOLERANCE["float32"]
@@ -71,7 +72,7 @@ def test_cpu_memory_in_fresh_subprocess(tmp_path):
     # several more [N, V] fp32 buffers (log-softmaxes and their gradients)
     N, V = 64, 4096
     rc, out = _run(tmp_path, "--N", str(N), "--V", str(V), "--repeats", "2", "--impl", "eager",
-                   "--no-plots")
+                   "--no-plots", "--device", "cpu")
     assert rc == 0
     mem = [r for r in _rows(out) if r["metric"] == "peak_extra_bytes"]
     assert len(mem) == 1 and mem[0]["median"], mem
@@ -145,7 +146,8 @@ def test_impl_filter_and_dtypes(tmp_path):
 
 def test_unavailable_implementations_are_skipped_with_reason(tmp_path, capsys):
     rc, out = _run(tmp_path, "--N", "8", "--V", "50", "--repeats", "1", "--no-memory",
-                   "--no-plots", "--impl", "liger", "kd-triton", "--divergence", "reverse_kl")
+                   "--no-plots", "--impl", "liger", "kd-triton", "--divergence", "reverse_kl",
+                   "--device", "cpu")  # neither runs on CPU tensors in the bench, GPU or not
     assert rc == 0
     rows = _rows(out)
     assert {r["metric"] for r in rows} == {"skipped"}

@@ -16,7 +16,7 @@ from kdkernels.checks import compute_dtype
 from kdkernels.tools import eager
 
 import oracle
-from conftest import assert_close, backend_params
+from conftest import assert_close, backend_params, cpu, on
 
 N, DS, DT, V, VT = 37, 24, 40, 1271, 1300  # odd sizes; VT > V: padded teacher vocabulary
 
@@ -110,7 +110,9 @@ def test_every_divergence_with_hard_loss_bias_padding(backend, divergence):
     lab = labels_for((N,))
     p = PARAMS.get(divergence, {})
     kw = dict(temperature=2.0, labels=lab, soft_weight=0.7, hard_weight=0.4)
-    got = run(*x, divergence=divergence, backend=backend, chunk_size=10, **kw, **p)
+    loss, grads = run(*on(backend, *x), divergence=divergence, backend=backend, chunk_size=10,
+                      **{**kw, "labels": on(backend, lab)}, **p)
+    got = (cpu(loss), [cpu(g) for g in grads])
     exp = oracle_fused(*x, **oracle_kw(divergence, **kw, **p))
     check(got, exp, torch.float32, what=f"{backend}/{divergence}")
 

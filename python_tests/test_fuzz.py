@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 import kdkernels as kd
 from kdkernels import backends
 from kdkernels import divergences as D
-from conftest import assert_close, backend_params, cuda_emulated
+from conftest import GPU, assert_close, backend_params, cpu, cuda_emulated, device_for, on
 import oracle
 
 PROFILE = os.environ.get("KDKERNELS_FUZZ", "short")
@@ -67,7 +67,7 @@ def cases(draw, backend):
     return div, param, T, V, lead, dtype, pattern, strided, pad, mask, hard, seed
 
 
-def _make(V, lead, dtype, pattern, strided, pad, seed):
+def _make(V, lead, dtype, pattern, strided, pad, seed, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     shape = (*lead[:-1], lead[-1] + (1 if strided else 0))
     s = torch.randn(*shape, V, generator=g) * 3
@@ -94,7 +94,7 @@ def _make(V, lead, dtype, pattern, strided, pad, seed):
         t[..., 0] = 0.0
     if dtype == torch.float16:
         s, t = s.clamp(-6e4, 6e4), t.clamp(-6e4, 6e4)
-    s, t = s.to(dtype), t.to(dtype)
+    s, t = s.to(dtype).to(device), t.to(dtype).to(device)
     if strided:  # sequence-shifted views: s[..., :-1, :], t[..., 1:, :]
         s, t = s[..., :-1, :], t[..., 1:, :]
     return s, t
@@ -160,15 +160,25 @@ def _fp32_sizes(s, t, T, labels, div, param):
     return M, near_tie
 
 
+class _Grad:
+    """Holds a gradient moved back to the CPU under the name the checks below use (x.grad)."""
+    def __init__(self, grad):
+        self.grad = grad
+
+
 def _check_case(backend, case):
     div, param, T, V, lead, dtype, pattern, strided, pad, mask, hard, seed = case
     s, t = _make(V, lead, dtype, pattern, strided, pad, seed)
     labels = _labels(s, mask, seed)
     hw = hard if labels is not None else 0.0
-    x = s.detach().clone().requires_grad_(True) if not strided else s.detach().requires_grad_(True)
-    out = kd.kd_loss(x, t, div, temperature=T, labels=labels, hard_weight=hw, reduction="none",
-                     backend=backend, **param)
+    dev = device_for(backend)
+    xs, xt = _make(V, lead, dtype, pattern, strided, pad, seed, device=dev)  # same views there
+    x = (xs.detach().clone() if not strided else xs.detach()).requires_grad_(True)
+    out = kd.kd_loss(x, xt, div, temperature=T, labels=on(backend, labels), hard_weight=hw,
+                     reduction="none", backend=backend, **param)
     out.sum().backward()
+    assert out.device.type == dev.type, (out.device, dev)
+    out, x = cpu(out), _Grad(cpu(x.grad))
     ok = dict(divergence_name=div, temperature=T, labels=labels, hard_weight=hw,
               beta=param.get("beta", 0.5), alpha=param.get("alpha", 0.1), reduction="none")
     exp, exp_grad = oracle.loss_and_grad(s, t, **ok)
@@ -193,15 +203,14 @@ def _check_case(backend, case):
 
 @pytest.mark.parametrize("backend", backend_params())
 def test_fuzz_backend_against_oracle(backend):
-    if (backend == "cuda" and not cuda_emulated()) or (
-            backend == "triton" and not torch.cuda.is_available()
-            and os.environ.get("TRITON_INTERPRET") != "1"):
-        pytest.skip("needs a GPU (or, for cuda, KDKERNELS_CUDA_EMULATE=1 without one)")
-    device_ok = "cpu" in backends.BACKENDS[backend].devices or backend == "cuda"
-    if not device_ok:
-        pytest.skip(f"backend {backend!r} does not run on CPU tensors")
+    if backend == "cuda" and not GPU:
+        if not cuda_emulated():
+            pytest.skip("backend 'cuda' needs a GPU, or KDKERNELS_CUDA_EMULATE=1 without one")
+    elif device_for(backend).type not in backends.BACKENDS[backend].devices:
+        pytest.skip(f"backend {backend!r} does not run on {device_for(backend)} tensors")
 
-    @settings(max_examples=EXAMPLES if backend != "triton" or PROFILE == "long" else 5,
+    interpreted = backend == "triton" and not GPU
+    @settings(max_examples=EXAMPLES if not interpreted or PROFILE == "long" else 5,
               deadline=None, derandomize=(PROFILE == "short"), database=None,
               suppress_health_check=list(HealthCheck))
     @given(cases(backend))

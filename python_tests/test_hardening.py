@@ -10,10 +10,11 @@ import torch
 
 import kdkernels as kd
 from kdkernels import backends
-from conftest import assert_close, backend_params
+from conftest import assert_close, backend_params, device_for, on
 import oracle
 
 CPU_BACKENDS = [p for p in backend_params() if p.values[0] != "cuda"]
+BACKENDS = backend_params()  # each on its own device (conftest.device_for)
 
 
 def _skip_gpu_only(backend):
@@ -31,6 +32,7 @@ def _problem(n=6, V=1271, dtype=torch.float32, seed=0):
 
 
 def _fwd_bwd(backend, s, t, labels, div="jsd"):
+    s, t, labels = on(backend, s, t, labels)
     x = s.clone().requires_grad_(True)
     loss = kd.kd_loss(x, t, div, temperature=2.0, labels=labels, hard_weight=0.3,
                       backend=backend)
@@ -38,7 +40,7 @@ def _fwd_bwd(backend, s, t, labels, div="jsd"):
     return loss.detach(), x.grad
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("div", ["forward_kl", "jsd", "tvd"])
 def test_deterministic_bitwise(backend, div):
     """The same inputs give bitwise-identical loss and gradient, run to run."""
@@ -48,7 +50,7 @@ def test_deterministic_bitwise(backend, div):
     assert torch.equal(l1, l2) and torch.equal(g1, g2)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_memory_growth(backend):
     """1,000 forward+backward calls keep the resident set flat (after a warm-up)."""
     calls = 1000 if backend != "triton" else 50  # the interpreter is slow; growth would show too
@@ -70,7 +72,7 @@ def test_no_memory_growth(backend):
     assert grown < 8 * 1024, f"RSS grew by {grown} KiB over {calls} calls"
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_threads_give_correct_results(backend):
     if backend == "triton" and not torch.cuda.is_available():
         pytest.skip("the Triton interpreter (CPU testing mode) is not thread-safe; GPU launches are")
@@ -99,6 +101,8 @@ def test_threads_give_correct_results(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_autocast_bf16_cpu(backend):
     """Logits produced under CPU autocast (bf16) go through the loss as bf16, fp32 math."""
+    if device_for(backend).type != "cpu":
+        pytest.skip("CPU autocast: this backend runs on CUDA tensors on this machine")
     lin = torch.nn.Linear(16, 300)
     h = torch.randn(5, 16)
     t = torch.randn(5, 300)

@@ -14,7 +14,7 @@ import torch
 
 import kdkernels
 from kdkernels import backends, sparse_kd_loss
-from conftest import TOL, assert_close, backend_params
+from conftest import TOL, assert_close, backend_params, cpu, device_for, kw_on, on
 
 DIVS = ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
 HUGE = 1e300
@@ -149,11 +149,14 @@ def small_blocks(monkeypatch):
 
 
 def _run(s, idx, lp, backend, **kw):
-    """Loss and gradient; a non-contiguous s [B, L, V] is passed as the view base[:, :-1]."""
+    """Loss and gradient (on the CPU), computed on the backend's device (conftest.device_for);
+    a non-contiguous s [B, L, V] is passed as the view base[:, :-1]."""
+    idx, lp, kw = on(backend, idx), on(backend, lp), kw_on(backend, kw)
     if s.is_contiguous():
-        base = x = s.detach().clone().requires_grad_(True)
+        base = x = on(backend, s.detach().clone()).requires_grad_(True)
     else:
-        base = torch.zeros(s.shape[0], s.shape[1] + 1, s.shape[2], dtype=s.dtype)
+        base = torch.zeros(s.shape[0], s.shape[1] + 1, s.shape[2], dtype=s.dtype,
+                           device=device_for(backend))
         base[:, :-1] = s
         base.requires_grad_(True)
         x = base[:, :-1]
@@ -162,12 +165,12 @@ def _run(s, idx, lp, backend, **kw):
     if x is not base:
         assert (g[:, -1] == 0).all()
         g = g[:, :-1]
-    return out.detach(), g
+    return cpu(out.detach()), cpu(g)
 
 
 # ---- tests --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", backend_params("reference") + [pytest.param("triton", id="triton"), CPU])
+@pytest.mark.parametrize("backend", backend_params("reference") + backend_params("triton") + [CPU])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("divergence", DIVS)
 @pytest.mark.parametrize("tail", ["renormalize", "bucket"])
@@ -211,14 +214,15 @@ def test_k_equals_v_matches_dense_kd_loss(divergence, dtype, tail, backend):
     assert_close(x1.grad, x2.grad, dtype, what="grad")
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton", CPU])
+@pytest.mark.parametrize("backend", ["reference"] + backend_params("triton") + [CPU])
 def test_k_equals_one(backend):
     s, idx, lp, labels = make_case(K=1, ugly=False)
-    s = s.contiguous().requires_grad_(True)
+    x = on(backend, s.contiguous()).requires_grad_(True)
     # renormalize over one outcome: the soft loss and its gradient vanish
-    out = sparse_kd_loss(s, idx, lp, tail="renormalize", temperature=2.0, backend=backend)
+    out = sparse_kd_loss(x, *on(backend, idx, lp), tail="renormalize", temperature=2.0,
+                         backend=backend)
     out.backward()
-    assert float(out.detach()) == 0.0 and (s.grad == 0).all()
+    assert float(out.detach()) == 0.0 and (x.grad == 0).all()
     for div in DIVS:
         o, gr = _run(s, idx, lp, backend, tail="bucket", divergence=div, temperature=2.0)
         e_o, e_g = oracle_loss_and_grad(s, idx, lp, tail="bucket", divergence=div, temperature=2.0)
@@ -242,14 +246,15 @@ def test_unused_slots_are_the_same_as_absent_slots(tail, backend):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton", CPU])
+@pytest.mark.parametrize("backend", ["reference"] + backend_params("triton") + [CPU])
 @pytest.mark.parametrize("tail", ["renormalize", "bucket"])
 def test_all_rows_ignored(tail, backend):
     s, idx, lp, labels = make_case()
     s = s.contiguous()
     s[0, 0] = float("nan")  # garbage in an ignored row must not leak
+    s, idx, lp = on(backend, s, idx, lp)
     s.requires_grad_(True)
-    labels = torch.full_like(labels, -100)
+    labels = on(backend, torch.full_like(labels, -100))
     for reduction in ("batchmean", "sum", "mean"):
         out = sparse_kd_loss(s, idx, lp, tail=tail, labels=labels, hard_weight=1.0,
                              reduction=reduction, backend=backend)
@@ -269,7 +274,7 @@ def test_reductions_and_num_items(reduction):
     assert_close(g, e_g, torch.float32, what="grad")
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton", CPU])
+@pytest.mark.parametrize("backend", ["reference"] + backend_params("triton") + [CPU])
 @pytest.mark.parametrize("tail", ["renormalize", "bucket"])
 def test_large_logits(tail, backend):
     """|logits| ~ 1e4: one-hot-like distributions, compared per row."""
@@ -329,7 +334,7 @@ def test_index_and_logprob_dtypes():
     assert_close(half, e, torch.float32, what="fp16 log-probs")
 
 
-@pytest.mark.parametrize("backend", ["triton", CPU])
+@pytest.mark.parametrize("backend", backend_params("triton") + [CPU])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_kernels_match_reference(dtype, backend, small_blocks):
     s, idx, lp, labels = make_case(V=45, K=21, dtype=dtype)
@@ -613,3 +618,59 @@ def test_triton_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
         assert rep.returncode == 0, rep.stderr
         spills = [int(x) for x in re.findall(r"(\d+) bytes spill", rep.stderr)]
         assert spills and max(spills) == 0, f"{path}: {rep.stderr}"
+
+
+# ---- indices the CPU checks refuse, straight into the Triton launcher (issue 16) ----------------
+
+@pytest.mark.parametrize("backend", backend_params("triton"))
+def test_triton_launcher_masks_out_of_range_indices(backend, small_blocks):
+    """Indices >= V and < -1 (refused by the CPU checks, possible on GPU where the loss does not
+    synchronise to check them) are never read or written: their gathered value is NaN, the other
+    slots and rows are exact, and the gradient equals the one with those slots unused."""
+    from kdkernels.backends.triton import sparse_launch
+    from kdkernels.backends import reference
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(3)
+    B, L, V, K = 2, 3, 40, 20
+    base = torch.randn(B, L + 2, V, generator=g)
+    s3 = base[:, 1:-1].to(dev)  # rows in the middle of a buffer: a stray write would show
+    idx = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(B * L)])
+    bad = idx.clone()
+    bad[0, 3], bad[1, 0], bad[2, K - 1], bad[4, 5] = V, V + 1000, -7, 1 << 40
+    bad, idx = bad.to(dev), idx.to(dev)
+    labels = torch.randint(0, V, (B * L,), generator=g).to(dev)
+    stats, gath = sparse_launch.sparse_stats(s3, bad, labels, 2.0, True, True)
+    e_stats, e_gath = reference.sparse_stats(s3, torch.where((bad >= 0) & (bad < V), bad, -1),
+                                             labels, 2.0, True, True)
+    oob = ((bad < -1) | (bad >= V)).cpu()
+    gath, e_gath = cpu(gath), cpu(e_gath)
+    assert torch.isnan(gath[oob]).all() and oob.sum() == 4
+    torch.testing.assert_close(gath[~oob], e_gath[~oob].float())
+    torch.testing.assert_close(cpu(stats), cpu(e_stats).float())
+    n = B * L
+    c_b, c_a, g_lab = (torch.randn(n, generator=g).to(dev) for _ in range(3))
+    g_idx = torch.randn(n, K, generator=g).to(dev)
+    grad = sparse_launch.sparse_grad(s3, stats, bad, labels, 2.0, True, True, c_b, c_a, g_idx,
+                                     g_lab)
+    clean = torch.where((bad >= 0) & (bad < V), bad, -1)
+    e_grad = sparse_launch.sparse_grad(s3, stats, clean, labels, 2.0, True, True, c_b, c_a, g_idx,
+                                       g_lab)
+    assert torch.equal(cpu(grad), cpu(e_grad))
+
+
+def test_out_of_range_and_duplicate_rows_give_nan_on_gpu_path():
+    """What a GPU call gets instead of the CPU ValueError: a NaN loss for the offending row
+    (device-side detection: duplicate_rows sorts the indices, no host synchronisation)."""
+    from kdkernels.losses.sparse import duplicate_rows
+    idx = torch.tensor([[1, 2, 3], [4, 4, -1], [-1, -1, 5], [7, 8, 7]])
+    used = idx != -1
+    used[3, 2] = False  # an unused slot may repeat a column
+    assert duplicate_rows(idx, used).tolist() == [False, True, False, False]
+    if torch.cuda.is_available():
+        s = torch.randn(2, 10, device="cuda")
+        ids = torch.tensor([[1, 2], [3, 3]], device="cuda")
+        out = sparse_kd_loss(s, ids, torch.full((2, 2), -0.7, device="cuda"), reduction="none")
+        assert torch.isfinite(out[0]) and torch.isnan(out[1])
+        ids = torch.tensor([[1, 12], [3, 4]], device="cuda")
+        out = sparse_kd_loss(s, ids, torch.full((2, 2), -0.7, device="cuda"), reduction="none")
+        assert torch.isnan(out[0]) and torch.isfinite(out[1])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import oracle
-from conftest import assert_close, backend_params
+from conftest import assert_close, backend_params, device_for
 
 import kdkernels as kd
 from kdkernels import backends
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.parametrize("backend", backend_params("triton"))
 DIVS = D.kernel_names()
 PARAMS = {"jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}, "skew_reverse_kl": {"alpha": 0.2}}
 GPU = torch.cuda.is_available()
-DEVICE = "cuda" if GPU else "cpu"
+DEVICE = str(device_for("triton"))  # cuda with a GPU, else cpu (the interpreter)
 needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")]
 
 

@@ -111,6 +111,19 @@ def _check_teacher(idx, lp, lead, K_device, V: int):
             raise ValueError(f"{name} are on {x.device} but student_logits are on {K_device}")
 
 
+def duplicate_rows(idx2: Tensor, used: Tensor) -> Tensor:
+    """[N] bool: rows where two used slots name the same column. Device-side (a sort of the
+    [N, K] indices, no host synchronisation): on GPU such rows get a NaN loss; on CPU
+    ``_check_teacher_values`` refuses them with an error."""
+    K = idx2.shape[1]
+    if K < 2:
+        return torch.zeros(idx2.shape[0], dtype=torch.bool, device=idx2.device)
+    # unused slots get distinct negative sentinels, so only used slots can collide
+    sentinel = -2 - torch.arange(K, device=idx2.device).expand_as(idx2)
+    srt = torch.where(used, idx2, sentinel).sort(dim=1).values
+    return (srt[:, 1:] == srt[:, :-1]).any(dim=1)
+
+
 def _check_teacher_values(idx2: Tensor, used: Tensor, lp2: Tensor, V: int, tail: str) -> None:
     """Checks that need the values: CPU only (on GPU they would synchronise with the host)."""
     if idx2.device.type != "cpu" or torch.compiler.is_compiling() or idx2.numel() == 0:
@@ -221,7 +234,10 @@ def sparse_kd_loss(student_logits: Tensor, teacher_indices: Tensor, teacher_logp
         in_range = (flat_labels >= 0) & (flat_labels < V)
         ce = torch.where(in_range, lse_1 - s_lab, float("nan"))
         rows = rows + hw * ce
-    rows = torch.where(bad_slot.any(dim=1), float("nan"), rows)
+    bad_row = bad_slot.any(dim=1)
+    if idx2.device.type != "cpu":  # on CPU, _check_teacher_values has refused duplicates
+        bad_row = bad_row | duplicate_rows(idx2, used)
+    rows = torch.where(bad_row, float("nan"), rows)
     if ok is not None:
         rows = torch.where(ok, rows, 0.0)
     return reduce_rows(rows, reduction, lead, V, flat_labels, ignore_index, num_items_in_batch)

@@ -22,7 +22,7 @@ from torch import Tensor
 import triton
 
 from .. import STATS_WIDTH
-from . import interpreting
+from . import device_guard, require_launchable
 from . import kernels as K
 from .sparse_launch import sparse_grad, sparse_stats  # noqa: F401  (the "sparse" capability)
 
@@ -104,18 +104,13 @@ def _check(student: Tensor, teacher: Tensor, labels: Optional[Tensor]) -> None:
         raise ValueError(f"teacher shape {tuple(teacher.shape)} does not fit student shape "
                          f"{tuple(student.shape)} (same number of rows B·L and a vocabulary at "
                          "least as wide)")
-    if student.device.type == "cpu" and not interpreting():
-        raise RuntimeError("the triton backend runs on CPU tensors only in the Triton interpreter "
-                           "(TRITON_INTERPRET=1 set before importing triton)")
-    if student.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"the triton backend runs on cuda tensors, got {student.device}")
+    require_launchable(student)
     if labels is not None:
         n = student.shape[0] * student.shape[1]
         if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
             raise TypeError("labels must be None or an int64 tensor")
-        if labels.shape != (n,) or (n > 1 and labels.stride(0) != 1):
-            raise ValueError(f"labels must be a contiguous [{n}] tensor, got shape "
-                             f"{tuple(labels.shape)}")
+        if labels.shape != (n,):
+            raise ValueError(f"labels must be a [{n}] tensor, got shape {tuple(labels.shape)}")
         if labels.device != student.device:
             raise ValueError(f"labels are on {labels.device} but student is on {student.device}")
 
@@ -142,16 +137,18 @@ def forward_rows(student: Tensor, teacher: Tensor, labels: Optional[Tensor], div
     if N == 0:
         return loss, stats
     _check_div(div_id)
-    lab = labels if labels is not None else loss  # any pointer; never read without labels
+    # labels of any stride: one copy of N int64 where strided (the kernel reads them at unit stride)
+    lab = labels.contiguous() if labels is not None else loss  # any pointer without labels
     args = (student, teacher, lab, loss, stats, V, L, student.stride(0), student.stride(1),
             teacher.shape[1], teacher.stride(0), teacher.stride(1), 1.0 / temperature, float(param),
             soft_weight * temperature * temperature, hard_weight, ignore_index)
     modes = _modes(div_id, soft_weight, hard_weight, labels)
-    if _autotune() and student.is_cuda:
-        _tuned("fwd")[(N,)](*args, **modes)
-    else:
-        block, warps = _config("fwd", student.device, V)
-        K.kd_fwd_kernel[(N,)](*args, **modes, BLOCK=block, num_warps=warps)
+    with device_guard(student):
+        if _autotune() and student.is_cuda:
+            _tuned("fwd")[(N,)](*args, **modes)
+        else:
+            block, warps = _config("fwd", student.device, V)
+            K.kd_fwd_kernel[(N,)](*args, **modes, BLOCK=block, num_warps=warps)
     return loss, stats
 
 
@@ -178,16 +175,17 @@ def backward_rows(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels: O
     if N == 0 or V == 0:
         return out
     _check_div(div_id)
-    lab = labels if labels is not None else stats
+    lab = labels.contiguous() if labels is not None else stats
     args = (student, teacher, lab, stats, grad_loss, out, V, L, student.stride(0),
             student.stride(1), teacher.shape[1], teacher.stride(0), teacher.stride(1),
             out.stride(0), out.stride(1),
             1.0 / temperature, float(param), soft_weight * temperature, hard_weight, ignore_index)
     modes = _modes(div_id, soft_weight, hard_weight, labels)
-    if _autotune() and student.is_cuda:
-        _tuned("bwd_inplace" if inplace and out.data_ptr() == student.data_ptr() else "bwd")[(N,)](
-            *args, **modes)
-    else:
-        block, warps = _config("bwd", student.device, V)
-        K.kd_bwd_kernel[(N,)](*args, **modes, BLOCK=block, num_warps=warps)
+    with device_guard(student):
+        if _autotune() and student.is_cuda:
+            _tuned("bwd_inplace" if inplace and out.data_ptr() == student.data_ptr() else "bwd")[
+                (N,)](*args, **modes)
+        else:
+            block, warps = _config("bwd", student.device, V)
+            K.kd_bwd_kernel[(N,)](*args, **modes, BLOCK=block, num_warps=warps)
     return out

@@ -9,7 +9,13 @@ One program per row (token). ``s`` is a [B, L, V] view with unit column stride; 
   every column, stored in the gradient's dtype (c_B already holds the 1/T factor).
 * ``sparse_grad_fixup_kernel``: launched after the dense kernel; rewrites the K gathered columns
   (and the label column) with dense value + sparse gradient, recomputed in fp32 so each element
-  is rounded once. Duplicate indices in a row are not supported (the last store wins).
+  is rounded once. Duplicate indices in a row are not supported (the last store wins; the loss
+  layer makes such a row's loss NaN).
+
+Indices outside [0, V) other than −1 (unused slot) are masked in every gather and store: the
+kernels never read or write outside the row, whatever the indices; such a slot's gathered value
+is NaN, so the loss of its row is NaN (no host synchronisation is needed to detect it). Labels
+outside [0, V) are masked the same way.
 """
 import triton
 import triton.language as tl
@@ -30,8 +36,10 @@ def sparse_stats_kernel(s_ptr, stride_b, stride_l, L, V, idx_ptr, K, lab_ptr, st
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < K
         idx = tl.load(idx_ptr + row * K + ks, mask=kmask, other=-1)
-        use = kmask & (idx >= 0)
+        use = kmask & (idx >= 0) & (idx < V)  # never a read outside the row
+        bad = kmask & ((idx < -1) | (idx >= V))  # out of range: NaN, not a read
         g = tl.load(base + tl.where(use, idx, 0), mask=use, other=0.0).to(tl.float32)
+        g = tl.where(bad, float("nan"), g)
         tl.store(gath_ptr + row * K + ks, g, mask=kmask)
 
     lse_b = tl.zeros([], tl.float32)
@@ -117,7 +125,7 @@ def sparse_grad_fixup_kernel(grad_ptr, s_ptr, stride_b, stride_l, L, V, stats_pt
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < K
         idx = tl.load(idx_ptr + row * K + ks, mask=kmask, other=-1)
-        use = kmask & (idx >= 0)
+        use = kmask & (idx >= 0) & (idx < V)  # out-of-range slots are never read nor written
         safe = tl.where(use, idx, 0)
         x = tl.load(base + safe, mask=use, other=0.0).to(tl.float32)
         val = _dense_grad(x, c_b, lse_b, c_a, lse_a, inv_t, NEED_B, NEED_A)
