@@ -102,3 +102,37 @@ def test_cli_check_small():
     r = _cli("check", "--rows", "16", "--vocab", "300", "--repeats", "1")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("reference") >= 6 and "worst relative" in r.stdout
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("n", [7, 7.0, torch.tensor(7)])
+def test_num_items_in_batch_is_refused_where_it_does_not_apply(reduction, n):
+    """Issue 21: reduction="sum" (or "none") with num_items_in_batch used to ignore the count
+    silently. Every loss entry point now refuses the combination, naming both arguments."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 10, generator=g), torch.randn(2, 3, 10, generator=g)
+    labels = torch.randint(0, 10, (2, 3), generator=g)
+    h, w = torch.randn(2, 3, 4, generator=g), torch.randn(10, 4, generator=g)
+    idx = torch.topk(t, 4, dim=-1).indices
+    lp = torch.log_softmax(t, -1).gather(-1, idx)
+    calls = {
+        "kd_loss": lambda **kw: kd.kd_loss(s, t, labels=labels, **kw),
+        "KDLoss": lambda **kw: kd.KDLoss(**kw)(s, t, labels),
+        "fused_linear_kd_loss": lambda **kw: kd.fused_linear_kd_loss(h, w, h, w, labels=labels, **kw),
+        "sparse_kd_loss": lambda **kw: kd.sparse_kd_loss(s, idx, lp, labels=labels, **kw),
+        "feature_loss": lambda **kw: kd.feature_loss(h, h.flip(-1), labels=labels, **kw),
+    }
+    for name, call in calls.items():
+        if name == "KDLoss":
+            with pytest.raises(ValueError) as info:
+                kd.KDLoss(reduction=reduction)(s, t, labels, num_items_in_batch=n)
+        else:
+            with pytest.raises(ValueError) as info:
+                call(reduction=reduction, num_items_in_batch=n)
+        msg = str(info.value)
+        assert "num_items_in_batch" in msg and f"reduction={reduction!r}" in msg, (name, msg)
+        # the same call with batchmean divides the sum by n
+        if name != "KDLoss":
+            total = call(reduction="sum")
+            torch.testing.assert_close(call(reduction="batchmean", num_items_in_batch=n),
+                                       total / 7, msg=name)
