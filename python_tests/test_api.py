@@ -136,3 +136,18 @@ def test_num_items_in_batch_is_refused_where_it_does_not_apply(reduction, n):
             total = call(reduction="sum")
             torch.testing.assert_close(call(reduction="batchmean", num_items_in_batch=n),
                                        total / 7, msg=name)
+
+
+def test_readme_quickstart_batchmean_claim():
+    """README quickstart: equal to F.kl_div(batchmean)·T² for [N, V]; for [B, L, V] PyTorch divides
+    by B and kdkernels by the counted tokens B·L, a factor L; "sum" agrees in every shape."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    T = 2.0
+    for shape in [(6, 50), (2, 3, 50)]:
+        s, t = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+        ref = lambda red: F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1),
+                                   log_target=True, reduction=red) * T * T
+        L = 1 if len(shape) == 2 else shape[1]
+        torch.testing.assert_close(kd.kd_loss(s, t, temperature=T), ref("batchmean") / L)
+        torch.testing.assert_close(kd.kd_loss(s, t, temperature=T, reduction="sum"), ref("sum"))
