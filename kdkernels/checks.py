@@ -93,9 +93,18 @@ def check_reduction(reduction) -> str:
     return reduction
 
 
-def check_num_items(num_items_in_batch) -> None:
+def check_num_items(num_items_in_batch, reduction: Optional[str] = None) -> None:
+    """``num_items_in_batch`` is the denominator of "batchmean" (and of "mean", which is batchmean
+    / V). It has no meaning for "sum" (the undivided total) or "none" (per-row values): given with
+    either, it is an error rather than silently ignored. (TRL's ``generalized_jsd_loss`` divides by
+    it whatever the reduction; ``integrations.trl`` reproduces that itself.)"""
     if num_items_in_batch is None:
         return
+    if reduction in ("sum", "none"):
+        raise ValueError(f"num_items_in_batch does not apply to reduction={reduction!r}: it is the "
+                         f"denominator of reduction='batchmean' (and 'mean'); pass "
+                         f"reduction='batchmean' to divide the sum by num_items_in_batch, or drop "
+                         f"num_items_in_batch for the plain {reduction!r}")
     if isinstance(num_items_in_batch, Tensor):
         if num_items_in_batch.numel() != 1:
             raise ValueError("num_items_in_batch must be a number or a one-element tensor, got "
@@ -118,7 +127,7 @@ def check_options(divergence, beta=None, alpha=None, temperature=1.0, soft_weigh
     check_reduction(reduction)
     if hw != 0.0 and labels is None and need_labels_for_hard:
         raise ValueError("hard_weight > 0 needs labels (the hard-label cross-entropy target)")
-    check_num_items(num_items_in_batch)
+    check_num_items(num_items_in_batch, reduction)
     return Options(div.id, param, T, sw, hw, ii)
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Divergence", "DIVERGENCES", "get", "resolve_param", "names", "kernel_names",
-           "terms", "dphi_dlogq", "log_mix", "logaddexp", "xlog_ratio"]
+           "terms", "dphi_dlogq", "log_mix", "log_softmax_centred", "logaddexp", "xlog_ratio"]
 
 
 FP32_TINY = 2.0 ** -126        # smallest normal fp32
@@ -153,20 +153,53 @@ def logaddexp(x1: Tensor, x2: Tensor) -> Tensor:
     return torch.where(ok, out, _NEG_INF)
 
 
-def log_mix(w1: float, l1: Tensor, w2: float, l2: Tensor) -> Tensor:
-    """log(w1·e^l1 + w2·e^l2) for log-probabilities l1, l2; −inf (with zero gradient) where both
-    terms vanish."""
-    x1 = l1 + (math.log(w1) if w1 > 0 else _NEG_INF)
-    x2 = l2 + (math.log(w2) if w2 > 0 else _NEG_INF)
-    return logaddexp(x1, x2)
+def log_mix(w1: float, x: Tensor, y: Tensor) -> Tensor:
+    """log(w1·e^x + (1 − w1)·e^y) for log-probabilities x, y and 0 <= w1 <= 1, in the kernels'
+    form (``_log_mix`` in backends/triton/kernels.py, ``log_mix`` in csrc/include/kd_math.h):
+
+        hi + log(w_hi + w_lo·e^(lo − hi)),   hi = max(x, y), lo = min(x, y),
+
+    w_hi the weight of the larger term and w_lo = 1 − w_hi formed in the tensor's dtype. So x == y
+    gives exactly x (w_hi + w_lo = 1, log 1 = 0: identical distributions have an exact 0
+    divergence), the mixture never underflows in linear space, −inf (zero gradient) where both
+    are −inf, NaN stays NaN. A w_hi below 2⁻⁶⁰ next to e^(lo − hi) < 2⁻¹¹⁵ is summed scaled by
+    2⁶⁴ and the log shifted back, as in the kernels (both parts would be below the smallest
+    normal float there)."""
+    w1 = torch.as_tensor(w1, dtype=x.dtype, device=x.device)
+    w2 = 1.0 - w1
+    x_hi = x >= y
+    hi, lo = torch.where(x_hi, x, y), torch.where(x_hi, y, x)
+    w_hi, w_lo = torch.where(x_hi, w1, w2), torch.where(x_hi, w2, w1)
+    d = lo - torch.where(hi == _NEG_INF, 0.0, hi)
+    scaled = (w_hi < 8.67361738e-19) & (d < -80.0)             # w_hi < 2^-60, e^d < 2^-115
+    shift = torch.where(scaled, 44.3614195558365, 0.0)         # 64 ln 2
+    total = torch.where(scaled, w_hi * 1.8446744073709552e19, w_hi) + w_lo * torch.exp(d + shift)
+    # w_hi = 0: m is the other distribution (w_lo = 1). The discarded branch gets a total of 1, so
+    # that log(0) never meets a zero upstream gradient (0·inf = NaN) in backward.
+    out = hi + (torch.log(torch.where(w_hi == 0.0, 1.0, total)) - shift)
+    return torch.where(w_hi == 0.0, lo, out)
+
+
+def log_softmax_centred(x: Tensor, inv_temperature: float) -> Tensor:
+    """log softmax(x / T) as the kernels form it: (x − max x)·(1/T) − log Σ e^((x − max x)/T).
+
+    The max is subtracted from the raw logits before the scaling, so x − max x is exact near the
+    maximum (Sterbenz) and no rounding of x/T (ulp(x/T): 1e-3 at |x| = 1e4, T = 0.05) enters the
+    log-probabilities of the likely tokens; rows that are equal give bitwise-equal results. The
+    max is a constant for autograd (log_softmax does not depend on it). An all −inf row is NaN,
+    as log_softmax gives."""
+    m = x.detach().amax(dim=-1, keepdim=True)
+    m = torch.where(m == _NEG_INF, 0.0, m)
+    y = (x - m) * inv_temperature
+    return y - torch.logsumexp(y, dim=-1, keepdim=True)
 
 
 def _mixture(div_id: int, param: float, logp: Tensor, logq: Tensor) -> Optional[Tensor]:
     """log m of the mixture divergences (None for the others)."""
     if div_id in (JSD, SKEW_KL):
-        return log_mix(param, logp, 1.0 - param, logq)
+        return log_mix(param, logp, logq)
     if div_id == SKEW_REVERSE_KL:
-        return log_mix(param, logq, 1.0 - param, logp)
+        return log_mix(param, logq, logp)
     return None
 
 

@@ -162,3 +162,52 @@ def test_torchtune_chunked_one_position_chunks():
     got = chunked(list(s.chunk(L, dim=1)), list(t.chunk(L, dim=1)), y)
     ref = kd.kd_loss(s, t, labels=y, backend="reference")
     torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("n", [7, 7.0, torch.tensor(7)])
+def test_num_items_in_batch_is_refused_where_it_does_not_apply(reduction, n):
+    """Issue 21: reduction="sum" (or "none") with num_items_in_batch used to ignore the count
+    silently. Every loss entry point now refuses the combination, naming both arguments."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 10, generator=g), torch.randn(2, 3, 10, generator=g)
+    labels = torch.randint(0, 10, (2, 3), generator=g)
+    h, w = torch.randn(2, 3, 4, generator=g), torch.randn(10, 4, generator=g)
+    idx = torch.topk(t, 4, dim=-1).indices
+    lp = torch.log_softmax(t, -1).gather(-1, idx)
+    calls = {
+        "kd_loss": lambda **kw: kd.kd_loss(s, t, labels=labels, **kw),
+        "KDLoss": lambda **kw: kd.KDLoss(**kw)(s, t, labels),
+        "fused_linear_kd_loss": lambda **kw: kd.fused_linear_kd_loss(h, w, h, w, labels=labels, **kw),
+        "sparse_kd_loss": lambda **kw: kd.sparse_kd_loss(s, idx, lp, labels=labels, **kw),
+        "feature_loss": lambda **kw: kd.feature_loss(h, h.flip(-1), labels=labels, **kw),
+    }
+    for name, call in calls.items():
+        if name == "KDLoss":
+            with pytest.raises(ValueError) as info:
+                kd.KDLoss(reduction=reduction)(s, t, labels, num_items_in_batch=n)
+        else:
+            with pytest.raises(ValueError) as info:
+                call(reduction=reduction, num_items_in_batch=n)
+        msg = str(info.value)
+        assert "num_items_in_batch" in msg and f"reduction={reduction!r}" in msg, (name, msg)
+        # the same call with batchmean divides the sum by n
+        if name != "KDLoss":
+            total = call(reduction="sum")
+            torch.testing.assert_close(call(reduction="batchmean", num_items_in_batch=n),
+                                       total / 7, msg=name)
+
+
+def test_readme_quickstart_batchmean_claim():
+    """README quickstart: equal to F.kl_div(batchmean)·T² for [N, V]; for [B, L, V] PyTorch divides
+    by B and kdkernels by the counted tokens B·L, a factor L; "sum" agrees in every shape."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    T = 2.0
+    for shape in [(6, 50), (2, 3, 50)]:
+        s, t = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+        ref = lambda red: F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1),
+                                   log_target=True, reduction=red) * T * T
+        L = 1 if len(shape) == 2 else shape[1]
+        torch.testing.assert_close(kd.kd_loss(s, t, temperature=T), ref("batchmean") / L)
+        torch.testing.assert_close(kd.kd_loss(s, t, temperature=T, reduction="sum"), ref("sum"))

@@ -79,3 +79,21 @@ def test_loss_call_memory_eager_holds_more():
     logits_mib = N * V * 4 / 2**20
     assert eager["extra_mib"] >= 3 * logits_mib      # eager keeps several [N, V] fp32 buffers
     assert fused["extra_mib"] < eager["extra_mib"]
+
+
+def test_demo_without_matplotlib_exits_0_with_a_note(tmp_path, capsys, monkeypatch):
+    """Issue 21: without the optional matplotlib the demo used to train, then die while plotting.
+    Now it says so before the work, writes the table and curves.csv, and exits 0."""
+    import sys
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` -> ImportError
+    assert not demo.have_matplotlib()
+    out = tmp_path / "out"
+    rc = cli.main(["demo", *TINY, "--no-memory", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    first = text.splitlines()[0]
+    assert first.startswith("note: matplotlib is not installed") and "pip install matplotlib" in first
+    assert "| method" in text and "no curves.png" in text.splitlines()[-1]
+    assert (out / "curves.csv").exists() and not (out / "curves.png").exists()

@@ -441,3 +441,25 @@ def test_cuda_matches_oracle(dtype):
     got = (got[0].cpu(), [g.cpu() for g in got[1]])
     plain = (plain[0].cpu(), [g.cpu() for g in plain[1]])
     check(got, exp, dtype, plain if dtype != torch.float32 else None, what=f"cuda {dtype}")
+
+
+def test_bf16_logits_are_not_rounded_before_the_loss():
+    """Issue 21 (Liger #1432): the chunk logits were computed in bf16 and then upcast. Now they come
+    from the GEMM's fp32 accumulator. [256 x 256] @ [4096 x 256]ᵀ bf16, forward KL, T = 2, against
+    float64 on the same bf16 values: loss 5.1e-5 -> 8.2e-8 relative, grad_h 9.5e-3 -> 3.4e-3,
+    grad_w 1.0e-2 -> 4.5e-3 (the rest is the bf16 rounding of the returned gradients)."""
+    g = torch.Generator().manual_seed(0)
+    n, d, v = 128, 128, 2048
+    hs, ht = (torch.randn(n, d, generator=g).bfloat16() for _ in range(2))
+    ws, wt = ((torch.randn(v, d, generator=g) * 0.2).bfloat16() for _ in range(2))
+    h, w = hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
+    loss = kd.fused_linear_kd_loss(h, w, ht, wt, divergence="forward_kl", temperature=2.0,
+                                   backend="reference")
+    loss.backward()
+    h64, w64 = hs.double().requires_grad_(True), ws.double().requires_grad_(True)
+    ref = oracle.loss(h64 @ w64.t(), ht.double() @ wt.double().t(), divergence_name="forward_kl",
+                      temperature=2.0)
+    ref.backward()
+    rel = lambda a, b: float((a.detach().double() - b).abs().max() / b.abs().max())
+    assert rel(loss, ref.detach()) < 1e-6
+    assert rel(h.grad, h64.grad) < 6e-3 and rel(w.grad, w64.grad) < 7e-3

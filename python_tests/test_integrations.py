@@ -46,8 +46,13 @@ def trl_restated(student_logits, teacher_logits, labels=None, beta=0.5, temperat
     lq = torch.log_softmax(student_logits.double() / temperature, -1)
     lp = torch.log_softmax(teacher_logits[..., :V].double() / temperature, -1)
     lq, lp = lq.clamp_min(-1e300), lp.clamp_min(-1e300)  # finite logs: 0 * log 0 = 0
-    lm = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
-    el = beta * lp.exp() * (lp - lm) + (1 - beta) * lq.exp() * (lq - lm)   # [..., V]
+    if beta == 0:    # TRL's special case: KL(teacher || student)
+        el = lp.exp() * (lp - lq)
+    elif beta == 1:  # TRL's special case: KL(student || teacher)
+        el = lq.exp() * (lq - lp)
+    else:
+        lm = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+        el = beta * lp.exp() * (lp - lm) + (1 - beta) * lq.exp() * (lq - lm)   # [..., V]
     if labels is not None:
         el = el[labels != -100]
     if num_items_in_batch is not None:
@@ -135,12 +140,80 @@ def test_trl_patch_gkd_trainer():
         cls.generalized_jsd_loss = previous
 
 
-def test_trl_refuses_beta_ends_and_none():
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0, 1])
+@pytest.mark.parametrize("reduction,with_labels,nib", [
+    ("batchmean", True, None), ("batchmean", False, None), ("sum", True, None),
+    ("mean", False, None), ("batchmean", True, 13)])
+def test_trl_beta_ends_are_trls_kls(beta, reduction, with_labels, nib):
+    """Issue 21: GKDConfig(beta=0.0 / 1.0) are TRL's forward / reverse KL special cases; the
+    drop-in used to raise there at the first training step. Values and gradients against the
+    float64 restatement (and against TRL itself in the next test)."""
+    B, L, V = 2, 6, 37
+    s64, t64 = _ugly_logits(B, L, V)
+    s64[..., 3] = 0.0  # a -inf shared column is fine; a -inf in one of them only would be +inf
+    t64[..., 3] = 0.0
+    labels = _labels(B, L, V) if with_labels else None
+    kw = dict(labels=labels, beta=beta, temperature=2.0, reduction=reduction,
+              num_items_in_batch=nib)
+    for dtype in (torch.float32, torch.float64):
+        s = s64.to(dtype).detach().requires_grad_(True)
+        out = kd_trl.generalized_jsd_loss(s, t64.to(dtype), **kw)
+        out.backward()
+        s_ref = s64.detach().clone().requires_grad_(True)
+        exp = trl_restated(s_ref, t64, **kw)
+        exp.backward()
+        assert_close(out.detach().reshape(()), exp.detach(), dtype, what="trl value")
+        assert_close(s.grad, s_ref.grad, dtype, what="trl grad")
+
+
+@pytest.mark.skipif(not HAS_TRL, reason="trl is not installed (pip install 'kdkernels[trl]')")
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("reduction,with_labels,nib", [
+    ("batchmean", True, None), ("batchmean", False, None), ("sum", True, None),
+    ("mean", True, None), ("batchmean", True, 11)])
+def test_trl_beta_ends_against_trl_itself(beta, temperature, reduction, with_labels, nib):
+    """The patched GKDTrainer with GKDConfig(beta=0.0) or beta=1.0 computes what TRL's own
+    ``GKDTrainer.generalized_jsd_loss`` computes (values and gradients, float64)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        original = _trl_original()
+        cls = kd_trl._gkd_trainer_class()
+        try:
+            from trl.experimental.gkd import GKDConfig
+        except ImportError:
+            from trl import GKDConfig
+        config = GKDConfig(output_dir="unused", beta=beta, temperature=temperature,
+                           use_cpu=True, report_to=[])
+    B, L, V = 2, 5, 29
+    s64 = torch.randn(B, L, V, dtype=torch.float64) * 3
+    t64 = torch.randn(B, L, V, dtype=torch.float64) * 3
+    labels = _labels(B, L, V) if with_labels else None
+    # the arguments GKDTrainer.compute_loss passes (beta=self.beta), plus T and the reduction
+    kw = dict(labels=labels, beta=config.beta, temperature=config.temperature,
+              reduction=reduction, num_items_in_batch=nib)
+    previous = kd_trl.patch_gkd_trainer()
+    try:
+        a = s64.clone().requires_grad_(True)
+        ours = cls.generalized_jsd_loss(a, t64, **kw)
+    finally:
+        cls.generalized_jsd_loss = previous
+    b = s64.clone().requires_grad_(True)
+    theirs = original(b, t64, **kw)
+    ours.backward()
+    theirs.backward()
+    assert_close(ours.detach(), theirs.detach(), torch.float64, what="vs trl")
+    assert_close(a.grad, b.grad, torch.float64, what="grad vs trl")
+    assert_close(trl_restated(s64, t64, **kw), theirs.detach(), torch.float64, what="restated")
+
+
+def test_trl_refuses_beta_outside_and_none():
     s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
-    with pytest.raises(ValueError, match="forward_kl"):
-        kd_trl.generalized_jsd_loss(s, t, beta=0.0)
-    with pytest.raises(ValueError, match="reverse_kl"):
-        kd_trl.generalized_jsd_loss(s, t, beta=1)
+    with pytest.raises(ValueError, match=r"beta must lie in \[0, 1\]"):
+        kd_trl.generalized_jsd_loss(s, t, beta=-0.1)
+    with pytest.raises(ValueError, match=r"beta must lie in \[0, 1\]"):
+        kd_trl.generalized_jsd_loss(s, t, beta=1.5)
     with pytest.raises(ValueError, match="reduction"):
         kd_trl.generalized_jsd_loss(s, t, reduction="none")
     with pytest.raises(ValueError, match="reduction"):

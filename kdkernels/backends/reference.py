@@ -3,7 +3,9 @@
 It is the fallback, the oracle the kernels are tested against, and the one backend with every
 feature (ensembles, teacher gradients, logit_mse; the sparse student statistics at the end). ``row_losses`` is the
 formula of DESIGN.md §2 on a block of rows, written with plain tensor ops so autograd gives the
-gradients of §3. ``loss_rows`` applies it over chunks of rows under activation checkpointing, so
+gradients of §3, in the kernels' numerical forms (``divergences.log_softmax_centred``: the row
+max subtracted before the scaling by 1/T; ``divergences.log_mix``: the mixture as
+hi + log(w_hi + w_lo·e^(lo − hi))), so identical rows give exactly 0 here too. ``loss_rows`` applies it over chunks of rows under activation checkpointing, so
 the reference never holds more than a few [chunk, V] fp32 buffers at a time and needs no
 hand-written backward.
 The per-element math and its zero-probability conventions are in ``kdkernels.divergences``.
@@ -28,13 +30,14 @@ CHUNK_ELEMENTS = 1 << 20
 def teacher_log_probs(teachers, weights, temperature: float) -> torch.Tensor:
     """log p for one teacher [R, V] (weights None) or an ensemble: log Σ_m w_m softmax(t_m / T),
     accumulated teacher by teacher (never more than two [R, V] terms at a time)."""
+    inv_T = 1.0 / temperature
     if isinstance(teachers, torch.Tensor):
-        return torch.log_softmax(teachers / temperature, dim=-1)
+        return D.log_softmax_centred(teachers, inv_T)
     acc = None
     for w, t in zip(weights, teachers):
         if w == 0.0:
             continue  # a zero-weight teacher adds nothing (and gets a zero gradient)
-        x = torch.log_softmax(t / temperature, dim=-1) + math.log(w)
+        x = D.log_softmax_centred(t, inv_T) + math.log(w)
         acc = x if acc is None else D.logaddexp(acc, x)
     return acc
 
@@ -78,7 +81,7 @@ def row_losses(student: torch.Tensor, teacher, labels: Optional[torch.Tensor],
             loss = loss + soft_weight * logit_mse(s, t)
         else:
             logp = teacher_log_probs(t, teacher_weights, temperature)
-            logq = torch.log_softmax(s / temperature, dim=-1)
+            logq = D.log_softmax_centred(s, 1.0 / temperature)  # the kernels' centring
             div = D.terms(div_id, param, logp, logq).sum(-1)
             loss = loss + (soft_weight * temperature * temperature) * div
     if labels is not None:

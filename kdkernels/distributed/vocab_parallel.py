@@ -94,32 +94,34 @@ def _finite_or_zero(x: Tensor) -> Tensor:
     return torch.where(torch.isfinite(x), x, 0.0)
 
 
-def _local_lse(x: Tensor):
-    """Per-row (m, z) with logsumexp(x) = m + z, m = max(x): (−inf, −inf) for an all −inf row.
+def _local_lse(x: Tensor, inv_T: float = 1.0):
+    """Per-row (m, z) with logsumexp(x/T) = m/T + z, m = max(x) in raw logit units: (−inf, −inf)
+    for an all −inf row.
 
-    The pair keeps log-probabilities accurate for large logits: (x − m) − z loses nothing to the
-    rounding of a large logsumexp (|x| ≈ 1e4 has an fp32 ulp of 1e−3)."""
+    The pair keeps log-probabilities accurate for large logits: (x − m)·(1/T) − z, the max
+    subtracted before the scaling as the kernels do, loses nothing to the rounding of x/T or of
+    a large logsumexp (|x| ≈ 1e4 has an fp32 ulp of 1e−3)."""
     m = x.amax(-1)
-    z = (x - torch.where(m == _NEG_INF, 0.0, m)[:, None]).exp().sum(-1).log()
+    z = ((x - torch.where(m == _NEG_INF, 0.0, m)[:, None]) * inv_T).exp().sum(-1).log()
     return m, z
 
 
-def _merge_lse(m_r: Tensor, z_r: Tensor):
-    """Global (M, Z) from per-rank pairs [W, N]: logsumexp over all columns = M + Z."""
+def _merge_lse(m_r: Tensor, z_r: Tensor, inv_T: float = 1.0):
+    """Global (M, Z) from per-rank pairs [W, N]: logsumexp over all columns of x/T = M/T + Z."""
     M = m_r.amax(0)
-    Z = (m_r - torch.where(M == _NEG_INF, 0.0, M) + z_r).exp().sum(0).log()
+    Z = ((m_r - torch.where(M == _NEG_INF, 0.0, M)) * inv_T + z_r).exp().sum(0).log()
     return M, Z
 
 
-def _log_prob(x: Tensor, m: Tensor, z: Tensor) -> Tensor:
-    """x − logsumexp = (x − m) − z, the (m, z) pair broadcast over the row."""
-    return (x - m[:, None]) - z[:, None]
+def _log_prob(x: Tensor, m: Tensor, z: Tensor, inv_T: float = 1.0) -> Tensor:
+    """x/T − logsumexp(x/T) = (x − m)·(1/T) − z, the (m, z) pair broadcast over the row."""
+    return (x - m[:, None]) * inv_T - z[:, None]
 
 
-def _merge_online(div_id, pa, pb, w_r, Ma, Za, Mb, Zb):
+def _merge_online(div_id, pa, pb, w_r, Ma, Za, Mb, Zb, inv_T):
     """Global forward/reverse KL from per-rank pairs and local terms [W, N] (module doc)."""
-    rel_a = (pa[0] - Ma) + (pa[1] - Za)   # A_r − A: log of the teacher mass on rank r
-    rel_b = (pb[0] - Mb) + (pb[1] - Zb)   # B_r − B
+    rel_a = (pa[0] - Ma) * inv_T + (pa[1] - Za)   # A_r − A: log of the teacher mass on rank r
+    rel_b = (pb[0] - Mb) * inv_T + (pb[1] - Zb)   # B_r − B
     if div_id == _FKL:
         weight, term = rel_a.exp(), w_r + rel_a - _finite_or_zero(rel_b)
     else:
@@ -128,10 +130,10 @@ def _merge_online(div_id, pa, pb, w_r, Ma, Za, Mb, Zb):
     return torch.where(weight == 0, 0.0, weight * term).sum(0)
 
 
-def _shard_log_prob(x: Tensor, m: Tensor, z: Tensor) -> Tensor:
+def _shard_log_prob(x: Tensor, m: Tensor, z: Tensor, inv_T: float) -> Tensor:
     """Log-probabilities within the shard; an all −inf shard keeps x (−inf), never NaN."""
     empty = (m == _NEG_INF)[:, None]
-    return torch.where(empty, x, _log_prob(x, torch.where(m == _NEG_INF, 0.0, m), z))
+    return torch.where(empty, x, _log_prob(x, torch.where(m == _NEG_INF, 0.0, m), z, inv_T))
 
 
 # ---- forward / backward -----------------------------------------------------------------------
@@ -168,14 +170,15 @@ class _VocabParallelKD(torch.autograd.Function):
         for b, l0, l1, r0, r1 in row_chunks(Bsz, L, V):
             s = s3[b, l0:l1].to(cd)
             if sw:
-                a = t3[b, l0:l1, :V].to(cd) / T
-                bb = s / T
-                ma, za = _local_lse(a)
-                mb, zb = _local_lse(bb)
+                a = t3[b, l0:l1, :V].to(cd)   # raw logits: centred, then scaled by 1/T
+                bb = s
+                ma, za = _local_lse(a, 1.0 / T)
+                mb, zb = _local_lse(bb, 1.0 / T)
                 local[r0:r1, ci["ma"]], local[r0:r1, ci["za"]] = ma, za
                 local[r0:r1, ci["mb"]], local[r0:r1, ci["zb"]] = mb, zb
                 if online:
-                    logp, logq = _shard_log_prob(a, ma, za), _shard_log_prob(bb, mb, zb)
+                    logp = _shard_log_prob(a, ma, za, 1.0 / T)
+                    logq = _shard_log_prob(bb, mb, zb, 1.0 / T)
                     local[r0:r1, ci["w"]] = D.terms(div_id, param, logp, logq).sum(-1)
             if hard_own:
                 local[r0:r1, ci["ms"]], local[r0:r1, ci["zs"]] = _local_lse(s)
@@ -193,18 +196,18 @@ class _VocabParallelKD(torch.autograd.Function):
         if sw:
             pa = (G[:, :, ci["ma"]], G[:, :, ci["za"]])
             pb = (G[:, :, ci["mb"]], G[:, :, ci["zb"]])
-            Ma, Za = _merge_lse(*pa)
-            Mb, Zb = _merge_lse(*pb)
+            Ma, Za = _merge_lse(*pa, 1.0 / T)
+            Mb, Zb = _merge_lse(*pb, 1.0 / T)
             if online:
-                Dv = _merge_online(div_id, pa, pb, G[:, :, ci["w"]], Ma, Za, Mb, Zb)
+                Dv = _merge_online(div_id, pa, pb, G[:, :, ci["w"]], Ma, Za, Mb, Zb, 1.0 / T)
                 c = torch.full_like(Dv, -1.0) if div_id == _FKL else Dv + 1.0
             else:
                 # pass 2: Σφ and the partial c with the global statistics
                 part = torch.zeros(N, 2 if need_grad else 1, dtype=cd, device=dev)
                 for b, l0, l1, r0, r1 in row_chunks(Bsz, L, V):
                     rr = slice(r0, r1)
-                    logp = _log_prob(t3[b, l0:l1, :V].to(cd) / T, Ma[rr], Za[rr])
-                    logq = _log_prob(s3[b, l0:l1].to(cd) / T, Mb[rr], Zb[rr])
+                    logp = _log_prob(t3[b, l0:l1, :V].to(cd), Ma[rr], Za[rr], 1.0 / T)
+                    logq = _log_prob(s3[b, l0:l1].to(cd), Mb[rr], Zb[rr], 1.0 / T)
                     part[rr, 0] = D.terms(div_id, param, logp, logq).sum(-1)
                     if need_grad:
                         part[rr, 1] = D.dphi_dlogq(div_id, param, logp, logq).sum(-1)
@@ -240,8 +243,8 @@ class _VocabParallelKD(torch.autograd.Function):
             s = s3[b, l0:l1].to(cd)
             g = torch.zeros_like(s)
             if sw:
-                logp = _log_prob(t3[b, l0:l1, :V].to(cd) / T, Ma, Za)
-                logq = _log_prob(s / T, Mb, Zb)
+                logp = _log_prob(t3[b, l0:l1, :V].to(cd), Ma, Za, 1.0 / T)
+                logq = _log_prob(s, Mb, Zb, 1.0 / T)
                 u = D.dphi_dlogq(div_id, param, logp, logq)
                 g = (sw * T) * (u - logq.exp() * c[:, None])
             if hw:

@@ -1,6 +1,6 @@
 """TRL: a drop-in for ``GKDTrainer.generalized_jsd_loss`` computed by ``kdkernels.kd_loss``.
 
-Same signature and the same values as TRL's static method for 0 < β < 1, without the
+Same signature and the same values as TRL's static method for every β in [0, 1], without the
 [B, L, V] float buffers TRL's formula materialises (log-softmaxes, the mixture, two ``kl_div``
 maps). Conventions, mapped onto ``kd_loss``:
 
@@ -14,9 +14,13 @@ maps). Conventions, mapped onto ``kd_loss``:
   divided by it whatever the reduction. Zero kept tokens give 0 (TRL's ``"mean"`` gives NaN).
 - ``reduction="none"``: TRL returns the elementwise [tokens, V] map, which is exactly the buffer
   this library avoids; it is refused (use ``kd_loss(..., reduction="none")`` for per-token values).
-- β = 0 and β = 1: TRL switches to the full KLs there (β = 0: KL(teacher‖student), forward KL;
-  β = 1: KL(student‖teacher), reverse KL), while the JSD itself tends to 0 at both ends: a
-  discontinuity. We refuse β outside (0, 1) and say which ``kd_loss`` divergence gives TRL's value.
+- β = 0 and β = 1 (the GKD paper's forward and reverse KL settings): TRL switches to the full KLs
+  there (β = 0: KL(teacher‖student), ``F.kl_div(student_log_probs, teacher_log_probs)``;
+  β = 1: KL(student‖teacher)), while the JSD itself tends to 0 at both ends: a discontinuity.
+  This drop-in computes what TRL computes: ``divergence="forward_kl"`` at β = 0 and
+  ``divergence="reverse_kl"`` at β = 1, with the same T, masking and reductions. (``kd_loss``
+  itself refuses ``divergence="jsd"`` with β outside (0, 1) and names these two divergences.)
+  β outside [0, 1] is an error.
 - The result is float32 (float64 for float64 logits), computed in fp32 whatever the input dtype.
 """
 from __future__ import annotations
@@ -32,21 +36,23 @@ _REDUCTIONS = ("batchmean", "sum", "mean")
 
 def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0,
                          reduction="batchmean", num_items_in_batch=None):
-    """TRL's ``GKDTrainer.generalized_jsd_loss`` (0 < β < 1) on kdkernels. See the module doc."""
+    """TRL's ``GKDTrainer.generalized_jsd_loss`` (0 <= β <= 1) on kdkernels. See the module doc."""
     from .. import kd_loss
 
     if isinstance(beta, torch.Tensor):
         beta = float(beta)
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
         raise TypeError(f"beta must be a float, got {type(beta).__name__}")
-    if beta == 0:
-        raise ValueError("beta=0 is TRL's special case KL(teacher || student); call "
-                         "kdkernels.kd_loss(student, teacher, divergence='forward_kl', "
-                         "temperature=T, soft_weight=1/T**2) for that value")
-    if beta == 1:
-        raise ValueError("beta=1 is TRL's special case KL(student || teacher); call "
-                         "kdkernels.kd_loss(student, teacher, divergence='reverse_kl', "
-                         "temperature=T, soft_weight=1/T**2) for that value")
+    beta = float(beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1] (TRL's interpolation coefficient), got {beta!r}")
+    # TRL's special cases: beta = 0 is KL(teacher || student), beta = 1 is KL(student || teacher)
+    if beta == 0.0:
+        div = dict(divergence="forward_kl")
+    elif beta == 1.0:
+        div = dict(divergence="reverse_kl")
+    else:
+        div = dict(divergence="jsd", beta=beta)
     if reduction == "none":
         raise ValueError("reduction='none' (TRL's elementwise [tokens, V] map) is not supported: "
                          "it is the buffer kdkernels avoids; use kdkernels.kd_loss(..., "
@@ -57,8 +63,7 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
             or not temperature > 0:
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     T = float(temperature)
-    kw = dict(divergence="jsd", beta=float(beta), temperature=T, soft_weight=1.0 / (T * T),
-              labels=labels, ignore_index=-100)
+    kw = dict(div, temperature=T, soft_weight=1.0 / (T * T), labels=labels, ignore_index=-100)
     if num_items_in_batch is not None:
         total = kd_loss(student_logits, teacher_logits, reduction="sum", **kw)
         if isinstance(num_items_in_batch, torch.Tensor):

@@ -73,7 +73,7 @@ def feature_loss(student_h: Tensor, teacher_h: Tensor, kind: str = "mse",
                          f"{teacher_h.shape[-1]}; pass a projection (e.g. FeatureLoss(..., "
                          f"student_dim=..., teacher_dim=...))")
     ii = check_int("ignore_index", ignore_index)
-    check_num_items(num_items_in_batch)
+    check_num_items(num_items_in_batch, reduction)
     flat_labels = check_labels(labels, lead, student_h.device, None, ii, what="hidden states")
     flat_w = check_token_weights(token_weights, lead, student_h.device)
     flat_labels = mask_zero_weights(flat_labels, flat_w, ii)

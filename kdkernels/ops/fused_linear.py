@@ -52,14 +52,53 @@ def backend_rows(backend: str) -> Callable:
     return rows_fn
 
 
-def _logits(h: Tensor, w: Tensor, b: Optional[Tensor], softcap: float):
-    """``h @ wᵀ + b``, soft-capped when ``softcap`` > 0. Returns (logits, tanh or None); the tanh
-    (fp32, float64 for float64) is what the soft-cap gradient needs."""
-    z = h @ w.t() if b is None else torch.addmm(b, h, w.t())
+def _fp32_mm(h: Tensor, w: Tensor, b: Optional[Tensor]) -> Optional[Tensor]:
+    """``h @ wᵀ (+ b)`` of half inputs with an fp32 output straight from the GEMM's fp32
+    accumulator (``torch.mm(..., out_dtype=torch.float32)``, CUDA, torch >= 2.9); None where this
+    torch or device lacks it."""
+    if h.device.type != "cuda":
+        return None
+    try:
+        z = torch.mm(h, w.t(), out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return None
+    return z if b is None else z + b.to(torch.float32)
+
+
+def _logits(h: Tensor, w: Tensor, b: Optional[Tensor], softcap: float,
+            w_up: Optional[Tensor] = None):
+    """``h @ wᵀ + b`` in the compute dtype (fp32; float64 for float64), soft-capped when
+    ``softcap`` > 0. Returns (logits, tanh or None); the tanh is what the soft-cap gradient needs.
+
+    Half inputs (bf16, fp16) never round the logits to their own dtype: the GEMM's fp32
+    accumulator is returned as is (``out_dtype=torch.float32`` where supported), else the chunk
+    is multiplied in fp32 (``w_up``: the weight upcast once per call by the caller). Rounding the
+    logits to bf16 first cost ~1e-2 relative gradient error (docs/fused_linear.md)."""
+    cd = compute_dtype(h.dtype)
+    if h.dtype == cd:
+        z = h @ w.t() if b is None else torch.addmm(b, h, w.t())
+    else:
+        z = _fp32_mm(h, w, b)
+        if z is None:
+            wu = w_up if w_up is not None else w.to(cd)
+            z = h.to(cd) @ wu.t()
+            if b is not None:
+                z = z + b.to(cd)
     if softcap <= 0.0:
         return z, None
-    th = torch.tanh(z.to(compute_dtype(z.dtype)) / softcap)
-    return (softcap * th).to(z.dtype), th
+    th = torch.tanh(z / softcap)
+    return softcap * th, th
+
+
+def upcast_weight(h: Tensor, w: Tensor) -> Optional[Tensor]:
+    """The weight in the compute dtype, once per call, for devices whose GEMM has no fp32 output
+    for half inputs (CPU); None where not needed."""
+    cd = compute_dtype(h.dtype)
+    if h.dtype == cd or w.dtype == cd:
+        return None
+    if h.device.type == "cuda" and _fp32_mm(h[:1], w[:1], None) is not None:
+        return None
+    return w.to(cd)
 
 
 def _accumulate_weight_grad(acc: Tensor, g: Tensor, h: Tensor) -> None:
@@ -105,22 +144,25 @@ def run_chunks(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Ten
         grad_rows = grad_rows.expand(N)
     wt_v = wt[:V]  # the teacher's padded columns are never computed
     bt_v = None if bt is None else bt[:V]
+    # logits in fp32 (float64 for float64) from the GEMM's accumulator, never rounded to bf16
+    wt_up, ws_up = upcast_weight(ht, wt_v), upcast_weight(hs, ws)
     for i0 in range(0, N, chunk_size):
         i1 = min(N, i0 + chunk_size)
         lab = None if labels is None else labels[i0:i1]
         with torch.no_grad():
-            t, _ = _logits(ht[i0:i1], wt_v, bt_v, softcap)
-            t = t.to(hs.dtype)
+            t, _ = _logits(ht[i0:i1], wt_v, bt_v, softcap, wt_up)
+            t = t.to(compute_dtype(hs.dtype))  # the student's compute dtype (a float64 teacher too)
             h = hs[i0:i1]
-            s, th = _logits(h, ws, bs, softcap)
+            s, th = _logits(h, ws, bs, softcap, ws_up)
         r, g = rows_fn(s, t, lab, grad_rows[i0:i1] if want else None, args)
         rows[i0:i1] = r
         del t, s
         if g is None:
             continue
         if th is not None:  # d(cap·tanh(z/cap))/dz = 1 − tanh²
-            g = (g.to(th.dtype) * (1.0 - th * th)).to(hs.dtype)
+            g = g.to(th.dtype) * (1.0 - th * th)
         del th
+        g = g.to(hs.dtype)  # the logits gradient enters the GEMMs in the input dtype
         if need_hidden:
             torch.mm(g, ws, out=gh[i0:i1])
         if need_weight:

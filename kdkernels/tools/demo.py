@@ -27,7 +27,8 @@ What it does, in order:
    touches (its buffers and the gradient it returns), independent of PyTorch's allocator.
 
 Output: a progress bar, a final table, ``curves.png`` (both curves and their relative
-difference) and ``curves.csv`` in ``--out``.
+difference) and ``curves.csv`` in ``--out``. matplotlib is optional (the ``demo`` extra): without
+it the demo says so before it starts, writes the table and ``curves.csv``, and exits 0.
 """
 from __future__ import annotations
 
@@ -303,6 +304,19 @@ def _plot(path: str, eager: List[float], fused: List[float], label: str) -> None
     plt.close(fig)
 
 
+PLOT_HINT = ("pip install matplotlib (or the demo extra: pip install \"kdkernels[demo]\") and rerun "
+             "for curves.png; curves.csv has the same curves")
+
+
+def have_matplotlib() -> bool:
+    """Whether the optional plotting dependency imports (checked before any work is done)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def run_demo(args) -> int:
     from .progress import progress
 
@@ -316,6 +330,10 @@ def run_demo(args) -> int:
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
+    plot = have_matplotlib()
+    if not plot:
+        print(f"note: matplotlib is not installed, so the demo writes the table and curves.csv but "
+              f"no curves.png; {PLOT_HINT}.")
 
     # 1. data
     if args.corpus:
@@ -406,7 +424,8 @@ def run_demo(args) -> int:
         for j, (a, b, r) in enumerate(zip(curves["eager"], curves["kdkernels"], rel_diffs), 1):
             f.write(f"{j},{a:.9g},{b:.9g},{r:.3e}\n")
     png = os.path.join(args.out, "curves.png")
-    _plot(png, curves["eager"], curves["kdkernels"], f"backend {backend}")
+    if plot:
+        _plot(png, curves["eager"], curves["kdkernels"], f"backend {backend}")
 
     def med_ms(v):
         return 1e3 * statistics.median(v)
@@ -439,8 +458,11 @@ def run_demo(args) -> int:
     print(f"loss curves: first step relative difference {first:.1e}; max difference over "
           f"{args.steps} steps {worst:.2e} of the first step's loss "
           f"({'within' if agree else 'OUTSIDE'} --rtol {args.rtol:g})")
-    print(f"wrote {png} and {os.path.join(args.out, 'curves.csv')} "
-          f"in {time.perf_counter() - t_start:.0f} s")
+    csv_path = os.path.join(args.out, "curves.csv")
+    wrote = f"{png} and {csv_path}" if plot else csv_path
+    print(f"wrote {wrote} in {time.perf_counter() - t_start:.0f} s")
+    if not plot:
+        print(f"note: no curves.png (matplotlib is not installed): {PLOT_HINT}.")
     return 0 if agree else 1
 
 
