@@ -223,8 +223,7 @@ def test_loss_on_ties_at_temperature_50(backend, div):
 
 
 # ---- CUDA kernels under the host emulation (kdkernels/backends/cuda_emulate.py), 2026-12 -------------------
-_SCALE_FIRST = {"cpu": "the C++ CPU kernels still scale by 1/T before subtracting the row max",
-                "reference": "log_softmax(x / T) scales before its max shift"}
+_SCALE_FIRST = {"cpu": "the C++ CPU kernels still scale by 1/T before subtracting the row max"}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -241,6 +240,10 @@ def test_shifted_teacher_gives_exact_zero_at_huge_logits_low_temperature(backend
     s / T is not, and c / T is no multiple of the fp32 spacing at 2e5, so the roundings differ.)"""
     if backend in _SCALE_FIRST:
         request.applymarker(pytest.mark.xfail(reason=_SCALE_FIRST[backend], strict=True))
+    if backend == "reference" and div in ("forward_kl", "reverse_kl") and T == 0.07:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "the reference centres before scaling, so its loss is exactly 0, but autograd's "
+            "gradient through its two log_softmax terms is not")))
     g = torch.Generator().manual_seed(5)
     s = 1e4 + torch.round(torch.randn(4, 77, generator=g) * 3 * 1024) / 1024
     s[1] = -s[1]
