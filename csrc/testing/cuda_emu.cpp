@@ -58,7 +58,7 @@ struct Cta {
   std::atomic<bool> fault{false};
   std::mutex msg_mu;
   std::string msg;
-  long long progress = 0;  // fibers mode: arrivals, releases, exits (deadlock detection)
+  long long progress = 0;  // fibers mode only: arrivals, releases, exits (deadlock detection)
 };
 
 struct ThreadCtx {
@@ -256,7 +256,7 @@ bool cta_arrive(Cta& c, const char* file, int line) {
     fault(c, "divergent __syncthreads: threads wait at " + where(c.file, c.line) + " and at " +
                  where(file, line));
   }
-  ++c.progress;
+  if (c.mode == FIBERS) ++c.progress;
   if (++c.arrived == c.live) {
     c.arrived = 0;
     ++c.gen;
@@ -272,7 +272,7 @@ bool warp_arrive(Cta& c, Warp& w, unsigned mask) {
   } else if (w.mask != mask) {
     fault(c, "warp shuffles with different masks at the same time");
   }
-  ++c.progress;
+  if (c.mode == FIBERS) ++c.progress;  // threads mode: the warps' barriers hold different locks
   if (++w.arrived == __builtin_popcount(mask)) {
     w.arrived = 0;
     ++w.gen;
