@@ -58,7 +58,7 @@ struct Cta {
   std::atomic<bool> fault{false};
   std::mutex msg_mu;
   std::string msg;
-  long long progress = 0;  // fibers mode: arrivals, releases, exits (deadlock detection)
+  long long progress = 0;  // fibers mode only: arrivals, releases, exits (deadlock detection)
 };
 
 struct ThreadCtx {
@@ -256,7 +256,7 @@ bool cta_arrive(Cta& c, const char* file, int line) {
     fault(c, "divergent __syncthreads: threads wait at " + where(c.file, c.line) + " and at " +
                  where(file, line));
   }
-  ++c.progress;
+  if (c.mode == FIBERS) ++c.progress;
   if (++c.arrived == c.live) {
     c.arrived = 0;
     ++c.gen;
@@ -272,7 +272,7 @@ bool warp_arrive(Cta& c, Warp& w, unsigned mask) {
   } else if (w.mask != mask) {
     fault(c, "warp shuffles with different masks at the same time");
   }
-  ++c.progress;
+  if (c.mode == FIBERS) ++c.progress;  // threads mode: the warps' barriers hold different locks
   if (++w.arrived == __builtin_popcount(mask)) {
     w.arrived = 0;
     ++w.gen;
@@ -366,14 +366,30 @@ int run_fibers(dim3 grid, dim3 block, void (*body)(void*), void* ctx) {
           fiber_init(g_fibers[i]);
           g_fibers[i].ctx = ThreadCtx{i, i % 32, i / 32, 0};
         }
+        // Warp-greedy schedule: one warp at a time runs as far as it can (its lanes are resumed
+        // until none of them makes progress, i.e. all wait at __syncthreads or have exited)
+        // before the next warp runs, so a warp races ahead of the others as far as the barriers
+        // allow: a missing __syncthreads lets it overwrite shared memory another warp has not
+        // read yet, or read what another has not written. Even CTAs take the warps in
+        // ascending order, odd CTAs in descending order (both directions of a race).
+        const int nw = (n + 31) / 32;
+        const bool reverse = ((bx + by + bz) & 1u) != 0;
         int remaining = n;
         while (remaining > 0 && !c.fault.load()) {
           const long long p0 = c.progress;
-          for (int i = 0; i < n && !c.fault.load(); ++i) {
-            Fiber& f = g_fibers[i];
-            if (f.done) continue;
-            resume(f, block);
-            if (f.done) --remaining;
+          for (int wi = 0; wi < nw && !c.fault.load(); ++wi) {
+            const int w = reverse ? nw - 1 - wi : wi;
+            const int lo = 32 * w, hi = lo + 32 < n ? lo + 32 : n;
+            long long pw;
+            do {
+              pw = c.progress;
+              for (int i = lo; i < hi && !c.fault.load(); ++i) {
+                Fiber& f = g_fibers[i];
+                if (f.done) continue;
+                resume(f, block);
+                if (f.done) --remaining;
+              }
+            } while (c.progress != pw && !c.fault.load());
           }
           if (remaining > 0 && c.progress == p0 && !c.fault.load())
             fault(c, "deadlock: " + describe_waiters(c));
