@@ -17,7 +17,7 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/kdkernels-sdist.XXXXXX")"
 if [ "${KEEP:-0}" != "1" ]; then trap 'rm -rf "$work"' EXIT; fi
 PY="${PYTHON:-python}"
 "$PY" -c "import torch" || { echo "sdist.sh: install torch first (pip install torch==2.13.0)" >&2; exit 1; }
-"$PY" -c "import build" 2>/dev/null || "$PY" -m pip install -q build
+"$PY" -m pip show build > /dev/null 2>&1 || "$PY" -m pip install -q build  # (a build/ folder imports as "build")
 
 # Build from a clean copy of the checkout (tracked and untracked-but-not-ignored files): an old
 # *.egg-info/SOURCES.txt in the working tree would otherwise carry files into the sdist.
