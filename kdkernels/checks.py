@@ -128,7 +128,13 @@ def check_options(divergence, beta=None, alpha=None, temperature=1.0, soft_weigh
     if hw != 0.0 and labels is None and need_labels_for_hard:
         raise ValueError("hard_weight > 0 needs labels (the hard-label cross-entropy target)")
     check_num_items(num_items_in_batch, reduction)
-    return Options(div.id, param, T, sw, hw, ii)
+    div_id = div.id
+    if param == 0.0 and div_id in (D.SKEW_KL, D.SKEW_REVERSE_KL):
+        # alpha = 0 is exactly forward (reverse) KL: computed as such, so that it has the same
+        # values and, where the student (teacher) has -inf under the other's mass, the same
+        # gradient (docs/precision.md) instead of the mixture form's 0/0 there
+        div_id = D.FORWARD_KL if div_id == D.SKEW_KL else D.REVERSE_KL
+    return Options(div_id, param, T, sw, hw, ii)
 
 
 def check_labels(labels, lead_shape, device, V: Optional[int], ignore_index: int,

@@ -178,3 +178,70 @@ def test_identical_distributions_give_zero(backend, div):
         rows = kd.kd_loss(s, s.clone(), div, temperature=T, reduction="none", backend=backend,
                           **PARAMS.get(div, {}))
         assert rows.abs().max() < 1e-5, (div, T)
+
+
+# ---- the +inf-loss gradient rule (docs/precision.md) ------------------------------------------
+# A counted row's gradient is finite in every element or NaN in every element. Rows whose loss is
+# +inf because the student has -inf where the teacher has mass (forward KL, skew KL at alpha = 0)
+# or where the label is (the hard term) keep the formula's finite gradient; rows where the
+# teacher has -inf under student mass (reverse KL, skew reverse KL at alpha = 0) have an infinite
+# term in the gradient and are NaN throughout. Other rows are untouched.
+
+INF_CASES = {
+    # name: (divergence, params, which side gets the -inf, hard_weight, expected row-0 gradient)
+    "forward_kl_student_neginf": ("forward_kl", {}, "student", 0.0, "finite"),
+    "skew_kl_alpha0_student_neginf": ("skew_kl", {"alpha": 0.0}, "student", 0.0, "finite"),
+    "hard_label_neginf": ("forward_kl", {}, "label", 1.0, "finite"),
+    "reverse_kl_teacher_neginf": ("reverse_kl", {}, "teacher", 0.0, "nan"),
+    "reverse_kl_teacher_neginf_hard": ("reverse_kl", {}, "teacher", 0.5, "nan"),
+    "skew_reverse_kl_alpha0_teacher_neginf": ("skew_reverse_kl", {"alpha": 0.0}, "teacher", 0.0,
+                                              "nan"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(INF_CASES))
+def test_infinite_loss_gradient_rule(backend, case, dtype):
+    div, params, side, hw, expect = INF_CASES[case]
+    dev = device_of(backend)
+    T, V = 2.0, 1271
+    s, t = _rand((2, 3, V), dtype, dev), _rand((2, 3, V), dtype, dev)
+    labels = _labels((2, 3), V, dev, frac_ignored=0.0)
+    labels[1, 2] = -100
+    col = int(labels[0, 0])  # row 0 gets the infinite term, at its label's column
+    if side == "student" or side == "label":
+        s[0, 0, col] = float("-inf")
+    else:
+        t[0, 0, col] = float("-inf")
+    x = s.detach().requires_grad_(True)
+    rows = kd.kd_loss(x, t, div, labels=labels, hard_weight=hw, temperature=T, reduction="none",
+                      backend=backend, **params)
+    w = torch.rand(rows.shape, device=rows.device) + 0.5
+    (rows * w).sum().backward()
+    assert rows[0, 0] == float("inf"), rows[0, 0]
+    g0 = x.grad[0, 0]
+    if expect == "nan":
+        assert torch.isnan(g0).all(), f"{int(torch.isnan(g0).sum())} of {V} NaN"
+    else:
+        assert torch.isfinite(g0).all()
+        # the formula's value, in float64: T·(q − p) (the soft terms' limit) + softmax(s) − onehot
+        s64, t64 = s[0, 0].double(), t[0, 0].double()
+        exp = T * (torch.softmax(s64 / T, -1) - torch.softmax(t64 / T, -1))
+        if hw:
+            onehot = torch.nn.functional.one_hot(labels[0, 0], V).double()
+            exp = exp + hw * (torch.softmax(s64, -1) - onehot)
+        exp = exp * float(w[0, 0])
+        tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype] * T
+        assert (g0.double() - exp).abs().max() <= tol * float(w[0, 0]) + 1e-6
+    # every other counted row is finite and is the oracle's; the ignored row is zero
+    others = torch.ones(2, 3, dtype=torch.bool, device=dev)
+    others[0, 0] = False
+    assert torch.isfinite(rows[others]).all() and torch.isfinite(x.grad[others]).all()
+    assert (x.grad[1, 2] == 0).all() and rows[1, 2] == 0
+    s64 = s.detach().double()[others].requires_grad_(True)
+    exp_rows = oracle.rows(s64, t.detach().double()[others], labels=labels[others],
+                           hard_weight=hw, divergence_name=div, temperature=T, **params)
+    (eg,) = torch.autograd.grad((exp_rows * w[others].double()).sum(), s64)
+    tol = {torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+    assert torch.allclose(rows[others].double(), exp_rows.detach(), rtol=tol, atol=tol)
+    assert torch.allclose(x.grad[others].double(), eg, rtol=tol, atol=tol * T)

@@ -251,6 +251,14 @@ void grad_block(const float* __restrict ab, const float* __restrict bb,
   }
 }
 
+// Writes v over one gradient row.
+template <class S>
+void fill_row(S* g, int64_t V, float v) {
+  alignas(64) float b[BLK];
+  for (int i = 0; i < BLK; ++i) b[i] = v;
+  for (int64_t j0 = 0; j0 < V; j0 += BLK) store(b, g + j0, (int)std::min<int64_t>(BLK, V - j0));
+}
+
 template <class S, int DIV>
 void backward_row(const RowsArgs& a, int64_t r) {
   const RowCtx c = row_context(a, r);
@@ -258,8 +266,7 @@ void backward_row(const RowsArgs& a, int64_t r) {
   const int64_t V = a.V;
   alignas(64) float ab[BLK], bb[BLK], xb[BLK], gb[BLK];
   if (c.ignored) {
-    std::memset(gb, 0, sizeof gb);
-    for (int64_t j0 = 0; j0 < V; j0 += BLK) store(gb, g + j0, (int)std::min<int64_t>(BLK, V - j0));
+    fill_row(g, V, 0.f);
     return;
   }
   const S* s = static_cast<const S*>(a.student) + student_offset(a, r);
@@ -292,6 +299,10 @@ void backward_row(const RowsArgs& a, int64_t r) {
       sum += bs;
     }
     cc = sum;
+  }
+  if (soft && !grad_defined(cc)) {
+    fill_row(g, V, NAN);  // an infinite term in the gradient: NaN row (docs/precision.md)
+    return;
   }
 
   for (int64_t j0 = 0; j0 < V; j0 += BLK) {
@@ -471,6 +482,10 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
       sum += bs;
     }
     cprime = (float)sum;
+  }
+  if (!grad_defined(DIV == REVERSE_KL ? cprime : cc)) {
+    fill_row(g, V, NAN);  // an infinite term in the gradient: NaN row (docs/precision.md)
+    return;
   }
   for (int64_t j0 = 0, k = 0; j0 < V; j0 += BLK, ++k) {
     const int n = (int)std::min<int64_t>(BLK, V - j0);

@@ -337,6 +337,16 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
 }
 
 // SOFT as in forward_kernel; HARD: labels and hard_weight != 0 (the hard term's gradient).
+// Writes v over this thread's chunks of one gradient row.
+template <class S>
+__device__ __forceinline__ void fill_row(S* g, int64_t j0, int64_t V, bool vec, float v) {
+  constexpr int N = Vec<S>::N;
+  float b[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) b[k] = v;
+  for (int64_t j = j0; j < V; j += (int64_t)THREADS * N) store_chunk(g, j, V, vec, b);
+}
+
 template <class S, int DIV, bool SOFT, bool HARD>
 __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
   constexpr int N = Vec<S>::N;
@@ -353,10 +363,7 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
   const int64_t label = a.labels ? a.labels[r] : 0;
   const bool ignored = a.labels && label == a.ignore_index;
   if (ignored) {
-    float zero[N];
-#pragma unroll
-    for (int k = 0; k < N; ++k) zero[k] = 0.f;
-    for (int64_t j = j0; j < V; j += (int64_t)THREADS * N) store_chunk(g, j, V, vg, zero);
+    fill_row(g, j0, V, vg, 0.f);
     return;
   }
   const bool bad_label = HARD && (label < 0 || label >= V);
@@ -383,6 +390,10 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
       }
     }
     cc = block_sum(part, sm);
+  }
+  if (SOFT && !grad_defined(cc)) {  // the same value in every thread: a uniform branch
+    fill_row(g, j0, V, vg, NAN);    // an infinite term in the gradient (docs/precision.md)
+    return;
   }
   const float gl = a.grad_loss[r];
   const float k_soft = SOFT ? gl * a.soft_weight * a.temperature : 0.f;

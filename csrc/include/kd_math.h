@@ -194,6 +194,12 @@ KD_HD KD_INLINE LogNorm lognorm_from(float m, float z) { return LogNorm{safe_max
 KD_HD KD_INLINE float log_prob(float x, LogNorm n) { return (x - n.m) - n.lz; }
 KD_HD KD_INLINE bool lognorm_nan(LogNorm n) { return n.m != n.m || n.lz != n.lz; }
 
+// The +inf-loss gradient rule (docs/precision.md): a row's gradient is finite in every element or
+// NaN in every element. c = sum_k q_k g_k (or reverse KL's c') is infinite exactly when a term of
+// the gradient is (reverse KL with p = 0 < q: infinity minus infinity); the kernels then write NaN
+// over the whole row. False for +-inf and NaN.
+KD_HD KD_INLINE bool grad_defined(float c) { return c - c == 0.0f; }
+
 // log(w1 e^x + (1 - w1) e^y) for log-probabilities x, y, formed as hi + log(w_hi + w_lo e^(lo-hi)):
 // the mixture never underflows in linear space (both probabilities tiny, or a weight of 0: then
 // it is exactly the other distribution), identical x == y give exactly x, NaN stays NaN, and

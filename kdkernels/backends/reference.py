@@ -52,6 +52,25 @@ def logit_mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return d.square().sum(-1) / (2.0 * n.squeeze(-1))
 
 
+class _NanRowsUnlessFinite(torch.autograd.Function):
+    """Identity on a [R, V] block; in backward a row of the gradient with any non-finite element
+    becomes NaN in every element: the +inf-loss gradient rule the kernels follow
+    (docs/precision.md). Autograd alone would leave that row mixed: +-inf where the infinite term
+    is subtracted, NaN where it meets itself (infinity minus infinity)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.where(torch.isfinite(g).all(-1, keepdim=True), g, float("nan"))
+
+
+def _with_gradient_rule(x: torch.Tensor) -> torch.Tensor:
+    return _NanRowsUnlessFinite.apply(x) if x.requires_grad else x
+
+
 def row_losses(student: torch.Tensor, teacher, labels: Optional[torch.Tensor],
                div_id: int, param: float, temperature: float, soft_weight: float,
                hard_weight: float, ignore_index: int, teacher_weights=None) -> torch.Tensor:
@@ -66,13 +85,13 @@ def row_losses(student: torch.Tensor, teacher, labels: Optional[torch.Tensor],
     """
     cd = compute_dtype(student.dtype)
     V = student.shape[-1]
-    s = student.to(cd)
+    s = _with_gradient_rule(student.to(cd))
     if isinstance(teacher, torch.Tensor):
-        t = teacher[..., :V].to(cd)
+        t = _with_gradient_rule(teacher[..., :V].to(cd))
     else:
         if teacher_weights is None:
             teacher_weights = [1.0 / len(teacher)] * len(teacher)
-        t = [x[..., :V].to(cd) for x in teacher]
+        t = [_with_gradient_rule(x[..., :V].to(cd)) for x in teacher]
     loss = torch.zeros(s.shape[:-1], dtype=cd, device=s.device)
     if soft_weight != 0.0:
         if div_id == D.LOGIT_MSE:  # no temperature, no T² (see divergences.py)

@@ -303,6 +303,9 @@ def kd_bwd_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, gl_ptr, g_ptr,
     mb = tl.load(st + 2)
     lzb = tl.load(st + 3)
     c = tl.load(st + 4)
+    # the +inf-loss rule (docs/precision.md): an infinite c (reverse KL with p = 0 < q) means an
+    # infinite term in the gradient; the whole row is then NaN
+    c_bad = (c - c) != 0.0
     ms = tl.load(st + 5)
     lzs = tl.load(st + 6)
     for start in range(0, V, BLOCK):
@@ -326,5 +329,7 @@ def kd_bwd_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, gl_ptr, g_ptr,
         if HARD:
             onehot = tl.where(cols == label, 1.0, 0.0)
             grad += hard_weight * (tl.exp((s - ms) - lzs) - onehot)
+        if SOFT:
+            grad = tl.where(c_bad, float("nan"), grad)
         grad = tl.where(valid, grad * gl, 0.0)
         tl.store(g_row + cols, grad.to(g_ptr.dtype.element_ty), mask=mask)
