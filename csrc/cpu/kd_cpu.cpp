@@ -342,7 +342,7 @@ void backward_row(const RowsArgs& a, int64_t r) {
 // to memory. Rows this path does not cover (ignored rows, no soft term, a hard term at T != 1, a
 // label out of range) take the two-kernel path forward_row + backward_row with the same grad_loss,
 // which gives the same values.
-template <class S, int DIV>
+template <class S, int DIV, bool LIN>
 void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restrict y,
                float* __restrict offs) {
   const RowCtx c = row_context(a, r);
@@ -352,6 +352,8 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
     return;
   }
   constexpr bool online = is_online(DIV);
+  // LIN (mixtures, mix_linear_ok): keep the exponentials and form the terms from p and q
+  constexpr bool keep_exps = DIV == FORWARD_KL || DIV == TVD || LIN;
   const S* s = static_cast<const S*>(a.student) + student_offset(a, r);
   const S* t = static_cast<const S*>(a.teacher) + teacher_offset(a, r);
   S* g = static_cast<S*>(a.grad) + r * a.V;
@@ -380,7 +382,7 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
       bza += ea;
       bzb += eb;
       if (online) bacc += online_kl_term<DIV>(av, bv, offa, offb, ea, eb);
-      if (DIV == FORWARD_KL || DIV == TVD) {
+      if (keep_exps) {
         xb[i] = ea;
         yb[i] = eb;
       } else if (DIV == REVERSE_KL) {
@@ -412,7 +414,7 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
       const int n = (int)std::min<int64_t>(BLK, V - j0);
       float* __restrict xb = x + j0;
       float* __restrict yb = y + j0;
-      if (DIV == TVD) {
+      if (DIV == TVD || LIN) {
         // p and q from the kept exponentials, rounded in a loop of their own: in the loop below
         // the compiler would contract p - q into an FMA, and identical rows must give p - q = 0.
         const float kpk = inv_za * block_fa(k), kqk = inv_zb * block_fb(k);
@@ -422,6 +424,15 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
           yb[i] *= kqk;
         }
       }
+      if (LIN) {
+#pragma omp simd
+        for (int i = 0; i < n; ++i) {
+          float phi, qg;
+          mix_terms_linear<DIV>(xb[i], yb[i], param, phi, qg);
+          pb[i] = phi;
+          xb[i] = qg;  // yb keeps q
+        }
+      } else {
 #pragma omp simd
       for (int i = 0; i < n; ++i) {
         float p = 0.f, q = 0.f, lp = 0.f, lq = 0.f;
@@ -441,6 +452,7 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
         xb[i] = qg;
         yb[i] = q;
       }
+      }
       double bphi = 0., bqg = 0.;
 #pragma omp simd reduction(+ : bphi, bqg)
       for (int i = 0; i < n; ++i) {
@@ -451,7 +463,7 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
       sqg += bqg;
     }
     D = (lognorm_nan(na) || lognorm_nan(nb)) ? NAN : sphi;  // NaN input: q = NaN terms read as 0
-    cc = sqg;
+    cc = D != D ? NAN : sqg;
   }
   // hard term at T = 1 here: the student's normaliser is that of s
   const float ce = c.hard ? hard_ce(lognorm_from(mb, zb), load_one(s + c.label)) : 0.f;
@@ -514,7 +526,13 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
 template <class S>
 void run_fused(const RowsArgs& a, std::atomic<int64_t>& next, int64_t chunk) {
   using FusedFn = void (*)(const RowsArgs&, int64_t, float*, float*, float*);
-  const FusedFn fn = with_divergence(a.div, [](auto d) -> FusedFn { return &fused_row<S, d.value>; });
+  const bool lin = a.div != FORWARD_KL && a.div != REVERSE_KL && a.div != TVD &&
+                   mix_linear_ok(a.param);
+  const FusedFn fn = with_divergence(a.div, [lin](auto d) -> FusedFn {
+    constexpr bool mix = d.value == JSD || d.value == SKEW_KL || d.value == SKEW_REVERSE_KL;
+    if constexpr (mix) return lin ? &fused_row<S, d.value, true> : &fused_row<S, d.value, false>;
+    return &fused_row<S, d.value, false>;
+  });
   if (!fn) return;
   // Scratch: two fp32 rows and two offsets per block, per call of this function (one call per
   // thread and kernel launch).

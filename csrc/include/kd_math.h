@@ -309,6 +309,46 @@ KD_HD KD_INLINE float mix_div_terms(float logp, float logq, float param, float& 
   return q;
 }
 
+// The mixture divergences from p and q themselves (the CPU fused kernel keeps the row's
+// exponentials from its statistics pass): one division and one log per element (two logs for
+// JSD), where the log-space form above takes two exponentials, a log and a division.
+// m = lo + w (hi - lo) is exactly q (p) when p == q, so identical rows still give exactly 0
+// (the caller rounds p and q before this, so no FMA contracts them into m). Only for parameters
+// with mix_linear_ok: an m that underflows to 0 (or a subnormal) while p or q does not needs
+// p or q below 2^-149 / param <= 2^-89, and such an element's term is then below 2^-89 log 2^60
+// (~1e-25): taken as 0. Elsewhere the ratios p/m, q/m are bounded by 1/param and carry a few ulps,
+// so log(p/m) is off by ~3e-7 absolute, well inside the error bound (docs/precision.md).
+KD_HD KD_INLINE bool mix_linear_ok(float param) { return param >= 8.67361738e-19f; }  // 2^-60
+
+KD_HD KD_INLINE float xlog_of_ratio(float x, float r, float logr) {
+  return r > 0.0f ? x * logr : 0.0f;  // r > 0 implies x > 0 (r = x / m)
+}
+
+template <int DIV>
+KD_HD KD_INLINE void mix_terms_linear(float p, float q, float param, float& phi, float& qg) {
+  if (DIV == JSD) {  // m = beta p + (1 - beta) q
+    const float m = q + param * (p - q);
+    const float inv = m > 0.0f ? 1.0f / m : 0.0f;
+    const float rp = p * inv, rq = q * inv;
+    const float tq = xlog_of_ratio(q, rq, log_fast(rq));
+    phi = param * xlog_of_ratio(p, rp, log_fast(rp)) + (1.0f - param) * tq;
+    qg = (1.0f - param) * tq;
+  } else if (DIV == SKEW_KL) {  // m = alpha p + (1 - alpha) q; q g = -(1 - alpha) q p / m
+    const float m = q + param * (p - q);
+    const float inv = m > 0.0f ? 1.0f / m : 0.0f;
+    const float r = p * inv;
+    phi = xlog_of_ratio(p, r, log_fast(r));
+    qg = -(1.0f - param) * q * r;
+  } else {  // SKEW_REVERSE_KL: m = alpha q + (1 - alpha) p; q g = q (log(q/m) + 1 - alpha q / m)
+    const float m = p + param * (q - p);
+    const float inv = m > 0.0f ? 1.0f / m : 0.0f;  // (a select around q / m defeats GCC's
+    const float r = q * inv;                       //  vectorizer; around 1 / m it does not)
+    const float lr = log_fast(r);
+    phi = r > 0.0f ? q * lr : 0.0f;
+    qg = r > 0.0f ? q * ((lr + 1.0f) - param * r) : 0.0f;
+  }
+}
+
 // Gradient with respect to the student logits s of one element:
 //   k_soft * (qg - q c) + k_hard * (softmax(s) - [j = label]),
 // with k_soft = grad_loss * soft_weight * T and k_hard = grad_loss * hard_weight.
