@@ -514,3 +514,31 @@ def test_process_group_needs_initialised_distributed():
     s, t = torch.randn(3, 7), torch.randn(3, 7)
     with pytest.raises(ValueError, match="process_group"):
         kdkernels.kd_loss(s, t, process_group=object())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_backward_label_outside_the_shard_adds_softmax_only(backend, T):
+    """The kernels' backward for a label outside [0, V) that is not ignore_index (on a
+    vocab-parallel rank: a label owned by another rank): hard_weight·softmax(s), no one-hot, no
+    NaN; the soft term as usual. Below the API (which refuses such labels single-process)."""
+    from kdkernels import backends
+    reason = KERNEL_REASONS[backend]
+    if reason:
+        pytest.skip(f"backend {backend!r} unavailable: {reason}")
+    mod = backends.load(backend)
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(1, 4, 20, generator=g) * 3
+    t = torch.randn(1, 4, 20, generator=g) * 3
+    labels = torch.tensor([3, 20, 21, -100])  # inside, just outside, outside, ignored
+    sw, hw = 0.8, 0.6
+    args = (0, 0.0, T, sw, hw, -100)         # forward KL
+    _, stats = mod.forward_rows(s, t, labels, *args)
+    grad = mod.backward_rows(torch.ones(4), s, t, labels, stats, *args)
+    s64, t64 = s.double()[0], t.double()[0]
+    q, p = torch.softmax(s64 / T, -1), torch.softmax(t64 / T, -1)
+    expected = sw * T * (q - p) + hw * torch.softmax(s64, -1)
+    expected[0, 3] -= hw
+    expected[3] = 0.0
+    assert torch.isfinite(grad).all()
+    assert_close(grad[0].double(), expected, torch.float32, what="grad")
