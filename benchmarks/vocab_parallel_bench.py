@@ -9,6 +9,7 @@ logits [N, V/2]; one thread per rank. For each divergence and dtype:
   round each; the median over the rounds (and p20, p80);
 * peak memory per rank: in a fresh pair of ranks per (implementation, divergence, dtype), the
   high-water mark of the resident set during one step minus the resident set just before it
+  (the inputs, and the leaf copy of the student logits, already allocated)
   (VmHWM reset through /proc/self/clear_refs, kdkernels.tools.memory_probe; as
   benchmarks/peak_memory.py), the code paths warmed first on a tiny problem; the max over ranks.
 
@@ -52,8 +53,8 @@ def _inputs(rank, world, N, V, dtype):
     return (s[:, o0:o1].to(dtype).contiguous(), t[:, o0:o1].to(dtype).contiguous(), labels)
 
 
-def _step(kd, s, t, labels, div, impl):
-    x = s.clone().requires_grad_(True)
+def _step(kd, x, t, labels, div, impl):
+    """One forward + backward on the leaf ``x`` (a fresh copy of the logits, made before)."""
     loss = kd.kd_loss(x, t, div, temperature=2.0, labels=labels, hard_weight=0.5,
                       process_group=dist.group.WORLD, backend=impl)
     loss.backward()
@@ -79,9 +80,10 @@ def _time_worker(rank, world, port, out, N, V, divs, dtypes, rounds):
             losses = {}
             for r in range(rounds + 1):       # round 0: warm-up, not counted
                 for impl in IMPLS:             # alternating: reference, cpu, reference, ...
+                    x = s.clone().requires_grad_(True)
                     dist.barrier()
                     t0 = time.perf_counter()
-                    loss, _ = _step(kd, s, t, labels, div, impl)
+                    loss, _ = _step(kd, x, t, labels, div, impl)
                     dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
                     dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the slower rank's time
                     if r:
@@ -99,14 +101,15 @@ def _mem_worker(rank, world, port, out, N, V, div, dname, impl):
     from kdkernels.tools.memory_probe import proc_status_kib
     _init(rank, world, port)
     dtype = getattr(torch, dname)
-    tiny = _inputs(rank, world, 4, 64, dtype)
-    _step(kd, *tiny, div, impl)  # warm the code paths
+    ts, tt, tl = _inputs(rank, world, 4, 64, dtype)
+    _step(kd, ts.clone().requires_grad_(True), tt, tl, div, impl)  # warm the code paths
     s, t, labels = _inputs(rank, world, N, V, dtype)
+    x = s.clone().requires_grad_(True)
     dist.barrier()
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # VmHWM := current RSS
     base = proc_status_kib("VmRSS")
-    _, x = _step(kd, s, t, labels, div, impl)
+    _, x = _step(kd, x, t, labels, div, impl)
     extra = torch.tensor([(proc_status_kib("VmHWM") - base) / 1024.0], dtype=torch.float64)
     grad_mib = x.grad.numel() * x.grad.element_size() / 2**20
     dist.all_reduce(extra, op=dist.ReduceOp.MAX)

@@ -542,3 +542,34 @@ def test_backward_label_outside_the_shard_adds_softmax_only(backend, T):
     expected[3] = 0.0
     assert torch.isfinite(grad).all()
     assert_close(grad[0].double(), expected, torch.float32, what="grad")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+@pytest.mark.parametrize("div", divergences.kernel_names())
+def test_forward_rows_given_stats_reproduces_forward(backend, div):
+    """The kernel contract's forward_rows_given_stats, given a whole row's own statistics from
+    forward_rows (one "shard" = the full vocabulary): Σφ·T² is forward's loss and Σ q·g its c,
+    in each backend's own layout and convention; zeros on ignored rows; −inf columns and
+    |logits| ≈ 1e4 included."""
+    from kdkernels import backends
+    reason = KERNEL_REASONS[backend]
+    if reason:
+        pytest.skip(f"backend {backend!r} unavailable: {reason}")
+    mod = backends.load(backend)
+    d = divergences.get(div)
+    param = d.check_param(PARAMS.get(div, {}).get("beta", PARAMS.get(div, {}).get("alpha")))
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(2, 3, 50, generator=g) * 3
+    t = torch.randn(2, 3, 50, generator=g) * 3
+    s[..., [0, 7]] = float("-inf")
+    t[..., [0, 7]] = float("-inf")
+    s[1] += 1e4
+    t[1] -= 1e4
+    labels = torch.tensor([1, -100, 4, 5, 6, -100])
+    T = 1.5
+    loss, stats = mod.forward_rows(s, t, labels, d.id, param, T, 1.0, 0.0, -100)
+    part = mod.forward_rows_given_stats(s, t, labels, stats, d.id, param, T, -100)
+    assert part.shape == (6, 2) and part.dtype == torch.float32
+    assert not part[labels == -100].any()
+    assert_close(part[:, 0] * (T * T), loss, torch.float32, what="sum of phi")
+    assert_close(part[:, 1], stats[:, 4], torch.float32, what="c")

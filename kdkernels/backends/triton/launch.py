@@ -35,12 +35,14 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # array: the statistics pass keeps 7 per-lane arrays of online state across the loop, and 2048
 # made ptxas spill 4 bytes for fp32 forward / reverse KL with the hard term), backward at
 # 4096 × 8 (no spills, <= 80 regs).
+# "given" (kd_given_stats_kernel, the vocab-parallel pass 2) is forward's second pass alone: its
+# block size.
 DEFAULT_CONFIGS = {
-    (8, 0): {"fwd": (1024, 8), "bwd": (4096, 8)},
-    (9, 0): {"fwd": (1024, 8), "bwd": (4096, 8)},
+    (8, 0): {"fwd": (1024, 8), "bwd": (4096, 8), "given": (1024, 8)},
+    (9, 0): {"fwd": (1024, 8), "bwd": (4096, 8), "given": (1024, 8)},
 }
-_FALLBACK_CONFIG = {"fwd": (1024, 8), "bwd": (4096, 8)}
-_INTERPRETER_CONFIG = {"fwd": (4096, 1), "bwd": (4096, 1)}
+_FALLBACK_CONFIG = {"fwd": (1024, 8), "bwd": (4096, 8), "given": (1024, 8)}
+_INTERPRETER_CONFIG = {"fwd": (4096, 1), "bwd": (4096, 1), "given": (4096, 1)}
 _MIN_BLOCK = 16
 
 
@@ -210,7 +212,7 @@ def forward_rows_given_stats(student: Tensor, teacher: Tensor, labels: Optional[
             teacher.shape[1], teacher.stride(0), teacher.stride(1), 1.0 / temperature,
             float(param), ignore_index)
     with device_guard(student):
-        block, warps = _config("fwd", student.device, V)
+        block, warps = _config("given", student.device, V)
         K.kd_given_stats_kernel[(N,)](*args, DIV=int(div_id), HAS_LABELS=labels is not None,
                                       BLOCK=block, num_warps=warps)
     return out
