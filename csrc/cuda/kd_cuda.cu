@@ -469,7 +469,8 @@ int launch_given_stats(const RowsArgs& a, cudaStream_t stream) {
   if (a.N == 0) return 0;
   dim3 grid((unsigned)a.N), block(THREADS);
   if (cudaPeekAtLastError() != cudaSuccess) (void)cudaGetLastError();  // as launch()
-  KD_LAUNCH(given_stats_kernel<S, DIV>, grid, block, 0, stream, a);
+  void (*kernel)(RowsArgs) = given_stats_kernel<S, DIV>;  // no template commas in the macro
+  KD_LAUNCH(kernel, grid, block, 0, stream, a);
   return (int)cudaGetLastError();
 }
 
