@@ -31,6 +31,11 @@ all_gather (fp32; 8·k for float64 inputs) and receives 4·k·W, with k = 4 for 
 is on: its pair is the student's); plus one header row of k values per call (the shard size).
 The all_reduce carries 8 bytes per row (4 when no gradient is needed).
 
+Two implementations of these passes: ``_VocabParallelKD``, chunked PyTorch (backend "reference",
+and float64 inputs), and ``_VocabParallelKernelKD``, the kernels of a backend with the
+"vocab_parallel" capability through the ``kdkernels::`` ops (``forward_rows`` for pass 1,
+``forward_rows_given_stats`` for pass 2, ``backward_rows`` for step 3); same collectives.
+
 Requirements: every rank of ``group`` holds the same rows (same leading shape, same labels) and
 contiguous, non-overlapping shards that together cover the vocabulary in rank order (an explicit
 ``vocab_start_index`` is trusted, not checked). Each teacher shard must start at the same
