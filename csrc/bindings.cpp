@@ -59,6 +59,22 @@ at::Tensor kd_rows_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& studen
   return grad;
 }
 
+// Vocab-parallel pass 2: partial [N, 2] fp32 = per row (sum of phi, sum of q g) over this
+// shard's columns, with the (global) normalisers given in stats; 0 on ignored rows.
+at::Tensor kd_rows_given_stats_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                   const c10::optional<at::Tensor>& labels, const at::Tensor& stats,
+                                   int64_t div_id, double param, double temperature,
+                                   int64_t ignore_index) {
+  RowsArgs a = make_args(student, teacher, labels, div_id, param, temperature, 1.0, 0.0,
+                         ignore_index, at::kCPU);
+  at::Tensor st = check_stats(stats, a.N);
+  at::Tensor partial = at::empty({a.N, 2}, student.options().dtype(at::kFloat));
+  a.stats = const_cast<float*>(st.data_ptr<float>());
+  a.partial = partial.data_ptr<float>();
+  at::parallel_for(0, a.N, grain_rows(a.V), [&](int64_t r0, int64_t r1) { cpu_given_stats_rows(a, r0, r1); });
+  return partial;
+}
+
 // Fused forward and gradient: (loss [N] fp32, grad = grad_scale[i] * d loss_i / d student_i for
 // every row i, a new contiguous tensor of the student's shape and dtype). grad_scale [N] (ones
 // when None) is the grad_loss the caller expects backward to bring (1/N for a batch mean), so
@@ -110,6 +126,8 @@ TORCH_LIBRARY(kdkernels_C, m) {
   m.def("kd_rows_fwd_grad(Tensor student, Tensor teacher, Tensor? labels, int div_id, float param, "
         "float temperature, float soft_weight, float hard_weight, int ignore_index, Tensor? grad_scale) "
         "-> (Tensor, Tensor)");
+  m.def("kd_rows_given_stats(Tensor student, Tensor teacher, Tensor? labels, Tensor stats, int div_id, "
+        "float param, float temperature, int ignore_index) -> Tensor");
   m.def("divergence_names() -> str[]", &kd::divergence_names);
   m.def("stats_width() -> int", &kd::stats_width);
 }
@@ -118,6 +136,7 @@ TORCH_LIBRARY_IMPL(kdkernels_C, CPU, m) {
   m.impl("kd_rows_fwd", &kd::kd_rows_fwd_cpu);
   m.impl("kd_rows_bwd", &kd::kd_rows_bwd_cpu);
   m.impl("kd_rows_fwd_grad", &kd::kd_rows_fwd_grad_cpu);
+  m.impl("kd_rows_given_stats", &kd::kd_rows_given_stats_cpu);
 }
 
 // A Python module so that `import kdkernels._C` loads the library and runs the registrations.

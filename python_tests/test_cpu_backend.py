@@ -13,7 +13,7 @@ import torch
 import kdkernels as kd
 from kdkernels import divergences
 from kdkernels.backends import compiled as cpp
-from kdkernels.ops.dense import kd_rows, kd_rows_backward
+from kdkernels.ops.dense import kd_rows, kd_rows_backward, kd_rows_given_stats
 
 import oracle
 from conftest import TOL, assert_close
@@ -185,6 +185,20 @@ def test_opcheck_kdkernels_C_ops(dtype):
     loss, stats = torch.ops.kdkernels_C.kd_rows_fwd(s, t, None, *scal)
     torch.library.opcheck(torch.ops.kdkernels_C.kd_rows_bwd.default,
                           (torch.rand(6), s, t, None, stats, *scal))
+
+
+@pytest.mark.parametrize("div", ["jsd", "tvd"])
+def test_opcheck_kd_rows_given_stats(div):
+    """The vocab-parallel pass with given statistics: schema and fake kernel of the kdkernels::
+    op and of the kdkernels_C op (no autograd: its caller differentiates through backward)."""
+    d = divergences.get(div)
+    s, t, lab = _op_args()
+    _, stats = kd_rows(s, t, lab, "cpu", d.id, d.check_param(None), 2.0, 1.0, 0.0, -100)
+    args = (s, t, lab, stats, "cpu", d.id, d.check_param(None), 2.0, -100)
+    torch.library.opcheck(kd_rows_given_stats, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.kdkernels_C.kd_rows_given_stats.default,
+                          (s, t, lab, stats, d.id, d.check_param(None), 2.0, -100),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_compile_fullgraph_op():

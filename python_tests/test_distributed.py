@@ -1,6 +1,8 @@
 """Vocab-parallel and data-parallel distillation on torch.distributed (gloo, CPU processes).
 
-One process group per world size (2 and 4 ranks) runs every case; each rank writes its loss and
+Suite "main" (the reference's chunked PyTorch path, backend="reference") and suite "kernels"
+(the kernel backends on each rank's shard: C++ CPU, Triton under its interpreter, CUDA under its
+host emulation). One process group per world size (2 and 4 ranks) and suite runs every case; each rank writes its loss and
 its gradient shard to a file, and the tests here compare the reassembled results with the
 single-process float64 oracle on the full vocabulary (python_tests/oracle.py). A hang fails the
 tests (process-group timeout and a deadline on the spawned group) instead of blocking CI.
@@ -33,9 +35,55 @@ F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 def _case(world, id, div="forward_kl", dtype=F64, **kw):
     c = dict(world=world, id=f"w{world}-{id}", div=div, dtype=dtype, T=2.0, sw=1.0, hw=0.0,
              labels="some", reduction="batchmean", strided=False, wide=False, ugly=None,
-             start="default", num_items=None, module=False, kind="tp", seed=len(id) * 7 + world)
+             start="default", num_items=None, module=False, kind="tp", seed=len(id) * 7 + world,
+             backend="reference", suite="main")
     c.update(kw)
     return c
+
+
+def kernel_backends():
+    """{name: reason or None} of the kernel backends the gloo (CPU) cases run: the C++ CPU
+    kernels; Triton under its interpreter and CUDA under its host emulation, on a machine without
+    a GPU (conftest switches both on there)."""
+    from kdkernels import backends
+    from kdkernels.backends import cuda_emulate
+    out = {"cpu": backends.availability("cpu")}
+    gpu = torch.cuda.is_available()
+    out["triton"] = ("a GPU machine runs Triton compiled, not on CPU tensors" if gpu
+                     else backends.availability("triton"))
+    out["cuda"] = ("a GPU machine runs CUDA on CUDA tensors (test_nccl_on_cuda_matches_oracle)"
+                   if gpu else cuda_emulate.unavailable_reason())
+    return out
+
+
+def make_kernel_cases():
+    """Every kernel backend on the shards (suite "kernels", a process group of its own): every
+    divergence in float32 with −inf columns (with 4 ranks a whole shard is −inf), strided views,
+    a wider teacher, labels with ignored rows and the hard term (T = 1.5, its own normaliser);
+    every divergence with |logits| ≈ 1e4 and no hard term; and a few option sets."""
+    out = []
+    for be in ("cpu", "triton", "cuda"):
+        k = dict(backend=be, suite="kernels")
+        for w in (2, 4):
+            for name in divergences.kernel_names():
+                out.append(_case(w, f"{be}-{name}-f32-ugly-hard", name, F32, T=1.5, hw=0.5,
+                                 ugly="neginf", strided=True, wide=True, **k))
+                out.append(_case(w, f"{be}-{name}-f32-big-soft", name, F32, T=2.0, ugly="big",
+                                 start="explicit", **k))
+            out += [
+                _case(w, f"{be}-fkl-T1-hard", "forward_kl", F32, T=1.0, hw=0.7, **k),
+                _case(w, f"{be}-jsd-T1-hard-none", "jsd", F32, T=1.0, hw=0.7, reduction="none",
+                      **k),
+                _case(w, f"{be}-hard-only", "reverse_kl", F32, sw=0.0, hw=1.0, wide=True, **k),
+                _case(w, f"{be}-rkl-allignored", "reverse_kl", F32, labels="none_counted",
+                      hw=0.5, **k),
+                _case(w, f"{be}-tvd-nolabels-sum", "tvd", F32, labels=None, reduction="sum",
+                      **k),
+                _case(w, f"{be}-skl-bf16", "skew_kl", BF16, hw=0.5, **k),
+            ]
+        out.append(_case(2, f"{be}-collective-count", dtype=F32, kind="count", **k))
+        out.append(_case(2, f"{be}-refusals", dtype=F32, kind="refuse", **k))
+    return out
 
 
 def make_cases():
@@ -65,7 +113,8 @@ def make_cases():
     return out
 
 
-CASES = make_cases()
+CASES = make_cases() + make_kernel_cases()
+KERNEL_REASONS = kernel_backends()
 
 
 def gpu_cases(world):
@@ -74,9 +123,9 @@ def gpu_cases(world):
     out = []
     for name in divergences.kernel_names():
         out.append(_case(world, f"nccl-{name}-f32", name, F32, T=1.5, hw=0.5, ugly="neginf",
-                         strided=True, device="cuda", splits=splits))
+                         strided=True, device="cuda", splits=splits, backend="auto"))
         out.append(_case(world, f"nccl-{name}-bf16", name, BF16, hw=0.5, device="cuda",
-                         splits=splits, start="explicit"))
+                         splits=splits, start="explicit", backend="auto"))
     return out
 
 
@@ -129,6 +178,7 @@ def _tp_loss(c, student, teacher, labels, group, rank_in_group, splits, num_item
         t = torch.cat([t, torch.full_like(t[..., :2], 50.0)], -1)
     kw = loss_kwargs(c)
     kw["labels"] = labels
+    kw["backend"] = c["backend"]
     if num_items is not None:
         kw["num_items_in_batch"] = num_items
     start = o0 if c["start"] == "explicit" else None
@@ -160,6 +210,7 @@ def _count_collectives(c, rank, world):
         for n, fn in saved.items():
             setattr(dist, n, counting(n, fn))
         _, student, teacher, labels = make_inputs(c)
+        student, teacher = student.to(c["dtype"]), teacher.to(c["dtype"])
         o0, o1 = shard_bounds(SPLITS[world], rank)
         for name in divergences.kernel_names():
             for hw, start in ((0.0, None), (0.5, None), (0.5, o0)):
@@ -167,7 +218,7 @@ def _count_collectives(c, rank, world):
                 del calls[:]
                 loss = kdkernels.kd_loss(s, teacher[..., o0:o1], name, 2.0, labels,
                                          hard_weight=hw, process_group=dist.group.WORLD,
-                                         vocab_start_index=start)
+                                         vocab_start_index=start, backend=c["backend"])
                 fwd = len(calls)
                 loss.backward()
                 out[(name, hw, start is None)] = (fwd, len(calls) - fwd)
@@ -177,10 +228,29 @@ def _count_collectives(c, rank, world):
     return out
 
 
+def _refusals(c):
+    """Ensembles, teacher gradients and logit_mse with process_group: the error of each."""
+    import torch.distributed as dist
+    s, t = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
+    tries = [dict(divergence="logit_mse"), dict(teacher_logits=[t, t.flip(-1)]),
+             dict(teacher_logits=t.clone().requires_grad_(True))]
+    out = []
+    for kw in tries:
+        kw = {"teacher_logits": t, "backend": c["backend"], **kw}
+        try:
+            kdkernels.kd_loss(s, process_group=dist.group.WORLD, **kw)
+            out.append(None)
+        except Exception as e:
+            out.append((type(e).__name__, str(e)))
+    return out
+
+
 def _run_case(c, rank, world, groups):
     import torch.distributed as dist
     if c["kind"] == "count":
         return {"counts": _count_collectives(c, rank, world)}
+    if c["kind"] == "refuse":
+        return {"refusals": _refusals(c)}
     base, student, teacher, labels = make_inputs(c)
     if c.get("device") == "cuda":
         base, teacher = base.to(f"cuda:{rank}"), teacher.to(f"cuda:{rank}")
@@ -216,7 +286,7 @@ def _run_case(c, rank, world, groups):
             "cols": cols}
 
 
-def _worker(rank, world, port, outdir, backend):
+def _worker(rank, world, port, outdir, backend, suite="main"):
     import torch.distributed as dist
     import kdkernels.backends.reference as kdd  # the row chunks of every PyTorch path
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
@@ -234,7 +304,7 @@ def _worker(rank, world, port, outdir, backend):
         dps = [dist.new_group([0, 2]), dist.new_group([1, 3])]
         groups = (tps[rank // 2], dps[rank % 2])
     for c in cases:
-        if c["world"] != world:
+        if c["world"] != world or c["suite"] != suite or KERNEL_REASONS.get(c["backend"]):
             continue
         try:
             res = _run_case(c, rank, world, groups)
@@ -252,13 +322,13 @@ def _free_port():
 
 
 @functools.lru_cache(maxsize=None)
-def run_group(world, backend="gloo"):
-    """Spawn ``world`` ranks once, run all their cases; returns the results folder."""
+def run_group(world, backend="gloo", suite="main"):
+    """Spawn ``world`` ranks once, run all their cases of ``suite``; returns the results folder."""
     import torch.multiprocessing as mp
-    outdir = tempfile.mkdtemp(prefix=f"kd_dist_{backend}{world}_")
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), outdir, backend), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
+    outdir = tempfile.mkdtemp(prefix=f"kd_dist_{backend}{world}_{suite}_")
+    ctx = mp.start_processes(_worker, args=(world, _free_port(), outdir, backend, suite),
+                             nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + DEADLINE_S * (3 if suite == "kernels" else 1)
     try:
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
@@ -271,7 +341,10 @@ def run_group(world, backend="gloo"):
 
 
 def results(c):
-    outdir = run_group(c["world"], "nccl" if c.get("device") == "cuda" else "gloo")
+    reason = KERNEL_REASONS.get(c["backend"])
+    if reason:
+        pytest.skip(f"backend {c['backend']!r} unavailable: {reason}")
+    outdir = run_group(c["world"], "nccl" if c.get("device") == "cuda" else "gloo", c["suite"])
     out = []
     for r in range(c["world"]):
         res = torch.load(os.path.join(outdir, f"{c['id']}.{r}.pt"))
@@ -376,10 +449,14 @@ def test_tensor_and_data_parallel_subgroups():
     assert_close(grad, exp_grad, F64, what="grad")
 
 
-def test_collectives_per_call_are_as_documented():
+COUNT_CASES = [c for c in CASES if c["kind"] == "count"]
+
+
+@pytest.mark.parametrize("c", COUNT_CASES, ids=[c["id"] for c in COUNT_CASES])
+def test_collectives_per_call_are_as_documented(c):
     """forward/reverse KL: 1 all_gather; others: all_gather + all_reduce; backward: none; the
-    hard term with default offsets adds one all_gather of the shard sizes."""
-    c = next(c for c in CASES if c["kind"] == "count")
+    hard term with default offsets adds one all_gather of the shard sizes. The same on the
+    kernel backends."""
     res = results(c)
     for r, x in enumerate(res):
         assert "error" not in x, f"rank {r}: {x.get('tb')}"
@@ -388,6 +465,18 @@ def test_collectives_per_call_are_as_documented():
     for (name, hw, default_start), (fwd, bwd) in counts.items():
         expected = (1 if divergences.get(name).online else 2) + (1 if hw and default_start else 0)
         assert (fwd, bwd) == (expected, 0), (name, hw, default_start, fwd, bwd)
+
+
+REFUSE_CASES = [c for c in CASES if c["kind"] == "refuse"]
+
+
+@pytest.mark.parametrize("c", REFUSE_CASES, ids=[c["id"] for c in REFUSE_CASES])
+def test_single_process_features_refused_with_process_group(c):
+    for r, x in enumerate(results(c)):
+        assert "error" not in x, f"rank {r}: {x.get('tb')}"
+        for got, what in zip(x["refusals"], ("logit_mse", "ensemble", "teacher_grad")):
+            assert got is not None and got[0] == "ValueError", (what, got)
+            assert "process_group does not support" in got[1] and what in got[1], got
 
 
 # ---- single-process checks (no process group needed) ----------------------------------------
@@ -400,6 +489,16 @@ def test_global_num_items_without_process_group_is_local_count():
         kdkernels.global_num_items(labels.float())
     with pytest.raises(TypeError, match="labels"):
         kdkernels.global_num_items([1, 2])
+
+
+def test_auto_picks_a_kernel_backend_with_process_group():
+    from kdkernels import backends
+    cpu = torch.device("cpu")
+    for name in ("cpu", "triton", "cuda", "reference"):
+        assert "vocab_parallel" in backends.BACKENDS[name].features
+    if backends.availability("cpu") is None:
+        assert backends.choose("auto", cpu, F32, frozenset({"vocab_parallel"})) == "cpu"
+    assert backends.choose("auto", cpu, F64, frozenset({"vocab_parallel"})) == "reference"
 
 
 def test_vocab_start_index_needs_process_group():
@@ -415,3 +514,62 @@ def test_process_group_needs_initialised_distributed():
     s, t = torch.randn(3, 7), torch.randn(3, 7)
     with pytest.raises(ValueError, match="process_group"):
         kdkernels.kd_loss(s, t, process_group=object())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_backward_label_outside_the_shard_adds_softmax_only(backend, T):
+    """The kernels' backward for a label outside [0, V) that is not ignore_index (on a
+    vocab-parallel rank: a label owned by another rank): hard_weight·softmax(s), no one-hot, no
+    NaN; the soft term as usual. Below the API (which refuses such labels single-process)."""
+    from kdkernels import backends
+    reason = KERNEL_REASONS[backend]
+    if reason:
+        pytest.skip(f"backend {backend!r} unavailable: {reason}")
+    mod = backends.load(backend)
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(1, 4, 20, generator=g) * 3
+    t = torch.randn(1, 4, 20, generator=g) * 3
+    labels = torch.tensor([3, 20, 21, -100])  # inside, just outside, outside, ignored
+    sw, hw = 0.8, 0.6
+    args = (0, 0.0, T, sw, hw, -100)         # forward KL
+    _, stats = mod.forward_rows(s, t, labels, *args)
+    grad = mod.backward_rows(torch.ones(4), s, t, labels, stats, *args)
+    s64, t64 = s.double()[0], t.double()[0]
+    q, p = torch.softmax(s64 / T, -1), torch.softmax(t64 / T, -1)
+    expected = sw * T * (q - p) + hw * torch.softmax(s64, -1)
+    expected[0, 3] -= hw
+    expected[3] = 0.0
+    assert torch.isfinite(grad).all()
+    assert_close(grad[0].double(), expected, torch.float32, what="grad")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+@pytest.mark.parametrize("div", divergences.kernel_names())
+def test_forward_rows_given_stats_reproduces_forward(backend, div):
+    """The kernel contract's forward_rows_given_stats, given a whole row's own statistics from
+    forward_rows (one "shard" = the full vocabulary): Σφ·T² is forward's loss and Σ q·g its c,
+    in each backend's own layout and convention; zeros on ignored rows; −inf columns and
+    |logits| ≈ 1e4 included."""
+    from kdkernels import backends
+    reason = KERNEL_REASONS[backend]
+    if reason:
+        pytest.skip(f"backend {backend!r} unavailable: {reason}")
+    mod = backends.load(backend)
+    d = divergences.get(div)
+    param = d.check_param(PARAMS.get(div, {}).get("beta", PARAMS.get(div, {}).get("alpha")))
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(2, 3, 50, generator=g) * 3
+    t = torch.randn(2, 3, 50, generator=g) * 3
+    s[..., [0, 7]] = float("-inf")
+    t[..., [0, 7]] = float("-inf")
+    s[1] += 1e4
+    t[1] -= 1e4
+    labels = torch.tensor([1, -100, 4, 5, 6, -100])
+    T = 1.5
+    loss, stats = mod.forward_rows(s, t, labels, d.id, param, T, 1.0, 0.0, -100)
+    part = mod.forward_rows_given_stats(s, t, labels, stats, d.id, param, T, -100)
+    assert part.shape == (6, 2) and part.dtype == torch.float32
+    assert not part[labels == -100].any()
+    assert_close(part[:, 0] * (T * T), loss, torch.float32, what="sum of phi")
+    assert_close(part[:, 1], stats[:, 4], torch.float32, what="c")

@@ -21,8 +21,8 @@ import kdkernels
 from kdkernels import divergences
 
 from conftest import assert_close
-from test_distributed import (COLLECTIVES, NEG_INF_COLS, PARAMS, SPLITS, _free_port,
-                              shard_bounds)
+from test_distributed import (COLLECTIVES, KERNEL_REASONS, NEG_INF_COLS, PARAMS, SPLITS,
+                              _free_port, shard_bounds)
 from test_fused_linear import oracle_fused, plain_fused
 
 V, VT, DS, DT = 37, 40, 12, 16               # VT > V: the teacher's padding sits on the last rank
@@ -35,9 +35,35 @@ def _case(world, id, div="forward_kl", dtype=F64, **kw):
     c = dict(world=world, id=f"w{world}-{id}", div=div, dtype=dtype, T=2.0, sw=1.0, hw=0.0,
              labels="some", reduction="batchmean", bias=True, softcap=None, chunk=8,
              strided=False, ugly=None, start="default", num_items=None, module=False,
-             kind="tp", seed=len(id) * 11 + world)
+             kind="tp", seed=len(id) * 11 + world, backend="reference", suite="main")
     c.update(kw)
     return c
+
+
+def make_kernel_cases():
+    """The kernel backends on the shards (suite "kernels", its own process group): every
+    divergence in float32 with −inf bias columns, labels with ignored rows and the hard term;
+    |logits| ≈ 1e4; soft-capping with "none"; all rows ignored; bfloat16; no labels."""
+    out = []
+    for be in ("cpu", "triton", "cuda"):
+        k = dict(backend=be, suite="kernels")
+        for w in (2, 4):
+            for name in divergences.kernel_names():
+                out.append(_case(w, f"{be}-{name}-f32-neginf-hard", name, F32, T=1.5, hw=0.5,
+                                 ugly="neginf", chunk=8, strided=True, **k))
+            out += [
+                _case(w, f"{be}-jsd-f32-big", "jsd", F32, T=2.0, ugly="big", chunk=11,
+                      start="explicit", **k),
+                _case(w, f"{be}-rkl-softcap-none", "reverse_kl", F32, softcap=3.0, hw=0.3,
+                      reduction="none", chunk=10, **k),
+                _case(w, f"{be}-tvd-allignored", "tvd", F32, labels="none_counted", hw=0.5, **k),
+                _case(w, f"{be}-fkl-bf16-T1", "forward_kl", BF16, T=1.0, hw=0.5, chunk=None,
+                      **k),
+                _case(w, f"{be}-skl-nolabels-sum", "skew_kl", F32, labels=None,
+                      reduction="sum", bias=False, **k),
+            ]
+        out.append(_case(2, f"{be}-collective-count", dtype=F32, kind="count", **k))
+    return out
 
 
 def make_cases():
@@ -68,7 +94,7 @@ def make_cases():
     return out
 
 
-CASES = make_cases()
+CASES = make_cases() + make_kernel_cases()
 
 
 def make_inputs(c):
@@ -132,7 +158,7 @@ def _shard_loss(c, group, rank, world, hs, ws_l, bs_l, ht, wt_l, bt_l, labels):
     return kdkernels.fused_linear_kd_loss(hs, ws_l, ht, wt_l, student_bias=bs_l,
                                           teacher_bias=bt_l, labels=labels,
                                           chunk_size=c["chunk"], process_group=group,
-                                          vocab_start_index=start, **kw)
+                                          vocab_start_index=start, backend=c["backend"], **kw)
 
 
 def _count_collectives(c, rank, world):
@@ -148,6 +174,7 @@ def _count_collectives(c, rank, world):
         return wrapper
     out = {}
     _, hs, ws, _, ht, wt, _, labels = make_inputs(c)
+    hs, ws, ht, wt = (x.to(c["dtype"]) for x in (hs, ws, ht, wt))
     o0, o1 = shard_bounds(SPLITS[world], rank)
     tr = teacher_rows(SPLITS[world], rank)
     try:
@@ -163,7 +190,8 @@ def _count_collectives(c, rank, world):
                 loss = kdkernels.fused_linear_kd_loss(
                     h, w, ht, wt[tr], labels=labels, divergence=name, temperature=2.0,
                     hard_weight=hw, reduction=reduction, chunk_size=chunk,
-                    process_group=dist.group.WORLD, vocab_start_index=start)
+                    process_group=dist.group.WORLD, vocab_start_index=start,
+                    backend=c["backend"])
                 fwd = len(calls)
                 loss.sum().backward()
                 out[(name, hw, start is None, reduction, chunk)] = (fwd, len(calls) - fwd)
@@ -213,7 +241,7 @@ def _partial_grads(c, rank, world):
     return {"loss": loss.detach(), "loss_ng": loss_ng, "gw": ws_l.grad}
 
 
-def _worker(rank, world, port, outdir):
+def _worker(rank, world, port, outdir, suite="main"):
     import torch.distributed as dist
     import kdkernels.backends.reference as kdd  # the row chunks of every PyTorch path
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
@@ -222,7 +250,7 @@ def _worker(rank, world, port, outdir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=60))
     for c in CASES:
-        if c["world"] != world:
+        if c["world"] != world or c["suite"] != suite or KERNEL_REASONS.get(c["backend"]):
             continue
         try:
             res = _run_case(c, rank, world)
@@ -234,13 +262,14 @@ def _worker(rank, world, port, outdir):
 
 
 @functools.lru_cache(maxsize=None)
-def run_group(world):
-    """Spawn ``world`` gloo ranks once, run all their cases; returns the results folder."""
+def run_group(world, suite="main"):
+    """Spawn ``world`` gloo ranks once, run all their cases of ``suite``; returns the results
+    folder."""
     import torch.multiprocessing as mp
-    outdir = tempfile.mkdtemp(prefix=f"kd_fused_tp{world}_")
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), outdir), nprocs=world,
+    outdir = tempfile.mkdtemp(prefix=f"kd_fused_tp{world}_{suite}_")
+    ctx = mp.start_processes(_worker, args=(world, _free_port(), outdir, suite), nprocs=world,
                              join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
+    deadline = time.monotonic() + DEADLINE_S * (3 if suite == "kernels" else 1)
     try:
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
@@ -253,7 +282,10 @@ def run_group(world):
 
 
 def results(c):
-    outdir = run_group(c["world"])
+    reason = KERNEL_REASONS.get(c["backend"])
+    if reason:
+        pytest.skip(f"backend {c['backend']!r} unavailable: {reason}")
+    outdir = run_group(c["world"], c["suite"])
     return [torch.load(os.path.join(outdir, f"{c['id']}.{r}.pt")) for r in range(c["world"])]
 
 
@@ -338,12 +370,16 @@ def test_label_outside_global_vocab_raises_on_every_rank(c):
         assert "global vocabulary" in x["message"] and str(V) in x["message"]
 
 
-def test_collectives_per_call_are_as_documented():
+COUNT_CASES = [c for c in CASES if c["kind"] == "count"]
+
+
+@pytest.mark.parametrize("c", COUNT_CASES, ids=[c["id"] for c in COUNT_CASES])
+def test_collectives_per_call_are_as_documented(c):
     """Forward, per chunk: 1 all_gather (forward/reverse KL) or all_gather + all_reduce (the
     others); then ONE all_reduce of the hidden gradient; +1 all_gather of the shard sizes with
     the hard term and default offsets. Backward: none, except reduction="none", whose backward
-    recomputes the chunks (same per-chunk collectives + the hidden-gradient all_reduce)."""
-    c = next(c for c in CASES if c["kind"] == "count")
+    recomputes the chunks (same per-chunk collectives + the hidden-gradient all_reduce). The
+    same on the kernel backends."""
     res = results(c)
     for r, x in enumerate(res):
         assert "error" not in x, f"rank {r}: {x.get('tb')}"

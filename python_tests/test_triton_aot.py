@@ -13,7 +13,7 @@ def report():
 
 def test_every_variant_compiled(report):
     got = {(r["kernel"], r["div"], r["dtype"], r["cap"]) for r in report}
-    want = {(k, d, dt, c) for k in ("fwd", "bwd") for d in range(aot.N_DIVERGENCES)
+    want = {(k, d, dt, c) for k in ("fwd", "bwd", "given") for d in range(aot.N_DIVERGENCES)
             for dt in ("fp32", "bf16") for c in (80, 90)}
     assert want <= got, f"missing: {sorted(want - got)}"
     for r in report:

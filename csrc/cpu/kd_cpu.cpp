@@ -128,6 +128,32 @@ inline RowCtx row_context(const RowsArgs& a, int64_t r) {
   return c;
 }
 
+// Sums over the row's V columns of phi and of q g (kd_math.h div_terms) for the normalisers
+// na, nb: pass 2 of forward_row, and the whole of given_stats_row (normalisers from elsewhere).
+// Summed in double: c adds q g terms as large as |log p| (4e4 for one-hot teachers at
+// |logits| 1e4), and q (g - c) cancels them; fp32 lane sums lost ~20 ulps of 4e4 there.
+template <class S, int DIV>
+void row_sums(const S* s, const S* t, int64_t V, float invT, float param, LogNorm na, LogNorm nb,
+              double& sphi, double& sqg) {
+  alignas(64) float ab[BLK], bb[BLK];
+  for (int64_t j0 = 0; j0 < V; j0 += BLK) {
+    const int n = (int)std::min<int64_t>(BLK, V - j0);
+    load_scaled(t + j0, ab, n, invT);
+    load_scaled(s + j0, bb, n, invT);
+    double bphi = 0., bqg = 0.;
+#pragma omp simd reduction(+ : bphi, bqg)
+    for (int i = 0; i < n; ++i) {
+      const float lp = log_prob(ab[i], na), lq = log_prob(bb[i], nb);
+      float phi, qg;
+      div_terms<DIV>(lp, lq, exp_fast(lp), exp_fast(lq), param, phi, qg);
+      bphi += phi;
+      bqg += qg;
+    }
+    sphi += bphi;
+    sqg += bqg;
+  }
+}
+
 template <class S, int DIV>
 void forward_row(const RowsArgs& a, int64_t r) {
   const RowCtx c = row_context(a, r);
@@ -192,26 +218,8 @@ void forward_row(const RowsArgs& a, int64_t r) {
       cc = D + 1.f;
     } else {
       // Pass 2: the divergence and c = sum q g, from the row normalisers.
-      // Summed in double: c adds q g terms as large as |log p| (4e4 for one-hot teachers at
-      // |logits| 1e4), and q (g - c) cancels them; fp32 lane sums lost ~20 ulps of 4e4 there.
       double sphi = 0., sqg = 0.;
-      for (int64_t j0 = 0; j0 < V; j0 += BLK) {
-        const int n = (int)std::min<int64_t>(BLK, V - j0);
-        load_scaled(t + j0, ab, n, invT);
-        load_scaled(s + j0, bb, n, invT);
-        const float param = a.param;
-        double bphi = 0., bqg = 0.;
-#pragma omp simd reduction(+ : bphi, bqg)
-        for (int i = 0; i < n; ++i) {
-          const float lp = log_prob(ab[i], na), lq = log_prob(bb[i], nb);
-          float phi, qg;
-          div_terms<DIV>(lp, lq, exp_fast(lp), exp_fast(lq), param, phi, qg);
-          bphi += phi;
-          bqg += qg;
-        }
-        sphi += bphi;
-        sqg += bqg;
-      }
+      row_sums<S, DIV>(s, t, V, invT, a.param, na, nb, sphi, sqg);
       D = (lognorm_nan(na) || lognorm_nan(nb)) ? NAN : sphi;  // NaN input: terms with q = NaN read as 0
       cc = sqg;
     }
@@ -220,6 +228,26 @@ void forward_row(const RowsArgs& a, int64_t r) {
   const float ce = !c.hard ? 0.f : c.bad_label ? NAN : hard_ce(ns, load_one(s + c.label));
   a.loss[r] = row_loss(c.soft, a.soft_weight, a.temperature, D, c.hard, a.hard_weight, ce);
   store_row_stats(st, RowStats{na, nb, cc, ns});
+}
+
+// Vocab-parallel pass 2 (kd_rows.h cpu_given_stats_rows): with the normalisers (STAT_MA ..
+// STAT_LZB) given in a.stats, the sums over this shard's columns of phi and of q g into
+// a.partial[2 r], a.partial[2 r + 1]; zeros on ignored rows; NaN sum of phi for NaN normalisers.
+template <class S, int DIV>
+void given_stats_row(const RowsArgs& a, int64_t r) {
+  const RowCtx c = row_context(a, r);
+  float* out = a.partial + 2 * r;
+  if (c.ignored) {
+    out[0] = out[1] = 0.f;
+    return;
+  }
+  const S* s = static_cast<const S*>(a.student) + student_offset(a, r);
+  const S* t = static_cast<const S*>(a.teacher) + teacher_offset(a, r);
+  const RowStats rs = load_row_stats(a.stats + r * STATS_WIDTH);
+  double sphi = 0., sqg = 0.;
+  row_sums<S, DIV>(s, t, a.V, 1.0f / a.temperature, a.param, rs.na, rs.nb, sphi, sqg);
+  out[0] = (lognorm_nan(rs.na) || lognorm_nan(rs.nb)) ? NAN : (float)sphi;
+  out[1] = (float)sqg;
 }
 
 // Gradient of one block into gb. MODE 0: soft only; 1: soft + hard at T = 1 (softmax(s) = q);
@@ -275,7 +303,9 @@ void backward_row(const RowsArgs& a, int64_t r) {
   const LogNorm na = rs.na, nb = rs.nb, ns = rs.ns;
   const float gl = a.grad_loss[r];
   const float k_soft = c.soft ? gl * a.soft_weight * a.temperature : 0.f;
-  const float k_hard = c.hard ? (c.bad_label ? NAN : gl * a.hard_weight) : 0.f;
+  // A label outside [0, V) that is not ignore_index (its column lives on another rank of a
+  // vocab-parallel group) adds the softmax term and no one-hot; its forward loss is NaN.
+  const float k_hard = c.hard ? gl * a.hard_weight : 0.f;
   const float invT = 1.0f / a.temperature, param = a.param;
   const bool soft = c.soft, hard = c.hard, sep = c.hard_separate;
   float cc = rs.c;
@@ -322,7 +352,7 @@ void backward_row(const RowsArgs& a, int64_t r) {
       grad_block<DIV, 3>(ab, bb, xb, gb, n, na, nb, cc, ns, k_soft, k_hard, param);
     else
       std::memset(gb, 0, sizeof(float) * n);
-    if (hard && !c.bad_label && c.label >= j0 && c.label < j0 + n) gb[c.label - j0] -= k_hard;
+    if (hard && c.label >= j0 && c.label < j0 + n) gb[c.label - j0] -= k_hard;
     store(gb, g + j0, n);
   }
 }
@@ -552,6 +582,14 @@ void run_fused(const RowsArgs& a, std::atomic<int64_t>& next, int64_t chunk) {
 }
 
 template <class S>
+void run_given_stats(const RowsArgs& a, int64_t r0, int64_t r1) {
+  using RowFn = void (*)(const RowsArgs&, int64_t);
+  const RowFn fn = with_divergence(a.div, [](auto d) -> RowFn { return &given_stats_row<S, d.value>; });
+  if (!fn) return;
+  for (int64_t r = r0; r < r1; ++r) fn(a, r);
+}
+
+template <class S>
 void run_rows(const RowsArgs& a, int64_t r0, int64_t r1, bool fwd) {
   using RowFn = void (*)(const RowsArgs&, int64_t);
   const RowFn fn = with_divergence(a.div, [fwd](auto d) -> RowFn {
@@ -565,6 +603,10 @@ void run_rows(const RowsArgs& a, int64_t r0, int64_t r1, bool fwd) {
 
 void cpu_forward_rows(const RowsArgs& a, int64_t row_begin, int64_t row_end) {
   with_dtype(a.dtype, [&](auto tag) { run_rows<decltype(tag)>(a, row_begin, row_end, true); });
+}
+
+void cpu_given_stats_rows(const RowsArgs& a, int64_t row_begin, int64_t row_end) {
+  with_dtype(a.dtype, [&](auto tag) { run_given_stats<decltype(tag)>(a, row_begin, row_end); });
 }
 
 void cpu_forward_grad_rows(const RowsArgs& a, std::atomic<int64_t>& next, int64_t chunk) {

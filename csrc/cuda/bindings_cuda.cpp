@@ -53,12 +53,29 @@ at::Tensor kd_rows_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& stude
   return grad;
 }
 
+// Vocab-parallel pass 2 (kd_rows.h RowsArgs::partial): [N, 2] fp32 per-row sums over the
+// shard with the normalisers given in stats.
+at::Tensor given_stats_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                         const c10::optional<at::Tensor>& labels, const at::Tensor& stats,
+                         int64_t div_id, double param, double temperature, int64_t ignore_index) {
+  c10::cuda::CUDAGuard guard(student.device());
+  RowsArgs a = make_args(student, teacher, labels, div_id, param, temperature, 1.0, 0.0,
+                         ignore_index, at::kCUDA);
+  at::Tensor st = check_stats(stats, a.N);
+  at::Tensor partial = at::empty({a.N, 2}, student.options().dtype(at::kFloat));
+  a.stats = const_cast<float*>(st.data_ptr<float>());
+  a.partial = partial.data_ptr<float>();
+  check_launch(cuda_given_stats_rows(a, c10::cuda::getCurrentCUDAStream().stream()), "given-statistics");
+  return partial;
+}
+
 }  // namespace
 }  // namespace kd
 
 TORCH_LIBRARY_IMPL(kdkernels_C, CUDA, m) {
   m.impl("kd_rows_fwd", &kd::kd_rows_fwd_cuda);
   m.impl("kd_rows_bwd", &kd::kd_rows_bwd_cuda);
+  m.impl("kd_rows_given_stats", &kd::given_stats_cuda);
 }
 
 static PyModuleDef kd_cuda_module = {PyModuleDef_HEAD_INIT, "_C_cuda",

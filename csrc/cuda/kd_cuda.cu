@@ -366,7 +366,6 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
     fill_row(g, j0, V, vg, 0.f);
     return;
   }
-  const bool bad_label = HARD && (label < 0 || label >= V);
   const bool sep = HARD && (!SOFT || a.temperature != 1.f);
   const RowStats rs = load_row_stats(a.stats + r * STATS_WIDTH);
   const LogNorm na = rs.na, nb = rs.nb, ns = rs.ns;
@@ -397,7 +396,9 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
   }
   const float gl = a.grad_loss[r];
   const float k_soft = SOFT ? gl * a.soft_weight * a.temperature : 0.f;
-  const float k_hard = HARD ? (bad_label ? NAN : gl * a.hard_weight) : 0.f;
+  // A label outside [0, V) that is not ignore_index (its column lives on another rank of a
+  // vocab-parallel group) adds the softmax term and no one-hot; its forward loss is NaN.
+  const float k_hard = HARD ? gl * a.hard_weight : 0.f;
   for (int64_t j = j0; j < V; j += (int64_t)THREADS * N) {
     float sv[N], tv[N], out[N];
     load_chunk(s, j, V, vs, sv);
@@ -425,6 +426,65 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
   }
 }
 
+// Vocab-parallel pass 2: with the normalisers given in a.stats (raw maxima, as forward stores
+// them), the sums over the row's columns of phi and of q g into a.partial[2 r], a.partial[2 r + 1]
+// (the second pass of forward_kernel); zeros on ignored rows.
+template <class S, int DIV>
+__global__ void __launch_bounds__(THREADS) given_stats_kernel(RowsArgs a) {
+  constexpr int N = Vec<S>::N;
+  __shared__ float sm[WARPS];
+  const int64_t r = blockIdx.x;
+  if (r >= a.N) return;
+  const int64_t label = a.labels ? a.labels[r] : 0;
+  float* out = a.partial + 2 * r;
+  if (a.labels && label == a.ignore_index) {
+    if (threadIdx.x == 0) out[0] = out[1] = 0.f;
+    return;
+  }
+  const S* s = static_cast<const S*>(a.student) + (r / a.L) * a.s_stride_b + (r % a.L) * a.s_stride_l;
+  const S* t = static_cast<const S*>(a.teacher) + (r / a.t_L) * a.t_stride_b + (r % a.t_L) * a.t_stride_l;
+  const int head = head_of<S>(s);
+  const bool vs = vector_ok<S>(s), vt = vs && same_phase(s, t);
+  const float invT = 1.0f / a.temperature;
+  const int64_t V = a.V;
+  const int64_t j0 = first_chunk<S>(head);
+  const RowStats rs = load_row_stats(a.stats + r * STATS_WIDTH);
+  const LogNorm na = rs.na, nb = rs.nb;
+  double sphi = 0., sqg = 0.;  // as forward_kernel's second pass
+  for (int64_t j = j0; j < V; j += (int64_t)THREADS * N) {
+    float sv[N], tv[N];
+    load_chunk(s, j, V, vs, sv);
+    load_chunk(t, j, V, vt, tv);
+    float cphi = 0.f, cqg = 0.f;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const float lp = log_prob_scaled(tv[k], na, invT), lq = log_prob_scaled(sv[k], nb, invT);
+      float phi, qg;
+      div_terms<DIV>(lp, lq, exp_fast(lp), exp_fast(lq), a.param, phi, qg);
+      cphi += phi;
+      cqg += qg;
+    }
+    sphi += (double)cphi;
+    sqg += (double)cqg;
+  }
+  const float D = block_sum((float)sphi, sm);
+  const float cc = block_sum((float)sqg, sm);
+  if (threadIdx.x == 0) {
+    out[0] = (lognorm_nan(na) || lognorm_nan(nb)) ? NAN : D;
+    out[1] = cc;
+  }
+}
+
+template <class S, int DIV>
+int launch_given_stats(const RowsArgs& a, cudaStream_t stream) {
+  if (a.N == 0) return 0;
+  dim3 grid((unsigned)a.N), block(THREADS);
+  if (cudaPeekAtLastError() != cudaSuccess) (void)cudaGetLastError();  // as launch()
+  void (*kernel)(RowsArgs) = given_stats_kernel<S, DIV>;  // no template commas in the macro
+  KD_LAUNCH(kernel, grid, block, 0, stream, a);
+  return (int)cudaGetLastError();
+}
+
 template <class S, int DIV>
 int launch(const RowsArgs& a, cudaStream_t stream, bool fwd) {
   if (a.N == 0) return 0;
@@ -446,6 +506,19 @@ int launch(const RowsArgs& a, cudaStream_t stream, bool fwd) {
   if (cudaPeekAtLastError() != cudaSuccess) (void)cudaGetLastError();
   KD_LAUNCH(kernel, grid, block, 0, stream, a);
   return (int)cudaGetLastError();
+}
+
+template <class S>
+int dispatch_given_stats(const RowsArgs& a, cudaStream_t stream) {
+  switch (a.div) {
+    case FORWARD_KL: return launch_given_stats<S, FORWARD_KL>(a, stream);
+    case REVERSE_KL: return launch_given_stats<S, REVERSE_KL>(a, stream);
+    case JSD: return launch_given_stats<S, JSD>(a, stream);
+    case SKEW_KL: return launch_given_stats<S, SKEW_KL>(a, stream);
+    case SKEW_REVERSE_KL: return launch_given_stats<S, SKEW_REVERSE_KL>(a, stream);
+    case TVD: return launch_given_stats<S, TVD>(a, stream);
+    default: return (int)cudaErrorInvalidValue;
+  }
 }
 
 template <class S>
@@ -474,6 +547,15 @@ int dispatch(const RowsArgs& a, void* stream, bool fwd) {
 }  // namespace
 
 int cuda_forward_rows(const RowsArgs& args, void* stream) { return dispatch(args, stream, true); }
+int cuda_given_stats_rows(const RowsArgs& args, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  switch (args.dtype) {
+    case F32: return dispatch_given_stats<float>(args, st);
+    case BF16: return dispatch_given_stats<__nv_bfloat16>(args, st);
+    case F16: return dispatch_given_stats<__half>(args, st);
+    default: return (int)cudaErrorInvalidValue;
+  }
+}
 int cuda_backward_rows(const RowsArgs& args, void* stream) { return dispatch(args, stream, false); }
 const char* cuda_error_string(int code) { return cudaGetErrorString((cudaError_t)code); }
 

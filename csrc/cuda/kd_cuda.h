@@ -9,6 +9,8 @@ namespace kd {
 // `stream` is a cudaStream_t. Return 0 on success, else a cudaError_t code.
 int cuda_forward_rows(const RowsArgs& args, void* stream);
 int cuda_backward_rows(const RowsArgs& args, void* stream);
+// The given-statistics pass (kd_rows.h RowsArgs::partial).
+int cuda_given_stats_rows(const RowsArgs& args, void* stream);
 const char* cuda_error_string(int code);
 
 }  // namespace kd

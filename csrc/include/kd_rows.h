@@ -30,6 +30,10 @@ struct RowsArgs {
   // Backward: grad_loss [N] fp32 in, grad [N, V] contiguous (student dtype) out.
   const float* grad_loss = nullptr;
   void* grad = nullptr;
+  // Given-statistics pass (vocab-parallel): stats [N, STATS_WIDTH] in (only the normalisers
+  // STAT_MA .. STAT_LZB are read), partial [N, 2] fp32 out: per row the sums over the row's V
+  // columns of phi and of q g (kd_math.h div_terms).
+  float* partial = nullptr;
 };
 
 inline int64_t student_offset(const RowsArgs& a, int64_t r) {
@@ -43,6 +47,8 @@ inline int64_t teacher_offset(const RowsArgs& a, int64_t r) {
 // spreads row ranges over threads.
 void cpu_forward_rows(const RowsArgs& args, int64_t row_begin, int64_t row_end);
 void cpu_backward_rows(const RowsArgs& args, int64_t row_begin, int64_t row_end);
+// The given-statistics pass: a.stats in, a.partial out (see RowsArgs).
+void cpu_given_stats_rows(const RowsArgs& args, int64_t row_begin, int64_t row_end);
 // Fused forward and gradient for a grad_loss [N] known in advance: writes loss and grad; stats
 // ([N, STATS_WIDTH]) must be given too, for rows that take the two-kernel path. Each calling
 // thread takes `chunk` rows at a time from `next` until all N rows are done.

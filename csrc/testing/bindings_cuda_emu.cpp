@@ -60,6 +60,21 @@ at::Tensor bwd(const at::Tensor& grad_loss, const at::Tensor& student, const at:
 // failing CUDA call would; the next launch must not report it as its own.
 void set_pending_error(int64_t code) { kd_emu::set_last_error((int)code); }
 
+// Vocab-parallel pass 2 (kd_rows.h RowsArgs::partial): [N, 2] fp32 per-row sums over the
+// shard with the normalisers given in stats.
+at::Tensor given_stats_emu(const at::Tensor& student, const at::Tensor& teacher,
+                         const c10::optional<at::Tensor>& labels, const at::Tensor& stats,
+                         int64_t div_id, double param, double temperature, int64_t ignore_index) {
+  RowsArgs a = make_args(student, teacher, labels, div_id, param, temperature, 1.0, 0.0,
+                         ignore_index, at::kCPU);
+  at::Tensor st = check_stats(stats, a.N);
+  at::Tensor partial = at::empty({a.N, 2}, student.options().dtype(at::kFloat));
+  a.stats = const_cast<float*>(st.data_ptr<float>());
+  a.partial = partial.data_ptr<float>();
+  check_launch(cuda_given_stats_rows(a, nullptr), "given-statistics");
+  return partial;
+}
+
 }  // namespace
 }  // namespace kd
 
@@ -69,12 +84,15 @@ TORCH_LIBRARY(kdkernels_cuda_emu, m) {
   m.def("kd_rows_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? labels, Tensor stats, "
         "int div_id, float param, float temperature, float soft_weight, float hard_weight, "
         "int ignore_index) -> Tensor");
+  m.def("kd_rows_given_stats(Tensor student, Tensor teacher, Tensor? labels, Tensor stats, int div_id, "
+        "float param, float temperature, int ignore_index) -> Tensor");
   m.def("set_pending_error(int code) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kdkernels_cuda_emu, CPU, m) {
   m.impl("kd_rows_fwd", &kd::fwd);
   m.impl("kd_rows_bwd", &kd::bwd);
+  m.impl("kd_rows_given_stats", &kd::given_stats_emu);
 }
 
 TORCH_LIBRARY_IMPL(kdkernels_cuda_emu, CompositeExplicitAutograd, m) {

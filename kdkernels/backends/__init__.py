@@ -18,6 +18,18 @@ ignore_index) -> (loss [N], stats [N, STATS_WIDTH])``
 ``forward_rows_with_grad(<forward args>, grad_scale) -> (loss [N], grad)``  ("fused_grad")
     The losses and the gradient for grad_loss = grad_scale in one call (statistics pass, then one
     pass forming loss and gradient).
+``forward_rows_given_stats(student, teacher, labels, stats, div_id, param, temperature,
+ignore_index) -> partial [N, 2]``  ("vocab_parallel")
+    The vocab-parallel pass with the GLOBAL statistics: ``stats`` is [N, STATS_WIDTH] fp32 in this
+    backend's own layout (``forward_rows``), of which only the normalisers (columns 0..3: max and
+    log sum-exp of t/T and of s/T) are read; per row, ``partial`` (fp32) holds Σφ and the partial
+    c = Σ q·∂φ/∂q over the columns of ``student`` (a V-shard), with log p and log q formed from
+    the given normalisers exactly as this backend's forward forms them (same centring), and in
+    this backend's convention for c (``BackendSpec.c_full``); zeros on ignored rows. Summed over
+    the shards they are the full row's D and c (``kdkernels.distributed.vocab_parallel``).
+    With "vocab_parallel", ``backward_rows`` also takes a label outside [0, V) that is not
+    ignore_index (the label's column lives on another rank): it adds hard_weight·softmax(s) with
+    no one-hot term (``forward_rows`` gives such a row a NaN loss).
 ``sparse_stats(s3, idx, labels, T, need_b, need_a) -> (stats [N, 3], gathered [N, K])`` and
 ``sparse_grad(s3, stats, idx, labels, T, need_b, need_a, c_b, c_a, g_idx, g_lab) -> grad``
     ("sparse") The student side of ``sparse_kd_loss`` (see ``kdkernels.ops.sparse``).
@@ -50,10 +62,12 @@ STATS_WIDTH = 7
 #   "ensemble"     several teachers, p = sum_m w_m softmax(t_m / T)
 #   "teacher_grad" the gradient with respect to the teacher logits (online/mutual distillation)
 #   "sparse"       sparse_stats / sparse_grad (sparse_kd_loss)
+#   "vocab_parallel" forward_rows_given_stats and out-of-shard labels in backward_rows
+#                  (kd_loss / fused_linear_kd_loss with process_group)
 # Capabilities a call uses when present and does without otherwise (never in ``needs``):
 #   "fused_grad"   forward_rows_with_grad (loss and gradient in one call)
 #   "grad_inplace" backward_rows(..., out=student) (no [N, V] gradient buffer)
-FEATURES = frozenset({"logit_mse", "ensemble", "teacher_grad", "sparse"})
+FEATURES = frozenset({"logit_mse", "ensemble", "teacher_grad", "sparse", "vocab_parallel"})
 OPTIONAL = frozenset({"fused_grad", "grad_inplace"})
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -67,6 +81,14 @@ class BackendSpec:
     dtypes: Tuple[torch.dtype, ...]     # input dtypes it accepts
     probe: Optional[Callable[[], Optional[str]]] = None  # returns a reason when unavailable
     features: frozenset = frozenset()   # capabilities it implements (FEATURES and OPTIONAL)
+    # The layout of the dense stats, as the vocab-parallel merges need it: maxima of t/T and s/T
+    # (True, the C++ CPU kernels) or of the raw logits t and s (False: log p = (t - m)/T - lz);
+    # whether c = Σ q g includes the constant parts of g (the "+1" of reverse KL; the Triton
+    # kernels leave them out); whether the reverse-KL backward re-sums its c over the columns it
+    # sees (the C++ kernels) instead of reading the c of the stats.
+    stats_scaled: bool = False
+    c_full: bool = True
+    resums_reverse_kl_c: bool = False
 
 
 def _probe_triton() -> Optional[str]:
@@ -96,11 +118,16 @@ BACKENDS = {
                     ("cpu", "cuda", "mps", "xpu", "meta"), _FLOATS + (torch.float64,),
                     features=FEATURES),
         BackendSpec("triton", "kdkernels.backends.triton.launch", ("cuda", "cpu"), _FLOATS,
-                    _probe_triton, features=frozenset({"sparse", "grad_inplace"})),
+                    _probe_triton,
+                    features=frozenset({"sparse", "grad_inplace", "vocab_parallel"}),
+                    c_full=False),
         BackendSpec("cuda", "kdkernels.backends.compiled", ("cuda",), _FLOATS,
-                    _probe_compiled("cuda")),
+                    _probe_compiled("cuda"), features=frozenset({"vocab_parallel"}),
+                    resums_reverse_kl_c=True),
         BackendSpec("cpu", "kdkernels.backends.compiled", ("cpu",), _FLOATS,
-                    _probe_compiled("cpu"), features=frozenset({"sparse", "fused_grad"})),
+                    _probe_compiled("cpu"),
+                    features=frozenset({"sparse", "fused_grad", "vocab_parallel"}),
+                    stats_scaled=True, resums_reverse_kl_c=True),
     )
 }
 # backend="auto": first available in this order for the tensors' device type

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import STATS_WIDTH, rows_outputs_like
 
-__all__ = ["forward_rows", "backward_rows", "forward_rows_with_grad", "sparse_stats",
+__all__ = ["forward_rows", "backward_rows", "forward_rows_with_grad", "forward_rows_given_stats", "sparse_stats",
            "sparse_grad", "unavailable_reason", "divergence_names"]
 
 _BUILD_HINT = "run `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)"
@@ -63,6 +63,10 @@ if _CPU_ERROR is None:
         return (rows_outputs_like(student.float())[0],
                 torch.empty(student.shape, dtype=student.dtype, device=student.device))
 
+    @torch.library.register_fake("kdkernels_C::kd_rows_given_stats")
+    def _given_fake(student, teacher, labels, stats, div_id, param, temperature, ignore_index):
+        return student.new_empty((student.shape[0] * student.shape[1], 2), dtype=torch.float32)
+
     @torch.library.register_fake("kdkernels_C::kd_rows_bwd")
     def _bwd_fake(grad_loss, student, teacher, labels, stats, div_id, param, temperature,
                   soft_weight, hard_weight, ignore_index):
@@ -96,6 +100,16 @@ def backward_rows(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels: O
     return torch.ops.kdkernels_C.kd_rows_bwd(grad_loss, student, teacher, labels, stats, div_id,
                                              param, temperature, soft_weight, hard_weight,
                                              ignore_index)
+
+
+def forward_rows_given_stats(student: Tensor, teacher: Tensor, labels: Optional[Tensor],
+                             stats: Tensor, div_id: int, param: float, temperature: float,
+                             ignore_index: int) -> Tensor:
+    """[N, 2] fp32: per row Σφ and Σ q·g over the student's columns with the normalisers given in
+    ``stats`` (the kernel contract, ``kdkernels.backends``)."""
+    _require(student.device)
+    return torch.ops.kdkernels_C.kd_rows_given_stats(student, teacher, labels, stats, div_id,
+                                                     param, temperature, ignore_index)
 
 
 def forward_rows_with_grad(student: Tensor, teacher: Tensor, labels: Optional[Tensor], div_id: int,

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["ENV", "STATS_WIDTH", "enabled", "unavailable_reason", "require", "library",
-           "forward_rows", "backward_rows", "set_pending_error", "build_directory"]
+           "forward_rows", "backward_rows", "forward_rows_given_stats", "set_pending_error",
+           "build_directory"]
 
 ENV = "KDKERNELS_CUDA_EMULATE"
 from . import STATS_WIDTH, rows_outputs_like
@@ -104,6 +105,10 @@ def _register_fakes() -> None:
              ignore_index):
         return rows_outputs_like(student.float())
 
+    @torch.library.register_fake("kdkernels_cuda_emu::kd_rows_given_stats")
+    def _given(student, teacher, labels, stats, div_id, param, temperature, ignore_index):
+        return student.new_empty((student.shape[0] * student.shape[1], 2), dtype=torch.float32)
+
     @torch.library.register_fake("kdkernels_cuda_emu::kd_rows_bwd")
     def _bwd(grad_loss, student, teacher, labels, stats, div_id, param, temperature, soft_weight,
              hard_weight, ignore_index):
@@ -133,6 +138,16 @@ def backward_rows(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels: O
                                      temperature, soft_weight, hard_weight, ignore_index)
     return library().kd_rows_bwd(grad_loss, student, teacher, labels, stats, div_id, param,
                                  temperature, soft_weight, hard_weight, ignore_index)
+
+
+def forward_rows_given_stats(student: Tensor, teacher: Tensor, labels: Optional[Tensor],
+                             stats: Tensor, div_id: int, param: float, temperature: float,
+                             ignore_index: int) -> Tensor:
+    if student.device.type != "cpu":
+        return _real().forward_rows_given_stats(student, teacher, labels, stats, div_id, param,
+                                                temperature, ignore_index)
+    return library().kd_rows_given_stats(student, teacher, labels, stats, div_id, param,
+                                         temperature, ignore_index)
 
 
 def set_pending_error(code: int) -> None:

@@ -129,6 +129,29 @@ def row_chunks(B: int, L: int, V: int):
             yield b, l0, l1, b * L + l0, b * L + l1
 
 
+def forward_rows_given_stats(student: torch.Tensor, teacher: torch.Tensor,
+                             labels: Optional[torch.Tensor], stats: torch.Tensor, div_id: int,
+                             param: float, temperature: float, ignore_index: int) -> torch.Tensor:
+    """[N, 2] (fp32; float64 for float64 inputs): per row Σφ and Σ q·g (g = ∂φ/∂q, in full) over
+    the columns of ``student`` [B, L, V] / ``teacher`` [B, L, >= V], with log p = (t − m_a)/T − z_a
+    and log q = (s − m_b)/T − z_b from the normalisers in ``stats`` columns 0..3 (m in raw logit
+    units, the maximum subtracted before the scaling); 0 on ignored rows. The vocab-parallel pass
+    with the global statistics (``kdkernels.distributed.vocab_parallel``), in chunks of rows."""
+    Bn, L, V = student.shape
+    cd = compute_dtype(student.dtype)
+    out = torch.zeros(Bn * L, 2, dtype=cd, device=student.device)
+    inv_T = 1.0 / temperature
+    for b, l0, l1, r0, r1 in row_chunks(Bn, L, V):
+        ma, za, mb, zb = stats[r0:r1, :4].to(cd).unbind(1)
+        logp = (teacher[b, l0:l1, :V].to(cd) - ma[:, None]) * inv_T - za[:, None]
+        logq = (student[b, l0:l1].to(cd) - mb[:, None]) * inv_T - zb[:, None]
+        out[r0:r1, 0] = D.terms(div_id, param, logp, logq).sum(-1)
+        out[r0:r1, 1] = D.dphi_dlogq(div_id, param, logp, logq).sum(-1)
+    if labels is not None:
+        out = torch.where((labels == ignore_index)[:, None], 0.0, out)
+    return out
+
+
 # ---- the reference backend ------------------------------------------------------------------
 
 def masked_row_losses(student, teachers, labels, args, weights, mask_teachers=False):

@@ -23,19 +23,21 @@ class ShardRows:
     collectives of the statistics, in forward only) and, for the gradient, autograd through it
     (its backward is local). Remembers the global vocabulary size it returns."""
 
-    def __init__(self, group, start):
-        self.group, self.start, self.vocab_size = group, start, None
+    def __init__(self, group, start, backend="reference"):
+        self.group, self.start, self.backend, self.vocab_size = group, start, backend, None
 
     def __call__(self, s, t, labels, grad_rows, args):
         if grad_rows is None:
             with torch.no_grad():
                 rows, self.vocab_size = vocab_parallel_rows(
-                    s.unsqueeze(0), t.unsqueeze(0), labels, self.group, self.start, *args)
+                    s.unsqueeze(0), t.unsqueeze(0), labels, self.group, self.start, *args,
+                    backend=self.backend)
             return rows, None
         with torch.enable_grad():
             leaf = s.detach().requires_grad_(True)
             rows, self.vocab_size = vocab_parallel_rows(
-                leaf.unsqueeze(0), t.unsqueeze(0), labels, self.group, self.start, *args)
+                leaf.unsqueeze(0), t.unsqueeze(0), labels, self.group, self.start, *args,
+                backend=self.backend)
             (g,) = torch.autograd.grad(rows, leaf, grad_rows.to(rows.dtype).expand_as(rows))
         return rows.detach(), g
 
@@ -49,17 +51,18 @@ class VocabParallelFusedKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hs, ws, bs, ht, wt, bt, labels, scale, group, start, per_row, mean, opts, cfg,
-                want):
+                want, backend):
         nh, nw, nb = want  # which gradients (grad mode is off in here: the caller decides)
         ctx.set_materialize_grads(False)
         ctx.per_row, ctx.need = per_row, (nh, nw, nb)
         if per_row:
             ctx.save_for_backward(hs, ws, bs, ht, wt, bt, labels)
             ctx.group, ctx.start, ctx.opts, ctx.cfg = group, start, opts, cfg
-            return run_chunks(hs, ws, bs, ht, wt, bt, labels, None, ShardRows(group, start), opts,
-                              cfg)[0]
+            ctx.backend = backend
+            return run_chunks(hs, ws, bs, ht, wt, bt, labels, None,
+                              ShardRows(group, start, backend), opts, cfg)[0]
         rows, gh, gw, gb, vocab_size = _vocab_parallel_run(
-            hs, ws, bs, ht, wt, bt, labels, scale, group, start, opts, cfg, (nh, nw, nb))
+            hs, ws, bs, ht, wt, bt, labels, scale, group, start, opts, cfg, (nh, nw, nb), backend)
         loss = (rows * scale.to(rows.dtype)).sum()
         if mean and vocab_size is not None:  # "mean": divide by the GLOBAL vocabulary size
             inv = 1.0 / vocab_size.to(rows.dtype)
@@ -74,14 +77,14 @@ class VocabParallelFusedKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         nh, nw, nb = ctx.need
-        out = [None] * 15
+        out = [None] * 16
         if grad_out is None or not (nh or nw or nb):
             return tuple(out)
         if ctx.per_row:  # recompute the chunks with the per-row gradients
             hs, ws, bs, ht, wt, bt, labels = ctx.saved_tensors
             _, gh, gw, gb, _ = _vocab_parallel_run(hs, ws, bs, ht, wt, bt, labels, grad_out,
                                                    ctx.group, ctx.start, ctx.opts, ctx.cfg,
-                                                   (nh, nw, nb))
+                                                   (nh, nw, nb), ctx.backend)
             out[:3] = [gh if nh else None, gw.to(ws.dtype) if nw else None,
                        gb.to(ws.dtype) if nb else None]
             return tuple(out)
@@ -96,11 +99,12 @@ class VocabParallelFusedKD(torch.autograd.Function):
         return tuple(out)
 
 
-def _vocab_parallel_run(hs, ws, bs, ht, wt, bt, labels, grad_rows, group, start, opts, cfg, need):
+def _vocab_parallel_run(hs, ws, bs, ht, wt, bt, labels, grad_rows, group, start, opts, cfg, need,
+                        backend):
     """``_run`` on the local shard, then the hidden gradient summed over the group (one
     all_reduce over the whole buffer, issued by every rank even for an empty batch).
     Returns (rows, grad_hidden, grad_weight, grad_bias, global vocabulary size or None)."""
-    shard = ShardRows(group, start)
+    shard = ShardRows(group, start, backend)
     rows, gh, gw, gb = run_chunks(hs, ws, bs, ht, wt, bt, labels, grad_rows, shard, opts, cfg, need)
     if need[0]:
         torch.distributed.all_reduce(gh, op=torch.distributed.ReduceOp.SUM, group=group)

@@ -31,6 +31,11 @@ all_gather (fp32; 8·k for float64 inputs) and receives 4·k·W, with k = 4 for 
 is on: its pair is the student's); plus one header row of k values per call (the shard size).
 The all_reduce carries 8 bytes per row (4 when no gradient is needed).
 
+Two implementations of these passes: ``_VocabParallelKD``, chunked PyTorch (backend "reference",
+and float64 inputs), and ``_VocabParallelKernelKD``, the kernels of a backend with the
+"vocab_parallel" capability through the ``kdkernels::`` ops (``forward_rows`` for pass 1,
+``forward_rows_given_stats`` for pass 2, ``backward_rows`` for step 3); same collectives.
+
 Requirements: every rank of ``group`` holds the same rows (same leading shape, same labels) and
 contiguous, non-overlapping shards that together cover the vocabulary in rank order (an explicit
 ``vocab_start_index`` is trusted, not checked). Each teacher shard must start at the same
@@ -46,9 +51,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .. import backends
 from .. import divergences as D
+from ..backends.reference import forward_rows_given_stats as reference_given_stats
 from ..backends.reference import row_chunks
 from ..checks import compute_dtype
+from ..ops.dense import kd_rows, kd_rows_backward, kd_rows_given_stats
 from .data_parallel import check_group
 
 __all__ = ["vocab_parallel_rows", "shard_start", "check_vocab_parallel_args", "all_gather"]
@@ -68,8 +76,9 @@ def all_gather(x: Tensor, group) -> Tensor:
     return out.view(W, *x.shape)
 
 
-def check_vocab_parallel_args(process_group, vocab_start_index, backend: str) -> None:
-    """Checks of the vocab-parallel arguments of ``kd_loss`` (nothing to check without them)."""
+def check_vocab_parallel_args(process_group, vocab_start_index) -> None:
+    """Checks of the vocab-parallel arguments of ``kd_loss`` (nothing to check without them; the
+    backend is resolved by ``backends.choose`` with the "vocab_parallel" capability)."""
     if process_group is None:
         if vocab_start_index is not None:
             raise ValueError("vocab_start_index applies only with process_group "
@@ -82,10 +91,6 @@ def check_vocab_parallel_args(process_group, vocab_start_index, backend: str) ->
                             f"{type(vocab_start_index).__name__}")
         if vocab_start_index < 0:
             raise ValueError(f"vocab_start_index must be >= 0, got {vocab_start_index}")
-    if backend not in ("auto", "reference"):
-        raise ValueError(f"backend={backend!r} is not supported with process_group: the "
-                         "vocab-parallel loss runs on its own chunked PyTorch path "
-                         "(use backend='auto')")
 
 
 # ---- per-row merges -------------------------------------------------------------------------
@@ -203,14 +208,9 @@ class _VocabParallelKD(torch.autograd.Function):
                 c = torch.full_like(Dv, -1.0) if div_id == _FKL else Dv + 1.0
             else:
                 # pass 2: Σφ and the partial c with the global statistics
-                part = torch.zeros(N, 2 if need_grad else 1, dtype=cd, device=dev)
-                for b, l0, l1, r0, r1 in row_chunks(Bsz, L, V):
-                    rr = slice(r0, r1)
-                    logp = _log_prob(t3[b, l0:l1, :V].to(cd), Ma[rr], Za[rr], 1.0 / T)
-                    logq = _log_prob(s3[b, l0:l1].to(cd), Mb[rr], Zb[rr], 1.0 / T)
-                    part[rr, 0] = D.terms(div_id, param, logp, logq).sum(-1)
-                    if need_grad:
-                        part[rr, 1] = D.dphi_dlogq(div_id, param, logp, logq).sum(-1)
+                given = torch.stack([Ma, Za, Mb, Zb], 1)
+                part = reference_given_stats(s3, t3, None, given, div_id, param, T, ignore_index)
+                part = part if need_grad else part[:, :1].contiguous()
                 dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)   # (collective 2)
                 Dv = part[:, 0]
                 if need_grad:
@@ -258,6 +258,145 @@ class _VocabParallelKD(torch.autograd.Function):
         return (grad,) + (None,) * 10
 
 
+# ---- the kernel path (backend "cpu", "triton", "cuda") ------------------------------------------
+
+def _pair_from_kernel(m: Tensor, lz: Tensor) -> Tensor:
+    """A kernel's (safe max, log sum-exp) of a shard as the (m, z) pair of the merges: an empty
+    (all −inf) shard, which a kernel stores as (0, −inf), becomes (−inf, −inf)."""
+    return torch.where(lz == _NEG_INF, _NEG_INF, m)
+
+
+def _safe(m: Tensor) -> Tensor:
+    """A merged maximum as the kernels' stats hold it: −inf (no mass anywhere) becomes 0."""
+    return torch.where(m == _NEG_INF, 0.0, m)
+
+
+class _VocabParallelKernelKD(torch.autograd.Function):
+    """The vocab-parallel rows on a kernel backend (module doc; same collectives as
+    ``_VocabParallelKD``). Every kernel call goes through the ``kdkernels::`` ops:
+
+    * pass 1, ``kd_rows`` on the local shard with the soft term only (hard_weight 0): the shard's
+      (max, log sum-exp) of t/T and s/T and, for forward / reverse KL, T²·(shard-local divergence);
+      the two-pass divergences ask it for the statistics of forward KL (one read of the shard).
+      When the hard term needs its own normaliser (T != 1 or no soft term), a second ``kd_rows``
+      with only the hard term at T = 1 gives the (max, log sum-exp) of s; the label logit is
+      gathered on the owning rank. Maxima are in the backend's units
+      (``BackendSpec.stats_scaled``), and the merges follow them.
+    * one all_gather; the merges of the reference path;
+    * pass 2 (jsd, skew_kl, skew_reverse_kl, tvd): ``kd_rows_given_stats`` with the global
+      normalisers, then one all_reduce of (Σφ, partial c);
+    * backward: ``kd_rows_backward`` with the global stats and a local label per row (the label
+      minus this rank's offset when this rank owns it, else ``V_local`` or ``V_local + 1``, a
+      column outside the shard: the kernels then add hard_weight·softmax(s) and no one-hot).
+      Reverse KL on kernels that re-sum its c over the columns they see
+      (``BackendSpec.resums_reverse_kl_c``) runs the identical gradient form of skew reverse KL at
+      α = 0 (m = p exactly: g = log q − log p + 1) with the global c = KL(q‖p) + 1.
+    """
+
+    @staticmethod
+    def forward(ctx, s3, t3, labels, group, start, div_id, param, T, sw, hw, ignore_index,
+                backend):
+        Bsz, L, V = s3.shape
+        N = Bsz * L
+        dev = s3.device
+        spec = backends.BACKENDS[backend]
+        inv = 1.0 if spec.stats_scaled else 1.0 / T   # maxima of x/T, or of x
+        need_grad = ctx.needs_input_grad[0]
+        online = sw != 0.0 and div_id in (_FKL, _RKL)
+        hard_own = hw != 0.0 and not (sw != 0.0 and T == 1.0)  # at T = 1 the soft b is s
+
+        valid = None if labels is None else labels != ignore_index
+        lab_k = None  # labels for the kernels: ignore_index kept, local ids, a column outside
+        lab_g = owned = None
+        if labels is not None:
+            lab_k = labels
+            if hw:
+                lab_local = labels - start
+                owned = valid & (lab_local >= 0) & (lab_local < V)
+                outside = V + 1 if ignore_index == V else V
+                lab_k = torch.where(owned, lab_local, torch.where(valid, outside, ignore_index))
+                lab_g = torch.where(owned, lab_local, 0)
+
+        cols = (["ma", "za", "mb", "zb"] if sw else []) + (["w"] if online else []) + \
+               (["ms", "zs"] if hard_own else []) + (["sl"] if hw else [])
+        ci = {c: i for i, c in enumerate(cols)}
+        if hw and not hard_own:
+            ci["ms"], ci["zs"] = ci["mb"], ci["zb"]
+        k = max(len(cols), 1)
+        local = torch.zeros(N + 1, k, dtype=torch.float32, device=dev)
+        local[N, 0] = V  # header row: this rank's vocabulary size
+
+        # pass 1: local statistics (kernels)
+        if sw:
+            loss1, st1 = kd_rows(s3, t3, labels, backend, div_id if online else _FKL, param, T,
+                                 1.0, 0.0, ignore_index)
+            local[:N, ci["ma"]] = _pair_from_kernel(st1[:, 0], st1[:, 1])
+            local[:N, ci["za"]] = st1[:, 1]
+            local[:N, ci["mb"]] = _pair_from_kernel(st1[:, 2], st1[:, 3])
+            local[:N, ci["zb"]] = st1[:, 3]
+            if online:
+                local[:N, ci["w"]] = loss1 / (T * T)
+        if hard_own:
+            _, st2 = kd_rows(s3, t3, lab_k, backend, _FKL, 0.0, 1.0, 0.0, 1.0, ignore_index)
+            local[:N, ci["ms"]] = _pair_from_kernel(st2[:, 5], st2[:, 6])
+            local[:N, ci["zs"]] = st2[:, 6]
+        if hw:
+            sl = s3.gather(-1, lab_g.view(Bsz, L, 1)).reshape(N).float()
+            local[:N, ci["sl"]] = torch.where(owned, sl, 0.0)
+
+        G = all_gather(local, group)                 # [W, N + 1, k]   (collective 1)
+        vocab_size = G[:, N, 0].sum()
+        G = G[:, :N]
+
+        zero = torch.zeros(N, dtype=torch.float32, device=dev)
+        Ma = Za = Mb = Zb = Ms = Zs = c = zero
+        rows = zero
+        if sw:
+            pa = (G[:, :, ci["ma"]], G[:, :, ci["za"]])
+            pb = (G[:, :, ci["mb"]], G[:, :, ci["zb"]])
+            Ma, Za = _merge_lse(*pa, inv)
+            Mb, Zb = _merge_lse(*pb, inv)
+            if online:
+                Dv = _merge_online(div_id, pa, pb, G[:, :, ci["w"]], Ma, Za, Mb, Zb, inv)
+                if div_id == _FKL:
+                    c = torch.full_like(Dv, -1.0)
+                else:
+                    c = Dv + (1.0 if spec.c_full else 0.0)
+            else:
+                given = torch.stack([_safe(Ma), Za, _safe(Mb), Zb, zero, zero, zero], 1)
+                part = kd_rows_given_stats(s3, t3, labels, given, backend, div_id, param, T,
+                                           ignore_index)
+                part = part if need_grad else part[:, :1].contiguous()
+                dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)   # (collective 2)
+                Dv = part[:, 0]
+                if need_grad:
+                    c = part[:, 1]
+            rows = rows + (sw * T * T) * Dv
+        if hw:
+            Ms, Zs = _merge_lse(G[:, :, ci["ms"]], G[:, :, ci["zs"]])
+            ce = (Ms - G[:, :, ci["sl"]].sum(0)) + Zs
+            in_range = (labels >= 0) & (labels < vocab_size)
+            rows = rows + hw * torch.where(in_range, ce, float("nan"))
+        if valid is not None:
+            rows = torch.where(valid, rows, 0.0)
+
+        stats = torch.stack([_safe(Ma), Za, _safe(Mb), Zb, c, _safe(Ms), Zs], 1).contiguous()
+        ctx.save_for_backward(s3, t3, lab_k, stats)
+        b_div, b_param = div_id, param
+        if div_id == _RKL and spec.resums_reverse_kl_c:
+            b_div, b_param = D.SKEW_REVERSE_KL, 0.0
+        ctx.scalars = (backend, b_div, b_param, T, sw, hw, ignore_index)
+        ctx.mark_non_differentiable(vocab_size)
+        return rows, vocab_size
+
+    @staticmethod
+    def backward(ctx, grad_rows, _grad_vocab):
+        s3, t3, lab_k, stats = ctx.saved_tensors
+        grad = kd_rows_backward(grad_rows.float().contiguous(), s3, t3, lab_k, stats,
+                                *ctx.scalars)
+        return (grad,) + (None,) * 11
+
+
 def shard_start(local_vocab: int, group, device) -> Tensor:
     """This rank's first global vocabulary id when the shards lie in rank order: the sum of the
     lower ranks' shard sizes (one all_gather of one int64 per rank; a 0-dim int64 tensor)."""
@@ -268,18 +407,25 @@ def shard_start(local_vocab: int, group, device) -> Tensor:
 
 def vocab_parallel_rows(s3: Tensor, t3: Tensor, labels: Optional[Tensor], group,
                         vocab_start_index, div_id: int, param: float, temperature: float,
-                        soft_weight: float, hard_weight: float, ignore_index: int):
+                        soft_weight: float, hard_weight: float, ignore_index: int,
+                        backend: str = "reference"):
     """Per-row losses [N] of the full vocabulary from the local shards, and the global vocabulary
     size (a 0-dim tensor), for validated arguments (``kd_loss`` calls this).
 
     ``s3``/``t3`` are [B, L, V_local] / [B, L, >= V_local] row views (see ``functional.as_rows``),
-    ``labels`` None or int64 [N] global vocabulary ids.
+    ``labels`` None or int64 [N] global vocabulary ids. ``backend``: a resolved backend name
+    ("reference": the chunked PyTorch path; a kernel backend with the "vocab_parallel"
+    capability: its kernels on the shard, through the ``kdkernels::`` ops).
     """
     start = vocab_start_index
     if hard_weight != 0.0 and start is None:
         start = shard_start(s3.shape[-1], group, s3.device)
-    rows, vocab_size = _VocabParallelKD.apply(s3, t3, labels, group, start, div_id, param,
-                                              temperature, soft_weight, hard_weight, ignore_index)
+    args = (s3, t3, labels, group, start, div_id, param, temperature, soft_weight, hard_weight,
+            ignore_index)
+    if backend == "reference":
+        rows, vocab_size = _VocabParallelKD.apply(*args)
+    else:
+        rows, vocab_size = _VocabParallelKernelKD.apply(*args, backend)
     if labels is not None and labels.device.type == "cpu" and not torch.compiler.is_compiling():
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
         if bool(bad.any()):

@@ -86,7 +86,8 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
             vocabulary id; the hidden states and labels (global ids) are the same on every rank.
             Returns the full-vocabulary loss on every rank; the weight and bias gradients are
             those of the local shard, the hidden gradient is the full one (summed over the
-            group). ``backend`` must be "auto" or "reference". See docs/distributed.md.
+            group). Each chunk runs on the kernels of ``backend`` on the local shard (the
+            vocab-parallel rows of ``kd_loss``). See docs/distributed.md.
         vocab_start_index: with ``process_group``, the global id of this rank's first row of
             ``student_weight``; None: shards in rank order (needed only with the hard term).
 
@@ -110,7 +111,7 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
     if grad_weight_dtype not in (torch.float32, student_weight.dtype):
         raise ValueError(f"grad_weight_dtype must be torch.float32 or the weight dtype "
                          f"({student_weight.dtype}), got {grad_weight_dtype}")
-    check_vocab_parallel_args(process_group, vocab_start_index, backend)
+    check_vocab_parallel_args(process_group, vocab_start_index)
     N = math.prod(lead)
     if chunk_size is None:
         chunk = auto_chunk_size(N, V, student_hidden.device)
@@ -121,8 +122,9 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
     # with a process group the label range is the global vocabulary, checked by the shards' loss
     flat_labels = check_labels(labels, lead, student_hidden.device,
                                V if process_group is None else None, ii)
-    name = (None if process_group is not None
-            else _choose_backend(backend, student_hidden.device, student_hidden.dtype))
+    name = _choose_backend(backend, student_hidden.device, student_hidden.dtype,
+                           frozenset({"vocab_parallel"}) if process_group is not None
+                           else frozenset())
 
     hs = student_hidden.reshape(N, student_hidden.shape[-1])
     ht = teacher_hidden.detach().reshape(N, teacher_hidden.shape[-1])
@@ -144,7 +146,7 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
                             ii, num_items_in_batch, dtype=cd, device=dev)
         out = VocabParallelFusedKD.apply(hs, student_weight, student_bias, ht, wt, bt, flat_labels,
                                          scale, process_group, start, reduction == "none",
-                                         reduction == "mean", opts, cfg, need)
+                                         reduction == "mean", opts, cfg, need, name)
         return out.view(lead) if reduction == "none" else out
 
     scalars = (name, *opts.scalars(), cap, chunk, cfg.weight_grad_fp32)

@@ -74,6 +74,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
             sharded on the vocabulary: each rank passes its [..., V_local] shards (same rows on
             every rank) and gets the loss of the full vocabulary (``kdkernels.distributed``).
             ``labels`` are then global vocabulary ids, and the vocabulary checks are per shard.
+            Runs on the kernels of ``backend`` ("auto": as without a group) on each rank's shard.
         vocab_start_index: with ``process_group``, the global id of this rank's first column;
             default: shards in rank order (offsets from the gathered shard sizes).
 
@@ -99,7 +100,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
     ii = opts.ignore_index
     if not isinstance(grad_inplace, bool):
         raise TypeError(f"grad_inplace must be a bool, got {type(grad_inplace).__name__}")
-    check_vocab_parallel_args(process_group, vocab_start_index, backend)
+    check_vocab_parallel_args(process_group, vocab_start_index)
     # with a process group the label range is the global vocabulary, checked by the shards' loss
     flat_labels = check_labels(labels, lead, student_logits.device,
                                V if process_group is None else None, ii)
@@ -122,8 +123,11 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
         if needs:
             raise ValueError(f"process_group does not support {sorted(needs)} (ensembles, teacher "
                              "gradients and logit_mse are single-process features for now)")
+        # the backend's kernels on the local shard (or the reference's chunked PyTorch path)
+        name = backends.choose(backend, student_logits.device, student_logits.dtype,
+                               frozenset({"vocab_parallel"}), "kd_loss with process_group")
         rows, vocab_size = vocab_parallel_rows(s3, t3[0], flat_labels, process_group,
-                                               vocab_start_index, *args)
+                                               vocab_start_index, *args, backend=name)
         return reduce_rows(rows, reduction, lead, vocab_size, flat_labels, ii, num_items_in_batch,
                            token_weights=flat_w)
     name = backends.choose(backend, student_logits.device, student_logits.dtype, frozenset(needs))

@@ -2,7 +2,10 @@
 
 ``kdkernels::kd_rows`` returns per-row losses and statistics; ``kdkernels::kd_rows_backward``
 (or ``..._backward_inplace``) turns per-row loss gradients into the student-logit gradient;
-``kdkernels::kd_rows_with_grad`` forms losses and gradient in one call.
+``kdkernels::kd_rows_with_grad`` forms losses and gradient in one call;
+``kdkernels::kd_rows_given_stats`` sums φ and q·g over a row's columns with given normalisers (the
+vocab-parallel pass with the global statistics; no autograd: its caller differentiates through
+``kd_rows_backward``).
 They dispatch to the backend module named by their ``backend`` argument, so every backend gets
 ``torch.compile(fullgraph=True)`` support and autograd from this one place.
 """
@@ -162,3 +165,21 @@ def _backward_with_grad(ctx, grad_loss, grad_grad):
 
 torch.library.register_autograd("kdkernels::kd_rows_with_grad", _backward_with_grad,
                                 setup_context=_setup_with_grad)
+
+
+# ---- the given-statistics pass (vocab-parallel) ---------------------------------------------------
+
+@torch.library.custom_op("kdkernels::kd_rows_given_stats", mutates_args=())
+def kd_rows_given_stats(student: Tensor, teacher: Tensor, labels: Optional[Tensor], stats: Tensor,
+                        backend: str, div_id: int, param: float, temperature: float,
+                        ignore_index: int) -> Tensor:
+    """[N, 2] fp32: per row (Σφ, Σ q·g) over the columns of ``student`` with the normalisers
+    given in ``stats`` (backend function ``forward_rows_given_stats``). Not differentiable."""
+    return backends.load(backend).forward_rows_given_stats(student, teacher, labels,
+                                                           stats.contiguous(), div_id, param,
+                                                           temperature, ignore_index)
+
+
+@kd_rows_given_stats.register_fake
+def _(student, teacher, labels, stats, backend, div_id, param, temperature, ignore_index):
+    return student.new_empty((student.shape[0] * student.shape[1], 2), dtype=torch.float32)

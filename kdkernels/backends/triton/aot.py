@@ -53,6 +53,11 @@ def _signature(kernel: str, dtype: str) -> Dict[str, str]:
         head = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "lab_ptr": "*i64",
                 "loss_ptr": "*fp32", "stats_ptr": "*fp32"}
         return {**head, **strides, **common_tail}
+    if kernel == "given":  # kd_given_stats_kernel (vocab-parallel pass 2)
+        head = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "lab_ptr": "*i64",
+                "stats_ptr": "*fp32", "out_ptr": "*fp32"}
+        return {**head, **strides, "inv_T": "fp32", "param": "fp32", "ignore_index": "i32",
+                "DIV": "constexpr", "HAS_LABELS": "constexpr", "BLOCK": "constexpr"}
     head = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "lab_ptr": "*i64", "stats_ptr": "*fp32",
             "gl_ptr": "*fp32", "g_ptr": f"*{dtype}"}
     return {**head, **strides, "g_sb": "i64", "g_sl": "i64", **common_tail}
@@ -80,9 +85,11 @@ def compile_one(kernel: str, div: int, dtype: str, cap: int, soft: bool = True,
     from .launch import DEFAULT_CONFIGS
 
     block, warps = DEFAULT_CONFIGS[(cap // 10, cap % 10)][kernel]
-    fn = K.kd_fwd_kernel if kernel == "fwd" else K.kd_bwd_kernel
+    fn = {"fwd": K.kd_fwd_kernel, "bwd": K.kd_bwd_kernel, "given": K.kd_given_stats_kernel}[kernel]
     constexprs = {"DIV": div, "SOFT": soft, "HAS_LABELS": has_labels, "HARD": hard,
                   "BLOCK": block}
+    if kernel == "given":
+        constexprs = {"DIV": div, "HAS_LABELS": has_labels, "BLOCK": block}
     src = ASTSource(fn=fn, signature=_signature(kernel, dtype), constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
                               options={"num_warps": warps})
@@ -103,7 +110,7 @@ def default_variants(dtypes: Sequence[str] = ("fp32", "bf16"), caps: Sequence[in
     """Every kernel × divergence × dtype × target with all terms on (soft + labels + hard: the
     most live values), plus the soft-only variant of each divergence."""
     out = []
-    for kernel, div, dtype, cap in itertools.product(("fwd", "bwd"), divs, dtypes, caps):
+    for kernel, div, dtype, cap in itertools.product(("fwd", "bwd", "given"), divs, dtypes, caps):
         out.append(dict(kernel=kernel, div=div, dtype=dtype, cap=cap))
     for kernel, div in itertools.product(("fwd", "bwd"), divs):
         out.append(dict(kernel=kernel, div=div, dtype="bf16", cap=90, has_labels=False,

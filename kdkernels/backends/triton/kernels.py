@@ -333,3 +333,40 @@ def kd_bwd_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, gl_ptr, g_ptr,
             grad = tl.where(c_bad, float("nan"), grad)
         grad = tl.where(valid, grad * gl, 0.0)
         tl.store(g_row + cols, grad.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def kd_given_stats_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, out_ptr,
+                          V, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
+                          inv_T, param, ignore_index,
+                          DIV: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK: tl.constexpr):
+    """Vocab-parallel pass 2: with the normalisers (mt, log za, ms, log zb) given in ``stats``
+    (the layout kd_fwd_kernel stores; in the vocab-parallel loss they are the global ones), the
+    sums over this row's V columns of φ and of q·g (the constant parts of g left out, as in
+    kd_fwd_kernel's second pass) into out[row, 0], out[row, 1]; zeros on ignored rows."""
+    row = tl.program_id(0).to(tl.int64)
+    s_off, t_off, label, valid = _row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
+                                            ignore_index, HAS_LABELS)
+    s_row = s_ptr + s_off
+    t_row = t_ptr + t_off
+    n = tl.where(valid, V, 0)
+    ninf = float("-inf")
+    st = stats_ptr + row * STATS
+    ma = tl.load(st + 0)
+    lza = tl.load(st + 1)
+    mb = tl.load(st + 2)
+    lzb = tl.load(st + 3)
+    div = tl.zeros([], tl.float32)
+    c = tl.zeros([], tl.float32)
+    for start in range(0, n, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < V
+        s = tl.load(s_row + cols, mask=mask, other=ninf).to(tl.float32)
+        t = tl.load(t_row + cols, mask=mask, other=ninf).to(tl.float32)
+        logp = (t - ma) * inv_T - lza
+        logq = (s - mb) * inv_T - lzb
+        phi, qg = _terms(DIV, logp, logq, tl.exp(logp), tl.exp(logq), param)
+        div += tl.sum(phi, 0)
+        c += tl.sum(qg, 0)
+    tl.store(out_ptr + row * 2, tl.where(valid, div, 0.0))
+    tl.store(out_ptr + row * 2 + 1, tl.where(valid, c, 0.0))

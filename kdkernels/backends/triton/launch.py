@@ -35,12 +35,14 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # array: the statistics pass keeps 7 per-lane arrays of online state across the loop, and 2048
 # made ptxas spill 4 bytes for fp32 forward / reverse KL with the hard term), backward at
 # 4096 × 8 (no spills, <= 80 regs).
+# "given" (kd_given_stats_kernel, the vocab-parallel pass 2) is forward's second pass alone: its
+# block size.
 DEFAULT_CONFIGS = {
-    (8, 0): {"fwd": (1024, 8), "bwd": (4096, 8)},
-    (9, 0): {"fwd": (1024, 8), "bwd": (4096, 8)},
+    (8, 0): {"fwd": (1024, 8), "bwd": (4096, 8), "given": (1024, 8)},
+    (9, 0): {"fwd": (1024, 8), "bwd": (4096, 8), "given": (1024, 8)},
 }
-_FALLBACK_CONFIG = {"fwd": (1024, 8), "bwd": (4096, 8)}
-_INTERPRETER_CONFIG = {"fwd": (4096, 1), "bwd": (4096, 1)}
+_FALLBACK_CONFIG = {"fwd": (1024, 8), "bwd": (4096, 8), "given": (1024, 8)}
+_INTERPRETER_CONFIG = {"fwd": (4096, 1), "bwd": (4096, 1), "given": (4096, 1)}
 _MIN_BLOCK = 16
 
 
@@ -188,4 +190,29 @@ def backward_rows(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels: O
         else:
             block, warps = _config("bwd", student.device, V)
             K.kd_bwd_kernel[(N,)](*args, **modes, BLOCK=block, num_warps=warps)
+    return out
+
+
+def forward_rows_given_stats(student: Tensor, teacher: Tensor, labels: Optional[Tensor],
+                             stats: Tensor, div_id: int, param: float, temperature: float,
+                             ignore_index: int) -> Tensor:
+    """[N, 2] fp32: per row Σφ and Σ q·g over the columns of ``student`` with the normalisers of
+    ``stats`` (the kernel contract, ``kdkernels.backends``)."""
+    _check(student, teacher, labels)
+    Bn, L, V = student.shape
+    N = Bn * L
+    out = torch.empty((N, 2), dtype=torch.float32, device=student.device)
+    if stats.shape != (N, STATS_WIDTH) or stats.dtype != torch.float32 or not stats.is_contiguous():
+        raise ValueError(f"stats must be a contiguous float32 [{N}, {STATS_WIDTH}] tensor")
+    if N == 0:
+        return out
+    _check_div(div_id)
+    lab = labels.contiguous() if labels is not None else stats
+    args = (student, teacher, lab, stats, out, V, L, student.stride(0), student.stride(1),
+            teacher.shape[1], teacher.stride(0), teacher.stride(1), 1.0 / temperature,
+            float(param), ignore_index)
+    with device_guard(student):
+        block, warps = _config("given", student.device, V)
+        K.kd_given_stats_kernel[(N,)](*args, DIV=int(div_id), HAS_LABELS=labels is not None,
+                                      BLOCK=block, num_warps=warps)
     return out
