@@ -4,7 +4,8 @@ Install torch first, then ``pip install --no-build-isolation -e .`` (README expl
 extensions compile against the torch you run with.
 
 * ``kdkernels._C``: the C++ CPU backend and the ``torch.ops.kdkernels_C`` schemas. Always built.
-  ``-O3 -fopenmp -g0``, plus ``-mavx2 -mfma -mf16c`` when the build machine has them (the per-element
+  ``-O3 -fopenmp -g0``, plus ``-mavx2 -mfma -mf16c`` (and ``-mavx512f/bw/vl/dq``) when the build
+  machine has them (the per-element
   math is written for the compiler's vectorizer; ``-fno-trapping-math`` lets it if-convert).
 * ``kdkernels._C_cuda``: the CUDA kernels (csrc/cuda), built when torch has CUDA and nvcc exists.
 
@@ -35,12 +36,18 @@ def _rel(*parts):
     return os.path.join("csrc", *parts)
 
 
-def _compiler_accepts(flags):
-    """True if the C++ compiler builds and the machine runs a program using ``flags``."""
+_AVX2_TEST = ("#include <immintrin.h>\nint main(){__m256 a=_mm256_set1_ps(1.f);"
+              "a=_mm256_fmadd_ps(a,a,a);__m128i h=_mm256_cvtps_ph(a,0);"
+              "return (int)_mm256_cvtss_f32(_mm256_cvtph_ps(h))==2?0:1;}\n")
+_AVX512_TEST = ("#include <immintrin.h>\nint main(){__m512 a=_mm512_set1_ps(1.f);"
+                "a=_mm512_fmadd_ps(a,a,a);__m512i m=_mm512_set1_epi32(3);"
+                "m=_mm512_maskz_add_epi16(0x3,m,m);"
+                "return _mm512_reduce_add_ps(a)==32.f&&_mm512_reduce_add_epi32(m)==6?0:1;}\n")
+
+
+def _compiler_accepts(flags, src=_AVX2_TEST):
+    """True if the C++ compiler builds and the machine runs the program ``src`` with ``flags``."""
     cxx = os.environ.get("CXX", "c++")
-    src = ("#include <immintrin.h>\nint main(){__m256 a=_mm256_set1_ps(1.f);"
-           "a=_mm256_fmadd_ps(a,a,a);__m128i h=_mm256_cvtps_ph(a,0);"
-           "return (int)_mm256_cvtss_f32(_mm256_cvtph_ps(h))==2?0:1;}\n")
     with tempfile.TemporaryDirectory() as d:
         c, exe = os.path.join(d, "t.cpp"), os.path.join(d, "t")
         with open(c, "w") as f:
@@ -57,8 +64,14 @@ def cpu_arch_flags():
     env = os.environ.get("KDKERNELS_CPU_ARCH_FLAGS")
     if env is not None:
         return env.split()
-    if platform.machine().lower() in ("x86_64", "amd64") and _compiler_accepts(["-mavx2", "-mfma", "-mf16c"]):
-        return ["-mavx2", "-mfma", "-mf16c"]
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    avx2 = ["-mavx2", "-mfma", "-mf16c"]
+    avx512 = avx2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+    if _compiler_accepts(avx512, _AVX512_TEST):
+        return avx512  # 16 fp32 lanes in the vectorized loops (measured: benchmarks/results)
+    if _compiler_accepts(avx2):
+        return avx2
     return []
 
 

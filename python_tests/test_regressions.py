@@ -252,3 +252,28 @@ def test_shifted_teacher_gives_exact_zero_at_huge_logits_low_temperature(backend
     loss.sum().backward()
     assert (loss == 0).all(), loss
     assert (x.grad == 0).all(), x.grad.abs().max()
+
+
+
+# Fuzz cases (long profile) that the C++ CPU fused path failed, before the fix: the mixtures
+# formed from p and q took 1/m, which overflows to inf for a subnormal m, so columns with
+# p = 0 < q ~ 1e-40, or identical rows with p = q ~ 1e-40, gave 0·inf = NaN or an infinite loss
+# (253 of ~1000 cases). Replayed through the fuzzer's own check.
+SUBNORMAL_MIXTURE_CASES = [
+    ("jsd", {"beta": 0.01}, 0.05, 1271, (3,), torch.float32, "identical", False, 3, "some", 0.0, 340),
+    ("jsd", {"beta": 0.01}, 0.05, 202, (1, 4), torch.bfloat16, "randn", False, 3, "none", 0.0, 202),
+    ("jsd", {"beta": 0.01}, 0.05, 252, (1, 4), torch.bfloat16, "neginf", True, 0, "none", 0.0, 252),
+    ("skew_kl", {"alpha": 0.5}, 2.0, 1173, (2, 2, 2), torch.float32, "huge", True, 0, "none", 0.0,
+     13563),
+    ("skew_kl", {"alpha": 0.05}, 0.05, 127, (3,), torch.bfloat16, "randn", False, 0, "some", 0.0,
+     209),
+    ("skew_reverse_kl", {"alpha": 0.10264269225324575}, 0.10264269225324575, 14278, (2, 2, 2),
+     torch.float16, "identical", True, 0, "none", 0.0, 14278),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", SUBNORMAL_MIXTURE_CASES, ids=lambda c: f"{c[0]}-{c[-1]}")
+def test_mixture_with_subnormal_probabilities(backend, case):
+    import test_fuzz
+    test_fuzz._check_case(backend, case)

@@ -24,6 +24,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <cstring>
 
 #include "kd_cuda.h"
 #include "kd_math.h"
@@ -94,15 +95,51 @@ __device__ __forceinline__ void load_chunk(const S* row, int64_t j, int64_t V, b
   }
 }
 
+// One 16-byte global store of 4 words at a 16-byte aligned address (nvcc 13 split the store of a
+// uint4 filled through an S* view into four 4-byte STGs; benchmarks/gpu_model.py counts them).
+__device__ __forceinline__ void store16(void* p, const uint32_t* w) {
+#ifdef __CUDA_ARCH__
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]),
+               "r"(w[3])
+               : "memory");
+#else
+  uint4 raw;
+  raw.x = w[0];
+  raw.y = w[1];
+  raw.z = w[2];
+  raw.w = w[3];
+  *reinterpret_cast<uint4*>(p) = raw;
+#endif
+}
+
+// The bits of one element, zero-extended to 32 bits.
+template <class S>
+__device__ __forceinline__ uint32_t bits_of(S x) {
+  if constexpr (sizeof(S) == 4) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return u;
+  } else {
+    unsigned short u;
+    memcpy(&u, &x, 2);
+    return (uint32_t)u;
+  }
+}
+
 template <class S>
 __device__ __forceinline__ void store_chunk(S* row, int64_t j, int64_t V, bool vec, const float* in) {
   constexpr int N = Vec<S>::N;
   if (vec && j >= 0 && j + N <= V) {
-    uint4 raw;
-    S* e = reinterpret_cast<S*>(&raw);
+    uint32_t w[4];  // the N elements packed into 32-bit words
 #pragma unroll
-    for (int k = 0; k < N; ++k) e[k] = from_float<S>(in[k]);
-    *reinterpret_cast<uint4*>(row + j) = raw;
+    for (int k = 0; k < 4; ++k) {
+      if constexpr (sizeof(S) == 4) {
+        w[k] = bits_of(from_float<S>(in[k]));
+      } else {
+        w[k] = bits_of(from_float<S>(in[2 * k])) | (bits_of(from_float<S>(in[2 * k + 1])) << 16);
+      }
+    }
+    store16(row + j, w);
   } else {
 #pragma unroll
     for (int k = 0; k < N; ++k)

@@ -328,21 +328,19 @@ template <int DIV>
 KD_HD KD_INLINE void mix_terms_linear(float p, float q, float param, float& phi, float& qg) {
   if (DIV == JSD) {  // m = beta p + (1 - beta) q
     const float m = q + param * (p - q);
-    const float inv = m > 0.0f ? 1.0f / m : 0.0f;
-    const float rp = p * inv, rq = q * inv;
+    const float ms = m > 0.0f ? m : 1.0f;  // m = 0: p = q = 0 (or below 2^-89: terms ~ 0)
+    const float rp = p / ms, rq = q / ms;  // divisions, not 1/m: m may be subnormal
     const float tq = xlog_of_ratio(q, rq, log_fast(rq));
     phi = param * xlog_of_ratio(p, rp, log_fast(rp)) + (1.0f - param) * tq;
     qg = (1.0f - param) * tq;
   } else if (DIV == SKEW_KL) {  // m = alpha p + (1 - alpha) q; q g = -(1 - alpha) q p / m
     const float m = q + param * (p - q);
-    const float inv = m > 0.0f ? 1.0f / m : 0.0f;
-    const float r = p * inv;
+    const float r = p / (m > 0.0f ? m : 1.0f);
     phi = xlog_of_ratio(p, r, log_fast(r));
     qg = -(1.0f - param) * q * r;
   } else {  // SKEW_REVERSE_KL: m = alpha q + (1 - alpha) p; q g = q (log(q/m) + 1 - alpha q / m)
     const float m = p + param * (q - p);
-    const float inv = m > 0.0f ? 1.0f / m : 0.0f;  // (a select around q / m defeats GCC's
-    const float r = q * inv;                       //  vectorizer; around 1 / m it does not)
+    const float r = q / (m > 0.0f ? m : 1.0f);  // (a select around q / m defeats GCC's vectorizer)
     const float lr = log_fast(r);
     phi = r > 0.0f ? q * lr : 0.0f;
     qg = r > 0.0f ? q * ((lr + 1.0f) - param * r) : 0.0f;
