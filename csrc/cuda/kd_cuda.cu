@@ -246,6 +246,38 @@ __device__ __forceinline__ float log_prob_scaled(float x, LogNorm n, float invT)
 
 // SOFT: the soft term counts (soft_weight != 0). SEP: the hard term needs its own (max, sum-exp)
 // of s at T = 1 (labels, hard_weight != 0, and not (SOFT and T == 1), where it is the student's).
+// The second pass of the two-pass divergences from row normalisers na, nb: D = sum phi and
+// c = sum q g over the row, in every thread (forward_kernel and given_stats_kernel).
+// c adds q g terms as large as |log p| (4e4 for one-hot teachers at |logits| 1e4) that
+// q (g - c) cancels: each thread sums a chunk (N terms) in fp32 and carries double only
+// across its chunks (2 double adds per chunk, not per element); the tree over threads is
+// short and stays fp32.
+template <class S, int DIV>
+__device__ __forceinline__ void row_sums(const S* s, const S* t, int64_t j0, int64_t V, bool vs,
+                                         bool vt, LogNorm na, LogNorm nb, float invT, float param,
+                                         float* sm, float& D, float& cc) {
+  constexpr int N = Vec<S>::N;
+  double sphi = 0., sqg = 0.;
+  for (int64_t j = j0; j < V; j += (int64_t)THREADS * N) {
+    float sv[N], tv[N];
+    load_chunk(s, j, V, vs, sv);
+    load_chunk(t, j, V, vt, tv);
+    float cphi = 0.f, cqg = 0.f;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const float lp = log_prob_scaled(tv[k], na, invT), lq = log_prob_scaled(sv[k], nb, invT);
+      float phi, qg;
+      div_terms<DIV>(lp, lq, exp_fast(lp), exp_fast(lq), param, phi, qg);
+      cphi += phi;
+      cqg += qg;
+    }
+    sphi += (double)cphi;
+    sqg += (double)cqg;
+  }
+  D = block_sum((float)sphi, sm);
+  cc = block_sum((float)sqg, sm);
+}
+
 template <class S, int DIV, bool SOFT, bool SEP>
 __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
   constexpr int N = Vec<S>::N;
@@ -335,29 +367,7 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
       D = on.k.divergence();
       cc = D + 1.f;  // saved for the record; backward sums its own c' (backward_kernel)
     } else {
-      // c adds q g terms as large as |log p| (4e4 for one-hot teachers at |logits| 1e4) that
-      // q (g - c) cancels: each thread sums a chunk (N terms) in fp32 and carries double only
-      // across its chunks (2 double adds per chunk, not per element); the tree over threads is
-      // short and stays fp32.
-      double sphi = 0., sqg = 0.;
-      for (int64_t j = j0; j < V; j += (int64_t)THREADS * N) {
-        float sv[N], tv[N];
-        load_chunk(s, j, V, vs, sv);
-        load_chunk(t, j, V, vt, tv);
-        float cphi = 0.f, cqg = 0.f;
-#pragma unroll
-        for (int k = 0; k < N; ++k) {
-          const float lp = log_prob_scaled(tv[k], na, invT), lq = log_prob_scaled(sv[k], nb, invT);
-          float phi, qg;
-          div_terms<DIV>(lp, lq, exp_fast(lp), exp_fast(lq), a.param, phi, qg);
-          cphi += phi;
-          cqg += qg;
-        }
-        sphi += (double)cphi;
-        sqg += (double)cqg;
-      }
-      D = block_sum((float)sphi, sm);
-      cc = block_sum((float)sqg, sm);
+      row_sums<S, DIV>(s, t, j0, V, vs, vt, na, nb, invT, a.param, sm, D, cc);
       if (lognorm_nan(na) || lognorm_nan(nb)) D = NAN;  // NaN input: terms with q = NaN read as 0
     }
   }
@@ -468,7 +478,6 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
 // (the second pass of forward_kernel); zeros on ignored rows.
 template <class S, int DIV>
 __global__ void __launch_bounds__(THREADS) given_stats_kernel(RowsArgs a) {
-  constexpr int N = Vec<S>::N;
   __shared__ float sm[WARPS];
   const int64_t r = blockIdx.x;
   if (r >= a.N) return;
@@ -487,25 +496,8 @@ __global__ void __launch_bounds__(THREADS) given_stats_kernel(RowsArgs a) {
   const int64_t j0 = first_chunk<S>(head);
   const RowStats rs = load_row_stats(a.stats + r * STATS_WIDTH);
   const LogNorm na = rs.na, nb = rs.nb;
-  double sphi = 0., sqg = 0.;  // as forward_kernel's second pass
-  for (int64_t j = j0; j < V; j += (int64_t)THREADS * N) {
-    float sv[N], tv[N];
-    load_chunk(s, j, V, vs, sv);
-    load_chunk(t, j, V, vt, tv);
-    float cphi = 0.f, cqg = 0.f;
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const float lp = log_prob_scaled(tv[k], na, invT), lq = log_prob_scaled(sv[k], nb, invT);
-      float phi, qg;
-      div_terms<DIV>(lp, lq, exp_fast(lp), exp_fast(lq), a.param, phi, qg);
-      cphi += phi;
-      cqg += qg;
-    }
-    sphi += (double)cphi;
-    sqg += (double)cqg;
-  }
-  const float D = block_sum((float)sphi, sm);
-  const float cc = block_sum((float)sqg, sm);
+  float D, cc;  // forward_kernel's second pass, from the given statistics
+  row_sums<S, DIV>(s, t, j0, V, vs, vt, na, nb, invT, a.param, sm, D, cc);
   if (threadIdx.x == 0) {
     out[0] = (lognorm_nan(na) || lognorm_nan(nb)) ? NAN : D;
     out[1] = cc;
