@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Divergence", "DIVERGENCES", "get", "resolve_param", "names", "kernel_names",
+__all__ = ["Divergence", "DIVERGENCES", "exchanged", "get", "resolve_param", "names", "kernel_names",
            "terms", "dphi_dlogq", "log_mix", "log_softmax_centred", "logaddexp", "xlog_ratio"]
 
 
@@ -93,6 +93,28 @@ DIVERGENCES = {
 FORWARD_KL, REVERSE_KL, JSD, SKEW_KL, SKEW_REVERSE_KL, TVD, LOGIT_MSE = (
     DIVERGENCES[n].id for n in ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl",
                                 "tvd", "logit_mse"))
+
+def exchanged(div_id: int, param: float):
+    """(id, param) of the divergence D' with D'(x, y) = D(y, x): the teacher's and the student's
+    distributions exchanged. The gradient of D(p, q) with respect to the teacher logits is the
+    STUDENT gradient of D'(q, p), so every kernel backend's student backward also gives teacher
+    gradients, called with the two logit tensors swapped (``kdkernels.ops.dense.teacher_grad``):
+    forward KL <-> reverse KL, jsd(β) -> jsd(1 − β), skew KL(α) <-> skew reverse KL(α); tvd and
+    logit_mse are symmetric (docs/extensions.md)."""
+    if div_id == FORWARD_KL:
+        return REVERSE_KL, 0.0
+    if div_id == REVERSE_KL:
+        return FORWARD_KL, 0.0
+    if div_id == JSD:
+        return JSD, 1.0 - param
+    if div_id == SKEW_KL:
+        return SKEW_REVERSE_KL, param
+    if div_id == SKEW_REVERSE_KL:
+        return SKEW_KL, param
+    if div_id in (TVD, LOGIT_MSE):
+        return div_id, param
+    raise ValueError(f"unknown divergence id {div_id}")
+
 
 # The hard-label term is not a divergence: total per row =
 #   soft_weight * T^2 * D(p, q) + hard_weight * CE(softmax(s), label)   (CE at T = 1)

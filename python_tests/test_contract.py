@@ -245,3 +245,52 @@ def test_infinite_loss_gradient_rule(backend, case, dtype):
     tol = {torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
     assert torch.allclose(rows[others].double(), exp_rows.detach(), rtol=tol, atol=tol)
     assert torch.allclose(x.grad[others].double(), eg, rtol=tol, atol=tol * T)
+
+
+# ---- teacher gradients (online / mutual distillation) ------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["plain", "ugly"])
+@pytest.mark.parametrize("div", D.names())
+def test_teacher_gradient(backend, div, case, dtype):
+    """The gradient w.r.t. the teacher logits (kernels: the exchanged divergence's student
+    backward, ops.dense.teacher_grad) against float64 autograd of the oracle, next to the
+    student's: padded teacher vocabulary (zero gradient there), row-strided views, ignored rows,
+    the hard term; "ugly": |logits| ~ 1e4 with shared -inf columns and V off the block size."""
+    if not backends.has(backend, "logit_mse") and div == "logit_mse":
+        pytest.skip(f"backend {backend!r} has no logit_mse kernel")
+    dev = device_of(backend)
+    B, L, V = 2, 5, 1031 if case == "ugly" else 300
+    scale = 1e4 if case == "ugly" else 3.0
+    s_full = _rand((B, L + 1, V), dtype, dev, scale)
+    t_full = _rand((B, L + 1, V + 7), dtype, dev, scale)
+    if case == "ugly" and div != "logit_mse":
+        s_full[..., [0, 500, V - 1]] = float("-inf")
+        t_full[..., [0, 500, V - 1]] = float("-inf")
+    if case == "ugly":  # near-identical rows: the divergence of p and q cancels
+        t_full[0, 1, :V] = s_full[0, 1]
+    s = s_full[:, :-1].detach().requires_grad_(True)    # row-strided views, no copies
+    t = t_full[:, :-1].detach().requires_grad_(True)
+    labels = _labels((B, L), V, dev)
+    labels[0, 0] = -100
+    kw = dict(temperature=1.7, labels=labels, hard_weight=0.3, soft_weight=0.8,
+              **PARAMS.get(div, {}))
+    rows = kd.kd_loss(s, t, div, reduction="none", backend=backend, **kw)
+    w = torch.rand(rows.shape, device=rows.device) + 0.5
+    (rows * w).sum().backward()
+    assert t.grad.dtype == dtype and t.grad.shape == t.shape
+    s64 = s.detach().double().requires_grad_(True)
+    t64 = t.detach().double().requires_grad_(True)
+    okw = dict(kw)
+    okw.pop("beta", None), okw.pop("alpha", None)
+    exp = oracle.rows(s64, t64, **_oracle_kw(div, **okw))
+    gs, gt = torch.autograd.grad((exp * w.double()).sum(), (s64, t64))
+    # plain PyTorch in the same dtype: the reference backend's autograd
+    s_, t_ = (x.detach().clone().requires_grad_(True) for x in (s, t))
+    pr = kd.kd_loss(s_, t_, div, reduction="none", backend="reference", **kw)
+    ps, pt = torch.autograd.grad((pr * w.to(pr.dtype)).sum(), (s_, t_))
+    assert_close(rows, exp.detach(), dtype, pr.detach(), what="loss")
+    assert_close(s.grad, gs, dtype, ps, what="student grad")
+    assert_close(t.grad, gt, dtype, pt, what="teacher grad")
+    assert (t.grad[..., V:] == 0).all(), "padded teacher columns"
+    assert (t.grad[labels == -100] == 0).all(), "ignored rows"

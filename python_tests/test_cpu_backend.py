@@ -169,6 +169,8 @@ def test_opcheck_kd_rows_cpu(div):
     s.requires_grad_(True)
     args = (s, t, lab, "cpu", d.id, d.check_param(None), 2.0, 1.0, 0.5, -100)
     torch.library.opcheck(kd_rows, args)
+    # and with the teacher requiring grad (its backward: ops.dense.teacher_grad)
+    torch.library.opcheck(kd_rows, (s, t.detach().clone().requires_grad_(True)) + args[2:])
     loss, stats = kd_rows(*args)
     # kd_rows_backward has no autograd formula of its own (no double backward): skip the
     # aot_dispatch test, which differentiates through it.

@@ -60,7 +60,9 @@ STATS_WIDTH = 7
 # listing it: backend="auto" skips the others, an explicit backend without it is an error.
 #   "logit_mse"    the logit_mse divergence (divergences.DIVERGENCES[...].feature)
 #   "ensemble"     several teachers, p = sum_m w_m softmax(t_m / T)
-#   "teacher_grad" the gradient with respect to the teacher logits (online/mutual distillation)
+#   "teacher_grad" the gradient with respect to the teacher logits (online/mutual distillation);
+#                  the kernel backends run it as backward_rows of the exchanged divergence with
+#                  the logits swapped (ops.dense.teacher_grad), so it needs "vocab_parallel"
 #   "sparse"       sparse_stats / sparse_grad (sparse_kd_loss)
 #   "vocab_parallel" forward_rows_given_stats and out-of-shard labels in backward_rows
 #                  (kd_loss / fused_linear_kd_loss with process_group)
@@ -119,14 +121,17 @@ BACKENDS = {
                     features=FEATURES),
         BackendSpec("triton", "kdkernels.backends.triton.launch", ("cuda", "cpu"), _FLOATS,
                     _probe_triton,
-                    features=frozenset({"sparse", "grad_inplace", "vocab_parallel"}),
+                    features=frozenset({"sparse", "grad_inplace", "vocab_parallel",
+                                        "teacher_grad"}),
                     c_full=False),
         BackendSpec("cuda", "kdkernels.backends.compiled", ("cuda",), _FLOATS,
-                    _probe_compiled("cuda"), features=frozenset({"vocab_parallel"}),
+                    _probe_compiled("cuda"),
+                    features=frozenset({"vocab_parallel", "teacher_grad"}),
                     resums_reverse_kl_c=True),
         BackendSpec("cpu", "kdkernels.backends.compiled", ("cpu",), _FLOATS,
                     _probe_compiled("cpu"),
-                    features=frozenset({"sparse", "fused_grad", "vocab_parallel"}),
+                    features=frozenset({"sparse", "fused_grad", "vocab_parallel",
+                                        "teacher_grad"}),
                     stats_scaled=True, resums_reverse_kl_c=True),
     )
 }

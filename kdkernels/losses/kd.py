@@ -64,7 +64,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
             p = Σ_m w_m softmax(t_m / T) (for "logit_mse" the teacher logits Σ_m w_m t_m).
         teacher_requires_grad: also return the gradient w.r.t. the teacher logits (online or
             mutual distillation). None: for each teacher that requires grad. False: teachers are
-            constants. Only the reference backend implements it so far ("auto" picks it).
+            constants. Every backend computes it (the kernels: with the exchanged divergence,
+            ``divergences.exchanged``); with an ensemble only the reference does.
         grad_inplace: opt-in memory saving for callers that no longer need the student logits:
             backward writes the gradient into the student logits' own storage, so no [N, V]
             gradient buffer is allocated. The logits are DESTROYED (they hold their gradient
@@ -131,10 +132,16 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
         return reduce_rows(rows, reduction, lead, vocab_size, flat_labels, ii, num_items_in_batch,
                            token_weights=flat_w)
     name = backends.choose(backend, student_logits.device, student_logits.dtype, frozenset(needs))
+    reason = _reference_only(opts, tw, teacher_grad) if name != "reference" else None
+    if reason:
+        if backend != "auto":
+            raise ValueError(f"backend={backend!r} does not support {reason}; use "
+                             f"backend='reference' or backend='auto'")
+        name = "reference"
     if name == "reference":
         rows = reference.loss_rows(s3, t3[0] if tw is None else t3, flat_labels, *args,
                                    teacher_weights=tw)
-    elif (not grad_inplace and torch.is_grad_enabled() and s3.requires_grad
+    elif (not grad_inplace and not teacher_grad and torch.is_grad_enabled() and s3.requires_grad
           and backends.has(name, "fused_grad")):
         # loss and gradient in one kernel call, for the grad_loss reduce_rows will send back
         hint = _grad_hint(reduction, s3.shape[0] * s3.shape[1], V, flat_labels, ii,
@@ -144,6 +151,19 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
         rows, _ = kd_rows(s3, t3[0], flat_labels, name, *args, grad_inplace)
     return reduce_rows(rows, reduction, lead, V, flat_labels, ii, num_items_in_batch,
                        token_weights=flat_w)
+
+
+def _reference_only(opts, teacher_weights, teacher_grad: bool) -> Optional[str]:
+    """What in this call no kernel backend computes (None: the kernels can): combinations of the
+    features, which the backends list one by one."""
+    if teacher_weights is not None and teacher_grad:
+        return "teacher gradients of an ensemble"
+    if teacher_weights is not None and opts.div_id == D.LOGIT_MSE:
+        return "logit_mse with an ensemble"
+    if teacher_grad and opts.div_id == D.JSD and not 2.0 ** -24 <= opts.param <= 1.0 - 2.0 ** -126:
+        # the teacher gradient runs jsd(1 - beta) (divergences.exchanged), not representable
+        return f"teacher gradients of jsd with beta={opts.param!r} (1 - beta rounds to 1 in fp32)"
+    return None
 
 
 def _grad_hint(reduction: str, n_rows: int, V: int, flat_labels: Optional[Tensor],

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from .. import divergences as D
 
 
 @torch.library.custom_op("kdkernels::kd_rows", mutates_args=())
@@ -58,14 +59,40 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, grad_stats):
     student, teacher, labels, stats = ctx.saved_tensors
-    grad = None
+    grad = grad_teacher = None
+    if ctx.needs_input_grad[1]:  # before the student's, which grad_inplace writes over the logits
+        grad_teacher = teacher_grad(grad_loss, student, teacher, labels, stats, *ctx.scalars)
     if ctx.needs_input_grad[0]:
         if ctx.grad_inplace:
             grad = student.detach()  # same storage; overwritten with the gradient just below
             kd_rows_backward_inplace(grad_loss, grad, teacher, labels, stats, *ctx.scalars)
         else:
             grad = kd_rows_backward(grad_loss, student, teacher, labels, stats, *ctx.scalars)
-    return (grad,) + (None,) * 10
+    return (grad, grad_teacher) + (None,) * 9
+
+
+# The columns of the dense stats with the teacher's and the student's normalisers exchanged:
+# (0, 1) <-> (2, 3); column 4 (c) is replaced, 5 and 6 (the hard term's) are not read.
+_EXCHANGE = (2, 3, 0, 1, 4, 5, 6)
+
+
+def teacher_grad(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels: Optional[Tensor],
+                 stats: Tensor, backend: str, div_id: int, param: float, temperature: float,
+                 soft_weight: float, hard_weight: float, ignore_index: int) -> Tensor:
+    """The gradient of Σ grad_loss[i]·loss[i] with respect to the teacher logits ([B, L, V], the
+    student's columns), from the kernels of ``backend``: D(p, q) is D'(q, p) with D' the
+    exchanged divergence (``divergences.exchanged``), so its teacher gradient is the student
+    backward of D' with the logits swapped. The exchanged statistics are the forward's with the
+    normalisers swapped and c' = Σ p·∂φ'/∂p from ``kd_rows_given_stats`` (one more read of both
+    rows; logit_mse needs no c). The hard term does not depend on the teacher."""
+    d_id, d_param = D.exchanged(div_id, param)
+    st = stats[:, list(_EXCHANGE)]
+    if div_id != D.LOGIT_MSE:
+        part = kd_rows_given_stats(teacher, student, labels, st.contiguous(), backend, d_id,
+                                   d_param, temperature, ignore_index)
+        st = torch.cat([st[:, :4], part[:, 1:2], st[:, 5:]], 1)
+    return kd_rows_backward(grad_loss, teacher, student, labels, st.contiguous(), backend, d_id,
+                            d_param, temperature, soft_weight, 0.0, ignore_index)
 
 
 torch.library.register_autograd("kdkernels::kd_rows", _backward, setup_context=_setup_context)
