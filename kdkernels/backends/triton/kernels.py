@@ -45,7 +45,7 @@ STATS = tl.constexpr(STATS_WIDTH)  # per-row fp32 statistics, see the module doc
 
 
 @triton.jit
-def _safe_max(m):
+def safe_max(m):
     """The running max, with -inf replaced by 0 so that x - m never gives -inf - (-inf)."""
     return tl.where(m == float("-inf"), 0.0, m)
 
@@ -64,7 +64,7 @@ def _log_mix(w1, x, y):
     lo = tl.where(x_hi, y, x)
     w_hi = tl.where(x_hi, w1, w2)
     w_lo = tl.where(x_hi, w2, w1)
-    d = lo - _safe_max(hi)
+    d = lo - safe_max(hi)
     # w_hi < 2^-60 and e^d < 2^-115: both parts scaled by 2^64, the log shifted back by 64 ln 2
     scaled = ((w_hi < 8.67361738e-19) & (d < -80.0)).to(tl.float32)
     shift = scaled * 44.3614195558365
@@ -73,7 +73,7 @@ def _log_mix(w1, x, y):
 
 
 @triton.jit
-def _terms(DIV: tl.constexpr, logp, logq, p, q, param):
+def terms(DIV: tl.constexpr, logp, logq, p, q, param):
     """Per-element φ(p, q) and q·g, g = ∂φ/∂q (up to an additive constant), of divergence DIV.
 
     ``param`` is β (jsd: m = β p + (1-β) q) or α (skew_kl: m = α p + (1-α) q,
@@ -111,7 +111,7 @@ def _terms(DIV: tl.constexpr, logp, logq, p, q, param):
 
 
 @triton.jit
-def _row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl, ignore_index,
+def row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl, ignore_index,
                HAS_LABELS: tl.constexpr):
     """int64 offsets of the row in the student [B, s_L, V] and teacher [B', t_L, Vt] views (the
     two may split their N rows differently), its label and whether it counts."""
@@ -136,7 +136,7 @@ def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
 
     soft_scale = soft_weight·T². Ignored rows read no logits (their loop is empty)."""
     row = tl.program_id(0).to(tl.int64)
-    s_off, t_off, label, valid = _row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
+    s_off, t_off, label, valid = row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
                                             ignore_index, HAS_LABELS)
     s_row = s_ptr + s_off
     t_row = t_ptr + t_off
@@ -186,8 +186,8 @@ def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
             if DIV == FORWARD_KL or DIV == REVERSE_KL:
                 da = tl.where(up_a, ma_new - ma, 0.0)
                 db = tl.where(up_b, mb_new - mb, 0.0)
-                ca = (t - _safe_max(ma_new)) * inv_T
-                cb = (s - _safe_max(mb_new)) * inv_T
+                ca = (t - safe_max(ma_new)) * inv_T
+                cb = (s - safe_max(mb_new)) * inv_T
             if DIV == FORWARD_KL:
                 shift = tl.where(za == 0, 0.0, za * (db - da) * inv_T)
                 acc = (acc + shift) * ra + tl.where(wa == 0, 0.0, wa * (ca - cb))
@@ -208,8 +208,8 @@ def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
     if SOFT:
         ma_r = tl.max(ma, 0)
         mb_r = tl.max(mb, 0)
-        fa = tl.exp2((ma - _safe_max(ma_r)) * k2)
-        fb = tl.exp2((mb - _safe_max(mb_r)) * k2)
+        fa = tl.exp2((ma - safe_max(ma_r)) * k2)
+        fb = tl.exp2((mb - safe_max(mb_r)) * k2)
         if DIV == FORWARD_KL:
             d = tl.where(mb == mb_r, 0.0, mb_r - mb) - tl.where(ma == ma_r, 0.0, ma_r - ma)
             acc_r = tl.sum((acc + tl.where(za == 0, 0.0, za * d * inv_T)) * fa, 0)
@@ -228,7 +228,7 @@ def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
         zb_r = zero
     if HARD:
         ms_r = tl.max(ms, 0)
-        zs_r = tl.sum(zs * tl.exp2((ms - _safe_max(ms_r)) * 1.4426950408889634), 0)
+        zs_r = tl.sum(zs * tl.exp2((ms - safe_max(ms_r)) * 1.4426950408889634), 0)
     else:
         ms_r = zero + ninf
         zs_r = zero
@@ -239,9 +239,9 @@ def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
     lza = tl.log(za)
     lzb = tl.log(zb)
     lzs = tl.log(zs_r)
-    ma = _safe_max(ma_r)
-    mb = _safe_max(mb_r)
-    ms = _safe_max(ms_r)
+    ma = safe_max(ma_r)
+    mb = safe_max(mb_r)
+    ms = safe_max(ms_r)
     div = zero
     c = zero
     if SOFT:
@@ -262,7 +262,7 @@ def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
                 logq = (s - mb) * inv_T - lzb
                 p = tl.exp(logp)
                 q = tl.exp(logq)
-                phi, qg = _terms(DIV, logp, logq, p, q, param)
+                phi, qg = terms(DIV, logp, logq, p, q, param)
                 div += tl.sum(phi, 0)
                 c += tl.sum(qg, 0)
     total = soft_scale * div
@@ -290,7 +290,7 @@ def kd_bwd_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, gl_ptr, g_ptr,
     """grad[row] = grad_loss[row] · (soft_scale · q (g - c) + hard_weight · (softmax(s) - onehot))
     with soft_scale = soft_weight·T; exact zeros on ignored rows. ``g_ptr`` may alias ``s_ptr``."""
     row = tl.program_id(0).to(tl.int64)
-    s_off, t_off, label, valid = _row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
+    s_off, t_off, label, valid = row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
                                             ignore_index, HAS_LABELS)
     g_off = (row // s_L) * g_sb + (row % s_L) * g_sl
     s_row = s_ptr + s_off
@@ -323,7 +323,7 @@ def kd_bwd_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, gl_ptr, g_ptr,
             if DIV == FORWARD_KL:
                 grad_b = q - p
             else:
-                _, qg = _terms(DIV, logp, logq, p, q, param)
+                _, qg = terms(DIV, logp, logq, p, q, param)
                 grad_b = qg - tl.where(q == 0, 0.0, q * c)  # q·g may be nonzero at q = 0 (skew KL, α = 0)
             grad += soft_scale * grad_b
         if HARD:
@@ -345,7 +345,7 @@ def kd_given_stats_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, out_ptr,
     sums over this row's V columns of φ and of q·g (the constant parts of g left out, as in
     kd_fwd_kernel's second pass) into out[row, 0], out[row, 1]; zeros on ignored rows."""
     row = tl.program_id(0).to(tl.int64)
-    s_off, t_off, label, valid = _row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
+    s_off, t_off, label, valid = row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
                                             ignore_index, HAS_LABELS)
     s_row = s_ptr + s_off
     t_row = t_ptr + t_off
@@ -365,7 +365,7 @@ def kd_given_stats_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, out_ptr,
         t = tl.load(t_row + cols, mask=mask, other=ninf).to(tl.float32)
         logp = (t - ma) * inv_T - lza
         logq = (s - mb) * inv_T - lzb
-        phi, qg = _terms(DIV, logp, logq, tl.exp(logp), tl.exp(logq), param)
+        phi, qg = terms(DIV, logp, logq, tl.exp(logp), tl.exp(logq), param)
         div += tl.sum(phi, 0)
         c += tl.sum(qg, 0)
     tl.store(out_ptr + row * 2, tl.where(valid, div, 0.0))

@@ -23,6 +23,7 @@ import triton
 
 from .. import STATS_WIDTH
 from . import device_guard, require_launchable
+from . import ensemble_kernels as EK
 from . import kernels as K
 from .sparse_launch import sparse_grad, sparse_stats  # noqa: F401  (the "sparse" capability)
 
@@ -215,4 +216,106 @@ def forward_rows_given_stats(student: Tensor, teacher: Tensor, labels: Optional[
         block, warps = _config("given", student.device, V)
         K.kd_given_stats_kernel[(N,)](*args, DIV=int(div_id), HAS_LABELS=labels is not None,
                                       BLOCK=block, num_warps=warps)
+    return out
+
+
+# ---- teacher ensembles ("ensemble": ensemble_kernels.py) -----------------------------------------
+
+def _check_ensemble(student: Tensor, teachers, weights, labels: Optional[Tensor]) -> None:
+    if not isinstance(teachers, (list, tuple)) or not teachers:
+        raise TypeError("teachers must be a non-empty list of tensors")
+    if len(weights) != len(teachers):
+        raise ValueError(f"{len(weights)} weights for {len(teachers)} teachers")
+    for t in teachers:
+        _check(student, t, labels)
+
+
+def _ensemble_args(student: Tensor, teachers, weights):
+    """The teachers as the kernels take them: tuples of pointers, row splits and row strides,
+    and the weights as an fp32 device tensor."""
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float32, device=student.device)
+    return (tuple(teachers), tuple(t.shape[1] for t in teachers),
+            tuple(t.stride(0) for t in teachers), tuple(t.stride(1) for t in teachers), w)
+
+
+def _ensemble_stats(student, teachers, lab, stats, temperature, soft, hard, has_labels,
+                    ignore_index):
+    """The normalisers of every teacher and of the student (and of s at T = 1 for the hard term)
+    into ``stats``: one lse_rows_kernel launch per tensor."""
+    Bn, L, V = student.shape
+    N = Bn * L
+    W = stats.shape[1]
+    k2 = 1.4426950408889634 / temperature
+    block, warps = _config("fwd", student.device, V)
+    jobs = []
+    if soft:
+        jobs += [(t, 0 if m == 0 else 7 + 2 * (m - 1), k2) for m, t in enumerate(teachers)]
+        jobs.append((student, 2, k2))
+    if hard:
+        jobs.append((student, 5, 1.4426950408889634))
+    for x, col, k in jobs:
+        EK.lse_rows_kernel[(N,)](x, lab, stats, W, col, V, x.shape[1], x.stride(0), x.stride(1),
+                                 k, ignore_index, HAS_LABELS=has_labels, BLOCK=block,
+                                 num_warps=warps)
+
+
+def forward_rows_ensemble(student: Tensor, teachers, weights, labels: Optional[Tensor],
+                          div_id: int, param: float, temperature: float, soft_weight: float,
+                          hard_weight: float, ignore_index: int) -> Tuple[Tensor, Tensor]:
+    """Per-row loss [N] and stats [N, 7 + 2(M - 1)] against p = Σ_m w_m softmax(t_m / T) (the
+    kernel contract, ``kdkernels.backends``; stats layout in ensemble_kernels.py)."""
+    _check_ensemble(student, teachers, weights, labels)
+    Bn, L, V = student.shape
+    N = Bn * L
+    M = len(teachers)
+    loss = torch.empty((N,), dtype=torch.float32, device=student.device)
+    stats = torch.zeros((N, STATS_WIDTH + 2 * (M - 1)), dtype=torch.float32, device=student.device)
+    if N == 0:
+        return loss, stats
+    _check_div(div_id)
+    lab = labels.contiguous() if labels is not None else loss
+    modes = _modes(div_id, soft_weight, hard_weight, labels)
+    tp, tL, tsb, tsl, w = _ensemble_args(student, teachers, weights)
+    with device_guard(student):
+        _ensemble_stats(student, teachers, lab, stats, temperature, modes["SOFT"], modes["HARD"],
+                        modes["HAS_LABELS"], ignore_index)
+        block, warps = _config("given", student.device, V)
+        EK.ens_fwd_kernel[(N,)](student, tp, tL, tsb, tsl, w, lab, loss, stats, V, L,
+                                student.stride(0), student.stride(1), 1.0 / temperature,
+                                float(param), soft_weight * temperature * temperature,
+                                hard_weight, ignore_index, M=M, **modes, BLOCK=block,
+                                num_warps=warps)
+    return loss, stats
+
+
+def backward_rows_ensemble(grad_loss: Tensor, student: Tensor, teachers, weights,
+                           labels: Optional[Tensor], stats: Tensor, div_id: int, param: float,
+                           temperature: float, soft_weight: float, hard_weight: float,
+                           ignore_index: int) -> Tensor:
+    """Gradient of Σ grad_loss·loss w.r.t. ``student`` against the ensemble: a new contiguous
+    [B, L, V] tensor."""
+    _check_ensemble(student, teachers, weights, labels)
+    Bn, L, V = student.shape
+    N = Bn * L
+    M = len(teachers)
+    W = STATS_WIDTH + 2 * (M - 1)
+    if grad_loss.shape != (N,) or (N > 1 and grad_loss.stride(0) != 1):
+        raise ValueError(f"grad_loss must be a contiguous [{N}] tensor, "
+                         f"got {tuple(grad_loss.shape)}")
+    if stats.shape != (N, W) or stats.dtype != torch.float32 or not stats.is_contiguous():
+        raise ValueError(f"stats must be a contiguous float32 [{N}, {W}] tensor")
+    out = torch.empty((Bn, L, V), dtype=student.dtype, device=student.device)
+    if N == 0 or V == 0:
+        return out
+    _check_div(div_id)
+    lab = labels.contiguous() if labels is not None else stats
+    tp, tL, tsb, tsl, w = _ensemble_args(student, teachers, weights)
+    with device_guard(student):
+        block, warps = _config("bwd", student.device, V)
+        EK.ens_bwd_kernel[(N,)](student, tp, tL, tsb, tsl, w, lab, stats, grad_loss, out, V, L,
+                                student.stride(0), student.stride(1), out.stride(0),
+                                out.stride(1), 1.0 / temperature, float(param),
+                                soft_weight * temperature, hard_weight, ignore_index, M=M,
+                                **_modes(div_id, soft_weight, hard_weight, labels), BLOCK=block,
+                                num_warps=warps)
     return out
