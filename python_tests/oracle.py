@@ -57,19 +57,25 @@ def divergence(name, logp, logq, beta=0.5, alpha=0.1):
 
 def rows(student, teacher, divergence_name="forward_kl", temperature=1.0, labels=None,
          ignore_index=-100, soft_weight=1.0, hard_weight=0.0, beta=0.5, alpha=0.1,
-         dtype=torch.float64):
+         dtype=torch.float64, teacher_weights=None):
     """Per-row loss with the leading shape; ignored rows give 0. ``dtype`` other than float64
     evaluates the same formula in lower precision: the "plain PyTorch" error of the three-way
-    bound."""
+    bound. With ``teacher_weights``, ``teacher`` is a list of M tensors and the target is
+    p = Σ_m w_m softmax(t_m / T) (logit_mse: the logits Σ_m w_m t_m); zero weights drop out."""
     V = student.shape[-1]
     s = student.to(dtype)
-    t = teacher[..., :V].to(dtype)
     T = float(temperature)
+    if teacher_weights is None:
+        t = teacher[..., :V].to(dtype)
+        logp = _logsm(t / T)
+    else:
+        ts = [(w, x[..., :V].to(dtype)) for w, x in zip(teacher_weights, teacher) if w > 0]
+        t = sum(w * x for w, x in ts)
+        logp = _floor(torch.logsumexp(torch.stack([math.log(w) + _logsm(x / T) for w, x in ts]), 0))
     if divergence_name == "logit_mse":  # on the logits: no temperature, no T²
         out = soft_weight * logit_mse(t, s)
     else:
-        out = soft_weight * T * T * divergence(divergence_name, _logsm(t / T), _logsm(s / T),
-                                               beta, alpha)
+        out = soft_weight * T * T * divergence(divergence_name, logp, _logsm(s / T), beta, alpha)
     if labels is not None:
         keep = labels != ignore_index
         if hard_weight:

@@ -294,3 +294,71 @@ def test_teacher_gradient(backend, div, case, dtype):
     assert_close(t.grad, gt, dtype, pt, what="teacher grad")
     assert (t.grad[..., V:] == 0).all(), "padded teacher columns"
     assert (t.grad[labels == -100] == 0).all(), "ignored rows"
+
+
+# ---- teacher ensembles ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M,case", [(2, "plain"), (3, "ugly"), (8, "plain")])
+@pytest.mark.parametrize("div", DIVS)
+def test_ensemble(backend, div, M, case, dtype):
+    """p = Σ_m w_m softmax(t_m / T) against the float64 oracle, values and the student gradient:
+    random weights with one of them 0 (M > 2), teachers as row-strided views of padded tensors,
+    ignored rows, the hard term; "ugly": |logits| ~ 1e4, -inf columns shared by everyone and in
+    one teacher alone, V off the block size, and one row where every teacher equals the student
+    (an exact 0 divergence)."""
+    if not backends.has(backend, "ensemble"):
+        pytest.skip(f"backend {backend!r} has no ensemble kernels")
+    dev = device_of(backend)
+    B, L, V = 2, 4, 1031 if case == "ugly" else 300
+    scale = 1e4 if case == "ugly" else 3.0
+    s = _rand((B, L, V), dtype, dev, scale)
+    full = [_rand((B, L + 1, V + 5), dtype, dev, scale) for _ in range(M)]
+    if case == "ugly":
+        s[..., [0, 700]] = float("-inf")
+        for x in full:
+            x[..., [0, 700]] = float("-inf")
+        full[1][..., 5] = float("-inf")
+        for x in full:
+            x[1, 2, :V] = s[1, 2]
+    ts = [x[:, 1:] for x in full]                      # row-strided views, padded vocabulary
+    w = torch.rand(M, dtype=torch.float64) + 0.1
+    if M > 2:
+        w[1] = 0.0
+    w = (w / w.sum()).tolist()
+    labels = _labels((B, L), V, dev)
+    labels[0, 0] = -100
+    kw = dict(temperature=1.7, labels=labels, hard_weight=0.3, soft_weight=0.8)
+    x = s.detach().requires_grad_(True)
+    rows = kd.kd_loss(x, ts, div, reduction="none", backend=backend, teacher_weights=w, **kw,
+                      **PARAMS.get(div, {}))
+    g = torch.rand(rows.shape, device=rows.device) + 0.5
+    (rows * g).sum().backward()
+    s64 = s.detach().double().requires_grad_(True)
+    exp = oracle.rows(s64, [t.double() for t in ts], **_oracle_kw(div, **kw), teacher_weights=w)
+    (eg,) = torch.autograd.grad((exp * g.double()).sum(), s64)
+    x_ = s.detach().clone().requires_grad_(True)
+    pr = kd.kd_loss(x_, ts, div, reduction="none", backend="reference", teacher_weights=w, **kw,
+                    **PARAMS.get(div, {}))
+    (pg,) = torch.autograd.grad((pr * g.to(pr.dtype)).sum(), x_)
+    assert_close(rows, exp.detach(), dtype, pr.detach(), what="loss")
+    assert_close(x.grad, eg, dtype, pg, what="grad")
+    assert (rows.detach()[labels == -100] == 0).all() and (x.grad[labels == -100] == 0).all()
+
+
+@pytest.mark.parametrize("div", DIVS)
+def test_ensemble_of_copies_of_the_student_is_zero(backend, div):
+    """Every teacher equal to the student: 0 up to the rounding of log Σ w_m (the kernels form
+    log p from a running maximum, exactly log q when the weights sum to 1 in fp32; the reference
+    adds log w_m and log-sum-exps)."""
+    if not backends.has(backend, "ensemble"):
+        pytest.skip(f"backend {backend!r} has no ensemble kernels")
+    dev = device_of(backend)
+    s = _rand((3, 257), torch.float32, dev, 5.0)
+    s[:, 3] = float("-inf")
+    x = s.detach().requires_grad_(True)
+    rows = kd.kd_loss(x, [s, s.clone()], div, reduction="none", backend=backend,
+                      teacher_weights=[0.25, 0.75], temperature=1.3, **PARAMS.get(div, {}))
+    rows.sum().backward()
+    assert rows.detach().abs().max() <= 1e-6, rows
+    assert (x.grad.abs() <= 1e-6).all()
