@@ -361,4 +361,5 @@ def test_ensemble_of_copies_of_the_student_is_zero(backend, div):
                       teacher_weights=[0.25, 0.75], temperature=1.3, **PARAMS.get(div, {}))
     rows.sum().backward()
     assert rows.detach().abs().max() <= 1e-6, rows
-    assert (x.grad.abs() <= 1e-6).all()
+    if div != "tvd":  # |p - q| at a tie: the sign of a rounding error
+        assert (x.grad.abs() <= 1e-6).all()
