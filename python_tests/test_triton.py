@@ -279,3 +279,43 @@ def test_compile_fullgraph_ops(backend, inplace):
     s.grad = None
     f(s, t).backward()
     assert torch.equal(got, s.grad)
+
+
+# ---- teacher ensembles (ensemble_kernels.py), the launcher functions directly -----------------
+# (through kd_loss in test_contract.py::test_ensemble; here also on the triton 3.6 CI pass)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M", [2, 5])
+@pytest.mark.parametrize("div", DIVS)
+def test_ensemble_launchers(backend, div, M, dtype):
+    from kdkernels.backends.triton import launch
+    d = D.get(div)
+    param = d.check_param(PARAMS.get(div, {}).get(d.param) if d.param else None)
+    B, L, V = 2, 3, 1100
+    s = (torch.randn(B, L, V, device=DEVICE) * 4).to(dtype)
+    ts = [(torch.randn(B, L + 1, V + 3, device=DEVICE) * 4).to(dtype)[:, 1:] for _ in range(M)]
+    s[..., 9] = float("-inf")
+    for t in ts:
+        t[..., 9] = float("-inf")
+    ts[0][..., 10] = float("-inf")
+    w = (torch.rand(M, dtype=torch.float64) + 0.2)
+    w = (w / w.sum()).tolist()
+    lab = torch.randint(0, V, (B * L,), device=DEVICE)
+    lab[2] = -100
+    args = (d.id, param, 1.7, 0.8, 0.3, -100)
+    loss, stats = launch.forward_rows_ensemble(s, ts, w, lab, *args)
+    assert stats.shape == (B * L, backends.STATS_WIDTH + 2 * (M - 1))
+    gl = torch.rand(B * L, device=DEVICE) + 0.5
+    grad = launch.backward_rows_ensemble(gl, s, ts, w, lab, stats, *args)
+    s64 = s.detach().double().requires_grad_(True)
+    kw = dict(temperature=1.7, labels=lab.view(B, L), hard_weight=0.3, soft_weight=0.8)
+    exp = oracle.rows(s64, [t.double() for t in ts], **_oracle_kw(div, **kw),
+                      teacher_weights=w).reshape(-1)
+    (eg,) = torch.autograd.grad((exp * gl.double()).sum(), s64)
+    s_ = s.detach().clone().requires_grad_(True)
+    pr = kd.kd_loss(s_, ts, div, reduction="none", backend="reference", teacher_weights=w, **kw,
+                    **PARAMS.get(div, {})).reshape(-1)
+    (pg,) = torch.autograd.grad((pr * gl.to(pr.dtype)).sum(), s_)
+    assert_close(loss, exp.detach(), dtype, pr.detach(), what="loss")
+    assert_close(grad, eg, dtype, pg, what="grad")
+    assert loss[2] == 0 and (grad.reshape(B * L, V)[2] == 0).all()

@@ -13,8 +13,11 @@ def report():
 
 def test_every_variant_compiled(report):
     got = {(r["kernel"], r["div"], r["dtype"], r["cap"]) for r in report}
-    want = {(k, d, dt, c) for k in ("fwd", "bwd", "given") for d in range(aot.N_DIVERGENCES)
-            for dt in ("fp32", "bf16") for c in (80, 90)}
+    want = {(k, d, dt, c) for k in ("fwd", "bwd", "given", "ens_fwd", "ens_bwd")
+            for d in range(aot.N_DIVERGENCES) for dt in ("fp32", "bf16") for c in (80, 90)}
+    want |= {("lse", 0, dt, c) for dt in ("fp32", "bf16") for c in (80, 90)}
+    assert {("ens_bwd", d, "bf16", 90, 8) for d in range(aot.N_DIVERGENCES)} <= {
+        (r["kernel"], r["div"], r["dtype"], r["cap"], r["m"]) for r in report}
     assert want <= got, f"missing: {sorted(want - got)}"
     for r in report:
         assert (r["block"], r["num_warps"]) == DEFAULT_CONFIGS[divmod(r["cap"], 10)][r["kernel"]]

@@ -43,6 +43,29 @@ def find_ptxas() -> str:
     raise FileNotFoundError("ptxas not found (neither next to nvcc nor bundled with triton)")
 
 
+ENSEMBLE_KERNELS = ("lse", "ens_fwd", "ens_bwd")
+
+
+def _ensemble_signature(kernel: str, dtype: str, m: int) -> Dict[str, object]:
+    """ensemble_kernels.py: the teachers as tuples of M pointers, row splits and row strides."""
+    if kernel == "lse":
+        return {"x_ptr": f"*{dtype}", "lab_ptr": "*i64", "stats_ptr": "*fp32", "W": "i32",
+                "col": "i32", "V": "i32", "x_L": "i32", "x_sb": "i64", "x_sl": "i64",
+                "k2": "fp32", "ignore_index": "i32", "HAS_LABELS": "constexpr",
+                "BLOCK": "constexpr"}
+    teachers = {"t_ptrs": (f"*{dtype}",) * m, "t_Ls": ("i32",) * m, "t_sbs": ("i64",) * m,
+                "t_sls": ("i64",) * m, "w_ptr": "*fp32", "lab_ptr": "*i64"}
+    tail = {"inv_T": "fp32", "param": "fp32", "soft_scale": "fp32", "hard_weight": "fp32",
+            "ignore_index": "i32", "M": "constexpr", "DIV": "constexpr", "SOFT": "constexpr",
+            "HAS_LABELS": "constexpr", "HARD": "constexpr", "BLOCK": "constexpr"}
+    rows = {"V": "i32", "s_L": "i32", "s_sb": "i64", "s_sl": "i64"}
+    if kernel == "ens_fwd":
+        return {"s_ptr": f"*{dtype}", **teachers, "loss_ptr": "*fp32", "stats_ptr": "*fp32",
+                **rows, **tail}
+    return {"s_ptr": f"*{dtype}", **teachers, "stats_ptr": "*fp32", "gl_ptr": "*fp32",
+            "g_ptr": f"*{dtype}", **rows, "g_sb": "i64", "g_sl": "i64", **tail}
+
+
 def _signature(kernel: str, dtype: str) -> Dict[str, str]:
     common_tail = {"inv_T": "fp32", "param": "fp32", "soft_scale": "fp32", "hard_weight": "fp32",
                    "ignore_index": "i32", "DIV": "constexpr", "SOFT": "constexpr",
@@ -75,22 +98,33 @@ def _parse_ptxas(text: str) -> Dict[str, int]:
 
 
 def compile_one(kernel: str, div: int, dtype: str, cap: int, soft: bool = True,
-                has_labels: bool = True, hard: bool = True, ptxas: Optional[str] = None) -> dict:
-    """Compile one variant; return its ptxas resource usage."""
+                has_labels: bool = True, hard: bool = True, ptxas: Optional[str] = None,
+                m: int = 0) -> dict:
+    """Compile one variant; return its ptxas resource usage. ``m``: the number of teachers of
+    the ensemble kernels ("ens_fwd", "ens_bwd"; "lse" has none)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from . import ensemble_kernels as EK
     from . import kernels as K
     from .launch import DEFAULT_CONFIGS
 
     block, warps = DEFAULT_CONFIGS[(cap // 10, cap % 10)][kernel]
-    fn = {"fwd": K.kd_fwd_kernel, "bwd": K.kd_bwd_kernel, "given": K.kd_given_stats_kernel}[kernel]
+    fn = {"fwd": K.kd_fwd_kernel, "bwd": K.kd_bwd_kernel, "given": K.kd_given_stats_kernel,
+          "lse": EK.lse_rows_kernel, "ens_fwd": EK.ens_fwd_kernel,
+          "ens_bwd": EK.ens_bwd_kernel}[kernel]
     constexprs = {"DIV": div, "SOFT": soft, "HAS_LABELS": has_labels, "HARD": hard,
                   "BLOCK": block}
-    if kernel == "given":
+    if kernel in ("given", "lse"):
         constexprs = {"DIV": div, "HAS_LABELS": has_labels, "BLOCK": block}
-    src = ASTSource(fn=fn, signature=_signature(kernel, dtype), constexprs=constexprs)
+    if kernel == "lse":
+        del constexprs["DIV"]
+    if kernel in ("ens_fwd", "ens_bwd"):
+        constexprs["M"] = m
+    sig = (_ensemble_signature(kernel, dtype, m) if kernel in ENSEMBLE_KERNELS
+           else _signature(kernel, dtype))
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
                               options={"num_warps": warps})
     arch = "sm_90a" if cap == 90 else f"sm_{cap}"
@@ -101,7 +135,7 @@ def compile_one(kernel: str, div: int, dtype: str, cap: int, soft: bool = True,
         out = subprocess.run([ptxas or find_ptxas(), f"-arch={arch}", "-v", path, "-o", os.devnull],
                              capture_output=True, text=True, check=True)
     return {"kernel": kernel, "div": div, "dtype": dtype, "cap": cap, "soft": soft,
-            "has_labels": has_labels, "hard": hard, "block": block, "num_warps": warps,
+            "has_labels": has_labels, "hard": hard, "block": block, "num_warps": warps, "m": m,
             **_parse_ptxas(out.stdout + out.stderr)}
 
 
@@ -115,6 +149,13 @@ def default_variants(dtypes: Sequence[str] = ("fp32", "bf16"), caps: Sequence[in
     for kernel, div in itertools.product(("fwd", "bwd"), divs):
         out.append(dict(kernel=kernel, div=div, dtype="bf16", cap=90, has_labels=False,
                         hard=False))
+    # the ensemble kernels: two teachers everywhere, eight in bf16 on sm_90
+    for dtype, cap in itertools.product(dtypes, caps):
+        out.append(dict(kernel="lse", div=0, dtype=dtype, cap=cap))
+    for kernel, div, dtype, cap in itertools.product(("ens_fwd", "ens_bwd"), divs, dtypes, caps):
+        out.append(dict(kernel=kernel, div=div, dtype=dtype, cap=cap, m=2))
+    for kernel, div in itertools.product(("ens_fwd", "ens_bwd"), divs):
+        out.append(dict(kernel=kernel, div=div, dtype="bf16", cap=90, m=8))
     return out
 
 

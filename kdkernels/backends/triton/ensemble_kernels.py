@@ -29,7 +29,7 @@ def lse_rows_kernel(x_ptr, lab_ptr, stats_ptr, W, col, V, x_L, x_sb, x_sl, k2, i
     """stats[row, col] = max of the row (raw units, -inf as 0), stats[row, col + 1] =
     log Σ 2^{(x - max)·k2}; zeros on ignored rows (which read nothing)."""
     row = tl.program_id(0).to(tl.int64)
-    off, _, label, valid = row_setup(lab_ptr, row, x_L, x_sb, x_sl, x_L, x_sb, x_sl,
+    off, _unused, label, valid = row_setup(lab_ptr, row, x_L, x_sb, x_sl, x_L, x_sb, x_sl,
                                      ignore_index, HAS_LABELS)
     x_row = x_ptr + off
     n = tl.where(valid, V, 0)
@@ -83,7 +83,7 @@ def ens_fwd_kernel(s_ptr, t_ptrs, t_Ls, t_sbs, t_sls, w_ptr, lab_ptr, loss_ptr, 
     """Per-row loss soft_scale·D(p, q) + hard_weight·CE (0 on ignored rows) and c into the stats,
     whose normalisers ``lse_rows_kernel`` wrote (soft_scale = soft_weight·T²)."""
     row = tl.program_id(0).to(tl.int64)
-    s_off, _, label, valid = row_setup(lab_ptr, row, s_L, s_sb, s_sl, s_L, s_sb, s_sl,
+    s_off, _unused, label, valid = row_setup(lab_ptr, row, s_L, s_sb, s_sl, s_L, s_sb, s_sl,
                                        ignore_index, HAS_LABELS)
     s_row = s_ptr + s_off
     n = tl.where(valid, V, 0)
@@ -126,7 +126,7 @@ def ens_bwd_kernel(s_ptr, t_ptrs, t_Ls, t_sbs, t_sls, w_ptr, lab_ptr, stats_ptr,
     soft_scale = soft_weight·T, as ``kd_bwd_kernel`` with the ensemble's log p; zeros on ignored
     rows; the +inf-loss rule (an infinite c: the row is NaN)."""
     row = tl.program_id(0).to(tl.int64)
-    s_off, _, label, valid = row_setup(lab_ptr, row, s_L, s_sb, s_sl, s_L, s_sb, s_sl,
+    s_off, _unused, label, valid = row_setup(lab_ptr, row, s_L, s_sb, s_sl, s_L, s_sb, s_sl,
                                        ignore_index, HAS_LABELS)
     s_row = s_ptr + s_off
     g_row = g_ptr + (row // s_L) * g_sb + (row % s_L) * g_sl

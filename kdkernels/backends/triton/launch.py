@@ -38,12 +38,15 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # 4096 × 8 (no spills, <= 80 regs).
 # "given" (kd_given_stats_kernel, the vocab-parallel pass 2) is forward's second pass alone: its
 # block size.
+# The ensemble kernels (ensemble_kernels.py): "lse" the per-tensor statistics, "ens_fwd" and
+# "ens_bwd" the loss and gradient passes (M teachers loaded per block, one at a time).
+_ENSEMBLE_CONFIGS = {"lse": (1024, 8), "ens_fwd": (1024, 8), "ens_bwd": (2048, 8)}
 DEFAULT_CONFIGS = {
-    (8, 0): {"fwd": (1024, 8), "bwd": (4096, 8), "given": (1024, 8)},
-    (9, 0): {"fwd": (1024, 8), "bwd": (4096, 8), "given": (1024, 8)},
+    (8, 0): {"fwd": (1024, 8), "bwd": (4096, 8), "given": (1024, 8), **_ENSEMBLE_CONFIGS},
+    (9, 0): {"fwd": (1024, 8), "bwd": (4096, 8), "given": (1024, 8), **_ENSEMBLE_CONFIGS},
 }
-_FALLBACK_CONFIG = {"fwd": (1024, 8), "bwd": (4096, 8), "given": (1024, 8)}
-_INTERPRETER_CONFIG = {"fwd": (4096, 1), "bwd": (4096, 1), "given": (4096, 1)}
+_FALLBACK_CONFIG = {"fwd": (1024, 8), "bwd": (4096, 8), "given": (1024, 8), **_ENSEMBLE_CONFIGS}
+_INTERPRETER_CONFIG = {k: (4096, 1) for k in _FALLBACK_CONFIG}
 _MIN_BLOCK = 16
 
 
@@ -246,7 +249,7 @@ def _ensemble_stats(student, teachers, lab, stats, temperature, soft, hard, has_
     N = Bn * L
     W = stats.shape[1]
     k2 = 1.4426950408889634 / temperature
-    block, warps = _config("fwd", student.device, V)
+    block, warps = _config("lse", student.device, V)
     jobs = []
     if soft:
         jobs += [(t, 0 if m == 0 else 7 + 2 * (m - 1), k2) for m, t in enumerate(teachers)]
@@ -279,7 +282,7 @@ def forward_rows_ensemble(student: Tensor, teachers, weights, labels: Optional[T
     with device_guard(student):
         _ensemble_stats(student, teachers, lab, stats, temperature, modes["SOFT"], modes["HARD"],
                         modes["HAS_LABELS"], ignore_index)
-        block, warps = _config("given", student.device, V)
+        block, warps = _config("ens_fwd", student.device, V)
         EK.ens_fwd_kernel[(N,)](student, tp, tL, tsb, tsl, w, lab, loss, stats, V, L,
                                 student.stride(0), student.stride(1), 1.0 / temperature,
                                 float(param), soft_weight * temperature * temperature,
@@ -311,7 +314,7 @@ def backward_rows_ensemble(grad_loss: Tensor, student: Tensor, teachers, weights
     lab = labels.contiguous() if labels is not None else stats
     tp, tL, tsb, tsl, w = _ensemble_args(student, teachers, weights)
     with device_guard(student):
-        block, warps = _config("bwd", student.device, V)
+        block, warps = _config("ens_bwd", student.device, V)
         EK.ens_bwd_kernel[(N,)](student, tp, tL, tsb, tsl, w, lab, stats, grad_loss, out, V, L,
                                 student.stride(0), student.stride(1), out.stride(0),
                                 out.stride(1), 1.0 / temperature, float(param),
