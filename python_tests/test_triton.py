@@ -215,9 +215,28 @@ def test_opcheck(backend, inplace):
     scalars = ("triton", 2, 0.4, 2.0, 1.0, 0.5, -100)
     torch.library.opcheck(fwd, (s, t, labels) + scalars + (inplace,))
     torch.library.opcheck(fwd, (s, t, None) + scalars[:4] + (1.0, 0.0, -100, inplace))
+    # the teacher requiring grad (its backward: ops.dense.teacher_grad, before the in-place one)
+    t_leaf = t.detach().clone().requires_grad_(True)
+    torch.library.opcheck(fwd, (s.detach().clone().requires_grad_(True), t_leaf, labels)
+                          + scalars + (inplace,))
     stats = fwd(s, t, labels, *scalars, inplace)[1].detach()
     gl = torch.rand(6, device=DEVICE)
     torch.library.opcheck(bwd, (gl, s.detach().clone(), t, labels, stats) + scalars)
+
+
+@pytest.mark.parametrize("div", ["forward_kl", "jsd"])
+def test_teacher_gradient_with_grad_inplace(backend, div):
+    """grad_inplace overwrites the student logits with their gradient; the teacher's gradient is
+    computed first, from the intact logits."""
+    s = _rand((2, 3, 301), torch.bfloat16)
+    t = _rand((2, 3, 301), torch.bfloat16)
+    got = []
+    for inplace in (False, True):
+        x, y = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+        kd.kd_loss(x * 1, y, div, temperature=2.0, backend=backend,
+                   grad_inplace=inplace).backward()
+        got.append((x.grad, y.grad))
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
 
 
 # ---- GPU only ---------------------------------------------------------------------------------
