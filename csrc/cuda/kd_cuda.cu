@@ -209,22 +209,12 @@ __device__ __forceinline__ float log_prob_scaled(float x, LogNorm n, float invT)
 
 // SOFT: the soft term counts (soft_weight != 0). SEP: the hard term needs its own (max, sum-exp)
 // of s at T = 1 (labels, hard_weight != 0, and not (SOFT and T == 1), where it is the student's).
+// The forward of one counted row (every thread of the CTA): returns its statistics to every
+// thread and its loss to thread 0 (`loss`). `sm`: the CTA's reduction scratch.
 template <class S, int DIV, bool SOFT, bool SEP>
-__global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
+__device__ __forceinline__ RowStats forward_row(const RowsArgs& a, int64_t r, int64_t label, float* sm,
+                                                float& loss) {
   constexpr int N = Vec<S>::N;
-  __shared__ float sm[sizeof(RawOnlineKL<DIV>) / sizeof(float) * WARPS];  // block reductions
-  const int64_t r = blockIdx.x;
-  if (r >= a.N) return;
-  const int64_t label = a.labels ? a.labels[r] : 0;
-  const bool ignored = a.labels && label == a.ignore_index;
-  float* st = a.stats + r * STATS_WIDTH;
-  if (ignored) {
-    if (threadIdx.x == 0) {
-      a.loss[r] = 0.f;
-      for (int k = 0; k < STATS_WIDTH; ++k) st[k] = 0.f;
-    }
-    return;
-  }
   const bool hard = a.labels && a.hard_weight != 0.f;
   const bool bad_label = hard && (label < 0 || label >= a.V);
   const S* s = static_cast<const S*>(a.student) + (r / a.L) * a.s_stride_b + (r % a.L) * a.s_stride_l;
@@ -329,20 +319,65 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
     block_merge(os, reinterpret_cast<MaxSum*>(sm));
     ns = lognorm_from(os.m, os.z);
   }
+  loss = 0.f;
   if (threadIdx.x == 0) {
     const float ce = !hard ? 0.f : bad_label ? NAN : hard_ce(ns, to_float(s[label]));
-    a.loss[r] = row_loss(SOFT, a.soft_weight, a.temperature, D, hard, a.hard_weight, ce);
-    store_row_stats(st, RowStats{na, nb, cc, ns});
+    loss = row_loss(SOFT, a.soft_weight, a.temperature, D, hard, a.hard_weight, ce);
+  }
+  return RowStats{na, nb, cc, ns};
+}
+
+// Forward reduction scratch: the largest merged state, one per warp.
+template <int DIV>
+struct FwdScratch {
+  static constexpr int FLOATS = sizeof(RawOnlineKL<DIV>) / sizeof(float) * WARPS;
+};
+
+template <class S, int DIV, bool SOFT, bool SEP>
+__global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
+  __shared__ float sm[FwdScratch<DIV>::FLOATS];  // block reductions
+  const int64_t r = blockIdx.x;
+  if (r >= a.N) return;
+  const int64_t label = a.labels ? a.labels[r] : 0;
+  const bool ignored = a.labels && label == a.ignore_index;
+  float* st = a.stats + r * STATS_WIDTH;
+  if (ignored) {
+    if (threadIdx.x == 0) {
+      a.loss[r] = 0.f;
+      for (int k = 0; k < STATS_WIDTH; ++k) st[k] = 0.f;
+    }
+    return;
+  }
+  float loss;
+  const RowStats rs = forward_row<S, DIV, SOFT, SEP>(a, r, label, sm, loss);
+  if (threadIdx.x == 0) {
+    a.loss[r] = loss;
+    store_row_stats(st, rs);
   }
 }
 
 // SOFT as in forward_kernel; HARD: labels and hard_weight != 0 (the hard term's gradient).
-template <class S, int DIV, bool SOFT, bool HARD>
-__global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
+// Zeros over the gradient row of an ignored row.
+template <class S>
+__device__ __forceinline__ void zero_grad_row(const RowsArgs& a, int64_t r) {
   constexpr int N = Vec<S>::N;
-  __shared__ float sm[WARPS];
-  const int64_t r = blockIdx.x;
-  if (r >= a.N) return;
+  const int64_t V = a.V;
+  S* g = static_cast<S*>(a.grad) + r * V;
+  const S* s = static_cast<const S*>(a.student) + (r / a.L) * a.s_stride_b + (r % a.L) * a.s_stride_l;
+  const bool vg = vector_ok<S>(s) && same_phase(s, g);
+  const int64_t j0 = first_chunk<S>(head_of<S>(s));
+  float zero[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) zero[k] = 0.f;
+  for (int64_t j = j0; j < V; j += (int64_t)THREADS * N) store_chunk(g, j, V, vg, zero);
+}
+
+// The gradient pass of one counted row from its statistics `rs`, for grad_loss `gl` (every
+// thread of the CTA). `sm`: at least WARPS floats of reduction scratch.
+template <class S, int DIV, bool SOFT, bool HARD>
+__device__ __forceinline__ void backward_row(const RowsArgs& a, int64_t r, int64_t label, const RowStats& rs,
+                                             float gl, float* sm) {
+  constexpr int N = Vec<S>::N;
   const int64_t V = a.V;
   S* g = static_cast<S*>(a.grad) + r * V;
   const S* s = static_cast<const S*>(a.student) + (r / a.L) * a.s_stride_b + (r % a.L) * a.s_stride_l;
@@ -350,18 +385,8 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
   const int head = head_of<S>(s);
   const bool vs = vector_ok<S>(s), vt = vs && same_phase(s, t), vg = vs && same_phase(s, g);
   const int64_t j0 = first_chunk<S>(head);
-  const int64_t label = a.labels ? a.labels[r] : 0;
-  const bool ignored = a.labels && label == a.ignore_index;
-  if (ignored) {
-    float zero[N];
-#pragma unroll
-    for (int k = 0; k < N; ++k) zero[k] = 0.f;
-    for (int64_t j = j0; j < V; j += (int64_t)THREADS * N) store_chunk(g, j, V, vg, zero);
-    return;
-  }
   const bool bad_label = HARD && (label < 0 || label >= V);
   const bool sep = HARD && (!SOFT || a.temperature != 1.f);
-  const RowStats rs = load_row_stats(a.stats + r * STATS_WIDTH);
   const LogNorm na = rs.na, nb = rs.nb, ns = rs.ns;
   const float invT = 1.0f / a.temperature;
   float cc = rs.c;
@@ -384,7 +409,6 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
     }
     cc = block_sum(part, sm);
   }
-  const float gl = a.grad_loss[r];
   const float k_soft = SOFT ? gl * a.soft_weight * a.temperature : 0.f;
   const float k_hard = HARD ? (bad_label ? NAN : gl * a.hard_weight) : 0.f;
   for (int64_t j = j0; j < V; j += (int64_t)THREADS * N) {
@@ -414,6 +438,59 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
   }
 }
 
+template <class S, int DIV, bool SOFT, bool HARD>
+__global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
+  __shared__ float sm[WARPS];
+  const int64_t r = blockIdx.x;
+  if (r >= a.N) return;
+  const int64_t label = a.labels ? a.labels[r] : 0;
+  if (a.labels && label == a.ignore_index) {
+    zero_grad_row<S>(a, r);
+    return;
+  }
+  backward_row<S, DIV, SOFT, HARD>(a, r, label, load_row_stats(a.stats + r * STATS_WIDTH), a.grad_loss[r], sm);
+}
+
+// The training path in one kernel: the forward of the row (statistics pass, and the loss / c pass
+// of the mixture divergences), then its gradient pass for grad_loss = grad_scale (a.grad_loss),
+// the statistics kept in registers: the loss is forward_kernel's and the gradient
+// backward_kernel's, bitwise. SOFT, SEP as in forward_kernel, HARD as in backward_kernel.
+template <class S, int DIV, bool SOFT, bool SEP, bool HARD>
+__global__ void __launch_bounds__(THREADS) forward_grad_kernel(RowsArgs a) {
+  __shared__ float sm[FwdScratch<DIV>::FLOATS];
+  const int64_t r = blockIdx.x;
+  if (r >= a.N) return;
+  const int64_t label = a.labels ? a.labels[r] : 0;
+  if (a.labels && label == a.ignore_index) {
+    if (threadIdx.x == 0) a.loss[r] = 0.f;
+    zero_grad_row<S>(a, r);
+    return;
+  }
+  float loss;
+  const RowStats rs = forward_row<S, DIV, SOFT, SEP>(a, r, label, sm, loss);
+  if (threadIdx.x == 0) a.loss[r] = loss;
+  // rs is what backward_kernel loads (store_row_stats / load_row_stats copy the 7 floats)
+  backward_row<S, DIV, SOFT, HARD>(a, r, label, rs, a.grad_loss[r], sm);
+}
+
+template <class S, int DIV>
+int launch_fused(const RowsArgs& a, cudaStream_t stream) {
+  if (a.N == 0) return 0;
+  const bool soft = a.soft_weight != 0.f;
+  const bool hard = a.labels && a.hard_weight != 0.f;
+  const bool sep = hard && !(soft && a.temperature == 1.f);
+  void (*kernel)(RowsArgs);
+  if (soft)
+    kernel = !hard ? forward_grad_kernel<S, DIV, true, false, false>
+                   : (sep ? forward_grad_kernel<S, DIV, true, true, true> : forward_grad_kernel<S, DIV, true, false, true>);
+  else
+    kernel = hard ? forward_grad_kernel<S, DIV, false, true, true> : forward_grad_kernel<S, DIV, false, false, false>;
+  dim3 grid((unsigned)a.N), block(THREADS);
+  if (cudaPeekAtLastError() != cudaSuccess) (void)cudaGetLastError();  // as in launch()
+  KD_LAUNCH(kernel, grid, block, 0, stream, a);
+  return (int)cudaGetLastError();
+}
+
 template <class S, int DIV>
 int launch(const RowsArgs& a, cudaStream_t stream, bool fwd) {
   if (a.N == 0) return 0;
@@ -437,33 +514,40 @@ int launch(const RowsArgs& a, cudaStream_t stream, bool fwd) {
   return (int)cudaGetLastError();
 }
 
+// which: 0 forward, 1 backward, 2 fused forward + gradient
+template <class S, int DIV>
+int launch_which(const RowsArgs& a, cudaStream_t stream, int which) {
+  return which == 2 ? launch_fused<S, DIV>(a, stream) : launch<S, DIV>(a, stream, which == 0);
+}
+
 template <class S>
-int dispatch_div(const RowsArgs& a, cudaStream_t stream, bool fwd) {
+int dispatch_div(const RowsArgs& a, cudaStream_t stream, int which) {
   switch (a.div) {
-    case FORWARD_KL: return launch<S, FORWARD_KL>(a, stream, fwd);
-    case REVERSE_KL: return launch<S, REVERSE_KL>(a, stream, fwd);
-    case JSD: return launch<S, JSD>(a, stream, fwd);
-    case SKEW_KL: return launch<S, SKEW_KL>(a, stream, fwd);
-    case SKEW_REVERSE_KL: return launch<S, SKEW_REVERSE_KL>(a, stream, fwd);
-    case TVD: return launch<S, TVD>(a, stream, fwd);
+    case FORWARD_KL: return launch_which<S, FORWARD_KL>(a, stream, which);
+    case REVERSE_KL: return launch_which<S, REVERSE_KL>(a, stream, which);
+    case JSD: return launch_which<S, JSD>(a, stream, which);
+    case SKEW_KL: return launch_which<S, SKEW_KL>(a, stream, which);
+    case SKEW_REVERSE_KL: return launch_which<S, SKEW_REVERSE_KL>(a, stream, which);
+    case TVD: return launch_which<S, TVD>(a, stream, which);
     default: return (int)cudaErrorInvalidValue;
   }
 }
 
-int dispatch(const RowsArgs& a, void* stream, bool fwd) {
+int dispatch(const RowsArgs& a, void* stream, int which) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (a.dtype) {
-    case F32: return dispatch_div<float>(a, st, fwd);
-    case BF16: return dispatch_div<__nv_bfloat16>(a, st, fwd);
-    case F16: return dispatch_div<__half>(a, st, fwd);
+    case F32: return dispatch_div<float>(a, st, which);
+    case BF16: return dispatch_div<__nv_bfloat16>(a, st, which);
+    case F16: return dispatch_div<__half>(a, st, which);
     default: return (int)cudaErrorInvalidValue;
   }
 }
 
 }  // namespace
 
-int cuda_forward_rows(const RowsArgs& args, void* stream) { return dispatch(args, stream, true); }
-int cuda_backward_rows(const RowsArgs& args, void* stream) { return dispatch(args, stream, false); }
+int cuda_forward_rows(const RowsArgs& args, void* stream) { return dispatch(args, stream, 0); }
+int cuda_backward_rows(const RowsArgs& args, void* stream) { return dispatch(args, stream, 1); }
+int cuda_forward_grad_rows(const RowsArgs& args, void* stream) { return dispatch(args, stream, 2); }
 const char* cuda_error_string(int code) { return cudaGetErrorString((cudaError_t)code); }
 
 }  // namespace kd

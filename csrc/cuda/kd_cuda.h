@@ -9,6 +9,8 @@ namespace kd {
 // `stream` is a cudaStream_t. Return 0 on success, else a cudaError_t code.
 int cuda_forward_rows(const RowsArgs& args, void* stream);
 int cuda_backward_rows(const RowsArgs& args, void* stream);
+// Fused forward + gradient: loss, and grad for grad_loss = args.grad_loss (the grad_scale), one kernel.
+int cuda_forward_grad_rows(const RowsArgs& args, void* stream);
 const char* cuda_error_string(int code);
 
 }  // namespace kd

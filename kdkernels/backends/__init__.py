@@ -96,7 +96,7 @@ BACKENDS = {
                     ("cpu", "cuda", "mps", "xpu", "meta"), _FLOATS + (torch.float64,),
                     features=FEATURES),
         BackendSpec("triton", "kdkernels.backends.triton.launch", ("cuda", "cpu"), _FLOATS,
-                    _probe_triton, features=frozenset({"sparse", "grad_inplace"})),
+                    _probe_triton, features=frozenset({"sparse", "grad_inplace", "fused_grad"})),
         BackendSpec("cuda", "kdkernels.backends.compiled", ("cuda",), _FLOATS,
                     _probe_compiled("cuda")),
         BackendSpec("cpu", "kdkernels.backends.compiled", ("cpu",), _FLOATS,
