@@ -94,15 +94,52 @@ __device__ __forceinline__ void load_chunk(const S* row, int64_t j, int64_t V, b
   }
 }
 
+// One 16-byte global store of 4 words at a 16-byte aligned address.
+__device__ __forceinline__ void store16(void* p, const uint32_t* w) {
+#ifdef __CUDA_ARCH__
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]),
+               "r"(w[3])
+               : "memory");
+#else
+  uint4 raw;
+  raw.x = w[0];
+  raw.y = w[1];
+  raw.z = w[2];
+  raw.w = w[3];
+  *reinterpret_cast<uint4*>(p) = raw;
+#endif
+}
+
+// The bits of one element, zero-extended to 32 bits.
+template <class S>
+__device__ __forceinline__ uint32_t bits_of(S x) {
+  if constexpr (sizeof(S) == 4) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return u;
+  } else {
+    unsigned short u;
+    memcpy(&u, &x, 2);
+    return (uint32_t)u;
+  }
+}
+
 template <class S>
 __device__ __forceinline__ void store_chunk(S* row, int64_t j, int64_t V, bool vec, const float* in) {
   constexpr int N = Vec<S>::N;
   if (vec && j >= 0 && j + N <= V) {
-    uint4 raw;
-    S* e = reinterpret_cast<S*>(&raw);
+    // Packed into 32-bit words, stored as one 16-byte vector (nvcc 13 split the store of a uint4
+    // filled through an S* view into four 4-byte STGs: benchmarks/gpu_model.py saw no vector path).
+    uint32_t w[4];
 #pragma unroll
-    for (int k = 0; k < N; ++k) e[k] = from_float<S>(in[k]);
-    *reinterpret_cast<uint4*>(row + j) = raw;
+    for (int k = 0; k < 4; ++k) {
+      if constexpr (sizeof(S) == 4) {
+        w[k] = bits_of(from_float<S>(in[k]));
+      } else {
+        w[k] = bits_of(from_float<S>(in[2 * k])) | (bits_of(from_float<S>(in[2 * k + 1])) << 16);
+      }
+    }
+    store16(row + j, w);
   } else {
 #pragma unroll
     for (int k = 0; k < N; ++k)
@@ -473,6 +510,21 @@ __global__ void __launch_bounds__(THREADS) forward_grad_kernel(RowsArgs a) {
   backward_row<S, DIV, SOFT, HARD>(a, r, label, rs, a.grad_loss[r], sm);
 }
 
+// In place: grad[r] *= grad_loss[r] / grad_scale[r] (0 where grad_scale is 0; grad_scale null:
+// ones), fp32 rounded once. A row whose ratio is exactly 1 returns at once: no bytes moved.
+// Rows of `grad` at (r / L) * stride_b + (r % L) * stride_l, unit column stride.
+template <class S>
+__global__ void __launch_bounds__(THREADS) rescale_kernel(void* grad, const float* gl, const float* gs, int64_t N,
+                                                          int64_t V, int64_t L, int64_t stride_b, int64_t stride_l) {
+  const int64_t r = blockIdx.x;
+  if (r >= N) return;
+  const float d = gs ? gs[r] : 1.f;
+  const float ratio = d != 0.f ? gl[r] / d : 0.f;
+  if (ratio == 1.f) return;
+  S* g = static_cast<S*>(grad) + (r / L) * stride_b + (r % L) * stride_l;
+  for (int64_t j = threadIdx.x; j < V; j += THREADS) g[j] = from_float<S>(to_float(g[j]) * ratio);
+}
+
 template <class S, int DIV>
 int launch_fused(const RowsArgs& a, cudaStream_t stream) {
   if (a.N == 0) return 0;
@@ -548,6 +600,22 @@ int dispatch(const RowsArgs& a, void* stream, int which) {
 int cuda_forward_rows(const RowsArgs& args, void* stream) { return dispatch(args, stream, 0); }
 int cuda_backward_rows(const RowsArgs& args, void* stream) { return dispatch(args, stream, 1); }
 int cuda_forward_grad_rows(const RowsArgs& args, void* stream) { return dispatch(args, stream, 2); }
+int cuda_rescale_rows(void* grad, int dtype, const float* grad_loss, const float* grad_scale, int64_t N,
+                      int64_t V, int64_t L, int64_t stride_b, int64_t stride_l, void* stream) {
+  if (N == 0 || V == 0) return 0;
+  void (*kernel)(void*, const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t);
+  switch (dtype) {
+    case F32: kernel = rescale_kernel<float>; break;
+    case BF16: kernel = rescale_kernel<__nv_bfloat16>; break;
+    case F16: kernel = rescale_kernel<__half>; break;
+    default: return (int)cudaErrorInvalidValue;
+  }
+  dim3 grid((unsigned)N), block(THREADS);
+  if (cudaPeekAtLastError() != cudaSuccess) (void)cudaGetLastError();  // as in launch()
+  KD_LAUNCH(kernel, grid, block, 0, static_cast<cudaStream_t>(stream), grad, grad_loss, grad_scale, N, V, L,
+            stride_b, stride_l);
+  return (int)cudaGetLastError();
+}
 const char* cuda_error_string(int code) { return cudaGetErrorString((cudaError_t)code); }
 
 }  // namespace kd

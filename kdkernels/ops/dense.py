@@ -164,11 +164,13 @@ def _backward_with_grad(ctx, grad_loss, grad_grad):
                 student, teacher, labels, *scalars,
                 grad_loss.detach().reshape(-1).to(torch.float32).contiguous())
         else:
-            mod = backends.load(ctx.scalars[0])
-            if _eager(g) and hasattr(mod, "rescale_rows_"):
-                # (triton) rescale G in place, on the device, skipping rows whose ratio is exactly
-                # 1 (no bytes moved, no host synchronisation), and hand G itself on
-                grad = mod.rescale_rows_(g, grad_loss, grad_scale)
+            backend = ctx.scalars[0]
+            if _eager(g) and backends.has(backend, "grad_rescale"):
+                # (triton, cuda) rescale G in place, on the device, skipping rows whose ratio is
+                # exactly 1 (no bytes moved, no host synchronisation), and hand G itself on. G is
+                # this op's own buffer (kd_loss drops the output); a later backward of a retained
+                # graph recomputes (above)
+                grad = backends.load(backend).rescale_rows_(g, grad_loss, grad_scale)
                 ctx.g_handed = True
             else:
                 # G itself when grad_loss is the one it was computed for: no copy, no second buffer

@@ -1,6 +1,7 @@
-"""The fused Triton training path: forward_rows_with_grad ("fused_grad", kdkernels::kd_rows_with_grad).
+"""The fused GPU training path: forward_rows_with_grad ("fused_grad", kdkernels::kd_rows_with_grad)
+of the triton and cuda backends (CPU: the Triton interpreter, the CUDA host emulation).
 
-One kernel (kd_fwd_grad_kernel) runs the statistics pass (and, for the mixture divergences, the
+One kernel (triton kd_fwd_grad_kernel, cuda forward_grad_kernel) runs the statistics pass (and, for the mixture divergences, the
 loss / c pass), then the gradient pass, and writes the losses and grad_scale · d loss / d s.
 Checked bitwise against the two-kernel path (forward_rows + backward_rows with
 grad_loss = grad_scale: the same fp32 code) and against the float64 oracle, and that kd_loss takes
@@ -20,22 +21,25 @@ from kdkernels import divergences as D
 from kdkernels.ops import dense as ops
 from kdkernels.tools import eager as reference
 
-pytestmark = pytest.mark.parametrize("backend", backend_params("triton"))
+pytestmark = pytest.mark.parametrize("backend", backend_params("triton", "cuda"))
 
 DIVS = D.kernel_names()
 PARAMS = {"jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}, "skew_reverse_kl": {"alpha": 0.2}}
 GPU = torch.cuda.is_available()
-DEVICE = str(device_for("triton"))  # cuda with a GPU, else cpu (the interpreter)
+DEVICE = str(device_for("triton"))  # cuda with a GPU, else cpu (interpreter / emulation)
+assert device_for("triton") == device_for("cuda")
+_CURRENT = ["triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 @pytest.fixture(autouse=True)
-def _small_blocks(monkeypatch):
+def _small_blocks(monkeypatch, backend):
     monkeypatch.setenv("KDKERNELS_TRITON_BLOCK", "512" if not GPU else "4096")
+    _CURRENT[0] = backend
 
 
 def _launch():
-    return backends.load("triton")
+    return backends.load(_CURRENT[0])
 
 
 def _param(div):
@@ -204,9 +208,9 @@ class _Counter:
 
 
 def _two_kernel(monkeypatch):
-    """The triton backend without "fused_grad": kd_loss then runs kd_rows + kd_rows_backward."""
-    spec = backends.BACKENDS["triton"]
-    monkeypatch.setitem(backends.BACKENDS, "triton",
+    """The backend without "fused_grad": kd_loss then runs kd_rows + kd_rows_backward."""
+    spec = backends.BACKENDS[_CURRENT[0]]
+    monkeypatch.setitem(backends.BACKENDS, _CURRENT[0],
                         dataclasses.replace(spec, features=spec.features - {"fused_grad"}))
 
 
@@ -289,7 +293,7 @@ def test_opcheck_and_compile(backend):
     t = _rand((2, 3, V + 3), torch.float32)[..., :V]
     labels = _labels(6, V)
     gs = torch.rand(6, device=DEVICE) + 0.5
-    scalars = ("triton", 2, 0.4, 2.0, 1.0, 0.5, -100)
+    scalars = (backend, 2, 0.4, 2.0, 1.0, 0.5, -100)
     # test_aot_dispatch_dynamic compares the op's outputs after an eager backward, and the eager
     # backward on triton rescales the second output G (the op's gradient buffer, which kd_loss
     # drops) in place; the compiled (functional) backward is checked against eager just below
@@ -300,7 +304,7 @@ def test_opcheck_and_compile(backend):
                           test_utils=utils)
 
     def f(x, t):
-        return ops.kd_rows_with_grad(x * 1, t, None, "triton", 2, 0.5, 2.0, 1.0, 0.0, -100,
+        return ops.kd_rows_with_grad(x * 1, t, None, backend, 2, 0.5, 2.0, 1.0, 0.0, -100,
                                      None)[0].sum()
 
     torch.compile(f, backend="aot_eager", fullgraph=True)(s, t).backward()
@@ -312,6 +316,6 @@ def test_opcheck_and_compile(backend):
 
 def test_launcher_rejects_bad_grad_scale(backend):
     s = _rand((1, 2, 10), torch.float32)
-    with pytest.raises(ValueError, match="grad_scale"):
+    with pytest.raises(ValueError, match="grad_scale|grad_loss"):
         _launch().forward_rows_with_grad(s, s, None, 0, 0.0, 1.0, 1.0, 0.0, -100,
                                          torch.ones(3, device=DEVICE))
