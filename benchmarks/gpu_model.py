@@ -714,7 +714,7 @@ def model_cuda(caps=CAPS, dtypes=DTYPES, divs=range(6)) -> List[dict]:
         dem = demangle(list(funcs))
         found = {}
         for mangled, pretty in dem.items():
-            m = re.search(r"(forward|backward)_kernel<([^,>]+), (\d+)>", pretty)
+            m = re.search(r"(forward|backward)_kernel<([^,>]+), (\d+), true, true>", pretty)
             if m:
                 found[(m.group(1), CUDA_DTYPES.get(m.group(2).strip(), m.group(2)),
                        int(m.group(3)))] = mangled
