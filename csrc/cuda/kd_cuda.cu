@@ -248,9 +248,10 @@ __device__ __forceinline__ float log_prob_scaled(float x, LogNorm n, float invT)
 // of s at T = 1 (labels, hard_weight != 0, and not (SOFT and T == 1), where it is the student's).
 // The forward of one counted row (every thread of the CTA): returns its statistics to every
 // thread and its loss to thread 0 (`loss`). `sm`: the CTA's reduction scratch.
-template <class S, int DIV, bool SOFT, bool SEP>
-__device__ __forceinline__ RowStats forward_row(const RowsArgs& a, int64_t r, int64_t label, float* sm,
-                                                float& loss) {
+// Thread 0 writes the loss (and with STATS the stats row) itself, as the kernel did before the
+// split: returning them instead made ptxas spill 4 bytes in forward_kernel<16-bit, 0, true, true>.
+template <class S, int DIV, bool SOFT, bool SEP, bool STATS>
+__device__ __forceinline__ RowStats forward_row(const RowsArgs& a, int64_t r, int64_t label, float* sm) {
   constexpr int N = Vec<S>::N;
   const bool hard = a.labels && a.hard_weight != 0.f;
   const bool bad_label = hard && (label < 0 || label >= a.V);
@@ -356,10 +357,10 @@ __device__ __forceinline__ RowStats forward_row(const RowsArgs& a, int64_t r, in
     block_merge(os, reinterpret_cast<MaxSum*>(sm));
     ns = lognorm_from(os.m, os.z);
   }
-  loss = 0.f;
   if (threadIdx.x == 0) {
     const float ce = !hard ? 0.f : bad_label ? NAN : hard_ce(ns, to_float(s[label]));
-    loss = row_loss(SOFT, a.soft_weight, a.temperature, D, hard, a.hard_weight, ce);
+    a.loss[r] = row_loss(SOFT, a.soft_weight, a.temperature, D, hard, a.hard_weight, ce);
+    if (STATS) store_row_stats(a.stats + r * STATS_WIDTH, RowStats{na, nb, cc, ns});
   }
   return RowStats{na, nb, cc, ns};
 }
@@ -385,12 +386,7 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
     }
     return;
   }
-  float loss;
-  const RowStats rs = forward_row<S, DIV, SOFT, SEP>(a, r, label, sm, loss);
-  if (threadIdx.x == 0) {
-    a.loss[r] = loss;
-    store_row_stats(st, rs);
-  }
+  forward_row<S, DIV, SOFT, SEP, true>(a, r, label, sm);
 }
 
 // SOFT as in forward_kernel; HARD: labels and hard_weight != 0 (the hard term's gradient).
@@ -503,9 +499,7 @@ __global__ void __launch_bounds__(THREADS) forward_grad_kernel(RowsArgs a) {
     zero_grad_row<S>(a, r);
     return;
   }
-  float loss;
-  const RowStats rs = forward_row<S, DIV, SOFT, SEP>(a, r, label, sm, loss);
-  if (threadIdx.x == 0) a.loss[r] = loss;
+  const RowStats rs = forward_row<S, DIV, SOFT, SEP, false>(a, r, label, sm);
   // rs is what backward_kernel loads (store_row_stats / load_row_stats copy the 7 floats)
   backward_row<S, DIV, SOFT, HARD>(a, r, label, rs, a.grad_loss[r], sm);
 }
