@@ -51,7 +51,7 @@ OUT_DIR = os.path.join(ROOT, "benchmarks", "results", "gpu-model")
 # ---- the project's modules this tool reads: one place, so a moved package is one edit ----------
 TRITON_PKG = "kdkernels.backends.triton"            # kernels.py, launch.py, sparse_kernels.py, sparse_launch.py
 TRITON_MODULES = ("kernels", "launch", "sparse_kernels", "sparse_launch")
-CUDA_SOURCE = os.environ.get('FG_SRC', os.path.join(ROOT, 'csrc', 'cuda', 'kd_cuda.cu'))
+CUDA_SOURCE = os.path.join(ROOT, "csrc", "cuda", "kd_cuda.cu")
 CUDA_INCLUDE = os.path.join(ROOT, "csrc", "include")
 CUDA_FLAGS = ["-O3", "-std=c++17", "--use_fast_math"]  # as setup.py builds kdkernels._C_cuda
 
