@@ -28,6 +28,7 @@
 
 #include "kd_cuda.h"
 #include "kd_math.h"
+#include "kd_mse.h"
 
 // Kernel launch: triple chevrons under nvcc; the host emulation (csrc/testing/cuda_emu.h, tests
 // only) defines KD_LAUNCH to run the same kernel on the CPU.
@@ -537,6 +538,9 @@ int launch(const RowsArgs& a, cudaStream_t stream, bool fwd) {
   return (int)cudaGetLastError();
 }
 
+// logit_mse: its own kernels (launch_mse), on this file's helpers.
+#include "mse_cuda.cuh"
+
 template <class S>
 int dispatch_given_stats(const RowsArgs& a, cudaStream_t stream) {
   switch (a.div) {
@@ -559,6 +563,7 @@ int dispatch_div(const RowsArgs& a, cudaStream_t stream, bool fwd) {
     case SKEW_KL: return launch<S, SKEW_KL>(a, stream, fwd);
     case SKEW_REVERSE_KL: return launch<S, SKEW_REVERSE_KL>(a, stream, fwd);
     case TVD: return launch<S, TVD>(a, stream, fwd);
+    case LOGIT_MSE: return launch_mse<S>(a, stream, fwd);
     default: return (int)cudaErrorInvalidValue;
   }
 }

@@ -50,7 +50,7 @@ import torch
 from .triton import INTERPRETER_HINT, interpreting
 
 __all__ = ["BACKENDS", "FEATURES", "STATS_WIDTH", "BackendSpec", "availability", "load", "choose",
-           "names", "has", "rows_outputs_like"]
+           "names", "has", "rows_outputs_like", "check_given_stats_div"]
 
 # Per-row fp32 statistics of the dense kernels: (max, log sum-exp) of t/T and of s/T, c = Σ q g,
 # (max, log sum-exp) of s. The C++ extension reports its own width (checked in the tests).
@@ -119,14 +119,14 @@ BACKENDS = {
                     features=FEATURES),
         BackendSpec("triton", "kdkernels.backends.triton.launch", ("cuda", "cpu"), _FLOATS,
                     _probe_triton,
-                    features=frozenset({"sparse", "grad_inplace", "vocab_parallel"}),
+                    features=frozenset({"logit_mse", "sparse", "grad_inplace", "vocab_parallel"}),
                     c_full=False),
         BackendSpec("cuda", "kdkernels.backends.compiled", ("cuda",), _FLOATS,
-                    _probe_compiled("cuda"), features=frozenset({"vocab_parallel"}),
+                    _probe_compiled("cuda"), features=frozenset({"logit_mse", "vocab_parallel"}),
                     resums_reverse_kl_c=True),
         BackendSpec("cpu", "kdkernels.backends.compiled", ("cpu",), _FLOATS,
                     _probe_compiled("cpu"),
-                    features=frozenset({"sparse", "fused_grad", "vocab_parallel"}),
+                    features=frozenset({"logit_mse", "sparse", "fused_grad", "vocab_parallel"}),
                     stats_scaled=True, resums_reverse_kl_c=True),
     )
 }
@@ -142,6 +142,14 @@ def names() -> list:
 def has(name: str, feature: str) -> bool:
     """True when backend ``name`` implements ``feature`` (a constant for torch.compile)."""
     return feature in BACKENDS[name].features
+
+
+def check_given_stats_div(div_id: int, backend: str) -> None:
+    """``forward_rows_given_stats`` (the vocab-parallel pass) exists for the softmax divergences
+    only: raise a clear error for ``logit_mse``, which has no normalisers to share."""
+    if div_id == 6:  # divergences.LOGIT_MSE
+        raise ValueError(f"backend={backend!r}: forward_rows_given_stats has no logit_mse kernel "
+                         "(the vocab-parallel pass shares softmax normalisers; logit_mse has none)")
 
 
 def rows_outputs_like(student: torch.Tensor, width: int = STATS_WIDTH):
