@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(THREADS) mse_forward_kernel(RowsArgs a) {
   if (SOFT) {
     const float sum_d = block_sum(sd.sum - sd.comp, sm);
     n = block_sum(kept, sm);
-    mu = mse_mean((double)sum_d, n);
+    mu = mse_mean(sum_d, n);
     if (mse_grad_defined(mu)) {  // the same in every thread: a uniform branch
       KahanSum sc;
       sc.init();
@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(THREADS) mse_forward_kernel(RowsArgs a) {
     ns = lognorm_from(os.m, os.z);
   }
   if (threadIdx.x == 0) {
-    float loss = SOFT ? a.soft_weight * mse_loss((double)sum_c2, n, mu) : 0.f;
+    float loss = SOFT ? a.soft_weight * mse_loss(sum_c2, n, mu) : 0.f;
     if (HARD) loss += a.hard_weight * (bad_label ? NAN : hard_ce(ns, to_float(s[label])));
     a.loss[r] = loss;
     store_mse_stats(st, mu, n, ns);

@@ -42,16 +42,19 @@ KD_HD KD_INLINE float mse_centred(float t, float s, float mu) {
 // The divisor n of the mean and of the loss: at least 1 (an all -inf row has n = 0 and sums 0).
 KD_HD KD_INLINE float mse_divisor(float n) { return n > 1.0f ? n : 1.0f; }
 
-// mu from the sum of d and the count (0 for an empty row).
-KD_HD KD_INLINE float mse_mean(double sum_d, float n) { return (float)(sum_d / (double)mse_divisor(n)); }
+// mu from the sum of d and the count (0 for an empty row). A: the accumulator type, double on the
+// CPU, float on the GPU (a double division there is a called subroutine: ptxas spilled around it).
+template <class A>
+KD_HD KD_INLINE float mse_mean(A sum_d, float n) { return (float)(sum_d / (A)mse_divisor(n)); }
 
 // The gradient of a row is defined (finite) exactly when mu is finite: an infinite or NaN mu is a
 // -inf in one model only (or a NaN input), and the row is then NaN throughout.
 KD_HD KD_INLINE bool mse_grad_defined(float mu) { return mu - mu == 0.0f; }
 
 // The soft loss of a row from sum c^2 (NaN when mu is not finite: the reference's inf - inf).
-KD_HD KD_INLINE float mse_loss(double sum_c2, float n, float mu) {
-  return mse_grad_defined(mu) ? (float)(sum_c2 / (2.0 * (double)mse_divisor(n))) : NAN;
+template <class A>
+KD_HD KD_INLINE float mse_loss(A sum_c2, float n, float mu) {
+  return mse_grad_defined(mu) ? (float)(sum_c2 / ((A)2 * (A)mse_divisor(n))) : NAN;
 }
 
 // One element of the gradient with respect to s: k_soft = grad_loss * soft_weight / n,

@@ -10,7 +10,12 @@ ignore_index) -> (loss [N], stats [N, STATS_WIDTH])``
     ``teacher`` is a [B, L, Vt >= V] view of the same kind (columns >= V are ignored);
     ``labels`` is None or an int64 [N] tensor (any stride). ``loss`` is per-row
     soft_weight·T²·D + hard_weight·CE in fp32 (float64 for float64 inputs), 0 on ignored rows.
-    ``stats`` is per-row fp32 state handed to backward.
+    ``stats`` is per-row fp32 state handed to backward. For ``logit_mse`` (div_id 6, no
+    temperature) it is (μ, n, −μ, n, 0, max s, log Σ e^(s − max s)): μ = mean(t − s) over the n
+    columns not −inf in both, then the hard term's statistics as the other divergences store
+    them; backward reads μ and n from columns 0 and 1 only, so the row with columns (0, 1) and
+    (2, 3) swapped, given to backward with teacher and student exchanged (and hard_weight = 0),
+    yields the gradient with respect to the teacher.
 ``backward_rows(grad_loss [N], student, teacher, labels, stats, <same scalars>, out=None) -> grad``
     The gradient of Σ grad_loss[i]·loss[i] w.r.t. ``student``, a new contiguous [B, L, V] tensor in
     the student's dtype (or ``out``, for backends with "grad_inplace"); exactly zero on ignored
@@ -27,6 +32,7 @@ ignore_index) -> partial [N, 2]``  ("vocab_parallel")
     the given normalisers exactly as this backend's forward forms them (same centring), and in
     this backend's convention for c (``BackendSpec.c_full``); zeros on ignored rows. Summed over
     the shards they are the full row's D and c (``kdkernels.distributed.vocab_parallel``).
+    Not for ``logit_mse`` (div_id 6; ``check_given_stats_div`` raises).
     With "vocab_parallel", ``backward_rows`` also takes a label outside [0, V) that is not
     ignore_index (the label's column lives on another rank): it adds hard_weight·softmax(s) with
     no one-hot term (``forward_rows`` gives such a row a NaN loss).
