@@ -334,6 +334,7 @@ def test_logit_mse_neg_inf_in_one_model_only(backend, side, dtype):
     labels = _labels((2, 3), V, dev, frac_ignored=0.0)
     labels[1, 2] = -100
     (s if side == "student" else t)[0, 0, 1030] = float("-inf")
+    s[0, 0, 40] = t[0, 0, 40] = float("-inf")  # a column left out: its gradient is NaN there too
     x = s.detach().requires_grad_(True)
     kw = dict(labels=labels, hard_weight=0.5)
     rows = kd.kd_loss(x, t, "logit_mse", reduction="none", backend=backend, **kw)
@@ -388,7 +389,8 @@ def test_logit_mse_stats_layout_and_teacher_gradient_by_swapping(backend, dtype)
     dev = device_of(backend)
     V = 1271
     s = _rand((2, 4, V), dtype, dev, 30.0)
-    tbuf = _rand((2, 5, V + 9), dtype, dev, 30.0)
+    # offset by 40: mean(t - s) is far from 0, so a wrong sign or column of mu shows in bf16 too
+    tbuf = (_rand((2, 5, V + 9), torch.float32, dev, 30.0) + 40.0).to(dtype)
     t = tbuf[:, 1:, :V]  # row-strided, sliced from a padded vocabulary
     cols = torch.tensor([2, 1024], device=dev)
     s[..., cols] = float("-inf")
@@ -406,7 +408,7 @@ def test_logit_mse_stats_layout_and_teacher_gradient_by_swapping(backend, dtype)
     st = stats.cpu()
     assert torch.equal(st[~counted.cpu()], torch.zeros_like(st[~counted.cpu()]))
     st, mu = st[counted.cpu()], mu[counted].cpu()
-    assert torch.allclose(st[:, 0].double(), mu, rtol=1e-5, atol=1e-5 * 30)
+    assert torch.allclose(st[:, 0].double(), mu, rtol=1e-5, atol=1e-5 * 70)
     assert (st[:, 1] == V - 2).all() and (st[:, 3] == V - 2).all()
     assert torch.equal(st[:, 2], -st[:, 0]) and (st[:, 4] == 0).all()
     _, fkl = mod.forward_rows(s, t, labels, D.get("forward_kl").id, 0.0, T, sw, hw, ii)
