@@ -65,6 +65,8 @@ at::Tensor kd_rows_given_stats_cpu(const at::Tensor& student, const at::Tensor& 
                                    const c10::optional<at::Tensor>& labels, const at::Tensor& stats,
                                    int64_t div_id, double param, double temperature,
                                    int64_t ignore_index) {
+  TORCH_CHECK_VALUE(div_id != LOGIT_MSE, "kdkernels_C: kd_rows_given_stats (the vocab-parallel "
+                    "pass) has no logit_mse kernel: logit_mse needs no softmax normalisers");
   RowsArgs a = make_args(student, teacher, labels, div_id, param, temperature, 1.0, 0.0,
                          ignore_index, at::kCPU);
   at::Tensor st = check_stats(stats, a.N);

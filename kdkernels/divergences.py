@@ -37,8 +37,8 @@ class Divergence:
     low_inclusive: bool = False
     online: bool = False         # loss accumulates in the statistics pass (one read of s, t)
     hint: str = ""               # appended to range errors
-    # Backend feature this divergence needs (see ``backends.FEATURES``); None for the divergences
-    # every kernel backend implements. Backends lacking the feature are skipped by backend="auto".
+    # Backend feature this divergence needs (see ``backends.FEATURES``); None for the temperature
+    # divergences. Backends lacking the feature are skipped by backend="auto".
     feature: Optional[str] = None
     uses_temperature: bool = True  # False: T neither divides the logits nor scales by T²
 
@@ -126,7 +126,9 @@ def names() -> list:
 
 
 def kernel_names() -> list:
-    """The divergences every kernel backend implements (the six temperature divergences)."""
+    """The six temperature divergences: those of the softmax kernels, of the vocab-parallel pass
+    and of the sparse top-k loss. (``logit_mse`` runs on every kernel backend too, in kernels of
+    its own, behind the "logit_mse" feature.)"""
     return [n for n, d in DIVERGENCES.items() if d.feature is None]
 
 

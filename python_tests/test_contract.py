@@ -20,7 +20,7 @@ from kdkernels.tools import eager
 
 pytestmark = pytest.mark.parametrize("backend", backend_params("reference", "cpu", "triton", "cuda"))
 
-DIVS = D.kernel_names()
+DIVS = D.names()  # the six temperature divergences and logit_mse: every backend implements them
 PARAMS = {"jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}, "skew_reverse_kl": {"alpha": 0.2}}
 GPU = torch.cuda.is_available()
 
@@ -374,3 +374,248 @@ def test_ensemble_of_copies_of_the_student_is_zero(backend, div):
     assert rows.detach().abs().max() <= 1e-6, rows
     if div != "tvd":  # |p - q| at a tie: the sign of a rounding error
         assert (x.grad.abs() <= 1e-6).all()
+
+
+# ---- logit_mse (divergence id 6): the cases of its own --------------------------------------------
+# The shared cases above (-inf columns in both, |logits| ~ 1e4, strided views and padded teachers,
+# every row ignored, NaN input, identical rows) run it too; here what is particular to it.
+
+MSE = D.get("logit_mse").id
+KERNEL_BACKENDS = ("cpu", "triton", "cuda")
+
+
+def _kernel_backend(backend):
+    if backend not in KERNEL_BACKENDS:
+        pytest.skip("the reference has no kernel contract (forward_rows / backward_rows)")
+    return backends.load(backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("V", [1, 7, 1271, 3001])
+def test_logit_mse_shapes_and_terms(backend, V, dtype):
+    """V = 1, under one vector, not a multiple of the block (1024) nor of any vector width; the
+    hard term on and off; the soft term off (hard only)."""
+    dev = device_of(backend)
+    s, t = _rand((2, 3, V), dtype, dev), _rand((2, 3, V), dtype, dev)
+    labels = _labels((2, 3), V, dev)
+    _check(s, t, "logit_mse", backend, what=f"V={V} soft")
+    _check(s, t, "logit_mse", backend, labels=labels, hard_weight=0.7, what=f"V={V} soft+hard")
+    x = s.detach().requires_grad_(True)
+    kw = dict(labels=labels, soft_weight=0.0, hard_weight=0.7)
+    rows = kd.kd_loss(x, t, "logit_mse", reduction="none", backend=backend, **kw)
+    rows.sum().backward()
+    exp, exp_grad = oracle.loss_and_grad(s, t, reduction="none", divergence_name="logit_mse",
+                                         **kw)
+    assert_close(rows, exp, dtype, what="hard only loss")
+    assert_close(x.grad, exp_grad, dtype, what="hard only grad")
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+def test_logit_mse_reductions_huge_logits_and_shared_neg_inf(backend, reduction):
+    dev = device_of(backend)
+    V = 1271
+    s, t = _rand((3, 5, V), torch.float32, dev, 1e4), _rand((3, 5, V), torch.float32, dev, 1e4)
+    cols = torch.tensor([0, 5, 1023, 1024, V - 1], device=dev)
+    s[..., cols] = float("-inf")
+    t[..., cols] = float("-inf")
+    labels = _labels((3, 5), V, dev)
+    labels[labels.remainder(1024) == 0] = 7
+    labels[(labels == 5) | (labels == V - 1)] = 6
+    kw = dict(labels=labels, hard_weight=0.3, soft_weight=0.6, temperature=3.0)
+    x = s.detach().requires_grad_(True)
+    out = kd.kd_loss(x, t, "logit_mse", reduction=reduction, backend=backend, **kw)
+    out.sum().backward()
+    exp, exp_grad = oracle.loss_and_grad(s, t, reduction=reduction, divergence_name="logit_mse",
+                                         **kw)
+    xp = s.detach().clone().requires_grad_(True)  # plain PyTorch, for the three-way bound
+    pr = eager.eager_kd_loss(xp, t, "logit_mse", reduction=reduction, **kw)
+    (pg,) = torch.autograd.grad(pr.sum(), xp)
+    assert_close(out, exp, torch.float32, pr.detach(), what="loss")
+    assert_close(x.grad, exp_grad, torch.float32, pg, what="grad")
+    assert (x.grad[..., cols] == 0).all()
+    # temperature does not apply
+    other = kd.kd_loss(s, t, "logit_mse", reduction=reduction, backend=backend,
+                       **dict(kw, temperature=0.25))
+    assert torch.equal(out.detach(), other)
+    # a counted row with every column left out (-inf in both): n = 0, loss 0, gradient 0
+    s[1, 2, :] = float("-inf")
+    t[1, 2, :] = float("-inf")
+    x = s.detach().requires_grad_(True)
+    out = kd.kd_loss(x, t, "logit_mse", reduction=reduction, backend=backend)
+    out.sum().backward()
+    exp, exp_grad = oracle.loss_and_grad(s, t, reduction=reduction, divergence_name="logit_mse")
+    assert_close(out, exp, torch.float32, what="loss, empty row")
+    assert_close(x.grad, exp_grad, torch.float32, what="grad, empty row")
+    assert (x.grad[1, 2] == 0).all()
+    if reduction == "none":
+        assert out[1, 2] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_logit_mse_neg_inf_in_one_model_only(backend, side, dtype):
+    """-inf in only one of teacher and student: the reference's NaN loss, and the +inf-loss
+    gradient rule (docs/precision.md): that row's gradient is NaN in every element; the other
+    rows are the oracle's, the ignored row zero."""
+    dev = device_of(backend)
+    V = 1271
+    s, t = _rand((2, 3, V), dtype, dev), _rand((2, 3, V), dtype, dev)
+    labels = _labels((2, 3), V, dev, frac_ignored=0.0)
+    labels[1, 2] = -100
+    (s if side == "student" else t)[0, 0, 1030] = float("-inf")
+    s[0, 0, 40] = t[0, 0, 40] = float("-inf")  # a column left out: its gradient is NaN there too
+    x = s.detach().requires_grad_(True)
+    kw = dict(labels=labels, hard_weight=0.5)
+    rows = kd.kd_loss(x, t, "logit_mse", reduction="none", backend=backend, **kw)
+    w = torch.rand(rows.shape, device=rows.device) + 0.5
+    (rows * w).sum().backward()
+    ref = kd.kd_loss(s, t, "logit_mse", reduction="none", backend="reference", **kw)
+    assert torch.isnan(ref[0, 0]) and torch.isnan(rows[0, 0])
+    assert torch.isnan(x.grad[0, 0]).all(), f"{int(torch.isnan(x.grad[0, 0]).sum())} of {V} NaN"
+    others = torch.ones(2, 3, dtype=torch.bool, device=dev)
+    others[0, 0] = False
+    assert torch.isfinite(rows[others]).all() and torch.isfinite(x.grad[others]).all()
+    assert (x.grad[1, 2] == 0).all() and rows[1, 2] == 0
+    s64 = s.detach().double()[others].requires_grad_(True)
+    exp = oracle.rows(s64, t.detach().double()[others], divergence_name="logit_mse",
+                      labels=labels[others], hard_weight=0.5)
+    (eg,) = torch.autograd.grad((exp * w[others].double()).sum(), s64)
+    assert_close(rows[others], exp.detach(), dtype, what="other rows loss")
+    assert_close(x.grad[others], eg, dtype, what="other rows grad")
+
+
+def test_logit_mse_neg_inf_label_in_both_is_an_infinite_loss_with_finite_gradient(backend):
+    """Teacher and student -inf at the label: the column is left out of the MSE, the hard term is
+    +inf, and the gradient is the formula's, finite (softmax(s) - onehot, 0 from the MSE)."""
+    dev = device_of(backend)
+    V = 300
+    s, t = _rand((1, 2, V), torch.float32, dev), _rand((1, 2, V), torch.float32, dev)
+    labels = torch.tensor([[17, 3]], device=dev)
+    s[0, 0, 17] = float("-inf")
+    t[0, 0, 17] = float("-inf")
+    x = s.detach().requires_grad_(True)
+    rows = kd.kd_loss(x, t, "logit_mse", labels=labels, hard_weight=0.5, reduction="none",
+                      backend=backend)
+    rows.sum().backward()
+    assert rows[0, 0] == float("inf") and torch.isfinite(rows[0, 1])
+    assert torch.isfinite(x.grad).all()
+    s64 = s[0, 0].double()
+    keep = torch.isfinite(s64)
+    c = torch.where(keep, (t[0, 0].double() - s64), 0.0)
+    c = torch.where(keep, c - c[keep].mean(), 0.0)
+    onehot = torch.nn.functional.one_hot(labels[0, 0], V).double()
+    exp = -c / int(keep.sum()) + 0.5 * (torch.softmax(s64, -1) - onehot)
+    assert_close(x.grad[0, 0], exp, torch.float32, what="grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_logit_mse_stats_layout_and_teacher_gradient_by_swapping(backend, dtype):
+    """Stats of div 6: (mu, n, -mu, n, 0, the hard term's max and log-sum-exp of s as the other
+    divergences store them). Swapping columns (0, 1) <-> (2, 3) and teacher <-> student gives the
+    gradient with respect to the teacher: backward_rows(grad, teacher, student, labels, swapped,
+    ..., hard_weight=0) equals the float64 autograd gradient w.r.t. the teacher."""
+    mod = _kernel_backend(backend)
+    dev = device_of(backend)
+    V = 1271
+    s = _rand((2, 4, V), dtype, dev, 30.0)
+    # offset by 40: mean(t - s) is far from 0, so a wrong sign or column of mu shows in bf16 too
+    tbuf = (_rand((2, 5, V + 9), torch.float32, dev, 30.0) + 40.0).to(dtype)
+    t = tbuf[:, 1:, :V]  # row-strided, sliced from a padded vocabulary
+    cols = torch.tensor([2, 1024], device=dev)
+    s[..., cols] = float("-inf")
+    t[..., cols] = float("-inf")
+    labels = _labels((8,), V, dev)
+    labels[(labels == 2) | (labels == 1024)] = 9
+    labels[3] = -100
+    T, sw, hw, ii = 2.0, 0.8, 0.4, -100
+    loss, stats = mod.forward_rows(s, t, labels, MSE, 0.0, T, sw, hw, ii)
+    counted = labels != ii
+    # the layout
+    d = torch.where(torch.isinf(s.double()) & torch.isinf(t.double()), 0.0,
+                    t.double() - s.double()).reshape(8, V)
+    mu = d.sum(-1) / (V - 2)
+    st = stats.cpu()
+    assert torch.equal(st[~counted.cpu()], torch.zeros_like(st[~counted.cpu()]))
+    st, mu = st[counted.cpu()], mu[counted].cpu()
+    assert torch.allclose(st[:, 0].double(), mu, rtol=1e-5, atol=1e-5 * 70)
+    assert (st[:, 1] == V - 2).all() and (st[:, 3] == V - 2).all()
+    assert torch.equal(st[:, 2], -st[:, 0]) and (st[:, 4] == 0).all()
+    _, fkl = mod.forward_rows(s, t, labels, D.get("forward_kl").id, 0.0, T, sw, hw, ii)
+    assert torch.allclose(st[:, 5:], fkl.cpu()[counted.cpu()][:, 5:], rtol=1e-6, atol=1e-6)
+    # the teacher gradient by swapping
+    gl = (torch.rand(8, device=dev) + 0.5)
+    swapped = stats[:, [2, 3, 0, 1, 4, 5, 6]].contiguous()
+    g_t = mod.backward_rows(gl, t, s, labels, swapped, MSE, 0.0, T, sw, 0.0, ii)
+    s64 = s.detach().double()
+    t64 = t.detach().double().requires_grad_(True)
+    exp = oracle.rows(s64.reshape(8, V), t64.reshape(8, V), divergence_name="logit_mse",
+                      labels=labels, soft_weight=sw, hard_weight=hw)
+    (exp_g,) = torch.autograd.grad((exp * gl.double()).sum(), t64)
+    assert g_t.shape == t.shape and g_t.dtype == dtype
+    assert_close(g_t, exp_g, dtype, what="teacher grad")
+    assert (g_t.reshape(8, V)[3] == 0).all() and (g_t[..., cols] == 0).all()
+    # and the reference's own teacher gradient agrees
+    xt = t.detach().clone().requires_grad_(True)
+    rows = kd.kd_loss(s, xt, "logit_mse", labels=labels.reshape(2, 4), soft_weight=sw,
+                      hard_weight=hw, reduction="none", backend="reference")
+    (rows.reshape(8) * gl).sum().backward()
+    assert_close(g_t, xt.grad, dtype, what="teacher grad vs reference")
+
+
+def test_logit_mse_given_stats_is_refused(backend):
+    mod = _kernel_backend(backend)
+    dev = device_of(backend)
+    s, t = _rand((1, 2, 30), torch.float32, dev), _rand((1, 2, 30), torch.float32, dev)
+    stats = torch.zeros(2, backends.STATS_WIDTH, device=dev)
+    with pytest.raises(ValueError, match="no logit_mse kernel"):
+        mod.forward_rows_given_stats(s, t, None, stats, MSE, 0.0, 1.0, -100)
+
+
+def test_logit_mse_strided_labels_and_grad_inplace(backend):
+    """Labels as a strided view (labels[:, 1:]), and grad_inplace (the Triton in-place kernel;
+    elsewhere the same result through a copy)."""
+    dev = device_of(backend)
+    V = 1271
+    xs = _rand((2, 5, V), torch.bfloat16, dev)
+    xt = _rand((2, 5, V), torch.bfloat16, dev)
+    lab_buf = _labels((2, 6), V, dev)
+    labels = lab_buf[:, 1:]
+    assert not labels.is_contiguous()
+    kw = dict(labels=labels, hard_weight=0.4, reduction="sum")
+    exp, exp_grad = oracle.loss_and_grad(xs, xt, divergence_name="logit_mse", **kw)
+    for inplace in (False, True):
+        x = xs.detach().clone()
+        leaf = x.clone().requires_grad_(True)
+        src = leaf * 1.0 if inplace else leaf  # grad_inplace needs a non-leaf to overwrite
+        out = kd.kd_loss(src, xt, "logit_mse", backend=backend, grad_inplace=inplace, **kw)
+        out.backward()
+        assert_close(out, exp, torch.bfloat16, what=f"loss inplace={inplace}")
+        assert_close(leaf.grad, exp_grad, torch.bfloat16, what=f"grad inplace={inplace}")
+
+
+def test_logit_mse_fused_path_matches_two_kernel_path(backend):
+    """The CPU "fused_grad" path (forward_rows_with_grad: one read of the row) against forward_rows
+    + backward_rows, with a hard term, ignored rows, an out-of-range label and shared -inf."""
+    if backend != "cpu":
+        pytest.skip("only the cpu backend has forward_rows_with_grad")
+    mod = backends.load("cpu")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        V = 2100
+        s, t = _rand((2, 3, V), dtype, "cpu", 1e3), _rand((2, 3, V), dtype, "cpu", 1e3)
+        s[..., 1500] = float("-inf")
+        t[..., 1500] = float("-inf")
+        labels = _labels((6,), V, "cpu")
+        labels[labels == 1500] = 3
+        labels[4] = V + 5  # out of range, not ignore_index: NaN loss (the two-kernel fallback)
+        labels[2] = -100
+        gs = torch.rand(6) + 0.5
+        for hw in (0.0, 0.3):
+            args = (labels, MSE, 0.0, 2.0, 0.9, hw, -100)
+            loss_f, grad_f = mod.forward_rows_with_grad(s, t, *args, gs)
+            loss, stats = mod.forward_rows(s, t, *args)
+            grad = mod.backward_rows(gs, s, t, labels, stats, *args[1:])
+            assert torch.equal(torch.isnan(loss_f), torch.isnan(loss))
+            assert torch.allclose(loss_f, loss, rtol=1e-6, equal_nan=True), (dtype, hw)
+            assert torch.allclose(grad_f.float(), grad.float(), rtol=1e-6, atol=1e-7,
+                                  equal_nan=True), (dtype, hw)
+            assert (grad_f[0, 2] == 0).all()

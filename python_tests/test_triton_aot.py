@@ -1,9 +1,11 @@
 """Every Triton kernel compiles for sm_80 and sm_90 at its default launch configuration, for
-every divergence id, in fp32 and bf16, and ptxas reports no spills (no GPU needed)."""
+every divergence id (logit_mse: its own two kernels), in fp32 and bf16, and ptxas reports no
+spills (no GPU needed)."""
 import pytest
 
 from kdkernels.backends.triton import aot
 from kdkernels.backends.triton.launch import DEFAULT_CONFIGS
+from kdkernels.backends.triton.mse_launch import CONFIGS as MSE_CONFIGS
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +20,13 @@ def test_every_variant_compiled(report):
     want |= {("lse", 0, dt, c) for dt in ("fp32", "bf16") for c in (80, 90)}
     assert {("ens_bwd", d, "bf16", 90, 8) for d in range(aot.N_DIVERGENCES)} <= {
         (r["kernel"], r["div"], r["dtype"], r["cap"], r["m"]) for r in report}
+    # logit_mse's own kernels (mse_kernels.py)
+    want |= {(k, aot.LOGIT_MSE, dt, c) for k in aot.MSE_KERNELS for dt in ("fp32", "bf16")
+             for c in (80, 90)}
     assert want <= got, f"missing: {sorted(want - got)}"
     for r in report:
-        assert (r["block"], r["num_warps"]) == DEFAULT_CONFIGS[divmod(r["cap"], 10)][r["kernel"]]
+        table = MSE_CONFIGS if r["kernel"] in aot.MSE_KERNELS else DEFAULT_CONFIGS
+        assert (r["block"], r["num_warps"]) == table[divmod(r["cap"], 10)][r["kernel"]]
         assert 0 < r["registers"] <= 255
 
 

@@ -602,6 +602,7 @@ void run_rows(const RowsArgs& a, int64_t r0, int64_t r1, bool fwd) {
 }  // namespace
 
 void cpu_forward_rows(const RowsArgs& a, int64_t row_begin, int64_t row_end) {
+  if (a.div == LOGIT_MSE) return cpu_mse_forward_rows(a, row_begin, row_end);  // mse_cpu.cpp
   with_dtype(a.dtype, [&](auto tag) { run_rows<decltype(tag)>(a, row_begin, row_end, true); });
 }
 
@@ -610,10 +611,12 @@ void cpu_given_stats_rows(const RowsArgs& a, int64_t row_begin, int64_t row_end)
 }
 
 void cpu_forward_grad_rows(const RowsArgs& a, std::atomic<int64_t>& next, int64_t chunk) {
+  if (a.div == LOGIT_MSE) return cpu_mse_forward_grad_rows(a, next, chunk);
   with_dtype(a.dtype, [&](auto tag) { run_fused<decltype(tag)>(a, next, chunk); });
 }
 
 void cpu_backward_rows(const RowsArgs& a, int64_t row_begin, int64_t row_end) {
+  if (a.div == LOGIT_MSE) return cpu_mse_backward_rows(a, row_begin, row_end);
   with_dtype(a.dtype, [&](auto tag) { run_rows<decltype(tag)>(a, row_begin, row_end, false); });
 }
 

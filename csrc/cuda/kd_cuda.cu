@@ -28,6 +28,7 @@
 
 #include "kd_cuda.h"
 #include "kd_math.h"
+#include "kd_mse.h"
 
 // Kernel launch: triple chevrons under nvcc; the host emulation (csrc/testing/cuda_emu.h, tests
 // only) defines KD_LAUNCH to run the same kernel on the CPU.
@@ -625,6 +626,9 @@ int launch(const RowsArgs& a, cudaStream_t stream, bool fwd) {
   return (int)cudaGetLastError();
 }
 
+// logit_mse: its own kernels (launch_mse), on this file's helpers.
+#include "mse_cuda.cuh"
+
 // The kernel a launcher entry point runs.
 enum Which { FORWARD = 0, BACKWARD = 1, FUSED = 2, GIVEN_STATS = 3 };
 
@@ -646,6 +650,9 @@ int dispatch_div(const RowsArgs& a, cudaStream_t stream, int which) {
     case SKEW_KL: return launch_which<S, SKEW_KL>(a, stream, which);
     case SKEW_REVERSE_KL: return launch_which<S, SKEW_REVERSE_KL>(a, stream, which);
     case TVD: return launch_which<S, TVD>(a, stream, which);
+    case LOGIT_MSE: return which == FUSED || which == GIVEN_STATS
+                               ? (int)cudaErrorInvalidValue
+                               : launch_mse<S>(a, stream, which == FORWARD);
     default: return (int)cudaErrorInvalidValue;
   }
 }

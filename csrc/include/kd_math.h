@@ -34,12 +34,16 @@ enum DivId : int {
   SKEW_KL = 3,
   SKEW_REVERSE_KL = 4,
   TVD = 5,
-  NUM_DIVERGENCES = 6,
+  // Logit matching on row-centred logits: no temperature, no softmax. Its kernels are its own
+  // (per-element math in kd_mse.h); the switch of kd_switch.h covers the six ids above.
+  LOGIT_MSE = 6,
+  NUM_DIVERGENCES = 7,
+  NUM_SOFTMAX_DIVERGENCES = 6,  // ids [0, 6): the divergences of p = softmax(t/T), q = softmax(s/T)
 };
 
 // Names in id order (the registry's names).
 static const char* const kDivergenceNames[NUM_DIVERGENCES] = {
-    "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"};
+    "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "logit_mse"};
 
 // Divergences whose loss accumulates in the statistics pass (no second pass in forward).
 KD_HD inline constexpr bool is_online(int div) { return div == FORWARD_KL || div == REVERSE_KL; }

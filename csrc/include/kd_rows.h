@@ -53,6 +53,11 @@ void cpu_given_stats_rows(const RowsArgs& args, int64_t row_begin, int64_t row_e
 // ([N, STATS_WIDTH]) must be given too, for rows that take the two-kernel path. Each calling
 // thread takes `chunk` rows at a time from `next` until all N rows are done.
 void cpu_forward_grad_rows(const RowsArgs& args, std::atomic<int64_t>& next, int64_t chunk);
+// logit_mse (div LOGIT_MSE, csrc/cpu/mse_cpu.cpp; stats layout in kd_mse.h): the same three
+// entry points for its own kernels. The ones above hand LOGIT_MSE rows to these.
+void cpu_mse_forward_rows(const RowsArgs& args, int64_t row_begin, int64_t row_end);
+void cpu_mse_backward_rows(const RowsArgs& args, int64_t row_begin, int64_t row_end);
+void cpu_mse_forward_grad_rows(const RowsArgs& args, std::atomic<int64_t>& next, int64_t chunk);
 // (The memory policy of the gradient buffers, huge pages and page population: kd_mem.h.)
 
 }  // namespace kd

@@ -10,6 +10,7 @@ CXX=${CXX:-g++}
 $CXX -std=c++17 -O1 -g -fsanitize=thread -fno-strict-aliasing -pthread \
   -I"$here/include" -I"$here" -I"$here/../include" -I"$here/../cuda" \
   "$here/emu_harness.cpp" "$here/kd_cuda_emu.cpp" "$here/cuda_emu.cpp" "$here/../cpu/kd_cpu.cpp" \
+  "$here/../cpu/mse_cpu.cpp" \
   -o "$out"
 KDKERNELS_CUDA_EMULATE_MODE=threads TSAN_OPTIONS="halt_on_error=0 exitcode=66 ${TSAN_OPTIONS:-}" \
   "$out" "${1:-quick}"

@@ -10,7 +10,12 @@ ignore_index) -> (loss [N], stats [N, STATS_WIDTH])``
     ``teacher`` is a [B, L, Vt >= V] view of the same kind (columns >= V are ignored);
     ``labels`` is None or an int64 [N] tensor (any stride). ``loss`` is per-row
     soft_weight·T²·D + hard_weight·CE in fp32 (float64 for float64 inputs), 0 on ignored rows.
-    ``stats`` is per-row fp32 state handed to backward.
+    ``stats`` is per-row fp32 state handed to backward. For ``logit_mse`` (div_id 6, no
+    temperature) it is (μ, n, −μ, n, 0, max s, log Σ e^(s − max s)): μ = mean(t − s) over the n
+    columns not −inf in both, then the hard term's statistics as the other divergences store
+    them; backward reads μ and n from columns 0 and 1 only, so the row with columns (0, 1) and
+    (2, 3) swapped, given to backward with teacher and student exchanged (and hard_weight = 0),
+    yields the gradient with respect to the teacher.
 ``backward_rows(grad_loss [N], student, teacher, labels, stats, <same scalars>, out=None) -> grad``
     The gradient of Σ grad_loss[i]·loss[i] w.r.t. ``student``, a new contiguous [B, L, V] tensor in
     the student's dtype (or ``out``, for backends with "grad_inplace"); exactly zero on ignored
@@ -27,6 +32,7 @@ ignore_index) -> partial [N, 2]``  ("vocab_parallel")
     the given normalisers exactly as this backend's forward forms them (same centring), and in
     this backend's convention for c (``BackendSpec.c_full``); zeros on ignored rows. Summed over
     the shards they are the full row's D and c (``kdkernels.distributed.vocab_parallel``).
+    Not for ``logit_mse`` (div_id 6; ``check_given_stats_div`` raises).
     With "vocab_parallel", ``backward_rows`` also takes a label outside [0, V) that is not
     ignore_index (the label's column lives on another rank): it adds hard_weight·softmax(s) with
     no one-hot term (``forward_rows`` gives such a row a NaN loss).
@@ -53,7 +59,7 @@ import torch
 from .triton import INTERPRETER_HINT, interpreting
 
 __all__ = ["BACKENDS", "FEATURES", "STATS_WIDTH", "BackendSpec", "availability", "load", "choose",
-           "names", "has", "rows_outputs_like"]
+           "names", "has", "rows_outputs_like", "check_given_stats_div"]
 
 # Per-row fp32 statistics of the dense kernels: (max, log sum-exp) of t/T and of s/T, c = Σ q g,
 # (max, log sum-exp) of s. The C++ extension reports its own width (checked in the tests).
@@ -127,17 +133,17 @@ BACKENDS = {
         BackendSpec("triton", "kdkernels.backends.triton.launch", ("cuda", "cpu"), _FLOATS,
                     _probe_triton,
                     features=frozenset({"sparse", "grad_inplace", "vocab_parallel", "fused_grad",
-                                        "grad_rescale", "teacher_grad"}),
+                                        "grad_rescale", "teacher_grad", "logit_mse"}),
                     c_full=False),
         BackendSpec("cuda", "kdkernels.backends.compiled", ("cuda",), _FLOATS,
                     _probe_compiled("cuda"),
                     features=frozenset({"vocab_parallel", "fused_grad", "grad_rescale",
-                                        "teacher_grad"}),
+                                        "teacher_grad", "logit_mse"}),
                     resums_reverse_kl_c=True),
         BackendSpec("cpu", "kdkernels.backends.compiled", ("cpu",), _FLOATS,
                     _probe_compiled("cpu"),
                     features=frozenset({"sparse", "fused_grad", "vocab_parallel",
-                                        "teacher_grad"}),
+                                        "teacher_grad", "logit_mse"}),
                     stats_scaled=True, resums_reverse_kl_c=True),
     )
 }
@@ -153,6 +159,14 @@ def names() -> list:
 def has(name: str, feature: str) -> bool:
     """True when backend ``name`` implements ``feature`` (a constant for torch.compile)."""
     return feature in BACKENDS[name].features
+
+
+def check_given_stats_div(div_id: int, backend: str) -> None:
+    """``forward_rows_given_stats`` (the vocab-parallel pass) exists for the softmax divergences
+    only: raise a clear error for ``logit_mse``, which has no normalisers to share."""
+    if div_id == 6:  # divergences.LOGIT_MSE
+        raise ValueError(f"backend={backend!r}: forward_rows_given_stats has no logit_mse kernel "
+                         "(the vocab-parallel pass shares softmax normalisers; logit_mse has none)")
 
 
 def rows_outputs_like(student: torch.Tensor, width: int = STATS_WIDTH):

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import STATS_WIDTH, rows_outputs_like
+from . import STATS_WIDTH, check_given_stats_div, rows_outputs_like
 
 __all__ = ["forward_rows", "backward_rows", "forward_rows_with_grad", "forward_rows_given_stats",
            "rescale_rows_", "sparse_stats", "sparse_grad", "unavailable_reason", "divergence_names"]
@@ -107,6 +107,7 @@ def forward_rows_given_stats(student: Tensor, teacher: Tensor, labels: Optional[
                              ignore_index: int) -> Tensor:
     """[N, 2] fp32: per row Σφ and Σ q·g over the student's columns with the normalisers given in
     ``stats`` (the kernel contract, ``kdkernels.backends``)."""
+    check_given_stats_div(div_id, student.device.type)
     _require(student.device)
     return torch.ops.kdkernels_C.kd_rows_given_stats(student, teacher, labels, stats, div_id,
                                                      param, temperature, ignore_index)

@@ -28,7 +28,7 @@ __all__ = ["ENV", "STATS_WIDTH", "enabled", "unavailable_reason", "require", "li
            "rescale_rows_", "set_pending_error", "build_directory"]
 
 ENV = "KDKERNELS_CUDA_EMULATE"
-from . import STATS_WIDTH, rows_outputs_like
+from . import STATS_WIDTH, check_given_stats_div, rows_outputs_like
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _CSRC = os.path.join(_ROOT, "csrc")
@@ -148,6 +148,7 @@ def backward_rows(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels: O
 def forward_rows_given_stats(student: Tensor, teacher: Tensor, labels: Optional[Tensor],
                              stats: Tensor, div_id: int, param: float, temperature: float,
                              ignore_index: int) -> Tensor:
+    check_given_stats_div(div_id, "cuda")
     if student.device.type != "cpu":
         return _real().forward_rows_given_stats(student, teacher, labels, stats, div_id, param,
                                                 temperature, ignore_index)

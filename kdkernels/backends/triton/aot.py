@@ -24,6 +24,17 @@ from typing import Dict, Iterable, List, Optional, Sequence
 CAPS = (80, 90)
 DTYPES = ("fp32", "bf16", "fp16")
 N_DIVERGENCES = 6
+# logit_mse (divergence id 6) has kernels of its own (mse_kernels.py), with no DIV constexpr
+MSE_KERNELS = ("mse_fwd", "mse_bwd")
+LOGIT_MSE = 6
+
+
+def default_config(kernel: str, cap: int):
+    """(BLOCK, num_warps) of ``kernel`` at its default launch configuration for sm_<cap>."""
+    from .launch import DEFAULT_CONFIGS
+    from .mse_launch import CONFIGS
+    table = CONFIGS if kernel in MSE_KERNELS else DEFAULT_CONFIGS
+    return table[(cap // 10, cap % 10)][kernel]
 
 
 def find_ptxas() -> str:
@@ -67,6 +78,19 @@ def _ensemble_signature(kernel: str, dtype: str, m: int) -> Dict[str, object]:
 
 
 def _signature(kernel: str, dtype: str) -> Dict[str, str]:
+    if kernel in MSE_KERNELS:  # mse_kernels.py (logit_mse): no T, no parameter, no DIV
+        strides = {"V": "i32", "s_L": "i32", "s_sb": "i64", "s_sl": "i64",
+                   "t_L": "i32", "t_sb": "i64", "t_sl": "i64"}
+        tail = {"soft_weight": "fp32", "hard_weight": "fp32", "ignore_index": "i32",
+                "SOFT": "constexpr", "HAS_LABELS": "constexpr", "HARD": "constexpr",
+                "BLOCK": "constexpr"}
+        if kernel == "mse_fwd":
+            head = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "lab_ptr": "*i64",
+                    "loss_ptr": "*fp32", "stats_ptr": "*fp32"}
+            return {**head, **strides, **tail}
+        head = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "lab_ptr": "*i64",
+                "stats_ptr": "*fp32", "gl_ptr": "*fp32", "g_ptr": f"*{dtype}"}
+        return {**head, **strides, "g_sb": "i64", "g_sl": "i64", **tail}
     common_tail = {"inv_T": "fp32", "param": "fp32", "soft_scale": "fp32", "hard_weight": "fp32",
                    "ignore_index": "i32", "DIV": "constexpr", "SOFT": "constexpr",
                    "HAS_LABELS": "constexpr", "HARD": "constexpr", "BLOCK": "constexpr"}
@@ -108,12 +132,12 @@ def compile_one(kernel: str, div: int, dtype: str, cap: int, soft: bool = True,
 
     from . import ensemble_kernels as EK
     from . import kernels as K
-    from .launch import DEFAULT_CONFIGS
+    from . import mse_kernels as M
 
-    block, warps = DEFAULT_CONFIGS[(cap // 10, cap % 10)][kernel]
+    block, warps = default_config(kernel, cap)
     fn = {"fwd": K.kd_fwd_kernel, "bwd": K.kd_bwd_kernel, "given": K.kd_given_stats_kernel,
-          "lse": EK.lse_rows_kernel, "ens_fwd": EK.ens_fwd_kernel,
-          "ens_bwd": EK.ens_bwd_kernel}[kernel]
+          "lse": EK.lse_rows_kernel, "ens_fwd": EK.ens_fwd_kernel, "ens_bwd": EK.ens_bwd_kernel,
+          "mse_fwd": M.kd_mse_fwd_kernel, "mse_bwd": M.kd_mse_bwd_kernel}[kernel]
     constexprs = {"DIV": div, "SOFT": soft, "HAS_LABELS": has_labels, "HARD": hard,
                   "BLOCK": block}
     if kernel in ("given", "lse"):
@@ -122,6 +146,8 @@ def compile_one(kernel: str, div: int, dtype: str, cap: int, soft: bool = True,
         del constexprs["DIV"]
     if kernel in ("ens_fwd", "ens_bwd"):
         constexprs["M"] = m
+    if kernel in MSE_KERNELS:
+        constexprs = {"SOFT": soft, "HAS_LABELS": has_labels, "HARD": hard, "BLOCK": block}
     sig = (_ensemble_signature(kernel, dtype, m) if kernel in ENSEMBLE_KERNELS
            else _signature(kernel, dtype))
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
@@ -156,6 +182,12 @@ def default_variants(dtypes: Sequence[str] = ("fp32", "bf16"), caps: Sequence[in
         out.append(dict(kernel=kernel, div=div, dtype=dtype, cap=cap, m=2))
     for kernel, div in itertools.product(("ens_fwd", "ens_bwd"), divs):
         out.append(dict(kernel=kernel, div=div, dtype="bf16", cap=90, m=8))
+    # logit_mse: its two kernels, every dtype and target with all terms on, and soft only
+    for kernel, dtype, cap in itertools.product(MSE_KERNELS, dtypes, caps):
+        out.append(dict(kernel=kernel, div=LOGIT_MSE, dtype=dtype, cap=cap))
+    for kernel in MSE_KERNELS:
+        out.append(dict(kernel=kernel, div=LOGIT_MSE, dtype="bf16", cap=90, has_labels=False,
+                        hard=False))
     return out
 
 

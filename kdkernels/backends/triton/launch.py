@@ -21,10 +21,11 @@ from torch import Tensor
 
 import triton
 
-from .. import STATS_WIDTH
+from .. import STATS_WIDTH, check_given_stats_div
 from . import device_guard, require_launchable
 from . import ensemble_kernels as EK
 from . import kernels as K
+from . import mse_launch
 from .sparse_launch import sparse_grad, sparse_stats  # noqa: F401  (the "sparse" capability)
 
 
@@ -139,6 +140,9 @@ def forward_rows(student: Tensor, teacher: Tensor, labels: Optional[Tensor], div
                  ignore_index: int) -> Tuple[Tensor, Tensor]:
     """Per-row loss [N] fp32 and stats [N, STATS_WIDTH] fp32 (see kernels.py)."""
     _check(student, teacher, labels)
+    if div_id == mse_launch.LOGIT_MSE:  # its own kernels (mse_kernels.py)
+        return mse_launch.forward_rows(student, teacher, labels, soft_weight, hard_weight,
+                                       ignore_index)
     Bn, L, V = student.shape
     N = Bn * L
     loss = torch.empty((N,), dtype=torch.float32, device=student.device)
@@ -183,6 +187,9 @@ def backward_rows(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels: O
         raise ValueError("out must have the student's shape, dtype, device and unit column stride")
     if N == 0 or V == 0:
         return out
+    if div_id == mse_launch.LOGIT_MSE:
+        return mse_launch.backward_rows(grad_loss, student, teacher, labels, stats, soft_weight,
+                                        hard_weight, ignore_index, out)
     _check_div(div_id)
     lab = labels.contiguous() if labels is not None else stats
     args = (student, teacher, lab, stats, grad_loss, out, V, L, student.stride(0),
@@ -206,6 +213,7 @@ def forward_rows_given_stats(student: Tensor, teacher: Tensor, labels: Optional[
     """[N, 2] fp32: per row Σφ and Σ q·g over the columns of ``student`` with the normalisers of
     ``stats`` (the kernel contract, ``kdkernels.backends``)."""
     _check(student, teacher, labels)
+    check_given_stats_div(div_id, "triton")
     Bn, L, V = student.shape
     N = Bn * L
     out = torch.empty((N, 2), dtype=torch.float32, device=student.device)
