@@ -59,7 +59,7 @@ import torch
 from .triton import INTERPRETER_HINT, interpreting
 
 __all__ = ["BACKENDS", "FEATURES", "STATS_WIDTH", "BackendSpec", "availability", "load", "choose",
-           "names", "has", "rows_outputs_like", "check_given_stats_div"]
+           "names", "has", "rows_outputs_like", "with_grad_by_two_kernels", "check_given_stats_div"]
 
 # Per-row fp32 statistics of the dense kernels: (max, log sum-exp) of t/T and of s/T, c = Σ q g,
 # (max, log sum-exp) of s. The C++ extension reports its own width (checked in the tests).
@@ -176,6 +176,19 @@ def rows_outputs_like(student: torch.Tensor, width: int = STATS_WIDTH):
     loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     return (student.new_empty((n,), dtype=loss_dtype),
             student.new_empty((n, width), dtype=torch.float32))
+
+
+def with_grad_by_two_kernels(forward_rows, backward_rows, student, teacher, labels, div_id, param,
+                             temperature, soft_weight, hard_weight, ignore_index, grad_scale):
+    """``forward_rows_with_grad`` from a backend's own forward and backward kernels, for the
+    divergences its fused kernel does not cover (logit_mse on the GPU backends): the same
+    (loss, G) in two launches, G for grad_loss = grad_scale (ones when None)."""
+    loss, stats = forward_rows(student, teacher, labels, div_id, param, temperature, soft_weight,
+                               hard_weight, ignore_index)
+    gl = grad_scale.to(torch.float32).contiguous() if grad_scale is not None \
+        else torch.ones_like(loss, dtype=torch.float32)
+    return loss, backward_rows(gl, student, teacher, labels, stats, div_id, param, temperature,
+                               soft_weight, hard_weight, ignore_index)
 
 
 _AVAILABILITY = {}

@@ -13,7 +13,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import STATS_WIDTH, check_given_stats_div, rows_outputs_like
+from . import STATS_WIDTH, check_given_stats_div, rows_outputs_like, with_grad_by_two_kernels
+from ..divergences import LOGIT_MSE
 
 __all__ = ["forward_rows", "backward_rows", "forward_rows_with_grad", "forward_rows_given_stats",
            "rescale_rows_", "sparse_stats", "sparse_grad", "unavailable_reason", "divergence_names"]
@@ -120,8 +121,13 @@ def forward_rows_with_grad(student: Tensor, teacher: Tensor, labels: Optional[Te
     """Optional backend function: per-row losses and G[i] = grad_scale[i] · d loss_i / d student_i
     (the gradient for grad_loss = grad_scale, a float32 [N] tensor; ones when None) in one call;
     G is a new contiguous tensor in the student dtype. CPU: the row stays in cache between the
-    passes; CUDA: one kernel (forward_grad_kernel), the statistics kept in registers."""
+    passes; CUDA: one kernel (forward_grad_kernel), the statistics kept in registers
+    (logit_mse: its forward and backward kernels)."""
     _require(student.device)
+    if student.device.type == "cuda" and div_id == LOGIT_MSE:
+        return with_grad_by_two_kernels(forward_rows, backward_rows, student, teacher, labels,
+                                        div_id, param, temperature, soft_weight, hard_weight,
+                                        ignore_index, grad_scale)
     return torch.ops.kdkernels_C.kd_rows_fwd_grad(student, teacher, labels, div_id, param,
                                                   temperature, soft_weight, hard_weight,
                                                   ignore_index, grad_scale)

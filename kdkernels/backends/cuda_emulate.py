@@ -28,7 +28,8 @@ __all__ = ["ENV", "STATS_WIDTH", "enabled", "unavailable_reason", "require", "li
            "rescale_rows_", "set_pending_error", "build_directory"]
 
 ENV = "KDKERNELS_CUDA_EMULATE"
-from . import STATS_WIDTH, check_given_stats_div, rows_outputs_like
+from . import STATS_WIDTH, check_given_stats_div, rows_outputs_like, with_grad_by_two_kernels
+from ..divergences import LOGIT_MSE
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _CSRC = os.path.join(_ROOT, "csrc")
@@ -161,6 +162,10 @@ def forward_rows_with_grad(student: Tensor, teacher: Tensor, labels: Optional[Te
     if student.device.type != "cpu":
         return _real().forward_rows_with_grad(student, teacher, labels, div_id, param, temperature,
                                               soft_weight, hard_weight, ignore_index, grad_scale)
+    if div_id == LOGIT_MSE:  # as the real backend: its forward and backward kernels
+        return with_grad_by_two_kernels(forward_rows, backward_rows, student, teacher, labels,
+                                        div_id, param, temperature, soft_weight, hard_weight,
+                                        ignore_index, grad_scale)
     return library().kd_rows_fwd_grad(student, teacher, labels, div_id, param, temperature,
                                       soft_weight, hard_weight, ignore_index, grad_scale)
 

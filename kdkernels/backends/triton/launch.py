@@ -343,8 +343,12 @@ def forward_rows_with_grad(student: Tensor, teacher: Tensor, labels: Optional[Te
     G = grad_scale[i] · d loss_i / d student_i (as backward_rows with grad_loss = grad_scale; ones
     when None), a new contiguous [B, L, V] tensor in the student's dtype, from ONE kernel: the
     statistics pass (and for the mixture divergences the loss / c pass), then the gradient pass,
-    the statistics kept in registers."""
+    the statistics kept in registers. logit_mse: its forward and backward kernels."""
     _check(student, teacher, labels)
+    if div_id == mse_launch.LOGIT_MSE:
+        return with_grad_by_two_kernels(forward_rows, backward_rows, student, teacher, labels,
+                                        div_id, param, temperature, soft_weight, hard_weight,
+                                        ignore_index, grad_scale)
     Bn, L, V = student.shape
     N = Bn * L
     loss = torch.empty((N,), dtype=torch.float32, device=student.device)
