@@ -306,7 +306,9 @@ def test_infinite_loss_gradient_rule(case, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_fused_equals_two_kernel_path(dtype):
     """kd_loss uses kd_rows_ensemble_with_grad when the student needs a gradient; it gives the
-    two-kernel values bitwise (and the gradient for any grad_loss, rescaled)."""
+    two-kernel losses bitwise and their gradient up to rounding (the same element math, compiled
+    in other loops: a few ulps apart for the mixture divergences), and the gradient for any
+    grad_loss (rescaled)."""
     V = 1500
     s = _rand((2, 4, V), dtype)
     ts = [_rand((2, 4, V), dtype) for _ in range(3)]
@@ -320,7 +322,9 @@ def test_fused_equals_two_kernel_path(dtype):
             gl = torch.rand(8) + 0.5
             g = kd_rows_ensemble_backward(gl, s, ts, ws, lab, stats, "cpu", *args)
             fl, fg = kd_rows_ensemble_with_grad(s, ts, ws, lab, "cpu", *args, gl)
-            assert torch.equal(fl, loss) and torch.equal(fg, g), (div, hw, T)
+            assert torch.equal(fl, loss), (div, hw, T)
+            tol = 4 * torch.finfo(dtype).eps * float(g.float().abs().max())
+            assert (fg.float() - g.float()).abs().max() <= tol, (div, hw, T)
     x = s.clone().requires_grad_(True)
     out = kd.kd_loss(x, ts, "jsd", teacher_weights=ws, labels=lab.view(2, 4), hard_weight=0.3,
                      backend="cpu")
@@ -355,7 +359,7 @@ def test_opcheck(div, dtype):
     sd = s.detach()
     torch.library.opcheck(torch.ops.kdkernels_C.kd_rows_ens_fwd.default, (sd, ts, ws, lab, *scal))
     torch.library.opcheck(torch.ops.kdkernels_C.kd_rows_ens_bwd.default,
-                          (torch.rand(6), sd, ts, ws, lab, stats, *scal))
+                          (torch.rand(6), sd, ts, ws, lab, stats.detach(), *scal))
     torch.library.opcheck(torch.ops.kdkernels_C.kd_rows_ens_fwd_grad.default,
                           (sd, ts, ws, lab, *scal, None))
 

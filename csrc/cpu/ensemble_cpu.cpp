@@ -13,7 +13,11 @@
 //           then the loss terms and c = sum q g from div_terms, as the single-teacher pass 2.
 //           Forward and reverse KL have no online form with an ensemble: they take pass 2 too.
 //   backward: log p recomputed per block from the stats, the gradient q (g - c) written once.
-// No [N, V] temporary and no teacher probability row: per thread, M + 3 fp32 blocks.
+//   fused (loss and gradient for a grad_loss known in advance): pass 1, then pass 2 also keeps
+//           q g and q of the row in two per-thread scratch rows, and the gradient is written
+//           from them (fused_row).
+// No [N, V] temporary and no teacher probability row: per thread, M + 1 fp32 blocks (and the
+// fused kernel's two scratch rows of V floats).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -44,8 +48,10 @@ struct Work {
   std::unique_ptr<float[]> mem;
   float* lpk = nullptr;  // [K][BLK] per-teacher log-probabilities of a block
   float* hi = nullptr;   // [BLK] their per-element maximum
+  float* x = nullptr;    // fused kernel only: [V] q g of the row
+  float* y = nullptr;    // fused kernel only: [V] q of the row
 
-  explicit Work(const EnsembleArgs& e) {
+  Work(const EnsembleArgs& e, bool fused) {
     for (int64_t m = 0; m < e.M; ++m) {
       if (e.weights[m] > 0.f) {
         idx.push_back(m);
@@ -59,11 +65,16 @@ struct Work {
     tp.resize(K);
     na.resize(K);
     ot.resize(K);
-    mem.reset(new float[(K + 1) * BLK + 16]);
+    const int64_t row = fused ? ((e.rows.V + 15) / 16) * 16 : 0;
+    mem.reset(new float[(K + 1) * BLK + 2 * row + 16]);
     float* p = mem.get();
     p += (16 - (reinterpret_cast<uintptr_t>(p) / sizeof(float)) % 16) % 16;  // 64-byte aligned
     lpk = p;
     hi = p + K * BLK;
+    if (fused) {
+      x = hi + BLK;
+      y = x + row;
+    }
   }
 
   template <class S>
@@ -117,6 +128,34 @@ void logp_block(Work& wk, int64_t j0, int n, float invT, float* __restrict lp) {
   for (int i = 0; i < n; ++i) lp[i] = hi[i] + (log_fast(lp[i]) - lW);
 }
 
+// Pass 1 over the row: the teachers' normalisers into wk.na (when the soft term counts), the
+// student's at T (nb) and at T = 1 (ns, for a hard term at T != 1); true when a normaliser is NaN.
+template <class S>
+bool stats_pass(const RowCtx& c, Work& wk, const S* s, int64_t V, float invT, LogNorm& nb,
+                LogNorm& ns) {
+  alignas(64) float buf[BLK];
+  const int64_t K = wk.K;
+  for (int64_t k = 0; k < K; ++k) wk.ot[k] = Online();
+  Online ob, os;
+  for (int64_t j0 = 0; j0 < V; j0 += BLK) {
+    const int n = (int)std::min<int64_t>(BLK, V - j0);
+    if (c.soft) {
+      for (int64_t k = 0; k < K; ++k) absorb_block(wk.teacher<S>(k) + j0, buf, n, invT, wk.ot[k]);
+      absorb_block(s + j0, buf, n, invT, ob);
+    }
+    if (c.hard_separate) absorb_block(s + j0, buf, n, 1.0f, os);
+  }
+  bool nan_norm = false;
+  for (int64_t k = 0; k < K; ++k) {
+    wk.na[k] = c.soft ? lognorm_from(wk.ot[k].m, wk.ot[k].z) : LogNorm{0.f, 0.f};
+    nan_norm = nan_norm || lognorm_nan(wk.na[k]);
+  }
+  nb = c.soft ? lognorm_from(ob.m, ob.z) : LogNorm{0.f, 0.f};
+  nan_norm = nan_norm || lognorm_nan(nb);
+  ns = c.hard_separate ? lognorm_from(os.m, os.z) : nb;
+  return nan_norm;
+}
+
 template <class S, int DIV>
 void forward_row(const EnsembleArgs& e, Work& wk, int64_t r) {
   const RowsArgs& a = e.rows;
@@ -133,28 +172,10 @@ void forward_row(const EnsembleArgs& e, Work& wk, int64_t r) {
   const float invT = 1.0f / a.temperature;
   alignas(64) float bb[BLK], lpb[BLK];
 
-  // Pass 1: the normalisers.
-  for (int64_t k = 0; k < K; ++k) wk.ot[k] = Online();
-  Online ob, os;
-  for (int64_t j0 = 0; j0 < V; j0 += BLK) {
-    const int n = (int)std::min<int64_t>(BLK, V - j0);
-    if (c.soft) {
-      for (int64_t k = 0; k < K; ++k) absorb_block(wk.teacher<S>(k) + j0, bb, n, invT, wk.ot[k]);
-      absorb_block(s + j0, bb, n, invT, ob);
-    }
-    if (c.hard_separate) absorb_block(s + j0, bb, n, 1.0f, os);
-  }
-
-  LogNorm nb{0.f, 0.f};
+  LogNorm nb, ns;
+  const bool nan_norm = stats_pass<S>(c, wk, s, V, invT, nb, ns);  // pass 1: the normalisers
   float cc = 0.f, D = 0.f;
-  bool nan_norm = false;
-  for (int64_t k = 0; k < K; ++k) {
-    wk.na[k] = c.soft ? lognorm_from(wk.ot[k].m, wk.ot[k].z) : LogNorm{0.f, 0.f};
-    nan_norm = nan_norm || lognorm_nan(wk.na[k]);
-  }
   if (c.soft) {
-    nb = lognorm_from(ob.m, ob.z);
-    nan_norm = nan_norm || lognorm_nan(nb);
     // Pass 2: the divergence and c = sum q g (in double, as kd_cpu.cpp row_sums).
     double sphi = 0., sqg = 0.;
     const float param = a.param;
@@ -177,7 +198,6 @@ void forward_row(const EnsembleArgs& e, Work& wk, int64_t r) {
     D = nan_norm ? NAN : (float)sphi;  // NaN input: terms with q = NaN read as 0
     cc = DIV == FORWARD_KL ? -1.f : (float)sqg;  // forward KL: c = -sum p = -1
   }
-  const LogNorm ns = c.hard_separate ? lognorm_from(os.m, os.z) : nb;
   const float ce = !c.hard ? 0.f : c.bad_label ? NAN : hard_ce(ns, load_one(s + c.label));
   a.loss[r] = row_loss(c.soft, a.soft_weight, a.temperature, D, c.hard, a.hard_weight, ce);
   for (int64_t k = 0; k < e.stats_width; ++k) st[k] = 0.f;  // columns of zero-weight teachers
@@ -268,13 +288,81 @@ void backward_row(const EnsembleArgs& e, Work& wk, int64_t r) {
   }
 }
 
-// Fused forward and gradient of one row: forward_row then backward_row on the same row, back to
-// back, so the second and third reads of the row come from cache (L2 for V * (M + 1) elements up
-// to a few hundred KiB).
+// Fused forward and gradient of one row, for the grad_loss given in advance (rows.grad_loss): the
+// statistics pass, then ONE pass over the row forming log p, the loss terms, c and, per element,
+// q g and q into the thread's scratch rows (wk.x, wk.y: 2 V floats, in L2 for V up to ~64k), then
+// the gradient k_soft (q g - q c) + k_hard (q - onehot) written from the scratch: the inputs are
+// read twice (the second time mostly from cache) and the gradient is the one write to memory.
+// The loss is the two-kernel path's bitwise, the gradient up to rounding (the same element math
+// in other loops; measured: at most a few ulps apart, for the mixture divergences).
+// Rows this path does not cover (ignored rows, no soft term, a hard term at T != 1, a label out
+// of range) take forward_row + backward_row on the same row, which gives the same values.
 template <class S, int DIV>
 void fused_row(const EnsembleArgs& e, Work& wk, int64_t r) {
-  forward_row<S, DIV>(e, wk, r);
-  backward_row<S, DIV>(e, wk, r);
+  const RowsArgs& a = e.rows;
+  const RowCtx c = row_context(a, r);
+  if (c.ignored || !c.soft || c.hard_separate || c.bad_label) {
+    forward_row<S, DIV>(e, wk, r);
+    backward_row<S, DIV>(e, wk, r);
+    return;
+  }
+  const S* s = static_cast<const S*>(a.student) + student_offset(a, r);
+  S* g = static_cast<S*>(a.grad) + r * a.V;
+  wk.set_row<S>(e, r);
+  const int64_t V = a.V;
+  const float invT = 1.0f / a.temperature, param = a.param;
+  alignas(64) float bb[BLK], lpb[BLK], gb[BLK];
+
+  LogNorm nb, ns;
+  const bool nan_norm = stats_pass<S>(c, wk, s, V, invT, nb, ns);
+  double sphi = 0., sqg = 0.;
+  for (int64_t j0 = 0; j0 < V; j0 += BLK) {
+    const int n = (int)std::min<int64_t>(BLK, V - j0);
+    float* __restrict xb = wk.x + j0;
+    float* __restrict yb = wk.y + j0;
+    logp_block<S>(wk, j0, n, invT, lpb);
+    load_scaled(s + j0, bb, n, invT);
+    double bphi = 0., bqg = 0.;
+#pragma omp simd reduction(+ : bphi, bqg)
+    for (int i = 0; i < n; ++i) {
+      const float lp = lpb[i], lq = log_prob(bb[i], nb);
+      const float q = exp_fast(lq);
+      float phi, qg;
+      div_terms<DIV>(lp, lq, exp_fast(lp), q, param, phi, qg);
+      xb[i] = qg;
+      yb[i] = q;
+      bphi += phi;
+      bqg += qg;
+    }
+    sphi += bphi;
+    sqg += bqg;
+  }
+  const float D = nan_norm ? NAN : (float)sphi;
+  const float cc = DIV == FORWARD_KL ? -1.f : (float)sqg;
+  const float ce = c.hard ? hard_ce(ns, load_one(s + c.label)) : 0.f;  // ns = nb: T = 1 here
+  a.loss[r] = row_loss(true, a.soft_weight, a.temperature, D, c.hard, a.hard_weight, ce);
+
+  if (!grad_defined(cc)) {
+    fill_row(g, V, NAN);  // an infinite term in the gradient: NaN row (docs/precision.md)
+    return;
+  }
+  const float gl = a.grad_loss[r];
+  const float k_soft = gl * a.soft_weight * a.temperature;
+  const float k_hard = c.hard ? gl * a.hard_weight : 0.f;
+  for (int64_t j0 = 0; j0 < V; j0 += BLK) {
+    const int n = (int)std::min<int64_t>(BLK, V - j0);
+    const float* __restrict xb = wk.x + j0;
+    const float* __restrict yb = wk.y + j0;
+    if (c.hard) {
+#pragma omp simd
+      for (int i = 0; i < n; ++i) gb[i] = grad_element(k_soft, xb[i], yb[i], cc, k_hard, yb[i], 0.f);
+      if (c.label >= j0 && c.label < j0 + n) gb[c.label - j0] -= k_hard;
+    } else {
+#pragma omp simd
+      for (int i = 0; i < n; ++i) gb[i] = k_soft * (xb[i] - yb[i] * cc);
+    }
+    store_stream(gb, g + j0, n);
+  }
 }
 
 enum RunMode { FWD = 0, BWD = 1, FUSED = 2 };
@@ -288,8 +376,9 @@ void run_rows(const EnsembleArgs& e, int64_t r0, int64_t r1, int mode) {
     return &fused_row<S, d.value>;
   });
   if (!fn) return;
-  Work wk(e);
+  Work wk(e, mode == FUSED);
   for (int64_t r = r0; r < r1; ++r) fn(e, wk, r);
+  if (mode == FUSED) stream_fence();  // the gradient's non-temporal stores (fp32)
 }
 
 }  // namespace
