@@ -87,8 +87,8 @@ CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-fno-trapping-math", "-std=c++17"] + cpu
 ext_modules = [
     CppExtension(
         "kdkernels._C",
-        [_rel("bindings.cpp"), _rel("cpu", "kd_cpu.cpp"), _rel("cpu", "sparse_cpu.cpp"),
-         _rel("cpu", "mse_cpu.cpp")],
+        [_rel("bindings.cpp"), _rel("bindings_ensemble.cpp"), _rel("cpu", "kd_cpu.cpp"),
+         _rel("cpu", "ensemble_cpu.cpp"), _rel("cpu", "sparse_cpu.cpp"), _rel("cpu", "mse_cpu.cpp")],
         include_dirs=[INCLUDE],
         extra_compile_args={"cxx": CXX_FLAGS},
         extra_link_args=["-fopenmp"],

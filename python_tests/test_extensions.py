@@ -470,9 +470,10 @@ S, T1, T2 = torch.randn(4, 10), torch.randn(4, 10), torch.randn(4, 10)
     (dict(teacher_logits=torch.randn(2, 4, 9)), ValueError, "vocabulary"),
     (dict(teacher_requires_grad=True), ValueError, "teacher_requires_grad"),
     (dict(teacher_requires_grad=1), TypeError, "teacher_requires_grad"),
-    (dict(teacher_logits=[T1, T2], backend="cpu"), ValueError, "does not support ensemble"),
-    (dict(teacher_logits=[T1.clone().requires_grad_(True), T2], backend="triton"), ValueError,
-     "backend='triton' does not support ensemble"),
+    (dict(teacher_logits=[T1.clone().requires_grad_(True), T2], backend="cpu"), ValueError,
+     "backend='cpu' does not support teacher gradients of an ensemble"),
+    (dict(teacher_logits=[T1, T2], divergence="logit_mse", backend="cpu"), ValueError,
+     "backend='cpu' does not support logit_mse with an ensemble"),
     (dict(divergence="jsd", beta=1e-9, teacher_logits=T1.clone().requires_grad_(True),
           backend="cpu"), ValueError, "1 - beta rounds to 1"),
 ])
@@ -514,8 +515,9 @@ def test_auto_skips_kernel_backends_lacking_a_feature(monkeypatch):
         assert backends.choose("auto", cpu, torch.float32, frozenset({need})) == "reference"
         assert need in backends.BACKENDS["reference"].features
     for name in ("triton", "cuda", "cpu"):
-        assert {"teacher_grad", "logit_mse"} <= backends.BACKENDS[name].features
+        assert {"teacher_grad", "logit_mse", "ensemble"} <= backends.BACKENDS[name].features
     assert backends.choose("auto", cpu, torch.float32, frozenset({"logit_mse"})) == "cpu"
+    assert backends.choose("auto", cpu, torch.float32, frozenset({"ensemble"})) == "cpu"
     # a combination no kernel computes (logit_mse with an ensemble) runs on the reference
     s, t1, t2 = torch.randn(3, 20), torch.randn(3, 20), torch.randn(3, 20)
     got = kd.kd_loss(s, [t1, t2], "logit_mse", reduction="none")

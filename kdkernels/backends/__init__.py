@@ -39,6 +39,19 @@ ignore_index) -> partial [N, 2]``  ("vocab_parallel")
 ``rescale_rows_(grad, grad_loss, grad_scale) -> grad``  ("grad_rescale")
     In place: grad rows times grad_loss / grad_scale (0 where grad_scale is 0), rows whose ratio
     is exactly 1 untouched, decided on the device (no host synchronisation).
+``forward_rows_ensemble(student, teachers, weights, labels, div_id, param, temperature,
+soft_weight, hard_weight, ignore_index) -> (loss [N], stats [N, ensemble_stats_width(M)])``
+    ("ensemble") ``forward_rows`` against the target p = Σ_m w_m softmax(t_m / T):
+    ``teachers`` a list of M [B_m, L_m, Vt >= V] views (each of the teacher's kind above),
+    ``weights`` M floats >= 0 summing to 1; the caller drops teachers of weight 0 (a backend
+    accepts them too: they take no part). Stats columns 0..6 as the single teacher's
+    (``STATS_WIDTH``) with teacher 0's (max, log sum-exp) of t_0/T in columns 0..1 and c = Σ q g of
+    the ensemble target in column 4, then (max, log sum-exp) of t_m/T for m = 1..M−1 in columns
+    7 + 2(m − 1) and 8 + 2(m − 1).
+``backward_rows_ensemble(grad_loss, student, teachers, weights, labels, stats, <same scalars>)
+-> grad`` and ``forward_rows_ensemble_with_grad(<forward args>, grad_scale) -> (loss, grad)``
+    ("ensemble"; the second with "fused_grad") as ``backward_rows`` and ``forward_rows_with_grad``.
+    The teachers get no gradient ("teacher_grad" with ensembles is the reference's).
 ``sparse_stats(s3, idx, labels, T, need_b, need_a) -> (stats [N, 3], gathered [N, K])`` and
 ``sparse_grad(s3, stats, idx, labels, T, need_b, need_a, c_b, c_a, g_idx, g_lab) -> grad``
     ("sparse") The student side of ``sparse_kd_loss`` (see ``kdkernels.ops.sparse``).
@@ -59,11 +72,18 @@ import torch
 from .triton import INTERPRETER_HINT, interpreting
 
 __all__ = ["BACKENDS", "FEATURES", "STATS_WIDTH", "BackendSpec", "availability", "load", "choose",
-           "names", "has", "rows_outputs_like", "with_grad_by_two_kernels", "check_given_stats_div"]
+           "names", "has", "rows_outputs_like", "with_grad_by_two_kernels", "check_given_stats_div",
+           "ensemble_stats_width"]
 
 # Per-row fp32 statistics of the dense kernels: (max, log sum-exp) of t/T and of s/T, c = Σ q g,
 # (max, log sum-exp) of s. The C++ extension reports its own width (checked in the tests).
 STATS_WIDTH = 7
+
+
+def ensemble_stats_width(n_teachers: int) -> int:
+    """Columns of the ensemble kernels' stats (``forward_rows_ensemble``): STATS_WIDTH, then the
+    (max, log sum-exp) pairs of teachers 1..M−1."""
+    return STATS_WIDTH + 2 * (n_teachers - 1)
 
 # Capabilities beyond forward_rows / backward_rows. A call that needs one runs only on a backend
 # listing it: backend="auto" skips the others, an explicit backend without it is an error.
@@ -133,7 +153,7 @@ BACKENDS = {
         BackendSpec("triton", "kdkernels.backends.triton.launch", ("cuda", "cpu"), _FLOATS,
                     _probe_triton,
                     features=frozenset({"sparse", "grad_inplace", "vocab_parallel", "fused_grad",
-                                        "grad_rescale", "teacher_grad", "logit_mse"}),
+                                        "grad_rescale", "teacher_grad", "logit_mse", "ensemble"}),
                     c_full=False),
         BackendSpec("cuda", "kdkernels.backends.compiled", ("cuda",), _FLOATS,
                     _probe_compiled("cuda"),
@@ -143,7 +163,7 @@ BACKENDS = {
         BackendSpec("cpu", "kdkernels.backends.compiled", ("cpu",), _FLOATS,
                     _probe_compiled("cpu"),
                     features=frozenset({"sparse", "fused_grad", "vocab_parallel",
-                                        "teacher_grad", "logit_mse"}),
+                                        "teacher_grad", "logit_mse", "ensemble"}),
                     stats_scaled=True, resums_reverse_kl_c=True),
     )
 }

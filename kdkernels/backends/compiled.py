@@ -13,11 +13,14 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import STATS_WIDTH, check_given_stats_div, rows_outputs_like, with_grad_by_two_kernels
+from . import (STATS_WIDTH, check_given_stats_div, ensemble_stats_width, rows_outputs_like,
+               with_grad_by_two_kernels)
 from ..divergences import LOGIT_MSE
 
 __all__ = ["forward_rows", "backward_rows", "forward_rows_with_grad", "forward_rows_given_stats",
-           "rescale_rows_", "sparse_stats", "sparse_grad", "unavailable_reason", "divergence_names"]
+           "rescale_rows_", "sparse_stats", "sparse_grad", "forward_rows_ensemble",
+           "backward_rows_ensemble", "forward_rows_ensemble_with_grad", "ensemble_stats_width",
+           "unavailable_reason", "divergence_names"]
 
 _BUILD_HINT = "run `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)"
 
@@ -141,6 +144,65 @@ def rescale_rows_(grad: Tensor, grad_loss: Tensor, grad_scale: Optional[Tensor])
         raise RuntimeError("rescale_rows_ is implemented for CUDA tensors only")
     torch.ops.kdkernels_C.kd_rows_rescale_(grad, grad_loss, grad_scale)
     return grad
+
+
+# ---- teacher ensembles (csrc/cpu/ensemble_cpu.cpp, csrc/bindings_ensemble.cpp) -------------------
+
+if _CPU_ERROR is None:
+    @torch.library.register_fake("kdkernels_C::kd_rows_ens_fwd")
+    def _ens_fwd_fake(student, teachers, weights, labels, div_id, param, temperature, soft_weight,
+                      hard_weight, ignore_index):
+        return rows_outputs_like(student.float(), ensemble_stats_width(len(teachers)))
+
+    @torch.library.register_fake("kdkernels_C::kd_rows_ens_bwd")
+    def _ens_bwd_fake(grad_loss, student, teachers, weights, labels, stats, div_id, param,
+                      temperature, soft_weight, hard_weight, ignore_index):
+        return torch.empty(student.shape, dtype=student.dtype, device=student.device)
+
+    @torch.library.register_fake("kdkernels_C::kd_rows_ens_fwd_grad")
+    def _ens_fwd_grad_fake(student, teachers, weights, labels, div_id, param, temperature,
+                           soft_weight, hard_weight, ignore_index, grad_scale):
+        return (rows_outputs_like(student.float())[0],
+                torch.empty(student.shape, dtype=student.dtype, device=student.device))
+
+
+def _cpu_only(student: Tensor, what: str) -> None:
+    _require(student.device)
+    if student.device.type != "cpu":
+        raise RuntimeError(f"{what} is implemented for CPU tensors only")
+
+
+def forward_rows_ensemble(student: Tensor, teachers, weights, labels: Optional[Tensor],
+                          div_id: int, param: float, temperature: float, soft_weight: float,
+                          hard_weight: float, ignore_index: int) -> Tuple[Tensor, Tensor]:
+    """(loss [N], stats [N, ensemble_stats_width(M)]) against p = Σ_m w_m softmax(t_m / T)."""
+    _cpu_only(student, "forward_rows_ensemble")
+    return torch.ops.kdkernels_C.kd_rows_ens_fwd(student, list(teachers),
+                                                 [float(w) for w in weights], labels, div_id,
+                                                 param, temperature, soft_weight, hard_weight,
+                                                 ignore_index)
+
+
+def backward_rows_ensemble(grad_loss: Tensor, student: Tensor, teachers, weights,
+                           labels: Optional[Tensor], stats: Tensor, div_id: int, param: float,
+                           temperature: float, soft_weight: float, hard_weight: float,
+                           ignore_index: int) -> Tensor:
+    _cpu_only(student, "backward_rows_ensemble")
+    return torch.ops.kdkernels_C.kd_rows_ens_bwd(grad_loss, student, list(teachers),
+                                                 [float(w) for w in weights], labels, stats,
+                                                 div_id, param, temperature, soft_weight,
+                                                 hard_weight, ignore_index)
+
+
+def forward_rows_ensemble_with_grad(student: Tensor, teachers, weights, labels: Optional[Tensor],
+                                    div_id: int, param: float, temperature: float,
+                                    soft_weight: float, hard_weight: float, ignore_index: int,
+                                    grad_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    _cpu_only(student, "forward_rows_ensemble_with_grad")
+    return torch.ops.kdkernels_C.kd_rows_ens_fwd_grad(student, list(teachers),
+                                                      [float(w) for w in weights], labels, div_id,
+                                                      param, temperature, soft_weight,
+                                                      hard_weight, ignore_index, grad_scale)
 
 
 # ---- sparse top-k student statistics (csrc/cpu/sparse_cpu.cpp) ----------------------------

@@ -18,6 +18,7 @@ from ..checks import (as_rows, check_float_tensor, check_labels, check_options,
                       check_teachers, check_token_weights, mask_zero_weights)
 from ..distributed.vocab_parallel import check_vocab_parallel_args, vocab_parallel_rows
 from ..ops.dense import kd_rows, kd_rows_with_grad
+from ..ops.ensemble import drop_zero_weight_teachers, kd_rows_ensemble, kd_rows_ensemble_with_grad
 from ..reduction import reduce_rows, row_grad
 
 __all__ = ["kd_loss", "KDLoss"]
@@ -96,6 +97,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
     else:
         raise TypeError(f"teacher_requires_grad must be None or a bool, got "
                         f"{type(teacher_requires_grad).__name__}")
+    if not teacher_grad:  # teachers of weight 0 take no part (one left: the single-teacher path)
+        teachers, tw = drop_zero_weight_teachers(teachers, tw)
     opts = check_options(divergence, beta, alpha, temperature, soft_weight, hard_weight,
                          ignore_index, reduction, labels, num_items_in_batch)
     ii = opts.ignore_index
@@ -141,6 +144,13 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, divergence: str = "f
     if name == "reference":
         rows = reference.loss_rows(s3, t3[0] if tw is None else t3, flat_labels, *args,
                                    teacher_weights=tw)
+    elif tw is not None:  # an ensemble on a kernel backend (kdkernels.ops.ensemble)
+        if torch.is_grad_enabled() and s3.requires_grad and backends.has(name, "fused_grad"):
+            hint = _grad_hint(reduction, s3.shape[0] * s3.shape[1], V, flat_labels, ii,
+                              num_items_in_batch, flat_w, s3.device)
+            rows, _ = kd_rows_ensemble_with_grad(s3, t3, tw, flat_labels, name, *args, hint)
+        else:
+            rows, _ = kd_rows_ensemble(s3, t3, tw, flat_labels, name, *args)
     elif (not grad_inplace and not teacher_grad and torch.is_grad_enabled() and s3.requires_grad
           and backends.has(name, "fused_grad")):
         # loss and gradient in one kernel call, for the grad_loss reduce_rows will send back

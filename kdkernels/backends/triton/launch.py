@@ -398,3 +398,18 @@ def rescale_rows_(grad: Tensor, grad_loss: Tensor, grad_scale: Optional[Tensor])
                                   grad.stride(1), L, HAS_SCALE=gs is not None, BLOCK=block,
                                   num_warps=warps)
     return grad
+
+
+def forward_rows_ensemble_with_grad(student: Tensor, teachers, weights, labels: Optional[Tensor],
+                                    div_id: int, param: float, temperature: float,
+                                    soft_weight: float, hard_weight: float, ignore_index: int,
+                                    grad_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """The losses and G = grad_scale·d loss / d student against the ensemble: the forward kernels
+    then the backward one (no fused ensemble kernel yet)."""
+    loss, stats = forward_rows_ensemble(student, teachers, weights, labels, div_id, param,
+                                        temperature, soft_weight, hard_weight, ignore_index)
+    gl = grad_scale.to(torch.float32).contiguous() if grad_scale is not None \
+        else torch.ones_like(loss)
+    return loss, backward_rows_ensemble(gl, student, teachers, weights, labels, stats, div_id,
+                                        param, temperature, soft_weight, hard_weight,
+                                        ignore_index)
