@@ -13,7 +13,8 @@
 //
 // Stats row (fp32, STATS_WIDTH columns) of a counted row:
 //   0: mu   1: n   2: -mu   3: n   4: 0   5, 6: (max, log sum-exp) of s at T = 1 as the other
-//   divergences store them in that backend (the hard term; 0 when it is off).
+//   divergences store them in that backend (the hard term; 0 when it is off). With the soft term
+//   off (soft_weight = 0) mu and n are 0: nothing reads them then. Ignored rows: all zeros.
 // Backward reads mu from column 0, n from column 1 (and 5, 6 for the hard term) only, so that the
 // swapped row (columns (0, 1) <-> (2, 3), teacher and student exchanged) is the same loss with
 // the roles exchanged: backward_rows(grad, teacher, student, labels, swapped, ..., hard_weight=0)
