@@ -21,7 +21,7 @@ from torch import Tensor
 
 import triton
 
-from .. import STATS_WIDTH, check_given_stats_div
+from .. import STATS_WIDTH, check_given_stats_div, with_grad_by_two_kernels
 from . import device_guard, require_launchable
 from . import ensemble_kernels as EK
 from . import kernels as K
