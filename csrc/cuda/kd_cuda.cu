@@ -589,3 +589,5 @@ int cuda_backward_rows(const RowsArgs& args, void* stream) { return dispatch(arg
 const char* cuda_error_string(int code) { return cudaGetErrorString((cudaError_t)code); }
 
 }  // namespace kd
+
+#include "ensemble_cuda.cuh"  // teacher ensembles: kernels sharing the helpers above

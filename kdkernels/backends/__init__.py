@@ -126,7 +126,7 @@ BACKENDS = {
                     c_full=False),
         BackendSpec("cuda", "kdkernels.backends.compiled", ("cuda",), _FLOATS,
                     _probe_compiled("cuda"),
-                    features=frozenset({"vocab_parallel", "teacher_grad"}),
+                    features=frozenset({"vocab_parallel", "teacher_grad", "ensemble"}),
                     resums_reverse_kl_c=True),
         BackendSpec("cpu", "kdkernels.backends.compiled", ("cpu",), _FLOATS,
                     _probe_compiled("cpu"),

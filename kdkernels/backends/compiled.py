@@ -167,3 +167,28 @@ def sparse_grad(s3: Tensor, stats: Tensor, idx: Tensor, labels: Optional[Tensor]
     lab = labels.contiguous() if need_a else None
     return torch.ops.kdkernels_C.sparse_grad(s3, stats, idx, lab, float(T), bool(need_b),
                                              bool(need_a), c_b, c_a, g_idx, g_lab)
+
+
+# ---- teacher ensembles on CUDA (csrc/cuda/ensemble_cuda.cuh, bindings_ensemble_cuda.cpp) ---------
+
+def forward_rows_ensemble(student: Tensor, teachers, weights, labels: Optional[Tensor],
+                          div_id: int, param: float, temperature: float, soft_weight: float,
+                          hard_weight: float, ignore_index: int) -> Tuple[Tensor, Tensor]:
+    """(loss [N], stats [N, 7 + 2(M - 1)]) against p = Σ_m w_m softmax(t_m / T): CUDA tensors
+    through torch.ops.kdkernels_cuda_ens (kdkernels._C_cuda), CPU tensors through the CPU
+    ensemble op where one is built (kdkernels_C::kd_rows_ens_fwd)."""
+    _require(student.device)
+    op = torch.ops.kdkernels_cuda_ens if student.device.type == "cuda" else torch.ops.kdkernels_C
+    return op.kd_rows_ens_fwd(student, list(teachers), [float(w) for w in weights], labels,
+                              div_id, param, temperature, soft_weight, hard_weight, ignore_index)
+
+
+def backward_rows_ensemble(grad_loss: Tensor, student: Tensor, teachers, weights,
+                           labels: Optional[Tensor], stats: Tensor, div_id: int, param: float,
+                           temperature: float, soft_weight: float, hard_weight: float,
+                           ignore_index: int) -> Tensor:
+    _require(student.device)
+    op = torch.ops.kdkernels_cuda_ens if student.device.type == "cuda" else torch.ops.kdkernels_C
+    return op.kd_rows_ens_bwd(grad_loss, student, list(teachers), [float(w) for w in weights],
+                              labels, stats, div_id, param, temperature, soft_weight, hard_weight,
+                              ignore_index)
