@@ -101,7 +101,7 @@ if want_cuda():
     ext_modules.append(
         CUDAExtension(
             "kdkernels._C_cuda",
-            [_rel("cuda", "bindings_cuda.cpp"), _rel("cuda", "kd_cuda.cu")],
+            [_rel("cuda", "bindings_cuda.cpp"), _rel("cuda", "kd_cuda.cu"), _rel("cuda", "bindings_ensemble_cuda.cpp")],
             include_dirs=[INCLUDE],
             extra_compile_args={
                 "cxx": ["-O3", "-g0", "-std=c++17"],

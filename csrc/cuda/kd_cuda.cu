@@ -692,3 +692,5 @@ int cuda_rescale_rows(void* grad, int dtype, const float* grad_loss, const float
 const char* cuda_error_string(int code) { return cudaGetErrorString((cudaError_t)code); }
 
 }  // namespace kd
+
+#include "ensemble_cuda.cuh"  // teacher ensembles: kernels sharing the helpers above

@@ -73,6 +73,7 @@ from .triton import INTERPRETER_HINT, interpreting
 
 __all__ = ["BACKENDS", "FEATURES", "STATS_WIDTH", "BackendSpec", "availability", "load", "choose",
            "names", "has", "rows_outputs_like", "with_grad_by_two_kernels", "check_given_stats_div",
+           "ensemble_with_grad_by_two_kernels",
            "ensemble_stats_width"]
 
 # Per-row fp32 statistics of the dense kernels: (max, log sum-exp) of t/T and of s/T, c = Σ q g,
@@ -158,7 +159,7 @@ BACKENDS = {
         BackendSpec("cuda", "kdkernels.backends.compiled", ("cuda",), _FLOATS,
                     _probe_compiled("cuda"),
                     features=frozenset({"vocab_parallel", "fused_grad", "grad_rescale",
-                                        "teacher_grad", "logit_mse"}),
+                                        "teacher_grad", "logit_mse", "ensemble"}),
                     resums_reverse_kl_c=True),
         BackendSpec("cpu", "kdkernels.backends.compiled", ("cpu",), _FLOATS,
                     _probe_compiled("cpu"),
@@ -196,6 +197,20 @@ def rows_outputs_like(student: torch.Tensor, width: int = STATS_WIDTH):
     loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     return (student.new_empty((n,), dtype=loss_dtype),
             student.new_empty((n, width), dtype=torch.float32))
+
+
+def ensemble_with_grad_by_two_kernels(forward_rows_ensemble, backward_rows_ensemble, student,
+                                      teachers, weights, labels, div_id, param, temperature,
+                                      soft_weight, hard_weight, ignore_index, grad_scale):
+    """``forward_rows_ensemble_with_grad`` from a backend's ensemble forward and backward kernels
+    (the GPU backends have no fused ensemble kernel): (loss, G) in two launches."""
+    loss, stats = forward_rows_ensemble(student, teachers, weights, labels, div_id, param,
+                                        temperature, soft_weight, hard_weight, ignore_index)
+    gl = grad_scale.to(torch.float32).contiguous() if grad_scale is not None \
+        else torch.ones_like(loss, dtype=torch.float32)
+    return loss, backward_rows_ensemble(gl, student, teachers, weights, labels, stats, div_id,
+                                        param, temperature, soft_weight, hard_weight,
+                                        ignore_index)
 
 
 def with_grad_by_two_kernels(forward_rows, backward_rows, student, teacher, labels, div_id, param,

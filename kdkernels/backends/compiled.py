@@ -13,8 +13,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import (STATS_WIDTH, check_given_stats_div, ensemble_stats_width, rows_outputs_like,
-               with_grad_by_two_kernels)
+from . import (STATS_WIDTH, check_given_stats_div, ensemble_stats_width,
+               ensemble_with_grad_by_two_kernels, rows_outputs_like, with_grad_by_two_kernels)
 from ..divergences import LOGIT_MSE
 
 __all__ = ["forward_rows", "backward_rows", "forward_rows_with_grad", "forward_rows_given_stats",
@@ -166,39 +166,16 @@ if _CPU_ERROR is None:
                 torch.empty(student.shape, dtype=student.dtype, device=student.device))
 
 
-def _cpu_only(student: Tensor, what: str) -> None:
-    _require(student.device)
-    if student.device.type != "cpu":
-        raise RuntimeError(f"{what} is implemented for CPU tensors only")
-
-
-def forward_rows_ensemble(student: Tensor, teachers, weights, labels: Optional[Tensor],
-                          div_id: int, param: float, temperature: float, soft_weight: float,
-                          hard_weight: float, ignore_index: int) -> Tuple[Tensor, Tensor]:
-    """(loss [N], stats [N, ensemble_stats_width(M)]) against p = Σ_m w_m softmax(t_m / T)."""
-    _cpu_only(student, "forward_rows_ensemble")
-    return torch.ops.kdkernels_C.kd_rows_ens_fwd(student, list(teachers),
-                                                 [float(w) for w in weights], labels, div_id,
-                                                 param, temperature, soft_weight, hard_weight,
-                                                 ignore_index)
-
-
-def backward_rows_ensemble(grad_loss: Tensor, student: Tensor, teachers, weights,
-                           labels: Optional[Tensor], stats: Tensor, div_id: int, param: float,
-                           temperature: float, soft_weight: float, hard_weight: float,
-                           ignore_index: int) -> Tensor:
-    _cpu_only(student, "backward_rows_ensemble")
-    return torch.ops.kdkernels_C.kd_rows_ens_bwd(grad_loss, student, list(teachers),
-                                                 [float(w) for w in weights], labels, stats,
-                                                 div_id, param, temperature, soft_weight,
-                                                 hard_weight, ignore_index)
-
-
 def forward_rows_ensemble_with_grad(student: Tensor, teachers, weights, labels: Optional[Tensor],
                                     div_id: int, param: float, temperature: float,
                                     soft_weight: float, hard_weight: float, ignore_index: int,
                                     grad_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    _cpu_only(student, "forward_rows_ensemble_with_grad")
+    """CPU: the fused ensemble kernel; CUDA: the forward kernels, then the backward one."""
+    _require(student.device)
+    if student.device.type == "cuda":
+        return ensemble_with_grad_by_two_kernels(
+            forward_rows_ensemble, backward_rows_ensemble, student, teachers, weights, labels,
+            div_id, param, temperature, soft_weight, hard_weight, ignore_index, grad_scale)
     return torch.ops.kdkernels_C.kd_rows_ens_fwd_grad(student, list(teachers),
                                                       [float(w) for w in weights], labels, div_id,
                                                       param, temperature, soft_weight,
@@ -244,3 +221,28 @@ def sparse_grad(s3: Tensor, stats: Tensor, idx: Tensor, labels: Optional[Tensor]
     lab = labels.contiguous() if need_a else None
     return torch.ops.kdkernels_C.sparse_grad(s3, stats, idx, lab, float(T), bool(need_b),
                                              bool(need_a), c_b, c_a, g_idx, g_lab)
+
+
+# ---- teacher ensembles on CUDA (csrc/cuda/ensemble_cuda.cuh, bindings_ensemble_cuda.cpp) ---------
+
+def forward_rows_ensemble(student: Tensor, teachers, weights, labels: Optional[Tensor],
+                          div_id: int, param: float, temperature: float, soft_weight: float,
+                          hard_weight: float, ignore_index: int) -> Tuple[Tensor, Tensor]:
+    """(loss [N], stats [N, 7 + 2(M - 1)]) against p = Σ_m w_m softmax(t_m / T): CUDA tensors
+    through torch.ops.kdkernels_cuda_ens (kdkernels._C_cuda), CPU tensors through the CPU
+    ensemble op where one is built (kdkernels_C::kd_rows_ens_fwd)."""
+    _require(student.device)
+    op = torch.ops.kdkernels_cuda_ens if student.device.type == "cuda" else torch.ops.kdkernels_C
+    return op.kd_rows_ens_fwd(student, list(teachers), [float(w) for w in weights], labels,
+                              div_id, param, temperature, soft_weight, hard_weight, ignore_index)
+
+
+def backward_rows_ensemble(grad_loss: Tensor, student: Tensor, teachers, weights,
+                           labels: Optional[Tensor], stats: Tensor, div_id: int, param: float,
+                           temperature: float, soft_weight: float, hard_weight: float,
+                           ignore_index: int) -> Tensor:
+    _require(student.device)
+    op = torch.ops.kdkernels_cuda_ens if student.device.type == "cuda" else torch.ops.kdkernels_C
+    return op.kd_rows_ens_bwd(grad_loss, student, list(teachers), [float(w) for w in weights],
+                              labels, stats, div_id, param, temperature, soft_weight, hard_weight,
+                              ignore_index)

@@ -28,13 +28,15 @@ __all__ = ["ENV", "STATS_WIDTH", "enabled", "unavailable_reason", "require", "li
            "rescale_rows_", "set_pending_error", "build_directory"]
 
 ENV = "KDKERNELS_CUDA_EMULATE"
-from . import STATS_WIDTH, check_given_stats_div, rows_outputs_like, with_grad_by_two_kernels
+from . import (STATS_WIDTH, check_given_stats_div, ensemble_with_grad_by_two_kernels,
+               rows_outputs_like, with_grad_by_two_kernels)
 from ..divergences import LOGIT_MSE
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _CSRC = os.path.join(_ROOT, "csrc")
 _SOURCES = [os.path.join(_CSRC, "testing", f)
             for f in ("bindings_cuda_emu.cpp", "kd_cuda_emu.cpp", "cuda_emu.cpp")]
+_SOURCES.append(os.path.join(_CSRC, "testing", "bindings_ensemble_cuda_emu.cpp"))  # ensembles
 _INCLUDES = [os.path.join(_CSRC, "testing", "include"), os.path.join(_CSRC, "testing"),
              os.path.join(_CSRC, "include"), os.path.join(_CSRC, "cuda")]
 _NAME = "kdkernels_cuda_emu"
@@ -180,3 +182,38 @@ def rescale_rows_(grad: Tensor, grad_loss: Tensor, grad_scale: Optional[Tensor])
 def set_pending_error(code: int) -> None:
     """Test hook: leave a pending (earlier, unrelated) error in the emulated CUDA runtime."""
     library().set_pending_error(code)
+
+
+def forward_rows_ensemble(student: Tensor, teachers, weights, labels: Optional[Tensor], div_id: int,
+                          param: float, temperature: float, soft_weight: float, hard_weight: float,
+                          ignore_index: int) -> Tuple[Tensor, Tensor]:
+    """Teacher ensembles (csrc/cuda/ensemble_cuda.cuh): (loss [N], stats [N, 7 + 2(M - 1)])."""
+    if student.device.type != "cpu":
+        return _real().forward_rows_ensemble(student, teachers, weights, labels, div_id, param,
+                                             temperature, soft_weight, hard_weight, ignore_index)
+    return library().kd_rows_ens_fwd(student, list(teachers), [float(w) for w in weights], labels,
+                                     div_id, param, temperature, soft_weight, hard_weight,
+                                     ignore_index)
+
+
+def backward_rows_ensemble(grad_loss: Tensor, student: Tensor, teachers, weights,
+                           labels: Optional[Tensor], stats: Tensor, div_id: int, param: float,
+                           temperature: float, soft_weight: float, hard_weight: float,
+                           ignore_index: int) -> Tensor:
+    if student.device.type != "cpu":
+        return _real().backward_rows_ensemble(grad_loss, student, teachers, weights, labels, stats,
+                                              div_id, param, temperature, soft_weight,
+                                              hard_weight, ignore_index)
+    return library().kd_rows_ens_bwd(grad_loss, student, list(teachers),
+                                     [float(w) for w in weights], labels, stats, div_id, param,
+                                     temperature, soft_weight, hard_weight, ignore_index)
+
+
+def forward_rows_ensemble_with_grad(student: Tensor, teachers, weights, labels: Optional[Tensor],
+                                    div_id: int, param: float, temperature: float,
+                                    soft_weight: float, hard_weight: float, ignore_index: int,
+                                    grad_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """As the real CUDA backend: the ensemble forward kernels, then the backward one."""
+    return ensemble_with_grad_by_two_kernels(
+        forward_rows_ensemble, backward_rows_ensemble, student, teachers, weights, labels, div_id,
+        param, temperature, soft_weight, hard_weight, ignore_index, grad_scale)

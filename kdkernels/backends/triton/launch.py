@@ -21,7 +21,8 @@ from torch import Tensor
 
 import triton
 
-from .. import STATS_WIDTH, check_given_stats_div, with_grad_by_two_kernels
+from .. import (STATS_WIDTH, check_given_stats_div, ensemble_with_grad_by_two_kernels,
+               with_grad_by_two_kernels)
 from . import device_guard, require_launchable
 from . import ensemble_kernels as EK
 from . import kernels as K
@@ -406,10 +407,6 @@ def forward_rows_ensemble_with_grad(student: Tensor, teachers, weights, labels: 
                                     grad_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """The losses and G = grad_scale·d loss / d student against the ensemble: the forward kernels
     then the backward one (no fused ensemble kernel yet)."""
-    loss, stats = forward_rows_ensemble(student, teachers, weights, labels, div_id, param,
-                                        temperature, soft_weight, hard_weight, ignore_index)
-    gl = grad_scale.to(torch.float32).contiguous() if grad_scale is not None \
-        else torch.ones_like(loss)
-    return loss, backward_rows_ensemble(gl, student, teachers, weights, labels, stats, div_id,
-                                        param, temperature, soft_weight, hard_weight,
-                                        ignore_index)
+    return ensemble_with_grad_by_two_kernels(
+        forward_rows_ensemble, backward_rows_ensemble, student, teachers, weights, labels, div_id,
+        param, temperature, soft_weight, hard_weight, ignore_index, grad_scale)
