@@ -88,10 +88,19 @@ LABEL_MODES = (("nolabels", False, False), ("labels", True, False), ("hard", Tru
 # Loops of each kernel in source order: (extent, block constexpr). Loops a variant's constexprs
 # remove drop out of the SASS; the SASS loops are matched to a prefix of this list (the removed
 # ones are the last), so a kernel whose loop structure changes must be described here.
+# A callable entry maps the variant's constexprs to that list (a loop removed in the middle).
+# kd_rescale_kernel's loop runs only on rows whose grad_loss differs from the fused gradient's
+# grad_scale: in the modelled step (loss.backward(), grad_loss = the hint) on none ("0" extent).
+def _fwd_grad_loops(ce):
+    mixture = ce.get("SOFT", True) and ce.get("DIV", 0) >= 2  # the loss / c pass
+    return (("V", "BLOCK"),) + ((("V", "BLOCK"),) if mixture else ()) + (("V", "GBLOCK"),)
+
+
 TRITON_LOOPS = {
     "kd_fwd_kernel": (("V", "BLOCK"), ("V", "BLOCK")),
     "kd_bwd_kernel": (("V", "BLOCK"),),
-    "kd_fused_kernel": (("V", "BLOCK"), ("V", "BLOCK"), ("V", "BLOCK")),
+    "kd_fwd_grad_kernel": _fwd_grad_loops,
+    "kd_rescale_kernel": (("0", "BLOCK"),),
     "sparse_stats_kernel": (("K", "BLOCK_K"), ("V", "BLOCK_V")),
     "sparse_grad_dense_kernel": (("V", "BLOCK_V"),),
     "sparse_grad_fixup_kernel": (("K", "BLOCK_K"),),
@@ -388,9 +397,11 @@ def _torch_dtype(name: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def dense_training_step(div: int, dtype: str, mode: str, V: int = MODEL_V):
+def dense_training_step(div: int, dtype: str, mode: str, V: int = MODEL_V,
+                        grad_inplace: bool = False):
     """kd_loss(...).backward() on RECORD_ROWS rows, backend triton. mode: nolabels | labels |
-    hard | hard_only."""
+    hard | hard_only. The fused path (kd_fwd_grad_kernel + kd_rescale_kernel); with
+    ``grad_inplace`` the two-kernel path (kd_fwd_kernel + kd_bwd_kernel)."""
     import torch
     import kdkernels as kd
 
@@ -398,11 +409,14 @@ def dense_training_step(div: int, dtype: str, mode: str, V: int = MODEL_V):
         g = torch.Generator().manual_seed(0)
         s = torch.randn(1, RECORD_ROWS, V, generator=g).to(_torch_dtype(dtype)).requires_grad_()
         t = torch.randn(1, RECORD_ROWS, V, generator=g).to(_torch_dtype(dtype))
+        if grad_inplace:
+            s = s * 1  # a non-leaf (an lm_head output): its storage takes the gradient
         labels = None if mode == "nolabels" else torch.randint(0, V, (1, RECORD_ROWS), generator=g)
         hw = 0.5 if mode in ("hard", "hard_only") else 0.0
         sw = 0.0 if mode == "hard_only" else 1.0
         loss = kd.kd_loss(s, t, divergence=DIV_NAMES[div], temperature=2.0, labels=labels,
-                          soft_weight=sw, hard_weight=hw, backend="triton")
+                          soft_weight=sw, hard_weight=hw, backend="triton",
+                          grad_inplace=grad_inplace)
         loss.backward()
     return call
 
@@ -535,8 +549,10 @@ def triton_launch_rows(launch: Launch, cap: int, compiled: dict) -> List[dict]:
     (fname, instrs), = funcs.items()
     res = parse_res_usage(compiled["res"]).get(fname, {})
     ce = compiled["constexprs"]
-    ext = {"V": MODEL_V, "K": MODEL_K}
+    ext = {"V": MODEL_V, "K": MODEL_K, "0": 0}
     desc = TRITON_LOOPS[name]
+    if callable(desc):
+        desc = desc(ce)
     threads = compiled["num_warps"] * WARP
     unroll = loop_unrolls(name, instrs, compiled["ptx_loop_bytes"])
     elems = [ce[blk] * u for (_, blk), u in zip(desc, unroll)]
@@ -544,7 +560,7 @@ def triton_launch_rows(launch: Launch, cap: int, compiled: dict) -> List[dict]:
                           [ext[e] for e, _ in desc], MODEL_N, res, compiled["shared"])
     for r, u in zip(rows, unroll):
         r["unroll"] = u
-    flags = {k: v for k, v in ce.items() if k not in ("BLOCK", "BLOCK_V", "BLOCK_K")}
+    flags = {k: v for k, v in ce.items() if k not in ("BLOCK", "BLOCK_V", "BLOCK_K", "GBLOCK")}
     for r in rows:
         r.update(block=ce.get("BLOCK", ce.get("BLOCK_V", ce.get("BLOCK_K"))), constexprs=json.dumps(flags,
                                                                                  sort_keys=True))
@@ -558,18 +574,23 @@ def _launch_key(launch: Launch, cap: int):
             repr(sorted(attrs.items())), repr(sorted(opts.items())))
 
 
-def triton_variants(caps=CAPS, dtypes=DTYPES, divs=range(6), modes=None, sparse=True):
-    """[(variant dict, [Launch])] for every training step the model covers."""
+def triton_variants(caps=CAPS, dtypes=DTYPES, divs=range(6), modes=None, sparse=True,
+                    two_kernel=True):
+    """[(variant dict, [Launch])] for every training step the model covers: op "kd_loss" the
+    fused training path kd_loss picks, "kd_loss_2k" the two-kernel path (grad_inplace=True;
+    kd_fwd_kernel is also the forward-only call's kernel)."""
     modes = modes or [m for m, _, _ in LABEL_MODES] + ["hard_only"]
     out = []
     for cap in caps:
         for dtype in dtypes:
             for mode in modes:
                 for div in (divs if mode != "hard_only" else [0]):
-                    launches = record_launches(dense_training_step(div, dtype, mode), cap)
-                    out.append((dict(impl="triton", op="kd_loss", cap=cap, dtype=dtype,
-                                     div=DIV_NAMES[div] if mode != "hard_only" else "-",
-                                     mode=mode), launches))
+                    for op, inplace in (("kd_loss", False), ("kd_loss_2k", True))[:1 + two_kernel]:
+                        launches = record_launches(
+                            dense_training_step(div, dtype, mode, grad_inplace=inplace), cap)
+                        out.append((dict(impl="triton", op=op, cap=cap, dtype=dtype,
+                                         div=DIV_NAMES[div] if mode != "hard_only" else "-",
+                                         mode=mode), launches))
             if sparse:
                 for hard in (False, True):
                     launches = record_launches(sparse_training_step(dtype, hard), cap)
@@ -682,8 +703,9 @@ def cuda_loop_counts(instrs: List[Instr], a: int, b: int, want_ld: int, want_st:
 
 
 def model_cuda(caps=CAPS, dtypes=DTYPES, divs=range(6)) -> List[dict]:
-    """The CUDA training step: forward_kernel + backward_kernel per (dtype, divergence), each
-    modelled on its longest aligned path (every term on: mode "hard"; see cuda_loop_counts)."""
+    """The CUDA training step: op "kd_loss" the fused forward_grad_kernel (soft + hard term
+    instantiation), op "kd_loss_2k" forward_kernel + backward_kernel, per (dtype, divergence),
+    each modelled on its longest aligned path (every term on: mode "hard"; see cuda_loop_counts)."""
     rows = []
     for cap in caps:
         sass, res_text = compile_cuda(cap)
@@ -692,10 +714,14 @@ def model_cuda(caps=CAPS, dtypes=DTYPES, divs=range(6)) -> List[dict]:
         dem = demangle(list(funcs))
         found = {}
         for mangled, pretty in dem.items():
-            m = re.search(r"(forward|backward)_kernel<([^,>]+), (\d+)>", pretty)
+            m = re.search(r"(forward|backward)_kernel<([^,>]+), (\d+), true, true>", pretty)
             if m:
                 found[(m.group(1), CUDA_DTYPES.get(m.group(2).strip(), m.group(2)),
                        int(m.group(3)))] = mangled
+            m = re.search(r"forward_grad_kernel<([^,>]+), (\d+), true, true, true>", pretty)
+            if m:
+                found[("fused", CUDA_DTYPES.get(m.group(1).strip(), m.group(1)),
+                       int(m.group(2)))] = mangled
         for dtype in dtypes:
             esize = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
             vec = 16 // esize
@@ -704,14 +730,15 @@ def model_cuda(caps=CAPS, dtypes=DTYPES, divs=range(6)) -> List[dict]:
                 # flag are not correlated by this path search: only the longest aligned path
                 # (soft + hard term on) is modelled, an upper bound for calls without the hard term
                 for mode, has_labels, hard in LABEL_MODES[-1:]:
-                    v = dict(impl="cuda", op="kd_loss", cap=cap, dtype=dtype, div=DIV_NAMES[div],
-                             mode=mode)
-                    for li, kind in enumerate(("forward", "backward")):
-                        mangled = found.get((kind, dtype, div))
-                        if mangled is None:
-                            raise RuntimeError(f"CUDA {kind}_kernel<{dtype}, {div}> not found")
-                        rows += cuda_kernel_rows(v, li, kind, div, funcs[mangled],
-                                                 res.get(mangled, {}), vec, hard)
+                    for op, kinds in (("kd_loss", ("fused",)), ("kd_loss_2k", ("forward", "backward"))):
+                        v = dict(impl="cuda", op=op, cap=cap, dtype=dtype, div=DIV_NAMES[div],
+                                 mode=mode)
+                        for li, kind in enumerate(kinds):
+                            mangled = found.get((kind, dtype, div))
+                            if mangled is None:
+                                raise RuntimeError(f"CUDA {kind} kernel <{dtype}, {div}> not found")
+                            rows += cuda_kernel_rows(v, li, kind, div, funcs[mangled],
+                                                     res.get(mangled, {}), vec, hard)
     return rows
 
 
@@ -723,6 +750,10 @@ def cuda_kernel_rows(v, li, kind, div, instrs, res, vec, hard) -> List[dict]:
     online = div in (0, 1)
     if kind == "forward":
         want = [("stats", 2, 0, hard)] + ([] if online else [("div", 2, 0, False)])
+    elif kind == "fused":  # forward_grad_kernel: the forward's passes, then backward's
+        want = [("zero", 0, 1, False), ("stats", 2, 0, hard)] + \
+               ([] if online else [("div", 2, 0, False)]) + \
+               ([("cprime", 2, 0, False)] if div == 1 else []) + [("grad", 2, 1, hard)]
     else:
         want = [("zero", 0, 1, False)] + ([("cprime", 2, 0, False)] if div == 1 else []) + \
                [("grad", 2, 1, hard)]
@@ -772,7 +803,8 @@ def cuda_kernel_rows(v, li, kind, div, instrs, res, vec, hard) -> List[dict]:
         row.update({f"{card}_{k}": x for k, x in tt.items()})
     out.append(row)
     for r in out:
-        r.update(v, launch=li, kernel=f"{kind}_kernel", threads=threads,
+        r.update(v, launch=li, kernel="forward_grad_kernel" if kind == "fused" else f"{kind}_kernel",
+                 threads=threads,
                  registers=res.get("REG", 0), local_bytes=res.get("LOCAL", 0),
                  spill_instr=total.local, shared_bytes=res.get("SHARED", 0),
                  total_sass=total.sass, n_loops=len(loops), block=threads * vec,

@@ -4,6 +4,7 @@ tensors) and cuda (a GPU, or its host emulation when KDKERNELS_CUDA_EMULATE=1). 
 values and the gradient of a random weighting of the rows with the float64 oracle under the
 three-way bound (conftest.assert_close); backend-specific tests live in test_<backend>.py.
 """
+import dataclasses
 import warnings
 
 import pytest
@@ -199,10 +200,20 @@ INF_CASES = {
 }
 
 
+@pytest.mark.parametrize("path", ["default", "two_kernel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", list(INF_CASES))
-def test_infinite_loss_gradient_rule(backend, case, dtype):
+def test_infinite_loss_gradient_rule(backend, case, dtype, path, monkeypatch):
+    """path "default": what kd_loss takes when the student needs a gradient, the fused op
+    (kdkernels::kd_rows_with_grad) on the backends with "fused_grad" (cpu, triton, cuda);
+    "two_kernel": the same backend without "fused_grad" (kd_rows + kd_rows_backward)."""
     div, params, side, hw, expect = INF_CASES[case]
+    spec = backends.BACKENDS[backend]
+    if path == "two_kernel":
+        if "fused_grad" not in spec.features:
+            pytest.skip(f"{backend} has no fused path: the default path is the two-kernel one")
+        monkeypatch.setitem(backends.BACKENDS, backend,
+                            dataclasses.replace(spec, features=spec.features - {"fused_grad"}))
     dev = device_of(backend)
     T, V = 2.0, 1271
     s, t = _rand((2, 3, V), dtype, dev), _rand((2, 3, V), dtype, dev)

@@ -130,17 +130,30 @@ def test_copy_kernel_counts(child):
 
 def test_one_training_step_modelled(child):
     rows = child[1]
-    kernels = [r["kernel"] for r in rows if r["loop"] == 0]
-    assert kernels == ["kd_fwd_kernel", "kd_bwd_kernel"]
     for r in rows:
         if r["loop"] == 0:
             assert r["local_bytes"] == 0 and r["spill_instr"] == 0
             assert 0 < r["registers"] <= 255
-    fwd, bwd = (r for r in rows if r["loop"] == 0)
+    # the two-kernel path (grad_inplace): forward, backward
+    two = [r for r in rows if r["op"] == "kd_loss_2k"]
+    assert [r["kernel"] for r in two if r["loop"] == 0] == ["kd_fwd_kernel", "kd_bwd_kernel"]
+    fwd, bwd = (r for r in two if r["loop"] == 0)
     assert fwd["bytes_per_elem"] == 4.0 and bwd["bytes_per_elem"] == 6.0
     assert fwd["mufu_per_elem"] >= 3 and bwd["mufu_per_elem"] >= 3  # exps of a, b, s
     for r in (fwd, bwd):
         assert r["H200_ms"] >= r["H200_mem_ms"] > 0
+    # the fused path kd_loss takes: one kernel with the statistics pass and the gradient pass,
+    # then the rescale kernel, whose loop runs on no row (grad_loss is the hinted one)
+    fused = [r for r in rows if r["op"] == "kd_loss"]
+    assert [r["kernel"] for r in fused if r["loop"] == 0] == ["kd_fwd_grad_kernel",
+                                                              "kd_rescale_kernel"]
+    stats, grad = (r for r in fused if r["kernel"] == "kd_fwd_grad_kernel"
+                   and r["loop"] in (0, 1))
+    assert stats["bytes_per_elem"] == 4.0 and grad["bytes_per_elem"] == 6.0
+    # the statistics pass walks BLOCK (1024) columns per iteration, the gradient pass GBLOCK (4096)
+    assert stats["elems_per_iter"] % 1024 == 0 and grad["elems_per_iter"] % 4096 == 0
+    rescale = next(r for r in fused if r["kernel"] == "kd_rescale_kernel" and r["loop"] == 0)
+    assert rescale["extent"] == 0 and rescale["H200_ms"] == 0
 
 
 def test_every_variant_recorded():

@@ -69,13 +69,55 @@ at::Tensor given_stats_cuda(const at::Tensor& student, const at::Tensor& teacher
   return partial;
 }
 
+// Fused forward and gradient (schema in csrc/bindings.cpp): loss [N] fp32 and
+// grad = grad_scale[i] * d loss_i / d student_i, one kernel (forward_grad_kernel).
+std::tuple<at::Tensor, at::Tensor> kd_rows_fwd_grad_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                                         const c10::optional<at::Tensor>& labels, int64_t div_id,
+                                                         double param, double temperature, double soft_weight,
+                                                         double hard_weight, int64_t ignore_index,
+                                                         const c10::optional<at::Tensor>& grad_scale) {
+  c10::cuda::CUDAGuard guard(student.device());
+  RowsArgs a = make_args(student, teacher, labels, div_id, param, temperature, soft_weight,
+                         hard_weight, ignore_index, at::kCUDA);
+  auto f32 = student.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({a.N}, f32);
+  at::Tensor gl = grad_scale.has_value() ? check_grad_loss(*grad_scale, a.N) : at::ones({a.N}, f32);
+  TORCH_CHECK_VALUE(gl.device() == student.device(), "kdkernels_C: grad_scale must be on the logits' device");
+  at::Tensor grad = at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous));
+  a.loss = loss.data_ptr<float>();
+  a.grad_loss = gl.data_ptr<float>();
+  a.grad = grad.data_ptr();
+  check_launch(cuda_forward_grad_rows(a, c10::cuda::getCurrentCUDAStream().stream()), "fused forward");
+  return {loss, grad};
+}
+
+// In place: grad (a [B, L, V] view, unit column stride) rows times grad_loss / grad_scale; rows
+// whose ratio is exactly 1 are not touched (no host synchronisation to skip the rescaling).
+void kd_rows_rescale_cuda(at::Tensor grad, const at::Tensor& grad_loss, const c10::optional<at::Tensor>& grad_scale) {
+  const RescaleInputs in = check_rescale(grad, grad_loss, grad_scale);
+  c10::cuda::CUDAGuard guard(grad.device());
+  check_launch(cuda_rescale_rows(grad.data_ptr(), dtype_code(grad.scalar_type()), in.gl.data_ptr<float>(),
+                                 in.gs.defined() ? in.gs.data_ptr<float>() : nullptr, in.N, grad.size(2),
+                                 grad.size(1), grad.stride(0), grad.stride(1),
+                                 c10::cuda::getCurrentCUDAStream().stream()),
+               "rescale");
+}
+
 }  // namespace
 }  // namespace kd
 
+// An op of the CUDA library only (no CPU kernel: the CPU backend's scale_rows checks equality
+// on the host), so its schema lives here.
+TORCH_LIBRARY_FRAGMENT(kdkernels_C, m) {
+  m.def("kd_rows_rescale_(Tensor(a!) grad, Tensor grad_loss, Tensor? grad_scale) -> ()");
+}
+
 TORCH_LIBRARY_IMPL(kdkernels_C, CUDA, m) {
+  m.impl("kd_rows_rescale_", &kd::kd_rows_rescale_cuda);
   m.impl("kd_rows_fwd", &kd::kd_rows_fwd_cuda);
   m.impl("kd_rows_bwd", &kd::kd_rows_bwd_cuda);
   m.impl("kd_rows_given_stats", &kd::given_stats_cuda);
+  m.impl("kd_rows_fwd_grad", &kd::kd_rows_fwd_grad_cuda);
 }
 
 static PyModuleDef kd_cuda_module = {PyModuleDef_HEAD_INIT, "_C_cuda",

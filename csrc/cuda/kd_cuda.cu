@@ -244,8 +244,6 @@ __device__ __forceinline__ float log_prob_scaled(float x, LogNorm n, float invT)
   return (x - n.m) * invT - n.lz;
 }
 
-// SOFT: the soft term counts (soft_weight != 0). SEP: the hard term needs its own (max, sum-exp)
-// of s at T = 1 (labels, hard_weight != 0, and not (SOFT and T == 1), where it is the student's).
 // The second pass of the two-pass divergences from row normalisers na, nb: D = sum phi and
 // c = sum q g over the row, in every thread (forward_kernel and given_stats_kernel).
 // c adds q g terms as large as |log p| (4e4 for one-hot teachers at |logits| 1e4) that
@@ -278,22 +276,20 @@ __device__ __forceinline__ void row_sums(const S* s, const S* t, int64_t j0, int
   cc = block_sum((float)sqg, sm);
 }
 
-template <class S, int DIV, bool SOFT, bool SEP>
-__global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
+// SOFT: the soft term counts (soft_weight != 0). SEP: the hard term needs its own (max, sum-exp)
+// of s at T = 1 (labels, hard_weight != 0, and not (SOFT and T == 1), where it is the student's).
+// The forward of one counted row (every thread of the CTA): thread 0 writes its loss to a.loss[r]
+// and its statistics to `st` (forward_kernel: the stats row; forward_grad_kernel: shared memory),
+// nothing is returned: statistics returned in registers made ptxas spill 4 bytes in
+// forward_kernel / forward_grad_kernel<16-bit, forward_kl, soft, sep(, hard)>. `sm`: the CTA's
+// reduction scratch. A: how `a` is passed, which only steers ptxas (nvcc 13, no spills either
+// way round is possible): forward_kernel passes RowsArgs (by reference it left an 8-byte stack
+// frame, 4 bytes spilled, in forward_kernel<16-bit, reverse_kl, soft, no sep> on sm_90),
+// forward_grad_kernel const RowsArgs& (by value it spilled 4 bytes in its <16-bit, forward_kl,
+// soft, sep, hard> and, on sm_80, <16-bit, reverse_kl, soft> variants).
+template <class S, int DIV, bool SOFT, bool SEP, class A>
+__device__ __forceinline__ void forward_row(A a, int64_t r, int64_t label, float* sm, float* st) {
   constexpr int N = Vec<S>::N;
-  __shared__ float sm[sizeof(RawOnlineKL<DIV>) / sizeof(float) * WARPS];  // block reductions
-  const int64_t r = blockIdx.x;
-  if (r >= a.N) return;
-  const int64_t label = a.labels ? a.labels[r] : 0;
-  const bool ignored = a.labels && label == a.ignore_index;
-  float* st = a.stats + r * STATS_WIDTH;
-  if (ignored) {
-    if (threadIdx.x == 0) {
-      a.loss[r] = 0.f;
-      for (int k = 0; k < STATS_WIDTH; ++k) st[k] = 0.f;
-    }
-    return;
-  }
   const bool hard = a.labels && a.hard_weight != 0.f;
   const bool bad_label = hard && (label < 0 || label >= a.V);
   const S* s = static_cast<const S*>(a.student) + (r / a.L) * a.s_stride_b + (r % a.L) * a.s_stride_l;
@@ -383,7 +379,30 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
   }
 }
 
-// SOFT as in forward_kernel; HARD: labels and hard_weight != 0 (the hard term's gradient).
+// Forward reduction scratch: the largest merged state, one per warp.
+template <int DIV>
+struct FwdScratch {
+  static constexpr int FLOATS = sizeof(RawOnlineKL<DIV>) / sizeof(float) * WARPS;
+};
+
+template <class S, int DIV, bool SOFT, bool SEP>
+__global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
+  __shared__ float sm[FwdScratch<DIV>::FLOATS];  // block reductions
+  const int64_t r = blockIdx.x;
+  if (r >= a.N) return;
+  const int64_t label = a.labels ? a.labels[r] : 0;
+  const bool ignored = a.labels && label == a.ignore_index;
+  float* st = a.stats + r * STATS_WIDTH;
+  if (ignored) {
+    if (threadIdx.x == 0) {
+      a.loss[r] = 0.f;
+      for (int k = 0; k < STATS_WIDTH; ++k) st[k] = 0.f;
+    }
+    return;
+  }
+  forward_row<S, DIV, SOFT, SEP, RowsArgs>(a, r, label, sm, st);
+}
+
 // Writes v over this thread's chunks of one gradient row.
 template <class S>
 __device__ __forceinline__ void fill_row(S* g, int64_t j0, int64_t V, bool vec, float v) {
@@ -394,12 +413,21 @@ __device__ __forceinline__ void fill_row(S* g, int64_t j0, int64_t V, bool vec, 
   for (int64_t j = j0; j < V; j += (int64_t)THREADS * N) store_chunk(g, j, V, vec, b);
 }
 
+// Zeros over the gradient row of an ignored row.
+template <class S>
+__device__ __forceinline__ void zero_grad_row(const RowsArgs& a, int64_t r) {
+  S* g = static_cast<S*>(a.grad) + r * a.V;
+  const S* s = static_cast<const S*>(a.student) + (r / a.L) * a.s_stride_b + (r % a.L) * a.s_stride_l;
+  fill_row(g, first_chunk<S>(head_of<S>(s)), a.V, vector_ok<S>(s) && same_phase(s, g), 0.f);
+}
+
+// SOFT as in forward_kernel; HARD: labels and hard_weight != 0 (the hard term's gradient).
+// The gradient pass of one counted row from its statistics `rs`, for grad_loss `gl` (every
+// thread of the CTA). `sm`: at least WARPS floats of reduction scratch.
 template <class S, int DIV, bool SOFT, bool HARD>
-__global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
+__device__ __forceinline__ void backward_row(const RowsArgs& a, int64_t r, int64_t label, const RowStats& rs,
+                                             float gl, float* sm) {
   constexpr int N = Vec<S>::N;
-  __shared__ float sm[WARPS];
-  const int64_t r = blockIdx.x;
-  if (r >= a.N) return;
   const int64_t V = a.V;
   S* g = static_cast<S*>(a.grad) + r * V;
   const S* s = static_cast<const S*>(a.student) + (r / a.L) * a.s_stride_b + (r % a.L) * a.s_stride_l;
@@ -407,14 +435,7 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
   const int head = head_of<S>(s);
   const bool vs = vector_ok<S>(s), vt = vs && same_phase(s, t), vg = vs && same_phase(s, g);
   const int64_t j0 = first_chunk<S>(head);
-  const int64_t label = a.labels ? a.labels[r] : 0;
-  const bool ignored = a.labels && label == a.ignore_index;
-  if (ignored) {
-    fill_row(g, j0, V, vg, 0.f);
-    return;
-  }
   const bool sep = HARD && (!SOFT || a.temperature != 1.f);
-  const RowStats rs = load_row_stats(a.stats + r * STATS_WIDTH);
   const LogNorm na = rs.na, nb = rs.nb, ns = rs.ns;
   const float invT = 1.0f / a.temperature;
   float cc = rs.c;
@@ -441,7 +462,6 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
     fill_row(g, j0, V, vg, NAN);    // an infinite term in the gradient (docs/precision.md)
     return;
   }
-  const float gl = a.grad_loss[r];
   const float k_soft = SOFT ? gl * a.soft_weight * a.temperature : 0.f;
   // A label outside [0, V) that is not ignore_index (its column lives on another rank of a
   // vocab-parallel group) adds the softmax term and no one-hot; its forward loss is NaN.
@@ -471,6 +491,56 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
     }
     store_chunk(g, j, V, vg, out);
   }
+}
+
+template <class S, int DIV, bool SOFT, bool HARD>
+__global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
+  __shared__ float sm[WARPS];
+  const int64_t r = blockIdx.x;
+  if (r >= a.N) return;
+  const int64_t label = a.labels ? a.labels[r] : 0;
+  if (a.labels && label == a.ignore_index) {
+    zero_grad_row<S>(a, r);
+    return;
+  }
+  backward_row<S, DIV, SOFT, HARD>(a, r, label, load_row_stats(a.stats + r * STATS_WIDTH), a.grad_loss[r], sm);
+}
+
+// The training path in one kernel: the forward of the row (statistics pass, and the loss / c pass
+// of the mixture divergences), then its gradient pass for grad_loss = grad_scale (a.grad_loss),
+// the statistics handed over in shared memory (7 floats, not a global round trip): the loss is
+// forward_kernel's and the gradient backward_kernel's, bitwise. SOFT, SEP as in forward_kernel,
+// HARD as in backward_kernel.
+template <class S, int DIV, bool SOFT, bool SEP, bool HARD>
+__global__ void __launch_bounds__(THREADS) forward_grad_kernel(RowsArgs a) {
+  __shared__ float sm[FwdScratch<DIV>::FLOATS];
+  __shared__ float st[STATS_WIDTH];
+  const int64_t r = blockIdx.x;
+  if (r >= a.N) return;
+  const int64_t label = a.labels ? a.labels[r] : 0;
+  if (a.labels && label == a.ignore_index) {
+    if (threadIdx.x == 0) a.loss[r] = 0.f;
+    zero_grad_row<S>(a, r);
+    return;
+  }
+  forward_row<S, DIV, SOFT, SEP, const RowsArgs&>(a, r, label, sm, st);
+  __syncthreads();  // thread 0's statistics, as backward_kernel loads them from the stats row
+  backward_row<S, DIV, SOFT, HARD>(a, r, label, load_row_stats(st), a.grad_loss[r], sm);
+}
+
+// In place: grad[r] *= grad_loss[r] / grad_scale[r] (0 where grad_scale is 0; grad_scale null:
+// ones), fp32 rounded once. A row whose ratio is exactly 1 returns at once: no bytes moved.
+// Rows of `grad` at (r / L) * stride_b + (r % L) * stride_l, unit column stride.
+template <class S>
+__global__ void __launch_bounds__(THREADS) rescale_kernel(void* grad, const float* gl, const float* gs, int64_t N,
+                                                          int64_t V, int64_t L, int64_t stride_b, int64_t stride_l) {
+  const int64_t r = blockIdx.x;
+  if (r >= N) return;
+  const float d = gs ? gs[r] : 1.f;
+  const float ratio = d != 0.f ? gl[r] / d : 0.f;
+  if (ratio == 1.f) return;
+  S* g = static_cast<S*>(grad) + (r / L) * stride_b + (r % L) * stride_l;
+  for (int64_t j = threadIdx.x; j < V; j += THREADS) g[j] = from_float<S>(to_float(g[j]) * ratio);
 }
 
 // Vocab-parallel pass 2: with the normalisers given in a.stats (raw maxima, as forward stores
@@ -515,6 +585,24 @@ int launch_given_stats(const RowsArgs& a, cudaStream_t stream) {
 }
 
 template <class S, int DIV>
+int launch_fused(const RowsArgs& a, cudaStream_t stream) {
+  if (a.N == 0) return 0;
+  const bool soft = a.soft_weight != 0.f;
+  const bool hard = a.labels && a.hard_weight != 0.f;
+  const bool sep = hard && !(soft && a.temperature == 1.f);
+  void (*kernel)(RowsArgs);
+  if (soft)
+    kernel = !hard ? forward_grad_kernel<S, DIV, true, false, false>
+                   : (sep ? forward_grad_kernel<S, DIV, true, true, true> : forward_grad_kernel<S, DIV, true, false, true>);
+  else
+    kernel = hard ? forward_grad_kernel<S, DIV, false, true, true> : forward_grad_kernel<S, DIV, false, false, false>;
+  dim3 grid((unsigned)a.N), block(THREADS);
+  if (cudaPeekAtLastError() != cudaSuccess) (void)cudaGetLastError();  // as in launch()
+  KD_LAUNCH(kernel, grid, block, 0, stream, a);
+  return (int)cudaGetLastError();
+}
+
+template <class S, int DIV>
 int launch(const RowsArgs& a, cudaStream_t stream, bool fwd) {
   if (a.N == 0) return 0;
   const bool soft = a.soft_weight != 0.f;
@@ -537,55 +625,63 @@ int launch(const RowsArgs& a, cudaStream_t stream, bool fwd) {
   return (int)cudaGetLastError();
 }
 
-template <class S>
-int dispatch_given_stats(const RowsArgs& a, cudaStream_t stream) {
-  switch (a.div) {
-    case FORWARD_KL: return launch_given_stats<S, FORWARD_KL>(a, stream);
-    case REVERSE_KL: return launch_given_stats<S, REVERSE_KL>(a, stream);
-    case JSD: return launch_given_stats<S, JSD>(a, stream);
-    case SKEW_KL: return launch_given_stats<S, SKEW_KL>(a, stream);
-    case SKEW_REVERSE_KL: return launch_given_stats<S, SKEW_REVERSE_KL>(a, stream);
-    case TVD: return launch_given_stats<S, TVD>(a, stream);
-    default: return (int)cudaErrorInvalidValue;
+// The kernel a launcher entry point runs.
+enum Which { FORWARD = 0, BACKWARD = 1, FUSED = 2, GIVEN_STATS = 3 };
+
+template <class S, int DIV>
+int launch_which(const RowsArgs& a, cudaStream_t stream, int which) {
+  switch (which) {
+    case FUSED: return launch_fused<S, DIV>(a, stream);
+    case GIVEN_STATS: return launch_given_stats<S, DIV>(a, stream);
+    default: return launch<S, DIV>(a, stream, which == FORWARD);
   }
 }
 
 template <class S>
-int dispatch_div(const RowsArgs& a, cudaStream_t stream, bool fwd) {
+int dispatch_div(const RowsArgs& a, cudaStream_t stream, int which) {
   switch (a.div) {
-    case FORWARD_KL: return launch<S, FORWARD_KL>(a, stream, fwd);
-    case REVERSE_KL: return launch<S, REVERSE_KL>(a, stream, fwd);
-    case JSD: return launch<S, JSD>(a, stream, fwd);
-    case SKEW_KL: return launch<S, SKEW_KL>(a, stream, fwd);
-    case SKEW_REVERSE_KL: return launch<S, SKEW_REVERSE_KL>(a, stream, fwd);
-    case TVD: return launch<S, TVD>(a, stream, fwd);
+    case FORWARD_KL: return launch_which<S, FORWARD_KL>(a, stream, which);
+    case REVERSE_KL: return launch_which<S, REVERSE_KL>(a, stream, which);
+    case JSD: return launch_which<S, JSD>(a, stream, which);
+    case SKEW_KL: return launch_which<S, SKEW_KL>(a, stream, which);
+    case SKEW_REVERSE_KL: return launch_which<S, SKEW_REVERSE_KL>(a, stream, which);
+    case TVD: return launch_which<S, TVD>(a, stream, which);
     default: return (int)cudaErrorInvalidValue;
   }
 }
 
-int dispatch(const RowsArgs& a, void* stream, bool fwd) {
+int dispatch(const RowsArgs& a, void* stream, int which) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (a.dtype) {
-    case F32: return dispatch_div<float>(a, st, fwd);
-    case BF16: return dispatch_div<__nv_bfloat16>(a, st, fwd);
-    case F16: return dispatch_div<__half>(a, st, fwd);
+    case F32: return dispatch_div<float>(a, st, which);
+    case BF16: return dispatch_div<__nv_bfloat16>(a, st, which);
+    case F16: return dispatch_div<__half>(a, st, which);
     default: return (int)cudaErrorInvalidValue;
   }
 }
 
 }  // namespace
 
-int cuda_forward_rows(const RowsArgs& args, void* stream) { return dispatch(args, stream, true); }
-int cuda_given_stats_rows(const RowsArgs& args, void* stream) {
-  cudaStream_t st = static_cast<cudaStream_t>(stream);
-  switch (args.dtype) {
-    case F32: return dispatch_given_stats<float>(args, st);
-    case BF16: return dispatch_given_stats<__nv_bfloat16>(args, st);
-    case F16: return dispatch_given_stats<__half>(args, st);
+int cuda_forward_rows(const RowsArgs& args, void* stream) { return dispatch(args, stream, FORWARD); }
+int cuda_given_stats_rows(const RowsArgs& args, void* stream) { return dispatch(args, stream, GIVEN_STATS); }
+int cuda_backward_rows(const RowsArgs& args, void* stream) { return dispatch(args, stream, BACKWARD); }
+int cuda_forward_grad_rows(const RowsArgs& args, void* stream) { return dispatch(args, stream, FUSED); }
+int cuda_rescale_rows(void* grad, int dtype, const float* grad_loss, const float* grad_scale, int64_t N,
+                      int64_t V, int64_t L, int64_t stride_b, int64_t stride_l, void* stream) {
+  if (N == 0 || V == 0) return 0;
+  void (*kernel)(void*, const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t);
+  switch (dtype) {
+    case F32: kernel = rescale_kernel<float>; break;
+    case BF16: kernel = rescale_kernel<__nv_bfloat16>; break;
+    case F16: kernel = rescale_kernel<__half>; break;
     default: return (int)cudaErrorInvalidValue;
   }
+  dim3 grid((unsigned)N), block(THREADS);
+  if (cudaPeekAtLastError() != cudaSuccess) (void)cudaGetLastError();  // as in launch()
+  KD_LAUNCH(kernel, grid, block, 0, static_cast<cudaStream_t>(stream), grad, grad_loss, grad_scale, N, V, L,
+            stride_b, stride_l);
+  return (int)cudaGetLastError();
 }
-int cuda_backward_rows(const RowsArgs& args, void* stream) { return dispatch(args, stream, false); }
 const char* cuda_error_string(int code) { return cudaGetErrorString((cudaError_t)code); }
 
 }  // namespace kd

@@ -91,4 +91,25 @@ inline at::Tensor check_stats(const at::Tensor& stats, int64_t N) {
   return stats.contiguous();
 }
 
+// The checked [N] fp32 factors of kd_rows_rescale_ (CUDA binding and its emulation): grad a
+// [B, L, V] view with unit column stride, grad_loss and grad_scale (optional) N = B * L values on
+// its device.
+struct RescaleInputs {
+  at::Tensor gl, gs;  // gs undefined: ones
+  int64_t N;
+};
+
+inline RescaleInputs check_rescale(const at::Tensor& grad, const at::Tensor& grad_loss,
+                                   const c10::optional<at::Tensor>& grad_scale) {
+  TORCH_CHECK_VALUE(grad.dim() == 3 && (grad.size(2) <= 1 || grad.stride(2) == 1),
+                    "kdkernels: grad must be a [B, L, V] tensor with unit column stride");
+  RescaleInputs in;
+  in.N = grad.size(0) * grad.size(1);
+  in.gl = check_grad_loss(grad_loss.reshape({-1}), in.N);
+  if (grad_scale.has_value()) in.gs = check_grad_loss(grad_scale->reshape({-1}), in.N);
+  TORCH_CHECK_VALUE(in.gl.device() == grad.device() && (!in.gs.defined() || in.gs.device() == grad.device()),
+                    "kdkernels: grad_loss and grad_scale must be on the gradient's device");
+  return in;
+}
+
 }  // namespace kd

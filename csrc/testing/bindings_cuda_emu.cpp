@@ -56,6 +56,34 @@ at::Tensor bwd(const at::Tensor& grad_loss, const at::Tensor& student, const at:
   return grad;
 }
 
+std::tuple<at::Tensor, at::Tensor> fwd_grad(const at::Tensor& student, const at::Tensor& teacher,
+                                            const c10::optional<at::Tensor>& labels, int64_t div_id,
+                                            double param, double temperature, double soft_weight,
+                                            double hard_weight, int64_t ignore_index,
+                                            const c10::optional<at::Tensor>& grad_scale) {
+  RowsArgs a = make_args(student, teacher, labels, div_id, param, temperature, soft_weight,
+                         hard_weight, ignore_index, at::kCPU);
+  auto f32 = student.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({a.N}, f32);
+  at::Tensor gl = grad_scale.has_value() ? check_grad_loss(*grad_scale, a.N) : at::ones({a.N}, f32);
+  at::Tensor grad = at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous));
+  a.loss = loss.data_ptr<float>();
+  a.grad_loss = gl.data_ptr<float>();
+  a.grad = grad.data_ptr();
+  check_launch(cuda_forward_grad_rows(a, nullptr), "fused forward");
+  return {loss, grad};
+}
+
+// In place: grad (a [B, L, V] view, unit column stride) rows times grad_loss / grad_scale; rows
+// whose ratio is exactly 1 are not touched (no host synchronisation to skip the rescaling).
+void rescale_rows_emu(at::Tensor grad, const at::Tensor& grad_loss, const c10::optional<at::Tensor>& grad_scale) {
+  const RescaleInputs in = check_rescale(grad, grad_loss, grad_scale);
+  check_launch(cuda_rescale_rows(grad.data_ptr(), dtype_code(grad.scalar_type()), in.gl.data_ptr<float>(),
+                                 in.gs.defined() ? in.gs.data_ptr<float>() : nullptr, in.N, grad.size(2),
+                                 grad.size(1), grad.stride(0), grad.stride(1), nullptr),
+               "rescale");
+}
+
 // Test hook: leave `code` as the emulated runtime's pending error, as an earlier, unrelated
 // failing CUDA call would; the next launch must not report it as its own.
 void set_pending_error(int64_t code) { kd_emu::set_last_error((int)code); }
@@ -86,6 +114,10 @@ TORCH_LIBRARY(kdkernels_cuda_emu, m) {
         "int ignore_index) -> Tensor");
   m.def("kd_rows_given_stats(Tensor student, Tensor teacher, Tensor? labels, Tensor stats, int div_id, "
         "float param, float temperature, int ignore_index) -> Tensor");
+  m.def("kd_rows_fwd_grad(Tensor student, Tensor teacher, Tensor? labels, int div_id, float param, "
+        "float temperature, float soft_weight, float hard_weight, int ignore_index, "
+        "Tensor? grad_scale) -> (Tensor, Tensor)");
+  m.def("kd_rows_rescale_(Tensor(a!) grad, Tensor grad_loss, Tensor? grad_scale) -> ()");
   m.def("set_pending_error(int code) -> ()");
 }
 
@@ -93,6 +125,8 @@ TORCH_LIBRARY_IMPL(kdkernels_cuda_emu, CPU, m) {
   m.impl("kd_rows_fwd", &kd::fwd);
   m.impl("kd_rows_bwd", &kd::bwd);
   m.impl("kd_rows_given_stats", &kd::given_stats_emu);
+  m.impl("kd_rows_fwd_grad", &kd::fwd_grad);
+  m.impl("kd_rows_rescale_", &kd::rescale_rows_emu);
 }
 
 TORCH_LIBRARY_IMPL(kdkernels_cuda_emu, CompositeExplicitAutograd, m) {

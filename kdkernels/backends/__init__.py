@@ -30,6 +30,9 @@ ignore_index) -> partial [N, 2]``  ("vocab_parallel")
     With "vocab_parallel", ``backward_rows`` also takes a label outside [0, V) that is not
     ignore_index (the label's column lives on another rank): it adds hard_weight·softmax(s) with
     no one-hot term (``forward_rows`` gives such a row a NaN loss).
+``rescale_rows_(grad, grad_loss, grad_scale) -> grad``  ("grad_rescale")
+    In place: grad rows times grad_loss / grad_scale (0 where grad_scale is 0), rows whose ratio
+    is exactly 1 untouched, decided on the device (no host synchronisation).
 ``sparse_stats(s3, idx, labels, T, need_b, need_a) -> (stats [N, 3], gathered [N, K])`` and
 ``sparse_grad(s3, stats, idx, labels, T, need_b, need_a, c_b, c_a, g_idx, g_lab) -> grad``
     ("sparse") The student side of ``sparse_kd_loss`` (see ``kdkernels.ops.sparse``).
@@ -67,8 +70,10 @@ STATS_WIDTH = 7
 # Capabilities a call uses when present and does without otherwise (never in ``needs``):
 #   "fused_grad"   forward_rows_with_grad (loss and gradient in one call)
 #   "grad_inplace" backward_rows(..., out=student) (no [N, V] gradient buffer)
+#   "grad_rescale" rescale_rows_(grad, grad_loss, grad_scale): in place, on the device, rows whose
+#                  ratio is 1 untouched (the fused gradient handed on without a host sync)
 FEATURES = frozenset({"logit_mse", "ensemble", "teacher_grad", "sparse", "vocab_parallel"})
-OPTIONAL = frozenset({"fused_grad", "grad_inplace"})
+OPTIONAL = frozenset({"fused_grad", "grad_inplace", "grad_rescale"})
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -119,10 +124,12 @@ BACKENDS = {
                     features=FEATURES),
         BackendSpec("triton", "kdkernels.backends.triton.launch", ("cuda", "cpu"), _FLOATS,
                     _probe_triton,
-                    features=frozenset({"sparse", "grad_inplace", "vocab_parallel"}),
+                    features=frozenset({"sparse", "grad_inplace", "vocab_parallel", "fused_grad",
+                                        "grad_rescale"}),
                     c_full=False),
         BackendSpec("cuda", "kdkernels.backends.compiled", ("cuda",), _FLOATS,
-                    _probe_compiled("cuda"), features=frozenset({"vocab_parallel"}),
+                    _probe_compiled("cuda"),
+                    features=frozenset({"vocab_parallel", "fused_grad", "grad_rescale"}),
                     resums_reverse_kl_c=True),
         BackendSpec("cpu", "kdkernels.backends.compiled", ("cpu",), _FLOATS,
                     _probe_compiled("cpu"),

@@ -15,8 +15,8 @@ from torch import Tensor
 
 from . import STATS_WIDTH, rows_outputs_like
 
-__all__ = ["forward_rows", "backward_rows", "forward_rows_with_grad", "forward_rows_given_stats", "sparse_stats",
-           "sparse_grad", "unavailable_reason", "divergence_names"]
+__all__ = ["forward_rows", "backward_rows", "forward_rows_with_grad", "forward_rows_given_stats",
+           "rescale_rows_", "sparse_stats", "sparse_grad", "unavailable_reason", "divergence_names"]
 
 _BUILD_HINT = "run `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)"
 
@@ -118,14 +118,22 @@ def forward_rows_with_grad(student: Tensor, teacher: Tensor, labels: Optional[Te
                            grad_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Optional backend function: per-row losses and G[i] = grad_scale[i] · d loss_i / d student_i
     (the gradient for grad_loss = grad_scale, a float32 [N] tensor; ones when None) in one call;
-    G is a new contiguous tensor in the student dtype. Only the CPU kernels implement it (the row
-    stays in cache between the passes)."""
+    G is a new contiguous tensor in the student dtype. CPU: the row stays in cache between the
+    passes; CUDA: one kernel (forward_grad_kernel), the statistics kept in registers."""
     _require(student.device)
-    if student.device.type != "cpu":
-        raise RuntimeError("forward_rows_with_grad is implemented for CPU tensors only")
     return torch.ops.kdkernels_C.kd_rows_fwd_grad(student, teacher, labels, div_id, param,
                                                   temperature, soft_weight, hard_weight,
                                                   ignore_index, grad_scale)
+
+
+def rescale_rows_(grad: Tensor, grad_loss: Tensor, grad_scale: Optional[Tensor]) -> Tensor:
+    """"grad_rescale" (CUDA tensors): in place, grad rows times grad_loss / grad_scale, rows whose
+    ratio is exactly 1 untouched (see ops.dense._backward_with_grad). Returns ``grad``."""
+    _require(grad.device)
+    if grad.device.type != "cuda":
+        raise RuntimeError("rescale_rows_ is implemented for CUDA tensors only")
+    torch.ops.kdkernels_C.kd_rows_rescale_(grad, grad_loss, grad_scale)
+    return grad
 
 
 # ---- sparse top-k student statistics (csrc/cpu/sparse_cpu.cpp) ----------------------------

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["ENV", "STATS_WIDTH", "enabled", "unavailable_reason", "require", "library",
-           "forward_rows", "backward_rows", "forward_rows_given_stats", "set_pending_error",
-           "build_directory"]
+           "forward_rows", "backward_rows", "forward_rows_given_stats", "forward_rows_with_grad",
+           "rescale_rows_", "set_pending_error", "build_directory"]
 
 ENV = "KDKERNELS_CUDA_EMULATE"
 from . import STATS_WIDTH, rows_outputs_like
@@ -108,6 +108,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake("kdkernels_cuda_emu::kd_rows_given_stats")
     def _given(student, teacher, labels, stats, div_id, param, temperature, ignore_index):
         return student.new_empty((student.shape[0] * student.shape[1], 2), dtype=torch.float32)
+    @torch.library.register_fake("kdkernels_cuda_emu::kd_rows_fwd_grad")
+    def _fwd_grad(student, teacher, labels, div_id, param, temperature, soft_weight, hard_weight,
+                  ignore_index, grad_scale=None):
+        return (rows_outputs_like(student.float())[0],
+                torch.empty(student.shape, dtype=student.dtype, device=student.device))
 
     @torch.library.register_fake("kdkernels_cuda_emu::kd_rows_bwd")
     def _bwd(grad_loss, student, teacher, labels, stats, div_id, param, temperature, soft_weight,
@@ -148,6 +153,22 @@ def forward_rows_given_stats(student: Tensor, teacher: Tensor, labels: Optional[
                                                 temperature, ignore_index)
     return library().kd_rows_given_stats(student, teacher, labels, stats, div_id, param,
                                          temperature, ignore_index)
+def forward_rows_with_grad(student: Tensor, teacher: Tensor, labels: Optional[Tensor], div_id: int,
+                           param: float, temperature: float, soft_weight: float,
+                           hard_weight: float, ignore_index: int,
+                           grad_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    if student.device.type != "cpu":
+        return _real().forward_rows_with_grad(student, teacher, labels, div_id, param, temperature,
+                                              soft_weight, hard_weight, ignore_index, grad_scale)
+    return library().kd_rows_fwd_grad(student, teacher, labels, div_id, param, temperature,
+                                      soft_weight, hard_weight, ignore_index, grad_scale)
+
+
+def rescale_rows_(grad: Tensor, grad_loss: Tensor, grad_scale: Optional[Tensor]) -> Tensor:
+    if grad.device.type != "cpu":
+        return _real().rescale_rows_(grad, grad_loss, grad_scale)
+    library().kd_rows_rescale_(grad, grad_loss, grad_scale)
+    return grad
 
 
 def set_pending_error(code: int) -> None:

@@ -152,14 +152,32 @@ def _setup_with_grad(ctx, inputs, output):
     # G is no differentiable output; without this autograd would fill a zero [N, V] grad for it.
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
+    ctx.g_handed = False  # True once G has been rescaled in place and handed on (see below)
 
 
 def _backward_with_grad(ctx, grad_loss, grad_grad):
     grad = None
     if ctx.needs_input_grad[0] and grad_loss is not None:
-        _, _, _, grad_scale, g = ctx.saved_tensors
-        # G itself when grad_loss is the one it was computed for: no copy, no second buffer
-        grad = scale_rows(g, grad_loss, grad_scale)
+        student, teacher, labels, grad_scale, g = ctx.saved_tensors
+        if ctx.g_handed:
+            # a later backward of a retained graph: G was rescaled in place and handed on by the
+            # first one; the gradient is computed afresh for this grad_loss (exact, rare)
+            backend, *scalars = ctx.scalars
+            _, grad = backends.load(backend).forward_rows_with_grad(
+                student, teacher, labels, *scalars,
+                grad_loss.detach().reshape(-1).to(torch.float32).contiguous())
+        else:
+            backend = ctx.scalars[0]
+            if _eager(g) and backends.has(backend, "grad_rescale"):
+                # (triton, cuda) rescale G in place, on the device, skipping rows whose ratio is
+                # exactly 1 (no bytes moved, no host synchronisation), and hand G itself on. G is
+                # this op's own buffer (kd_loss drops the output); a later backward of a retained
+                # graph recomputes (above)
+                grad = backends.load(backend).rescale_rows_(g, grad_loss, grad_scale)
+                ctx.g_handed = True
+            else:
+                # G itself when grad_loss is the one it was computed for: no copy, no second buffer
+                grad = scale_rows(g, grad_loss, grad_scale)
     return (grad,) + (None,) * 10
 
 

@@ -127,19 +127,11 @@ def _row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl, ignore_index,
 
 
 @triton.jit
-def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
-                  V, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
-                  inv_T, param, soft_scale, hard_weight, ignore_index,
-                  DIV: tl.constexpr, SOFT: tl.constexpr, HAS_LABELS: tl.constexpr,
-                  HARD: tl.constexpr, BLOCK: tl.constexpr):
-    """Per-row loss soft_scale·D + hard_weight·CE (0 on ignored rows) and stats (A, B, c, lse).
-
-    soft_scale = soft_weight·T². Ignored rows read no logits (their loop is empty)."""
-    row = tl.program_id(0).to(tl.int64)
-    s_off, t_off, label, valid = _row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
-                                            ignore_index, HAS_LABELS)
-    s_row = s_ptr + s_off
-    t_row = t_ptr + t_off
+def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weight,
+              DIV: tl.constexpr, SOFT: tl.constexpr, HARD: tl.constexpr, BLOCK: tl.constexpr):
+    """The forward of one row: pass 1 (statistics), for the mixture divergences pass 2 (loss and
+    c). Returns the row's loss soft_scale·D + hard_weight·CE (not yet masked) and its statistics
+    (ma, lza, mb, lzb, c, ms, lzs), see the module docstring. Ignored rows read no logits."""
     n = tl.where(valid, V, 0)
     ninf = float("-inf")
     zero = tl.zeros([], tl.float32)
@@ -270,6 +262,24 @@ def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
         in_range = (label >= 0) & (label < V)
         ce = tl.where(in_range, (ms - s_lab) + lzs, float("nan"))
         total += hard_weight * ce
+    return total, ma, lza, mb, lzb, c, ms, lzs
+
+
+@triton.jit
+def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
+                  V, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
+                  inv_T, param, soft_scale, hard_weight, ignore_index,
+                  DIV: tl.constexpr, SOFT: tl.constexpr, HAS_LABELS: tl.constexpr,
+                  HARD: tl.constexpr, BLOCK: tl.constexpr):
+    """Per-row loss soft_scale·D + hard_weight·CE (0 on ignored rows) and stats (A, B, c, lse).
+
+    soft_scale = soft_weight·T². Ignored rows read no logits (their loop is empty)."""
+    row = tl.program_id(0).to(tl.int64)
+    s_off, t_off, label, valid = _row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
+                                            ignore_index, HAS_LABELS)
+    total, ma, lza, mb, lzb, c, ms, lzs = _row_loss(
+        s_ptr + s_off, t_ptr + t_off, label, valid, V, inv_T, param, soft_scale, hard_weight,
+        DIV, SOFT, HARD, BLOCK)
     tl.store(loss_ptr + row, tl.where(valid, total, 0.0))
     st = stats_ptr + row * STATS
     tl.store(st + 0, tl.where(valid, ma, 0.0))
@@ -303,11 +313,23 @@ def kd_bwd_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, gl_ptr, g_ptr,
     mb = tl.load(st + 2)
     lzb = tl.load(st + 3)
     c = tl.load(st + 4)
-    # the +inf-loss rule (docs/precision.md): an infinite c (reverse KL with p = 0 < q) means an
-    # infinite term in the gradient; the whole row is then NaN
-    c_bad = (c - c) != 0.0
     ms = tl.load(st + 5)
     lzs = tl.load(st + 6)
+    _row_grad(s_row, t_row, g_row, label, valid, V, gl, ma, lza, mb, lzb, c, ms, lzs, inv_T,
+              param, soft_scale, hard_weight, DIV, SOFT, HARD, BLOCK)
+
+
+@triton.jit
+def _row_grad(s_row, t_row, g_row, label, valid, V, gl, ma, lza, mb, lzb, c, ms, lzs, inv_T,
+              param, soft_scale, hard_weight,
+              DIV: tl.constexpr, SOFT: tl.constexpr, HARD: tl.constexpr, BLOCK: tl.constexpr):
+    """The gradient pass of one row from its statistics: writes, in g_row's dtype,
+    gl · (soft_scale · q (g - c) + hard_weight · (softmax(s) - onehot)), zeros on ignored rows.
+    A label outside [0, V) that is not ignore_index adds the softmax term and no one-hot."""
+    # the +inf-loss rule (docs/precision.md): an infinite c (reverse KL with p = 0 < q) means an
+    # infinite term in the gradient; the whole row is then NaN (kd_bwd_kernel and the fused
+    # kd_fwd_grad_kernel alike)
+    c_bad = (c - c) != 0.0
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < V
@@ -332,7 +354,69 @@ def kd_bwd_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, gl_ptr, g_ptr,
         if SOFT:
             grad = tl.where(c_bad, float("nan"), grad)
         grad = tl.where(valid, grad * gl, 0.0)
-        tl.store(g_row + cols, grad.to(g_ptr.dtype.element_ty), mask=mask)
+        tl.store(g_row + cols, grad.to(g_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def kd_fwd_grad_kernel(s_ptr, t_ptr, lab_ptr, gs_ptr, loss_ptr, g_ptr,
+                       V, s_L, s_sb, s_sl, t_L, t_sb, t_sl, g_sb, g_sl,
+                       inv_T, param, soft_scale, grad_soft, hard_weight, ignore_index,
+                       DIV: tl.constexpr, SOFT: tl.constexpr, HAS_LABELS: tl.constexpr,
+                       HARD: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+                       GBLOCK: tl.constexpr):
+    """The training path of one row in one program: the forward of ``kd_fwd_kernel`` (pass 1,
+    and pass 2 for the mixture divergences) gives the loss and the statistics, kept in registers,
+    then the gradient pass of ``kd_bwd_kernel`` writes grad_scale[row] · d loss / d s
+    (soft_scale = soft_weight·T² for the loss, grad_soft = soft_weight·T for the gradient;
+    grad_scale = 1 without HAS_SCALE). Same code, same fp32 values: the loss equals forward_rows'
+    bitwise and the gradient backward_rows' for grad_loss = grad_scale. Bytes (bf16): 4 + 6 for
+    forward / reverse KL, 4 + 4 + 6 for jsd, skew_kl, skew_reverse_kl, tvd (c needs A and B)."""
+    row = tl.program_id(0).to(tl.int64)
+    s_off, t_off, label, valid = _row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
+                                            ignore_index, HAS_LABELS)
+    g_off = (row // s_L) * g_sb + (row % s_L) * g_sl
+    s_row = s_ptr + s_off
+    t_row = t_ptr + t_off
+    total, ma, lza, mb, lzb, c, ms, lzs = _row_loss(
+        s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weight,
+        DIV, SOFT, HARD, BLOCK)
+    tl.store(loss_ptr + row, tl.where(valid, total, 0.0))
+    if HAS_SCALE:
+        gl = tl.load(gs_ptr + row).to(tl.float32)
+    else:
+        gl = tl.full([], 1.0, tl.float32)
+    # the values backward_rows would load from the stats tensor
+    ma = tl.where(valid, ma, 0.0)
+    lza = tl.where(valid, lza, 0.0)
+    mb = tl.where(valid, mb, 0.0)
+    lzb = tl.where(valid, lzb, 0.0)
+    c = tl.where(valid, c, 0.0)
+    ms = tl.where(valid, ms, 0.0)
+    lzs = tl.where(valid, lzs, 0.0)
+    _row_grad(s_row, t_row, g_ptr + g_off, label, valid, V, gl, ma, lza, mb, lzb, c, ms, lzs,
+              inv_T, param, grad_soft, hard_weight, DIV, SOFT, HARD, GBLOCK)
+
+
+@triton.jit
+def kd_rescale_kernel(g_ptr, gl_ptr, gs_ptr, V, g_sb, g_sl, L,
+                      HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """In place: g[row] *= grad_loss[row] / grad_scale[row] (0 where grad_scale is 0: masked rows,
+    whose gradient is 0), in fp32 rounded once. A row whose ratio is exactly 1 (the usual case:
+    the fused gradient was computed for this grad_loss) reads and writes nothing."""
+    row = tl.program_id(0).to(tl.int64)
+    gl = tl.load(gl_ptr + row).to(tl.float32)
+    if HAS_SCALE:
+        gs = tl.load(gs_ptr + row).to(tl.float32)
+    else:
+        gs = tl.full([], 1.0, tl.float32)
+    ratio = tl.where(gs != 0, gl / gs, 0.0)
+    n = tl.where(ratio == 1.0, 0, V)
+    g_row = g_ptr + (row // L) * g_sb + (row % L) * g_sl
+    for start in range(0, n, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < V
+        g = tl.load(g_row + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(g_row + cols, (g * ratio).to(g_row.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -37,12 +37,15 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # 4096 × 8 (no spills, <= 80 regs).
 # "given" (kd_given_stats_kernel, the vocab-parallel pass 2) is forward's second pass alone: its
 # block size.
+# The fused training kernel (forward_rows_with_grad) runs the forward's passes at the "fwd" block
+# and its gradient pass at the "bwd" block, with the forward's warps.
 DEFAULT_CONFIGS = {
     (8, 0): {"fwd": (1024, 8), "bwd": (4096, 8), "given": (1024, 8)},
     (9, 0): {"fwd": (1024, 8), "bwd": (4096, 8), "given": (1024, 8)},
 }
 _FALLBACK_CONFIG = {"fwd": (1024, 8), "bwd": (4096, 8), "given": (1024, 8)}
 _INTERPRETER_CONFIG = {"fwd": (4096, 1), "bwd": (4096, 1), "given": (4096, 1)}
+_RESCALE_CONFIG = (4096, 8)  # rescale_rows_ (a plain streaming multiply)
 _MIN_BLOCK = 16
 
 
@@ -216,3 +219,64 @@ def forward_rows_given_stats(student: Tensor, teacher: Tensor, labels: Optional[
         K.kd_given_stats_kernel[(N,)](*args, DIV=int(div_id), HAS_LABELS=labels is not None,
                                       BLOCK=block, num_warps=warps)
     return out
+
+
+def forward_rows_with_grad(student: Tensor, teacher: Tensor, labels: Optional[Tensor],
+                           div_id: int, param: float, temperature: float, soft_weight: float,
+                           hard_weight: float, ignore_index: int,
+                           grad_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """The "fused_grad" capability: per-row losses [N] fp32 (as forward_rows) and
+    G = grad_scale[i] · d loss_i / d student_i (as backward_rows with grad_loss = grad_scale; ones
+    when None), a new contiguous [B, L, V] tensor in the student's dtype, from ONE kernel: the
+    statistics pass (and for the mixture divergences the loss / c pass), then the gradient pass,
+    the statistics kept in registers."""
+    _check(student, teacher, labels)
+    Bn, L, V = student.shape
+    N = Bn * L
+    loss = torch.empty((N,), dtype=torch.float32, device=student.device)
+    grad = torch.empty((Bn, L, V), dtype=student.dtype, device=student.device)
+    if grad_scale is not None:
+        if not isinstance(grad_scale, Tensor) or grad_scale.shape != (N,) \
+                or grad_scale.device != student.device:
+            raise ValueError(f"grad_scale must be None or a [{N}] tensor on {student.device}")
+        grad_scale = grad_scale.to(torch.float32).contiguous()
+    if N == 0:
+        return loss, grad
+    _check_div(div_id)
+    lab = labels.contiguous() if labels is not None else loss  # any pointer without labels
+    gs = grad_scale if grad_scale is not None else loss
+    args = (student, teacher, lab, gs, loss, grad, V, L, student.stride(0), student.stride(1),
+            teacher.shape[1], teacher.stride(0), teacher.stride(1), grad.stride(0),
+            grad.stride(1), 1.0 / temperature, float(param),
+            soft_weight * temperature * temperature, soft_weight * temperature, hard_weight,
+            ignore_index)
+    modes = _modes(div_id, soft_weight, hard_weight, labels)
+    block, warps = _config("fwd", student.device, V)
+    gblock, _ = _config("bwd", student.device, V)
+    with device_guard(student):
+        K.kd_fwd_grad_kernel[(N,)](*args, **modes, HAS_SCALE=grad_scale is not None,
+                                   BLOCK=block, GBLOCK=gblock, num_warps=warps)
+    return loss, grad
+
+
+def rescale_rows_(grad: Tensor, grad_loss: Tensor, grad_scale: Optional[Tensor]) -> Tensor:
+    """In place: grad[b, l, :] *= grad_loss[r] / grad_scale[r] (r = b·L + l; grad_scale None:
+    ones; 0 where grad_scale is 0), in fp32 rounded once, as ``ops.dense.scale_rows`` computes it
+    out of place. Rows whose ratio is exactly 1 are not touched (no bytes moved): no host
+    synchronisation is needed to skip the rescaling of a fused gradient. Returns ``grad``."""
+    require_launchable(grad)
+    if grad.dim() != 3 or (grad.shape[2] > 1 and grad.stride(2) != 1):
+        raise ValueError("grad must be a [B, L, V] tensor with unit column stride")
+    Bn, L, V = grad.shape
+    N = Bn * L
+    if N == 0 or V == 0:
+        return grad
+    gl = grad_loss.reshape(N).to(torch.float32).contiguous()
+    gs = None if grad_scale is None else grad_scale.reshape(N).to(torch.float32).contiguous()
+    block, warps = _RESCALE_CONFIG if grad.is_cuda else _INTERPRETER_CONFIG["bwd"]
+    block = min(block, max(_MIN_BLOCK, triton.next_power_of_2(V)))
+    with device_guard(grad):
+        K.kd_rescale_kernel[(N,)](grad, gl, gs if gs is not None else gl, V, grad.stride(0),
+                                  grad.stride(1), L, HAS_SCALE=gs is not None, BLOCK=block,
+                                  num_warps=warps)
+    return grad
