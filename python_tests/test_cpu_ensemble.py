@@ -78,9 +78,10 @@ def test_cpu_lists_ensemble():
     assert "ensemble" in backends.BACKENDS["cpu"].features
     assert backends.choose("auto", torch.device("cpu"), torch.float32,
                            frozenset({"ensemble"})) == "cpu"
-    # logit_mse ensembles stay on the reference (the CPU kernels have no logit_mse)
-    assert backends.choose("auto", torch.device("cpu"), torch.float32,
-                           frozenset({"ensemble", "logit_mse"})) == "reference"
+    # logit_mse ensembles stay on the reference (kd_loss: a combination no kernel computes)
+    s, t1, t2 = torch.randn(3, 20), torch.randn(3, 20), torch.randn(3, 20)
+    with pytest.raises(ValueError, match="logit_mse with an ensemble"):
+        kd.kd_loss(s, [t1, t2], "logit_mse", backend="cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
