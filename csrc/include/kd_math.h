@@ -169,6 +169,37 @@ KD_HD KD_INLINE float log_fast(float x) {
 #endif
 }
 
+// log_fast for the ratios r > 0 of the linear mixture terms (mix_terms_linear): the same
+// polynomial and the same value for normal r, without the fix-ups for subnormals, 0, inf,
+// negative or NaN inputs (the callers select r > 0 and r <= 1 / param is finite; a subnormal r
+// reads as if its exponent were -127, off by < 16 in a term p log r with p < 2^-126 * m: < 1e-36).
+// The mantissa is brought to [sqrt(1/2), sqrt(2)) by offsetting the bits by those of sqrt(1/2)
+// (no compare and selects). Skew KL's fused kernel spent ~40% of its time past forward KL's in
+// log_fast; this one takes ~30% less (benchmarks/cpu_kernel_ab.cpp).
+KD_HD KD_INLINE float log_ratio_fast(float x) {
+#if defined(__CUDA_ARCH__)
+  return __logf(x);
+#else
+  const int32_t ix = float_to_bits(x) - 0x3f3504f3;  // bits of sqrt(1/2), rounded down
+  const float fe = (float)(ix >> 23);                // arithmetic shift: the exponent k
+  const float m = bits_to_float((ix & 0x007fffff) + 0x3f3504f3) - 1.0f;  // [sqrt(1/2), sqrt 2) - 1
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y = y + fe * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  return m + y + fe * 0.693359375f;
+#endif
+}
+
 // ---- online (max, sum-exp) -----------------------------------------------------------------------
 // A max usable as an exp offset: -inf (an empty or all -inf block) becomes 0, so exp(x - m) = 0.
 KD_HD KD_INLINE float safe_max(float m) { return m == kNegInf ? 0.0f : m; }
@@ -334,18 +365,18 @@ KD_HD KD_INLINE void mix_terms_linear(float p, float q, float param, float& phi,
     const float m = q + param * (p - q);
     const float ms = m > 0.0f ? m : 1.0f;  // m = 0: p = q = 0 (or below 2^-89: terms ~ 0)
     const float rp = p / ms, rq = q / ms;  // divisions, not 1/m: m may be subnormal
-    const float tq = xlog_of_ratio(q, rq, log_fast(rq));
-    phi = param * xlog_of_ratio(p, rp, log_fast(rp)) + (1.0f - param) * tq;
+    const float tq = xlog_of_ratio(q, rq, log_ratio_fast(rq));
+    phi = param * xlog_of_ratio(p, rp, log_ratio_fast(rp)) + (1.0f - param) * tq;
     qg = (1.0f - param) * tq;
   } else if (DIV == SKEW_KL) {  // m = alpha p + (1 - alpha) q; q g = -(1 - alpha) q p / m
     const float m = q + param * (p - q);
     const float r = p / (m > 0.0f ? m : 1.0f);
-    phi = xlog_of_ratio(p, r, log_fast(r));
+    phi = xlog_of_ratio(p, r, log_ratio_fast(r));
     qg = -(1.0f - param) * q * r;
   } else {  // SKEW_REVERSE_KL: m = alpha q + (1 - alpha) p; q g = q (log(q/m) + 1 - alpha q / m)
     const float m = p + param * (q - p);
     const float r = q / (m > 0.0f ? m : 1.0f);  // (a select around q / m defeats GCC's vectorizer)
-    const float lr = log_fast(r);
+    const float lr = log_ratio_fast(r);
     phi = r > 0.0f ? q * lr : 0.0f;
     qg = r > 0.0f ? q * ((lr + 1.0f) - param * r) : 0.0f;
   }
