@@ -3,6 +3,8 @@
     PYTHONPATH=. python benchmarks/side_by_side.py N V ROUNDS [impl,impl,...] [divergence] [dtype]
     # impls: eager, compile, cpu, reference; divergence: forward_kl (default), reverse_kl, ...;
     # dtype: float32 (default) or bfloat16 (inputs and gradient in that dtype)
+    # an impl may name its own divergence, impl:divergence (cpu:forward_kl,cpu:skew_kl): several
+    # divergences then take turns in one process, for ratios between them
 
 Implementations take turns, one step each per round. A step is forward, backward and the release
 of what the step made (the loss with its graph, the gradient): each implementation pays for
@@ -23,10 +25,16 @@ print(f"# N={N} V={V} rounds={R} {dname} {div} T=2 | torch {torch.__version__} t
 torch.manual_seed(0)
 s = torch.randn(N, V).to(dtype); t = torch.randn(N, V).to(dtype)
 comp = torch.compile(eager_kd_loss)
-fns = {"eager": lambda x: eager_kd_loss(x, t, div, temperature=2.0),
-       "compile": lambda x: comp(x, t, div, temperature=2.0),
-       "cpu": lambda x: kd.kd_loss(x, t, div, temperature=2.0, backend="cpu"),
-       "reference": lambda x: kd.kd_loss(x, t, div, temperature=2.0, backend="reference")}
+makers = {"eager": lambda d: lambda x: eager_kd_loss(x, t, d, temperature=2.0),
+          "compile": lambda d: lambda x: comp(x, t, d, temperature=2.0),
+          "cpu": lambda d: lambda x: kd.kd_loss(x, t, d, temperature=2.0, backend="cpu"),
+          "reference": lambda d: lambda x: kd.kd_loss(x, t, d, temperature=2.0, backend="reference")}
+fns = {}
+for k in impls:
+    name, _, d = k.partition(":")
+    if name not in makers:
+        raise ValueError(f"impl {k!r}: expected one of {sorted(makers)}, optionally as impl:divergence")
+    fns[k] = makers[name](d or div)
 times = {k: [] for k in impls}; fw = {k: [] for k in impls}; fb = {k: [] for k in impls}
 for k in impls:  # warm-up (compile's first call excluded)
     x = s.detach().requires_grad_(); fns[k](x).backward()
@@ -39,5 +47,5 @@ for _ in range(R):
 base = statistics.median(times[impls[0]])
 for k in impls:
     m = statistics.median(times[k])
-    print(f"{k:>9}: step median {m*1e3:8.1f} ms (fwd+bwd {statistics.median(fb[k])*1e3:7.1f} ms, "
+    print(f"{k:>{max(9, *map(len, impls))}}: step median {m*1e3:8.1f} ms (fwd+bwd {statistics.median(fb[k])*1e3:7.1f} ms, "
           f"fwd {statistics.median(fw[k])*1e3:7.1f} ms)  {impls[0]}/this = {base/m:5.2f}x")
