@@ -52,6 +52,26 @@ def test_forward_kl_logits_1e4_hard_term(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_kl_near_tie_teacher_huge_logits_low_temperature(backend):
+    """C++ CPU, before the fix (fuzz long profile, seed 5059): the kernels scaled the logits by
+    1/T before subtracting the max. At |logits| ~ 1e4 and T = 0.05, t/T ~ 2e5 rounds by up to
+    ulp(2e5)/2 = 0.008; a teacher whose two top logits are 0.019 apart (0.37 nats at T = 0.05)
+    then had its mass split with an error of 0.2%, and a student that puts those two tokens
+    2.4e5 nats apart turned that into a forward KL off by ~700 nats (loss 1.7 of 595, where plain
+    PyTorch, which scales first too, was off by 0.57). The maxima are now kept in raw logit units
+    (kd_math.h RawOnlineKL): the shift first, then the scaling, as the Triton and CUDA kernels."""
+    g = torch.Generator().manual_seed(5059)  # the fuzzer's "huge" rows of that case
+    V = 65537
+    s = torch.randn(2, 2, 3, V, generator=g) * 3
+    t = torch.randn(2, 2, 3, V + 3, generator=g) * 3
+    s = s.sign() * 1e4 * torch.rand(s.shape, generator=g)
+    t = t.sign() * 1e4 * torch.rand(t.shape, generator=g)
+    s, t = s[..., :-1, :], t[..., 1:, :V]  # its strided views (padded teacher cut to V)
+    rows = [3, 5, 6]  # the rows that were off (loss errors 0.43, 1.71, 0.40)
+    _check(backend, s.reshape(-1, V)[rows], t.reshape(-1, V)[rows], "forward_kl", temperature=0.05)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_ties_at_low_temperature(backend):
     """Triton, before the fix: teacher = student + 1.5 (p == q exactly) at T = 0.05: the kernel
     scaled by 1/T before subtracting the max, so the two equal distributions picked up different
@@ -223,23 +243,18 @@ def test_loss_on_ties_at_temperature_50(backend, div):
 
 
 # ---- CUDA kernels under the host emulation (kdkernels/backends/cuda_emulate.py), 2026-12 -------------------
-_SCALE_FIRST = {"cpu": "the C++ CPU kernels still scale by 1/T before subtracting the row max"}
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("T,shift", [(0.07, 1.5), (0.05, 1.5 + 3 * 2**-10)])
 @pytest.mark.parametrize("div", ["forward_kl", "reverse_kl", "jsd", "tvd"])
 def test_shifted_teacher_gives_exact_zero_at_huge_logits_low_temperature(backend, div, T, shift,
                                                                          request):
-    """CUDA kernels, before the fix (and Triton before its own): logits were scaled by 1/T before
-    the row maximum was subtracted, so teacher = student + c (p == q exactly) at |logits| ~ 1e4
+    """CUDA kernels, before the fix (Triton before its own, the C++ CPU kernels until 2026-12-02):
+    logits were scaled by 1/T before the row maximum was subtracted, so teacher = student + c (p == q exactly) at |logits| ~ 1e4
     and T = 0.05, 0.07 picked up different roundings of ulp(x / T) ~ 0.016 in the two rows: a loss of
     ~1e-5 and gradients of ~1e-3 where both are exactly 0. Shift first, (x - max) / T: t - mt and
     s - ms are the same exact numbers, so the log-probabilities, the loss and the gradient are
     exact zeros. (Inputs are multiples of 2^-10 near 1e4, the fp32 spacing there: s + c is exact,
     s / T is not, and c / T is no multiple of the fp32 spacing at 2e5, so the roundings differ.)"""
-    if backend in _SCALE_FIRST:
-        request.applymarker(pytest.mark.xfail(reason=_SCALE_FIRST[backend], strict=True))
     if backend == "reference" and div in ("forward_kl", "reverse_kl") and T == 0.07:
         request.applymarker(pytest.mark.xfail(strict=True, reason=(
             "the reference centres before scaling, so its loss is exactly 0, but autograd's "

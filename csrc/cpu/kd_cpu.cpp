@@ -30,12 +30,12 @@ void row_sums(const S* s, const S* t, int64_t V, float invT, float param, LogNor
   alignas(64) float ab[BLK], bb[BLK];
   for (int64_t j0 = 0; j0 < V; j0 += BLK) {
     const int n = (int)std::min<int64_t>(BLK, V - j0);
-    load_scaled(t + j0, ab, n, invT);
-    load_scaled(s + j0, bb, n, invT);
+    load_scaled(t + j0, ab, n, 1.0f);  // raw logits: the maxima in na, nb are raw (RawOnlineKL)
+    load_scaled(s + j0, bb, n, 1.0f);
     double bphi = 0., bqg = 0.;
 #pragma omp simd reduction(+ : bphi, bqg)
     for (int i = 0; i < n; ++i) {
-      const float lp = log_prob(ab[i], na), lq = log_prob(bb[i], nb);
+      const float lp = log_prob_scaled(ab[i], na, invT), lq = log_prob_scaled(bb[i], nb, invT);
       float phi, qg;
       div_terms<DIV>(lp, lq, exp_fast(lp), exp_fast(lq), param, phi, qg);
       bphi += phi;
@@ -64,29 +64,31 @@ void forward_row(const RowsArgs& a, int64_t r) {
   // Pass 1: statistics, and the loss itself for the online divergences: each block's sums are
   // taken against the raised running maxima and absorbed into the row state (kd_math.h OnlineKL,
   // the same update and merge the CUDA kernel uses).
-  OnlineKL<DIV> on;
-  on.init();
+  // Maxima in raw logit units (RawOnlineKL): each exponent is (x - m) / T, the shift first.
+  RawOnlineKL<DIV> on;
+  on.init(invT);
   Online os;
   for (int64_t j0 = 0; j0 < V; j0 += BLK) {
     const int n = (int)std::min<int64_t>(BLK, V - j0);
     if (c.soft) {
-      load_scaled(t + j0, ab, n, invT);
-      load_scaled(s + j0, bb, n, invT);
-      const float nma = raise_max(on.ma, block_max(ab, n));
-      const float nmb = raise_max(on.mb, block_max(bb, n));
+      load_scaled(t + j0, ab, n, 1.0f);
+      load_scaled(s + j0, bb, n, 1.0f);
+      const float nma = raise_max(on.k.ma, block_max(ab, n));
+      const float nmb = raise_max(on.k.mb, block_max(bb, n));
       const float offa = safe_max(nma), offb = safe_max(nmb);
       float za = 0.f, zb = 0.f, sacc = 0.f;
       if (DIV == FORWARD_KL || DIV == REVERSE_KL) {
 #pragma omp simd reduction(+ : za, zb, sacc)
         for (int i = 0; i < n; ++i) {
-          const float ea = exp_fast(ab[i] - offa), eb = exp_fast(bb[i] - offb);
+          const float ca = (ab[i] - offa) * invT, cb = (bb[i] - offb) * invT;
+          const float ea = exp_fast(ca), eb = exp_fast(cb);
           za += ea;
           zb += eb;
-          sacc += online_kl_term<DIV>(ab[i], bb[i], offa, offb, ea, eb);
+          sacc += online_kl_term<DIV>(ca, cb, 0.f, 0.f, ea, eb);
         }
       } else {
-        za = sum_exp(ab, n, offa);
-        zb = sum_exp(bb, n, offb);
+        za = sum_exp(ab, n, offa, invT);
+        zb = sum_exp(bb, n, offb, invT);
       }
       on.absorb(nma, nmb, za, zb, sacc);
     }
@@ -100,13 +102,13 @@ void forward_row(const RowsArgs& a, int64_t r) {
   LogNorm na{0.f, 0.f}, nb{0.f, 0.f};
   float cc = 0.f, D = 0.f;
   if (c.soft) {
-    na = lognorm_from(on.ma, on.za);
-    nb = lognorm_from(on.mb, on.zb);
+    na = lognorm_from(on.k.ma, on.k.za);
+    nb = lognorm_from(on.k.mb, on.k.zb);
     if (DIV == FORWARD_KL) {
-      D = on.divergence();
+      D = on.k.divergence();
       cc = -1.f;
     } else if (DIV == REVERSE_KL) {
-      D = on.divergence();
+      D = on.k.divergence();
       cc = D + 1.f;
     } else {
       // Pass 2: the divergence and c = sum q g, from the row normalisers.
@@ -147,9 +149,10 @@ void given_stats_row(const RowsArgs& a, int64_t r) {
 template <int DIV, int MODE>
 void grad_block(const float* __restrict ab, const float* __restrict bb,
                 const float* __restrict xb, float* __restrict gb, int n, LogNorm na, LogNorm nb,
-                float cc, LogNorm ns, float k_soft, float k_hard, float param) {
-  // reverse KL: cc is c' = sum_k q_k x_k of backward_row; qg - q c = q (x - c') is formed in qg
-  const float krev = DIV == REVERSE_KL ? reverse_kl_offset(na, nb) : 0.f;
+                float cc, LogNorm ns, float k_soft, float k_hard, float param, float invT) {
+  // reverse KL: cc is c' = sum_k q_k x_k of backward_row; qg - q c = q (x - c') is formed in qg,
+  // from the centred scaled logits (ab - ma) / T, (bb - mb) / T (maxima raw, as the CUDA kernel)
+  const float krev = DIV == REVERSE_KL ? reverse_kl_offset(LogNorm{0.f, na.lz}, LogNorm{0.f, nb.lz}) : 0.f;
   const float crev = cc;
   if (DIV == REVERSE_KL) cc = 0.f;
 #pragma omp simd
@@ -158,11 +161,12 @@ void grad_block(const float* __restrict ab, const float* __restrict bb,
     if (MODE == 3) {
       out = k_hard * exp_fast(log_prob(xb[i], ns));
     } else {
-      const float lp = log_prob(ab[i], na), lq = log_prob(bb[i], nb);
+      const float ca = (ab[i] - na.m) * invT, cb = (bb[i] - nb.m) * invT;
+      const float lp = ca - na.lz, lq = cb - nb.lz;
       const float p = exp_fast(lp), q = exp_fast(lq);
       float phi, qg;
       div_terms<DIV>(lp, lq, p, q, param, phi, qg);
-      if (DIV == REVERSE_KL) qg = reverse_kl_qg(q, ab[i], bb[i], krev, crev);
+      if (DIV == REVERSE_KL) qg = reverse_kl_qg(q, ca, cb, krev, crev);
       if (MODE == 0) out = k_soft * (qg - q * cc);
       else if (MODE == 1) out = grad_element(k_soft, qg, q, cc, k_hard, q, 0.f);
       else out = grad_element(k_soft, qg, q, cc, k_hard, exp_fast(log_prob(xb[i], ns)), 0.f);
@@ -198,17 +202,18 @@ void backward_row(const RowsArgs& a, int64_t r) {
     // c' = sum_k q_k x_k summed here from the same rounded x_k, so that for near one-hot rows
     // at |logits| ~ 1e4 the rounding of the dominant x_j cancels in x_j - c' (as it does in
     // autograd) instead of leaving ulp(1e4)-sized errors. One more read of the row.
-    const float k = reverse_kl_offset(na, nb);
+    const float k = reverse_kl_offset(LogNorm{0.f, na.lz}, LogNorm{0.f, nb.lz});
     float sum = 0.f;
     for (int64_t j0 = 0; j0 < V; j0 += BLK) {
       const int n = (int)std::min<int64_t>(BLK, V - j0);
-      load_scaled(t + j0, ab, n, invT);
-      load_scaled(s + j0, bb, n, invT);
+      load_scaled(t + j0, ab, n, 1.0f);
+      load_scaled(s + j0, bb, n, 1.0f);
       float bs = 0.f;
 #pragma omp simd reduction(+ : bs)
       for (int i = 0; i < n; ++i) {
-        const float q = exp_fast(log_prob(bb[i], nb));
-        bs += reverse_kl_qx(q, ab[i], bb[i], k);
+        const float ca = (ab[i] - na.m) * invT, cb = (bb[i] - nb.m) * invT;
+        const float q = exp_fast(cb - nb.lz);
+        bs += reverse_kl_qx(q, ca, cb, k);
       }
       sum += bs;
     }
@@ -222,18 +227,18 @@ void backward_row(const RowsArgs& a, int64_t r) {
   for (int64_t j0 = 0; j0 < V; j0 += BLK) {
     const int n = (int)std::min<int64_t>(BLK, V - j0);
     if (soft) {
-      load_scaled(t + j0, ab, n, invT);
-      load_scaled(s + j0, bb, n, invT);
+      load_scaled(t + j0, ab, n, 1.0f);  // raw: the maxima of rs are raw
+      load_scaled(s + j0, bb, n, 1.0f);
     }
     if (sep) load_scaled(s + j0, xb, n, 1.0f);
     if (soft && !hard)
-      grad_block<DIV, 0>(ab, bb, xb, gb, n, na, nb, cc, ns, k_soft, k_hard, param);
+      grad_block<DIV, 0>(ab, bb, xb, gb, n, na, nb, cc, ns, k_soft, k_hard, param, invT);
     else if (soft && !sep)  // hard term at T = 1: softmax(s) = q
-      grad_block<DIV, 1>(ab, bb, xb, gb, n, na, nb, cc, ns, k_soft, k_hard, param);
+      grad_block<DIV, 1>(ab, bb, xb, gb, n, na, nb, cc, ns, k_soft, k_hard, param, invT);
     else if (soft)
-      grad_block<DIV, 2>(ab, bb, xb, gb, n, na, nb, cc, ns, k_soft, k_hard, param);
+      grad_block<DIV, 2>(ab, bb, xb, gb, n, na, nb, cc, ns, k_soft, k_hard, param, invT);
     else if (hard)
-      grad_block<DIV, 3>(ab, bb, xb, gb, n, na, nb, cc, ns, k_soft, k_hard, param);
+      grad_block<DIV, 3>(ab, bb, xb, gb, n, na, nb, cc, ns, k_soft, k_hard, param, invT);
     else
       std::memset(gb, 0, sizeof(float) * n);
     if (hard && c.label >= j0 && c.label < j0 + n) gb[c.label - j0] -= k_hard;
@@ -242,14 +247,15 @@ void backward_row(const RowsArgs& a, int64_t r) {
 }
 
 // ---- fused forward + gradient (for a grad_loss given in advance, a.grad_loss) -------------------
-// The row is read from memory once, in the statistics pass: block by block, t/T and s/T are
+// The row is read from memory once, in the statistics pass: block by block, t and s are
 // converted into the per-thread fp32 scratch rows x and y (V floats each, in L2 for V up to
-// ~64k, L3 above), the running maxima raised, and the sums of e^{a - offa_k}, e^{b - offb_k}
-// taken against the offsets of block k (offs[2k], offs[2k + 1]) and absorbed into the row state
-// (kd_math.h OnlineKL, as forward_row); the loads of the next block are prefetched so that they
-// overlap the exponentials. Forward and reverse KL accumulate their loss there too and keep the
-// exponentials (and reverse KL the centred d = (b - offb) - (a - offa)) in the scratch; TVD keeps
-// the exponentials; JSD and the skew divergences keep a and b.
+// ~64k, L3 above), the running maxima (raw logit units, kd_math.h RawOnlineKL) raised, and the
+// sums of e^{(t - offa_k)/T}, e^{(s - offb_k)/T} taken against the offsets of block k
+// (offs[2k], offs[2k + 1]) and absorbed into the row state (as forward_row); the loads of the
+// next block are prefetched so that they overlap the exponentials. Forward and reverse KL
+// accumulate their loss there too and keep the exponentials (and reverse KL the centred
+// d = (s - offb)/T - (t - offa)/T) in the scratch; TVD and the linear mixtures keep the
+// exponentials; the log-space mixtures keep t and s.
 // Then, for all but forward / reverse KL, one pass from the scratch forms the loss terms and
 // qg = q g, q (kept in the scratch in place of what was there) and sums the loss and c = sum q g;
 // the last pass writes the gradient k_soft (qg - q c) + k_hard q. The gradient is the only write
@@ -275,46 +281,46 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
   const float invT = 1.0f / a.temperature, param = a.param;
 
   // The statistics pass (the one read of the row from memory).
-  OnlineKL<DIV> on;
-  on.init();
+  RawOnlineKL<DIV> on;  // maxima in raw logit units: exponents (x - m) / T, the shift first
+  on.init(invT);
   for (int64_t j0 = 0, k = 0; j0 < V; j0 += BLK, ++k) {
     const int n = (int)std::min<int64_t>(BLK, V - j0);
     float* __restrict xb = x + j0;
     float* __restrict yb = y + j0;
     prefetch_block(t + j0 + BLK, std::min<int64_t>(BLK, V - j0 - BLK));
     prefetch_block(s + j0 + BLK, std::min<int64_t>(BLK, V - j0 - BLK));
-    const float nma = raise_max(on.ma, load_scaled_max(t + j0, xb, n, invT));
-    const float nmb = raise_max(on.mb, load_scaled_max(s + j0, yb, n, invT));
+    const float nma = raise_max(on.k.ma, load_scaled_max(t + j0, xb, n, 1.0f));
+    const float nmb = raise_max(on.k.mb, load_scaled_max(s + j0, yb, n, 1.0f));
     const float offa = safe_max(nma), offb = safe_max(nmb);
     offs[2 * k] = offa;
     offs[2 * k + 1] = offb;
     float bza = 0.f, bzb = 0.f, bacc = 0.f;
 #pragma omp simd reduction(+ : bza, bzb, bacc)
     for (int i = 0; i < n; ++i) {
-      const float av = xb[i], bv = yb[i];
-      const float ea = exp_nonpos(av - offa), eb = exp_nonpos(bv - offb);
+      const float ca = (xb[i] - offa) * invT, cb = (yb[i] - offb) * invT;
+      const float ea = exp_nonpos(ca), eb = exp_nonpos(cb);
       bza += ea;
       bzb += eb;
-      if (online) bacc += online_kl_term<DIV>(av, bv, offa, offb, ea, eb);
+      if (online) bacc += online_kl_term<DIV>(ca, cb, 0.f, 0.f, ea, eb);
       if (keep_exps) {
         xb[i] = ea;
         yb[i] = eb;
       } else if (DIV == REVERSE_KL) {
-        xb[i] = (bv - offb) - (av - offa);  // small where q matters, even at |logits| ~ 1e4
+        xb[i] = cb - ca;  // small where q matters, even at |logits| ~ 1e4
         yb[i] = eb;
-      }
+      }  // the log-space mixtures keep the raw logits
     }
     on.absorb(nma, nmb, bza, bzb, bacc);
   }
-  const float ma = on.ma, mb = on.mb, za = on.za, zb = on.zb;
+  const float ma = on.k.ma, mb = on.k.mb, za = on.k.za, zb = on.k.zb;
   const float offa = safe_max(ma), offb = safe_max(mb);
   // Factors that bring the exponentials kept against block k's offsets to the row's.
-  auto block_fa = [&](int64_t k) { return std::exp(offs[2 * k] - offa); };
-  auto block_fb = [&](int64_t k) { return std::exp(offs[2 * k + 1] - offb); };
+  auto block_fa = [&](int64_t k) { return std::exp((offs[2 * k] - offa) * invT); };
+  auto block_fb = [&](int64_t k) { return std::exp((offs[2 * k + 1] - offb) * invT); };
 
   float D, cc = 0.f;
   if (online) {
-    D = on.divergence();
+    D = on.k.divergence();
   } else {
     // The loss terms and c; qg and q replace what the scratch held.
     const LogNorm na = lognorm_from(ma, za), nb = lognorm_from(mb, zb);
@@ -358,8 +364,8 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
         if (DIV == TVD) {
           div_terms<DIV>(lp, lq, p, q, param, phi, qg);
         } else {
-          lp = log_prob(xb[i], na);
-          lq = log_prob(yb[i], nb);
+          lp = log_prob_scaled(xb[i], na, invT);
+          lq = log_prob_scaled(yb[i], nb, invT);
           q = mix_div_terms<DIV>(lp, lq, param, phi, qg);
         }
         pb[i] = phi;
@@ -392,7 +398,7 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
   // reverse KL: log q - log p - D = d - shift_k with d = (b - offb_k) - (a - offa_k)
   const float lza = online ? std::log(za) : 0.f, lzb = online ? std::log(zb) : 0.f;
   auto block_shift = [&](int64_t k) {
-    return ((offb - offs[2 * k + 1]) + lzb) - ((offa - offs[2 * k]) + lza) + D;
+    return ((offb - offs[2 * k + 1]) * invT + lzb) - ((offa - offs[2 * k]) * invT + lza) + D;
   };
   float cprime = 0.f;  // reverse KL: c' = sum q x from the stored values (kd_math.h)
   if (DIV == REVERSE_KL) {
@@ -420,14 +426,23 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
     const float fa = online ? block_fa(k) : 1.f, fb = online ? block_fb(k) : 1.f;
     const float kpk = kp * fa, kqk = kq * fb, inv_zbk = inv_zb * fb;
     const float shift_k = DIV == REVERSE_KL ? block_shift(k) : 0.f;
+    // kd_math.h: the larger factor outside (kp, kq have the sign of grad_loss)
+    if (DIV == FORWARD_KL && !(std::fabs(kpk) > std::fabs(kqk))) {
+      const float r = kqk != 0.f ? kpk / kqk : 0.f;
 #pragma omp simd
-    for (int i = 0; i < n; ++i) {
-      if (DIV == FORWARD_KL)
-        gb[i] = forward_kl_grad_from_exps(xb[i], yb[i], kpk, kqk);
-      else if (DIV == REVERSE_KL)
-        gb[i] = reverse_kl_grad_from_exps(yb[i], xb[i], inv_zbk, shift_k, cprime, k_soft, k_hard);
-      else
-        gb[i] = grad_element(k_soft, xb[i], yb[i], cc, k_hard, yb[i], 0.f);
+      for (int i = 0; i < n; ++i) gb[i] = forward_kl_grad_q_major(xb[i], yb[i], r, kqk);
+    } else if (DIV == FORWARD_KL) {
+      const float r = kqk / kpk;
+#pragma omp simd
+      for (int i = 0; i < n; ++i) gb[i] = forward_kl_grad_p_major(xb[i], yb[i], r, kpk);
+    } else {
+#pragma omp simd
+      for (int i = 0; i < n; ++i) {
+        if (DIV == REVERSE_KL)
+          gb[i] = reverse_kl_grad_from_exps(yb[i], xb[i], inv_zbk, shift_k, cprime, k_soft, k_hard);
+        else
+          gb[i] = grad_element(k_soft, xb[i], yb[i], cc, k_hard, yb[i], 0.f);
+      }
     }
     if (c.hard && c.label >= j0 && c.label < j0 + n) gb[c.label - j0] -= k_hard;
     store_stream(gb, g + j0, n);

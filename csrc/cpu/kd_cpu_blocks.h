@@ -109,6 +109,14 @@ inline float sum_exp(const float* x, int n, float offset) {
   return s;
 }
 
+// The same for raw logits x and a raw offset: sum of e^{(x - offset) / T}, the shift first.
+inline float sum_exp(const float* x, int n, float offset, float invT) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int i = 0; i < n; ++i) s += exp_fast((x[i] - offset) * invT);
+  return s;
+}
+
 struct RowCtx {
   bool soft, hard, hard_separate;  // hard_separate: logsumexp(s) needs its own pass (T != 1)
   bool ignored, bad_label;

@@ -155,43 +155,7 @@ struct MaxSum {
   __device__ __forceinline__ void merge(const MaxSum& o) { merge_max_sum(m, z, o.m, o.z); }
 };
 
-// The soft term's: kd_math.h's OnlineKL (sum-exps za, zb and the centred online KL numerator acc,
-// its recentring and divergence) with the maxima ma, mb in RAW logit units (of t and s): every
-// exponent and every recentring shift is (m_old - m_new) / T, the difference taken first.
-template <int DIV>
-struct RawOnlineKL {
-  OnlineKL<DIV> k;  // k.ma, k.mb: running maxima of t and s
-  float invT;
-
-  __device__ __forceinline__ void init(float inv_t) {
-    k.init();
-    invT = inv_t;
-  }
-  __device__ __forceinline__ float factor(float m_old, float m_new) const {
-    return m_old == kNegInf ? 0.f : expf((m_old - m_new) * invT);
-  }
-  // Re-centre on raw maxima na >= ma, nb >= mb and add sums taken against them.
-  __device__ __forceinline__ void absorb(float na, float nb, float za2, float zb2, float acc2) {
-    const float ra = factor(k.ma, na), rb = factor(k.mb, nb);
-    if (is_online(DIV))
-      k.acc = online_kl_recentre<DIV>(k.acc, k.za, k.zb, (safe_max(k.ma) - safe_max(na)) * invT,
-                                      (safe_max(k.mb) - safe_max(nb)) * invT, ra, rb) + acc2;
-    k.za = k.za * ra + za2;
-    k.zb = k.zb * rb + zb2;
-    k.ma = na;
-    k.mb = nb;
-  }
-  __device__ __forceinline__ void merge(const RawOnlineKL& o) {
-    const float na = raise_max(k.ma, o.k.ma), nb = raise_max(k.mb, o.k.mb);
-    const float ra = factor(o.k.ma, na), rb = factor(o.k.mb, nb);
-    const float acc2 = is_online(DIV)
-                           ? online_kl_recentre<DIV>(o.k.acc, o.k.za, o.k.zb,
-                                                     (safe_max(o.k.ma) - safe_max(na)) * invT,
-                                                     (safe_max(o.k.mb) - safe_max(nb)) * invT, ra, rb)
-                           : 0.f;
-    absorb(na, nb, o.k.za * ra, o.k.zb * rb, acc2);
-  }
-};
+// The soft term's: kd_math.h RawOnlineKL (maxima in raw logit units).
 
 __device__ __forceinline__ MaxSum shfl_xor(const MaxSum& x, int off) {
   return MaxSum{__shfl_xor_sync(0xffffffffu, x.m, off), __shfl_xor_sync(0xffffffffu, x.z, off)};
@@ -238,11 +202,6 @@ __device__ float block_sum(float x, float* sm /* [WARPS] */) {
   float total = 0.f;
   for (int w = 0; w < WARPS; ++w) total += sm[w];
   return total;
-}
-
-// A scaled log-probability, shift first: (x - m) / T - log z.
-__device__ __forceinline__ float log_prob_scaled(float x, LogNorm n, float invT) {
-  return (x - n.m) * invT - n.lz;
 }
 
 // The second pass of the two-pass divergences from row normalisers na, nb: D = sum phi and

@@ -228,6 +228,10 @@ struct LogNorm {
 };
 KD_HD KD_INLINE LogNorm lognorm_from(float m, float z) { return LogNorm{safe_max(m), logf(z)}; }
 KD_HD KD_INLINE float log_prob(float x, LogNorm n) { return (x - n.m) - n.lz; }
+// The same with m in raw logit units (RawOnlineKL), shift first: (x - m) / T - log z.
+KD_HD KD_INLINE float log_prob_scaled(float x, LogNorm n, float invT) {
+  return (x - n.m) * invT - n.lz;
+}
 KD_HD KD_INLINE bool lognorm_nan(LogNorm n) { return n.m != n.m || n.lz != n.lz; }
 
 // The +inf-loss gradient rule (docs/precision.md): a row's gradient is finite in every element or
@@ -401,9 +405,17 @@ KD_HD KD_INLINE float grad_element(float k_soft, float qg, float q, float c, flo
 // Fused forward+gradient (kernel keeps the row's exponentials): the gradient of one element
 // from stored values, for grad_loss = 1.
 // Forward KL from the exponentials ea = e^{a - ma}, eb = e^{b - mb}: k_soft (q - p) + k_hard q
-// = eb * kq - ea * kp with kq = (k_soft + k_hard) / zb and kp = k_soft / za.
-KD_HD KD_INLINE float forward_kl_grad_from_exps(float ea, float eb, float kp, float kq) {
-  return eb * kq - ea * kp;
+// = eb * kq - ea * kp with kq = (k_soft + k_hard) / zb and kp = k_soft / za (per block, times
+// the block's rescale factors), formed with the larger factor outside: kq (eb - ea r) with
+// r = kp / kq, |r| <= 1, or kp (eb r - ea) with r = kq / kp, |r| < 1. Rows with p == q
+// (teacher = student + a constant) have kp == kq, r = 1 and an exactly zero gradient, where
+// eb kq - ea kp would be contracted into an FMA that keeps the rounding of one product (~1 ulp
+// of p k); |r| <= 1 never overflows (a block's factors may be far apart).
+KD_HD KD_INLINE float forward_kl_grad_q_major(float ea, float eb, float r, float kq) {
+  return kq * (eb - ea * r);
+}
+KD_HD KD_INLINE float forward_kl_grad_p_major(float ea, float eb, float r, float kp) {
+  return kp * (eb * r - ea);
 }
 
 // Reverse KL from eb = e^{b - mb} and d = (b - mb) - (a - ma): q (k_soft (x - c') + k_hard) with
@@ -554,5 +566,46 @@ KD_HD KD_INLINE float reverse_kl_qx(float q, float a, float b, float k) {
 KD_HD KD_INLINE float reverse_kl_qg(float q, float a, float b, float k, float cprime) {
   return q == 0.0f ? 0.0f : q * (((b - a) - k) - cprime);
 }
+
+// OnlineKL (sum-exps za, zb and the centred online KL numerator acc, its recentring and
+// divergence) with the maxima ma, mb in RAW logit units (of t and s): every exponent and every
+// recentring shift is (m_old - m_new) / T, the difference taken first, so that x - m is exact
+// near the maximum at any T (scaling first rounds t / T: ulp(2e5) = 0.016 at |t| = 1e4,
+// T = 0.05, which moved a near-tie teacher's mass enough to change a forward KL of 2.4e5 by
+// 700; test_regressions.py). The CUDA kernels and the C++ CPU kernels (kd_cpu.cpp) use it.
+template <int DIV>
+struct RawOnlineKL {
+  OnlineKL<DIV> k;  // k.ma, k.mb: running maxima of t and s
+  float invT;
+
+  KD_HD KD_INLINE void init(float inv_t) {
+    k.init();
+    invT = inv_t;
+  }
+  KD_HD KD_INLINE float factor(float m_old, float m_new) const {
+    return m_old == kNegInf ? 0.f : expf((m_old - m_new) * invT);
+  }
+  // Re-centre on raw maxima na >= ma, nb >= mb and add sums taken against them.
+  KD_HD KD_INLINE void absorb(float na, float nb, float za2, float zb2, float acc2) {
+    const float ra = factor(k.ma, na), rb = factor(k.mb, nb);
+    if (is_online(DIV))
+      k.acc = online_kl_recentre<DIV>(k.acc, k.za, k.zb, (safe_max(k.ma) - safe_max(na)) * invT,
+                                      (safe_max(k.mb) - safe_max(nb)) * invT, ra, rb) + acc2;
+    k.za = k.za * ra + za2;
+    k.zb = k.zb * rb + zb2;
+    k.ma = na;
+    k.mb = nb;
+  }
+  KD_HD KD_INLINE void merge(const RawOnlineKL& o) {
+    const float na = raise_max(k.ma, o.k.ma), nb = raise_max(k.mb, o.k.mb);
+    const float ra = factor(o.k.ma, na), rb = factor(o.k.mb, nb);
+    const float acc2 = is_online(DIV)
+                           ? online_kl_recentre<DIV>(o.k.acc, o.k.za, o.k.zb,
+                                                     (safe_max(o.k.ma) - safe_max(na)) * invT,
+                                                     (safe_max(o.k.mb) - safe_max(nb)) * invT, ra, rb)
+                           : 0.f;
+    absorb(na, nb, o.k.za * ra, o.k.zb * rb, acc2);
+  }
+};
 
 }  // namespace kd

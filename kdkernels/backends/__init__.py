@@ -115,12 +115,10 @@ class BackendSpec:
     dtypes: Tuple[torch.dtype, ...]     # input dtypes it accepts
     probe: Optional[Callable[[], Optional[str]]] = None  # returns a reason when unavailable
     features: frozenset = frozenset()   # capabilities it implements (FEATURES and OPTIONAL)
-    # The layout of the dense stats, as the vocab-parallel merges need it: maxima of t/T and s/T
-    # (True, the C++ CPU kernels) or of the raw logits t and s (False: log p = (t - m)/T - lz);
-    # whether c = Σ q g includes the constant parts of g (the "+1" of reverse KL; the Triton
+    # The layout of the dense stats, as the vocab-parallel merges need it (the maxima are of the
+    # raw logits t and s on every backend: log p = (t - m)/T - lz): whether c = Σ q g includes the constant parts of g (the "+1" of reverse KL; the Triton
     # kernels leave them out); whether the reverse-KL backward re-sums its c over the columns it
     # sees (the C++ kernels) instead of reading the c of the stats.
-    stats_scaled: bool = False
     c_full: bool = True
     resums_reverse_kl_c: bool = False
 
@@ -165,7 +163,7 @@ BACKENDS = {
                     _probe_compiled("cpu"),
                     features=frozenset({"sparse", "fused_grad", "vocab_parallel",
                                         "teacher_grad", "logit_mse", "ensemble"}),
-                    stats_scaled=True, resums_reverse_kl_c=True),
+                    resums_reverse_kl_c=True),
     )
 }
 # backend="auto": first available in this order for the tensors' device type

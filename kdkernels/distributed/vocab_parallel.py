@@ -280,8 +280,8 @@ class _VocabParallelKernelKD(torch.autograd.Function):
       the two-pass divergences ask it for the statistics of forward KL (one read of the shard).
       When the hard term needs its own normaliser (T != 1 or no soft term), a second ``kd_rows``
       with only the hard term at T = 1 gives the (max, log sum-exp) of s; the label logit is
-      gathered on the owning rank. Maxima are in the backend's units
-      (``BackendSpec.stats_scaled``), and the merges follow them.
+      gathered on the owning rank. Maxima are in raw logit units on every backend
+      (log p = (t - m)/T - lz), and the merges scale their differences by 1/T.
     * one all_gather; the merges of the reference path;
     * pass 2 (jsd, skew_kl, skew_reverse_kl, tvd): ``kd_rows_given_stats`` with the global
       normalisers, then one all_reduce of (Σφ, partial c);
@@ -300,7 +300,7 @@ class _VocabParallelKernelKD(torch.autograd.Function):
         N = Bsz * L
         dev = s3.device
         spec = backends.BACKENDS[backend]
-        inv = 1.0 if spec.stats_scaled else 1.0 / T   # maxima of x/T, or of x
+        inv = 1.0 / T   # the maxima are of the raw logits x: exponents (m - M) / T
         need_grad = ctx.needs_input_grad[0]
         online = sw != 0.0 and div_id in (_FKL, _RKL)
         hard_own = hw != 0.0 and not (sw != 0.0 and T == 1.0)  # at T = 1 the soft b is s

@@ -67,7 +67,8 @@ def _ensemble_signature(kernel: str, dtype: str, m: int) -> Dict[str, object]:
     teachers = {"t_ptrs": (f"*{dtype}",) * m, "t_Ls": ("i32",) * m, "t_sbs": ("i64",) * m,
                 "t_sls": ("i64",) * m, "w_ptr": "*fp32", "lab_ptr": "*i64"}
     tail = {"inv_T": "fp32", "param": "fp32", "soft_scale": "fp32", "hard_weight": "fp32",
-            "ignore_index": "i32", "M": "constexpr", "DIV": "constexpr", "SOFT": "constexpr",
+            "ignore_index": "i32", "M": "constexpr", "DIV": "constexpr", "LIN": "constexpr",
+            "SOFT": "constexpr",
             "HAS_LABELS": "constexpr", "HARD": "constexpr", "BLOCK": "constexpr"}
     rows = {"V": "i32", "s_L": "i32", "s_sb": "i64", "s_sl": "i64"}
     if kernel == "ens_fwd":
@@ -92,7 +93,8 @@ def _signature(kernel: str, dtype: str) -> Dict[str, str]:
                 "stats_ptr": "*fp32", "gl_ptr": "*fp32", "g_ptr": f"*{dtype}"}
         return {**head, **strides, "g_sb": "i64", "g_sl": "i64", **tail}
     common_tail = {"inv_T": "fp32", "param": "fp32", "soft_scale": "fp32", "hard_weight": "fp32",
-                   "ignore_index": "i32", "DIV": "constexpr", "SOFT": "constexpr",
+                   "ignore_index": "i32", "DIV": "constexpr", "LIN": "constexpr",
+                   "SOFT": "constexpr",
                    "HAS_LABELS": "constexpr", "HARD": "constexpr", "BLOCK": "constexpr"}
     strides = {"V": "i32", "s_L": "i32", "s_sb": "i64", "s_sl": "i64",
                "t_L": "i32", "t_sb": "i64", "t_sl": "i64"}
@@ -104,7 +106,8 @@ def _signature(kernel: str, dtype: str) -> Dict[str, str]:
         head = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "lab_ptr": "*i64",
                 "stats_ptr": "*fp32", "out_ptr": "*fp32"}
         return {**head, **strides, "inv_T": "fp32", "param": "fp32", "ignore_index": "i32",
-                "DIV": "constexpr", "HAS_LABELS": "constexpr", "BLOCK": "constexpr"}
+                "DIV": "constexpr", "LIN": "constexpr", "HAS_LABELS": "constexpr",
+                "BLOCK": "constexpr"}
     head = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "lab_ptr": "*i64", "stats_ptr": "*fp32",
             "gl_ptr": "*fp32", "g_ptr": f"*{dtype}"}
     return {**head, **strides, "g_sb": "i64", "g_sl": "i64", **common_tail}
@@ -123,9 +126,10 @@ def _parse_ptxas(text: str) -> Dict[str, int]:
 
 def compile_one(kernel: str, div: int, dtype: str, cap: int, soft: bool = True,
                 has_labels: bool = True, hard: bool = True, ptxas: Optional[str] = None,
-                m: int = 0) -> dict:
+                m: int = 0, lin: Optional[bool] = None) -> dict:
     """Compile one variant; return its ptxas resource usage. ``m``: the number of teachers of
-    the ensemble kernels ("ens_fwd", "ens_bwd"; "lse" has none)."""
+    the ensemble kernels ("ens_fwd", "ens_bwd"; "lse" has none); ``lin``: the LIN constexpr
+    (default: the linear form for jsd, skew_kl, skew_reverse_kl)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -138,12 +142,15 @@ def compile_one(kernel: str, div: int, dtype: str, cap: int, soft: bool = True,
     fn = {"fwd": K.kd_fwd_kernel, "bwd": K.kd_bwd_kernel, "given": K.kd_given_stats_kernel,
           "lse": EK.lse_rows_kernel, "ens_fwd": EK.ens_fwd_kernel, "ens_bwd": EK.ens_bwd_kernel,
           "mse_fwd": M.kd_mse_fwd_kernel, "mse_bwd": M.kd_mse_bwd_kernel}[kernel]
-    constexprs = {"DIV": div, "SOFT": soft, "HAS_LABELS": has_labels, "HARD": hard,
+    # LIN: the mixture divergences' linear form, the one a launch takes for parameters >= 2^-60
+    # (launch.py _linear); the log-space form of smaller parameters has its own variant
+    lin = div in (2, 3, 4) if lin is None else lin
+    constexprs = {"DIV": div, "LIN": lin, "SOFT": soft, "HAS_LABELS": has_labels, "HARD": hard,
                   "BLOCK": block}
     if kernel in ("given", "lse"):
-        constexprs = {"DIV": div, "HAS_LABELS": has_labels, "BLOCK": block}
+        constexprs = {"DIV": div, "LIN": lin, "HAS_LABELS": has_labels, "BLOCK": block}
     if kernel == "lse":
-        del constexprs["DIV"]
+        del constexprs["DIV"], constexprs["LIN"]
     if kernel in ("ens_fwd", "ens_bwd"):
         constexprs["M"] = m
     if kernel in MSE_KERNELS:

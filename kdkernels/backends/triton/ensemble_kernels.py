@@ -78,7 +78,8 @@ def _ens_logp(t_ptrs, t_Ls, t_sbs, t_sls, w_ptr, st, row, cols, live, inv_T,
 @triton.jit
 def ens_fwd_kernel(s_ptr, t_ptrs, t_Ls, t_sbs, t_sls, w_ptr, lab_ptr, loss_ptr, stats_ptr,
                    V, s_L, s_sb, s_sl, inv_T, param, soft_scale, hard_weight, ignore_index,
-                   M: tl.constexpr, DIV: tl.constexpr, SOFT: tl.constexpr,
+                   M: tl.constexpr, DIV: tl.constexpr, LIN: tl.constexpr,
+                   SOFT: tl.constexpr,
                    HAS_LABELS: tl.constexpr, HARD: tl.constexpr, BLOCK: tl.constexpr):
     """Per-row loss soft_scale·D(p, q) + hard_weight·CE (0 on ignored rows) and c into the stats,
     whose normalisers ``lse_rows_kernel`` wrote (soft_scale = soft_weight·T²)."""
@@ -100,7 +101,7 @@ def ens_fwd_kernel(s_ptr, t_ptrs, t_Ls, t_sbs, t_sls, w_ptr, lab_ptr, loss_ptr, 
             logp = _ens_logp(t_ptrs, t_Ls, t_sbs, t_sls, w_ptr, st, row, cols, mask, inv_T,
                              M, BLOCK)
             logq = (s - mb) * inv_T - lzb
-            phi, qg = terms(DIV, logp, logq, tl.exp(logp), tl.exp(logq), param)
+            phi, qg = terms(DIV, LIN, logp, logq, tl.exp(logp), tl.exp(logq), param)
             div += tl.sum(phi, 0)
             c += tl.sum(qg, 0)
         if DIV == FORWARD_KL:
@@ -120,7 +121,8 @@ def ens_fwd_kernel(s_ptr, t_ptrs, t_Ls, t_sbs, t_sls, w_ptr, lab_ptr, loss_ptr, 
 @triton.jit
 def ens_bwd_kernel(s_ptr, t_ptrs, t_Ls, t_sbs, t_sls, w_ptr, lab_ptr, stats_ptr, gl_ptr, g_ptr,
                    V, s_L, s_sb, s_sl, g_sb, g_sl, inv_T, param, soft_scale, hard_weight,
-                   ignore_index, M: tl.constexpr, DIV: tl.constexpr, SOFT: tl.constexpr,
+                   ignore_index, M: tl.constexpr, DIV: tl.constexpr, LIN: tl.constexpr,
+                   SOFT: tl.constexpr,
                    HAS_LABELS: tl.constexpr, HARD: tl.constexpr, BLOCK: tl.constexpr):
     """grad[row] = grad_loss[row]·(soft_scale·q (g - c) + hard_weight·(softmax(s) - onehot)),
     soft_scale = soft_weight·T, as ``kd_bwd_kernel`` with the ensemble's log p; zeros on ignored
@@ -153,7 +155,7 @@ def ens_bwd_kernel(s_ptr, t_ptrs, t_Ls, t_sbs, t_sls, w_ptr, lab_ptr, stats_ptr,
             if DIV == FORWARD_KL:
                 grad_b = q - p
             else:
-                _, qg = terms(DIV, logp, logq, p, q, param)
+                _, qg = terms(DIV, LIN, logp, logq, p, q, param)
                 grad_b = qg - tl.where(q == 0, 0.0, q * c)
             grad += soft_scale * grad_b
         if HARD:

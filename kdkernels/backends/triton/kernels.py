@@ -73,18 +73,58 @@ def _log_mix(w1, x, y):
 
 
 @triton.jit
-def terms(DIV: tl.constexpr, logp, logq, p, q, param):
+def _xlog_ratio(x, r):
+    """x·log r with r = x / m: 0 where r == 0 (x = 0, or x far below m), NaN stays NaN."""
+    return tl.where(r == 0, 0.0, x * tl.log(r))
+
+
+@triton.jit
+def mix_terms_linear(DIV: tl.constexpr, p, q, param):
+    """φ and q·g of the mixture divergences from p and q themselves (kd_math.h mix_terms_linear,
+    the CPU's form): m formed in linear space, one division and one log per element (two for
+    jsd), where the log-space form of ``terms`` takes a log and an exp for log m and another
+    exp and log for the weighted ratio. Only for parameters >= 2^-60 (the launcher's LIN: an m
+    that underflows while p or q does not then needs p or q below 2^-126 / param <= 2^-66, and
+    that element's term, below 2^-66 · log 2^60, is taken as 0). m = q + w (p - q) is exactly q
+    when p == q, so identical rows still give exactly 0. q·g without its constant part, as
+    ``terms``."""
+    if DIV == JSD:  # m = β p + (1 - β) q
+        m = q + param * (p - q)
+        ms = tl.where(m == 0, 1.0, m)  # m = 0: p = q = 0 (or both below 2^-66: terms ~ 0)
+        tq = _xlog_ratio(q, q / ms)
+        phi = param * _xlog_ratio(p, p / ms) + (1.0 - param) * tq
+        qg = (1.0 - param) * tq
+    elif DIV == SKEW_KL:  # m = α p + (1 - α) q; q g = -(1 - α) q p / m
+        m = q + param * (p - q)
+        r = p / tl.where(m == 0, 1.0, m)
+        phi = _xlog_ratio(p, r)
+        qg = -(1.0 - param) * q * r
+    else:  # SKEW_REVERSE_KL: m = α q + (1 - α) p; q g = q (log(q / m) - α q / m) (+ q, dropped)
+        m = p + param * (q - p)
+        r = q / tl.where(m == 0, 1.0, m)
+        lr = tl.log(r)
+        phi = tl.where(r == 0, 0.0, q * lr)
+        qg = tl.where(r == 0, 0.0, q * (lr - param * r))
+    return phi, qg
+
+
+@triton.jit
+def terms(DIV: tl.constexpr, LIN: tl.constexpr, logp, logq, p, q, param):
     """Per-element φ(p, q) and q·g, g = ∂φ/∂q (up to an additive constant), of divergence DIV.
 
     ``param`` is β (jsd: m = β p + (1-β) q) or α (skew_kl: m = α p + (1-α) q,
     skew_reverse_kl: m = α q + (1-α) p). Zero-probability entries contribute 0 (0·log 0 = 0).
+    LIN (the launcher's choice: a mixture divergence with param >= 2^-60) takes the linear form
+    ``mix_terms_linear``; otherwise the log-space form below, which holds for any parameter.
     q·g is returned rather than g because g alone can overflow (skew KL at α = 0: g = -p/q) while
     q·g is bounded; weighted ratios w·q/m <= 1 are formed as exp(log w + log q - log m) with the
     exponent capped at 0, so a weight of 0 gives 0, never 0·inf. The guards test == 0, not > 0,
     so that a NaN probability stays NaN.
     """
     zero = tl.zeros_like(p)
-    if DIV == FORWARD_KL:
+    if LIN:
+        phi, qg = mix_terms_linear(DIV, p, q, param)
+    elif DIV == FORWARD_KL:
         phi = tl.where(p == 0, zero, p * (logp - logq))
         qg = -p
     elif DIV == REVERSE_KL:
@@ -128,7 +168,8 @@ def row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl, ignore_index,
 
 @triton.jit
 def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weight,
-              DIV: tl.constexpr, SOFT: tl.constexpr, HARD: tl.constexpr, BLOCK: tl.constexpr):
+              DIV: tl.constexpr, LIN: tl.constexpr, SOFT: tl.constexpr, HARD: tl.constexpr,
+              BLOCK: tl.constexpr):
     """The forward of one row: pass 1 (statistics), for the mixture divergences pass 2 (loss and
     c). Returns the row's loss soft_scale·D + hard_weight·CE (not yet masked) and its statistics
     (ma, lza, mb, lzb, c, ms, lzs), see the module docstring. Ignored rows read no logits."""
@@ -254,7 +295,7 @@ def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weig
                 logq = (s - mb) * inv_T - lzb
                 p = tl.exp(logp)
                 q = tl.exp(logq)
-                phi, qg = terms(DIV, logp, logq, p, q, param)
+                phi, qg = terms(DIV, LIN, logp, logq, p, q, param)
                 div += tl.sum(phi, 0)
                 c += tl.sum(qg, 0)
     total = soft_scale * div
@@ -269,7 +310,8 @@ def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weig
 def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
                   V, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
                   inv_T, param, soft_scale, hard_weight, ignore_index,
-                  DIV: tl.constexpr, SOFT: tl.constexpr, HAS_LABELS: tl.constexpr,
+                  DIV: tl.constexpr, LIN: tl.constexpr, SOFT: tl.constexpr,
+                  HAS_LABELS: tl.constexpr,
                   HARD: tl.constexpr, BLOCK: tl.constexpr):
     """Per-row loss soft_scale·D + hard_weight·CE (0 on ignored rows) and stats (A, B, c, lse).
 
@@ -279,7 +321,7 @@ def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
                                             ignore_index, HAS_LABELS)
     total, ma, lza, mb, lzb, c, ms, lzs = _row_loss(
         s_ptr + s_off, t_ptr + t_off, label, valid, V, inv_T, param, soft_scale, hard_weight,
-        DIV, SOFT, HARD, BLOCK)
+        DIV, LIN, SOFT, HARD, BLOCK)
     tl.store(loss_ptr + row, tl.where(valid, total, 0.0))
     st = stats_ptr + row * STATS
     tl.store(st + 0, tl.where(valid, ma, 0.0))
@@ -295,7 +337,8 @@ def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
 def kd_bwd_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, gl_ptr, g_ptr,
                   V, s_L, s_sb, s_sl, t_L, t_sb, t_sl, g_sb, g_sl,
                   inv_T, param, soft_scale, hard_weight, ignore_index,
-                  DIV: tl.constexpr, SOFT: tl.constexpr, HAS_LABELS: tl.constexpr,
+                  DIV: tl.constexpr, LIN: tl.constexpr, SOFT: tl.constexpr,
+                  HAS_LABELS: tl.constexpr,
                   HARD: tl.constexpr, BLOCK: tl.constexpr):
     """grad[row] = grad_loss[row] · (soft_scale · q (g - c) + hard_weight · (softmax(s) - onehot))
     with soft_scale = soft_weight·T; exact zeros on ignored rows. ``g_ptr`` may alias ``s_ptr``."""
@@ -316,13 +359,14 @@ def kd_bwd_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, gl_ptr, g_ptr,
     ms = tl.load(st + 5)
     lzs = tl.load(st + 6)
     _row_grad(s_row, t_row, g_row, label, valid, V, gl, ma, lza, mb, lzb, c, ms, lzs, inv_T,
-              param, soft_scale, hard_weight, DIV, SOFT, HARD, BLOCK)
+              param, soft_scale, hard_weight, DIV, LIN, SOFT, HARD, BLOCK)
 
 
 @triton.jit
 def _row_grad(s_row, t_row, g_row, label, valid, V, gl, ma, lza, mb, lzb, c, ms, lzs, inv_T,
               param, soft_scale, hard_weight,
-              DIV: tl.constexpr, SOFT: tl.constexpr, HARD: tl.constexpr, BLOCK: tl.constexpr):
+              DIV: tl.constexpr, LIN: tl.constexpr, SOFT: tl.constexpr, HARD: tl.constexpr,
+              BLOCK: tl.constexpr):
     """The gradient pass of one row from its statistics: writes, in g_row's dtype,
     gl · (soft_scale · q (g - c) + hard_weight · (softmax(s) - onehot)), zeros on ignored rows.
     A label outside [0, V) that is not ignore_index adds the softmax term and no one-hot."""
@@ -345,7 +389,7 @@ def _row_grad(s_row, t_row, g_row, label, valid, V, gl, ma, lza, mb, lzb, c, ms,
             if DIV == FORWARD_KL:
                 grad_b = q - p
             else:
-                _, qg = terms(DIV, logp, logq, p, q, param)
+                _, qg = terms(DIV, LIN, logp, logq, p, q, param)
                 grad_b = qg - tl.where(q == 0, 0.0, q * c)  # q·g may be nonzero at q = 0 (skew KL, α = 0)
             grad += soft_scale * grad_b
         if HARD:
@@ -361,7 +405,8 @@ def _row_grad(s_row, t_row, g_row, label, valid, V, gl, ma, lza, mb, lzb, c, ms,
 def kd_fwd_grad_kernel(s_ptr, t_ptr, lab_ptr, gs_ptr, loss_ptr, g_ptr,
                        V, s_L, s_sb, s_sl, t_L, t_sb, t_sl, g_sb, g_sl,
                        inv_T, param, soft_scale, grad_soft, hard_weight, ignore_index,
-                       DIV: tl.constexpr, SOFT: tl.constexpr, HAS_LABELS: tl.constexpr,
+                       DIV: tl.constexpr, LIN: tl.constexpr, SOFT: tl.constexpr,
+                       HAS_LABELS: tl.constexpr,
                        HARD: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
                        GBLOCK: tl.constexpr):
     """The training path of one row in one program: the forward of ``kd_fwd_kernel`` (pass 1,
@@ -379,7 +424,7 @@ def kd_fwd_grad_kernel(s_ptr, t_ptr, lab_ptr, gs_ptr, loss_ptr, g_ptr,
     t_row = t_ptr + t_off
     total, ma, lza, mb, lzb, c, ms, lzs = _row_loss(
         s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weight,
-        DIV, SOFT, HARD, BLOCK)
+        DIV, LIN, SOFT, HARD, BLOCK)
     tl.store(loss_ptr + row, tl.where(valid, total, 0.0))
     if HAS_SCALE:
         gl = tl.load(gs_ptr + row).to(tl.float32)
@@ -394,7 +439,7 @@ def kd_fwd_grad_kernel(s_ptr, t_ptr, lab_ptr, gs_ptr, loss_ptr, g_ptr,
     ms = tl.where(valid, ms, 0.0)
     lzs = tl.where(valid, lzs, 0.0)
     _row_grad(s_row, t_row, g_ptr + g_off, label, valid, V, gl, ma, lza, mb, lzb, c, ms, lzs,
-              inv_T, param, grad_soft, hard_weight, DIV, SOFT, HARD, GBLOCK)
+              inv_T, param, grad_soft, hard_weight, DIV, LIN, SOFT, HARD, GBLOCK)
 
 
 @triton.jit
@@ -423,7 +468,8 @@ def kd_rescale_kernel(g_ptr, gl_ptr, gs_ptr, V, g_sb, g_sl, L,
 def kd_given_stats_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, out_ptr,
                           V, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
                           inv_T, param, ignore_index,
-                          DIV: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK: tl.constexpr):
+                          DIV: tl.constexpr, LIN: tl.constexpr, HAS_LABELS: tl.constexpr,
+                          BLOCK: tl.constexpr):
     """Vocab-parallel pass 2: with the normalisers (mt, log za, ms, log zb) given in ``stats``
     (the layout kd_fwd_kernel stores; in the vocab-parallel loss they are the global ones), the
     sums over this row's V columns of φ and of q·g (the constant parts of g left out, as in
@@ -449,7 +495,7 @@ def kd_given_stats_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, out_ptr,
         t = tl.load(t_row + cols, mask=mask, other=ninf).to(tl.float32)
         logp = (t - ma) * inv_T - lza
         logq = (s - mb) * inv_T - lzb
-        phi, qg = terms(DIV, logp, logq, tl.exp(logp), tl.exp(logq), param)
+        phi, qg = terms(DIV, LIN, logp, logq, tl.exp(logp), tl.exp(logq), param)
         div += tl.sum(phi, 0)
         c += tl.sum(qg, 0)
     tl.store(out_ptr + row * 2, tl.where(valid, div, 0.0))

@@ -83,7 +83,7 @@ def _tuned(name: str):
     if name not in _TUNED:
         configs = [triton.Config({"BLOCK": b}, num_warps=w)
                    for b, w in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 8), (8192, 16))]
-        key = ["V", "DIV", "SOFT", "HAS_LABELS", "HARD"]
+        key = ["V", "DIV", "LIN", "SOFT", "HAS_LABELS", "HARD"]
         if name == "fwd":
             _TUNED[name] = triton.autotune(configs, key=key)(K.kd_fwd_kernel)
         elif name == "bwd":
@@ -131,9 +131,16 @@ def _check_div(div_id: int) -> None:
         raise ValueError(f"unknown divergence id {div_id}")
 
 
-def _modes(div_id, soft_weight, hard_weight, labels):
-    return dict(DIV=int(div_id), SOFT=soft_weight != 0.0, HAS_LABELS=labels is not None,
-                HARD=labels is not None and hard_weight != 0.0)
+def _linear(div_id, param) -> bool:
+    """LIN of the kernels: the mixture divergences (jsd, skew_kl, skew_reverse_kl) take the linear
+    form (kernels.py mix_terms_linear) for parameters >= 2^-60 (kd_math.h mix_linear_ok), the
+    log-space form below that (down to 2^-126 and 0)."""
+    return int(div_id) in (2, 3, 4) and float(param) >= 2.0 ** -60
+
+
+def _modes(div_id, param, soft_weight, hard_weight, labels):
+    return dict(DIV=int(div_id), LIN=_linear(div_id, param), SOFT=soft_weight != 0.0,
+                HAS_LABELS=labels is not None, HARD=labels is not None and hard_weight != 0.0)
 
 
 def forward_rows(student: Tensor, teacher: Tensor, labels: Optional[Tensor], div_id: int,
@@ -156,7 +163,7 @@ def forward_rows(student: Tensor, teacher: Tensor, labels: Optional[Tensor], div
     args = (student, teacher, lab, loss, stats, V, L, student.stride(0), student.stride(1),
             teacher.shape[1], teacher.stride(0), teacher.stride(1), 1.0 / temperature, float(param),
             soft_weight * temperature * temperature, hard_weight, ignore_index)
-    modes = _modes(div_id, soft_weight, hard_weight, labels)
+    modes = _modes(div_id, param, soft_weight, hard_weight, labels)
     with device_guard(student):
         if _autotune() and student.is_cuda:
             _tuned("fwd")[(N,)](*args, **modes)
@@ -197,7 +204,7 @@ def backward_rows(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels: O
             student.stride(1), teacher.shape[1], teacher.stride(0), teacher.stride(1),
             out.stride(0), out.stride(1),
             1.0 / temperature, float(param), soft_weight * temperature, hard_weight, ignore_index)
-    modes = _modes(div_id, soft_weight, hard_weight, labels)
+    modes = _modes(div_id, param, soft_weight, hard_weight, labels)
     with device_guard(student):
         if _autotune() and student.is_cuda:
             _tuned("bwd_inplace" if inplace and out.data_ptr() == student.data_ptr() else "bwd")[
@@ -229,7 +236,8 @@ def forward_rows_given_stats(student: Tensor, teacher: Tensor, labels: Optional[
             float(param), ignore_index)
     with device_guard(student):
         block, warps = _config("given", student.device, V)
-        K.kd_given_stats_kernel[(N,)](*args, DIV=int(div_id), HAS_LABELS=labels is not None,
+        K.kd_given_stats_kernel[(N,)](*args, DIV=int(div_id), LIN=_linear(div_id, param),
+                                      HAS_LABELS=labels is not None,
                                       BLOCK=block, num_warps=warps)
     return out
 
@@ -289,7 +297,7 @@ def forward_rows_ensemble(student: Tensor, teachers, weights, labels: Optional[T
         return loss, stats
     _check_div(div_id)
     lab = labels.contiguous() if labels is not None else loss
-    modes = _modes(div_id, soft_weight, hard_weight, labels)
+    modes = _modes(div_id, param, soft_weight, hard_weight, labels)
     tp, tL, tsb, tsl, w = _ensemble_args(student, teachers, weights)
     with device_guard(student):
         _ensemble_stats(student, teachers, lab, stats, temperature, modes["SOFT"], modes["HARD"],
@@ -331,8 +339,8 @@ def backward_rows_ensemble(grad_loss: Tensor, student: Tensor, teachers, weights
                                 student.stride(0), student.stride(1), out.stride(0),
                                 out.stride(1), 1.0 / temperature, float(param),
                                 soft_weight * temperature, hard_weight, ignore_index, M=M,
-                                **_modes(div_id, soft_weight, hard_weight, labels), BLOCK=block,
-                                num_warps=warps)
+                                **_modes(div_id, param, soft_weight, hard_weight, labels),
+                                BLOCK=block, num_warps=warps)
     return out
 
 
@@ -369,7 +377,7 @@ def forward_rows_with_grad(student: Tensor, teacher: Tensor, labels: Optional[Te
             grad.stride(1), 1.0 / temperature, float(param),
             soft_weight * temperature * temperature, soft_weight * temperature, hard_weight,
             ignore_index)
-    modes = _modes(div_id, soft_weight, hard_weight, labels)
+    modes = _modes(div_id, param, soft_weight, hard_weight, labels)
     block, warps = _config("fwd", student.device, V)
     gblock, _ = _config("bwd", student.device, V)
     with device_guard(student):
