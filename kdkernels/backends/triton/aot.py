@@ -129,7 +129,7 @@ def compile_one(kernel: str, div: int, dtype: str, cap: int, soft: bool = True,
                 m: int = 0, lin: Optional[bool] = None) -> dict:
     """Compile one variant; return its ptxas resource usage. ``m``: the number of teachers of
     the ensemble kernels ("ens_fwd", "ens_bwd"; "lse" has none); ``lin``: the LIN constexpr
-    (default: the linear form for jsd, skew_kl, skew_reverse_kl)."""
+    (default: the linear form for skew_kl, skew_reverse_kl)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -142,9 +142,9 @@ def compile_one(kernel: str, div: int, dtype: str, cap: int, soft: bool = True,
     fn = {"fwd": K.kd_fwd_kernel, "bwd": K.kd_bwd_kernel, "given": K.kd_given_stats_kernel,
           "lse": EK.lse_rows_kernel, "ens_fwd": EK.ens_fwd_kernel, "ens_bwd": EK.ens_bwd_kernel,
           "mse_fwd": M.kd_mse_fwd_kernel, "mse_bwd": M.kd_mse_bwd_kernel}[kernel]
-    # LIN: the mixture divergences' linear form, the one a launch takes for parameters >= 2^-60
+    # LIN: the skew divergences' linear form, the one a launch takes for parameters >= 2^-60
     # (launch.py _linear); the log-space form of smaller parameters has its own variant
-    lin = div in (2, 3, 4) if lin is None else lin
+    lin = div in (3, 4) if lin is None else lin
     constexprs = {"DIV": div, "LIN": lin, "SOFT": soft, "HAS_LABELS": has_labels, "HARD": hard,
                   "BLOCK": block}
     if kernel in ("given", "lse"):

@@ -80,23 +80,17 @@ def _xlog_ratio(x, r):
 
 @triton.jit
 def mix_terms_linear(DIV: tl.constexpr, p, q, param):
-    """φ and q·g of the mixture divergences from p and q themselves (kd_math.h mix_terms_linear,
-    the CPU's form): m formed in linear space, one division and one log per element (two for
-    jsd), where the log-space form of ``terms`` takes a log and an exp for log m and another
+    """φ and q·g of skew_kl and skew_reverse_kl from p and q themselves (kd_math.h
+    mix_terms_linear, the CPU's form): m formed in linear space, one division and one log per
+    element, where the log-space form of ``terms`` takes a log and an exp for log m and another
     exp and log for the weighted ratio. Only for parameters >= 2^-60 (the launcher's LIN: an m
     that underflows while p or q does not then needs p or q below 2^-126 / param <= 2^-66, and
-    that element's term, below 2^-66 · log 2^60, is taken as 0). m = q + w (p - q) is exactly q
+    that element's term, below 2^-66 · log 2^60, is taken as 0). m = q + α (p - q) is exactly q
     when p == q, so identical rows still give exactly 0. q·g without its constant part, as
     ``terms``."""
-    if DIV == JSD:  # m = β p + (1 - β) q
+    if DIV == SKEW_KL:  # m = α p + (1 - α) q; q g = -(1 - α) q p / m
         m = q + param * (p - q)
-        ms = tl.where(m == 0, 1.0, m)  # m = 0: p = q = 0 (or both below 2^-66: terms ~ 0)
-        tq = _xlog_ratio(q, q / ms)
-        phi = param * _xlog_ratio(p, p / ms) + (1.0 - param) * tq
-        qg = (1.0 - param) * tq
-    elif DIV == SKEW_KL:  # m = α p + (1 - α) q; q g = -(1 - α) q p / m
-        m = q + param * (p - q)
-        r = p / tl.where(m == 0, 1.0, m)
+        r = p / tl.where(m == 0, 1.0, m)  # m = 0: p = q = 0 (or both below 2^-66: terms ~ 0)
         phi = _xlog_ratio(p, r)
         qg = -(1.0 - param) * q * r
     else:  # SKEW_REVERSE_KL: m = α q + (1 - α) p; q g = q (log(q / m) - α q / m) (+ q, dropped)
@@ -114,8 +108,8 @@ def terms(DIV: tl.constexpr, LIN: tl.constexpr, logp, logq, p, q, param):
 
     ``param`` is β (jsd: m = β p + (1-β) q) or α (skew_kl: m = α p + (1-α) q,
     skew_reverse_kl: m = α q + (1-α) p). Zero-probability entries contribute 0 (0·log 0 = 0).
-    LIN (the launcher's choice: a mixture divergence with param >= 2^-60) takes the linear form
-    ``mix_terms_linear``; otherwise the log-space form below, which holds for any parameter.
+    LIN (the launcher's choice: skew_kl or skew_reverse_kl with param >= 2^-60) takes the linear
+    form ``mix_terms_linear``; otherwise the log-space form below, which holds for any parameter.
     q·g is returned rather than g because g alone can overflow (skew KL at α = 0: g = -p/q) while
     q·g is bounded; weighted ratios w·q/m <= 1 are formed as exp(log w + log q - log m) with the
     exponent capped at 0, so a weight of 0 gives 0, never 0·inf. The guards test == 0, not > 0,
