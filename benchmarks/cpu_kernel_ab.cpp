@@ -2,7 +2,8 @@
 // torch: N = 128 rows, random logits (std 3), T = 2, median of 7 calls per divergence.
 // Build two versions and alternate them (see benchmarks/results/cpu-AMD-EPYC-2026-12-02/):
 //   g++ -O3 -fopenmp -fno-trapping-math -std=c++17 -mavx2 -mfma -mf16c [-mavx512f -mavx512bw
-//       -mavx512vl -mavx512dq] -Icsrc/include benchmarks/cpu_kernel_ab.cpp csrc/cpu/kd_cpu.cpp -o ab
+//       -mavx512vl -mavx512dq] -Icsrc/include benchmarks/cpu_kernel_ab.cpp csrc/cpu/kd_cpu.cpp
+//       csrc/cpu/mse_cpu.cpp -o ab
 //   OMP_NUM_THREADS=1 ./ab V DTYPE        (DTYPE 0 = fp32, 1 = bf16; prints ns per element)
 #include <atomic>
 #include <chrono>
