@@ -188,20 +188,40 @@ def test_zero_weight_teachers():
     assert drop_zero_weight_teachers([t1, t2], [0.0, 1.0]) == ([t2], None)
 
 
+def test_near_tie_teacher_huge_logits_low_temperature():
+    """Before the fix the ensemble kernels scaled by 1/T before subtracting the max, as the
+    single-teacher kernels did (test_regressions.py::
+    test_forward_kl_near_tie_teacher_huge_logits_low_temperature): at |logits| ~ 1e4, T = 0.05,
+    t/T rounds by up to 0.008, which moves a near-tie teacher's mass and a forward KL of ~2e5
+    nats by hundreds. The fuzz case's three rows, as an ensemble of the teacher and the teacher
+    shifted by -0.5 (the same distribution, so p is the single teacher's)."""
+    g = torch.Generator().manual_seed(5059)
+    V = 65537
+    s = torch.randn(2, 2, 3, V, generator=g) * 3
+    t = torch.randn(2, 2, 3, V + 3, generator=g) * 3
+    s = s.sign() * 1e4 * torch.rand(s.shape, generator=g)
+    t = t.sign() * 1e4 * torch.rand(t.shape, generator=g)
+    rows = [3, 5, 6]
+    s = s[..., :-1, :].reshape(-1, V)[rows].contiguous()
+    t = t[..., 1:, :V].reshape(-1, V)[rows].contiguous()
+    _check(s, [t, t - 0.5], [0.4, 0.6], "forward_kl", temperature=0.05)
+
+
 def test_stats_layout():
-    """Columns 0..6 as the single teacher's (teacher 0 in 0..1), then (max, lse) of t_m / T."""
+    """Columns 0..6 as the single teacher's (teacher 0 in 0..1), then (max, lse) of teacher m:
+    the max of its raw logits t_m and the log sum-exp of (t_m - max) / T."""
     s = _rand((2, 3, 500), torch.float32)
     ts = [_rand((2, 3, 500), torch.float32) for _ in range(3)]
     T = 2.0
     loss, st = cpp.forward_rows_ensemble(s, ts, [0.2, 0.3, 0.5], None, 2, 0.5, T, 1.0, 0.0, -100)
     assert st.shape == (6, backends.ensemble_stats_width(3)) == (6, 11)
     for m, col in ((0, 0), (1, 7), (2, 9)):
-        a = ts[m].reshape(6, -1) / T
-        mx = a.max(-1).values
+        t = ts[m].reshape(6, -1)
+        mx = t.max(-1).values
         torch.testing.assert_close(st[:, col], mx)
-        torch.testing.assert_close(st[:, col + 1], torch.logsumexp(a - mx[:, None], -1))
+        torch.testing.assert_close(st[:, col + 1], torch.logsumexp((t - mx[:, None]) / T, -1))
     b = s.reshape(6, -1) / T
-    torch.testing.assert_close(st[:, 2] + st[:, 3], torch.logsumexp(b, -1))
+    torch.testing.assert_close(st[:, 2] / T + st[:, 3], torch.logsumexp(b, -1))
 
 
 def test_all_rows_ignored():

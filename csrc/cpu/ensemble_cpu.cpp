@@ -86,13 +86,14 @@ struct Work {
   const S* teacher(int64_t k) const { return static_cast<const S*>(tp[k]); }
 };
 
-// Pass 1 for one distribution and block: the block converted (times scale) and absorbed into the
-// online (max, sum-exp) state. The same code for every teacher and the student.
+// Pass 1 for one distribution and block: the block converted and absorbed into the online
+// (max, sum-exp) state of x / T, the maximum kept in raw logit units (the shift before the 1/T
+// scaling, as kd_cpu.cpp). The same code for every teacher and the student.
 template <class S>
-inline void absorb_block(const S* x, float* __restrict buf, int n, float scale, Online& o) {
-  load_scaled(x, buf, n, scale);
-  o.raise(block_max(buf, n));
-  o.z += sum_exp(buf, n, safe_max(o.m));
+inline void absorb_block(const S* x, float* __restrict buf, int n, float invT, Online& o) {
+  load_scaled(x, buf, n, 1.0f);
+  o.raise(block_max(buf, n), invT);
+  o.z += sum_exp(buf, n, safe_max(o.m), invT);
 }
 
 // log p of the block [j0, j0 + n) into lp (see the file comment). NaN in a teacher's logits (or
@@ -103,11 +104,11 @@ void logp_block(Work& wk, int64_t j0, int n, float invT, float* __restrict lp) {
   for (int i = 0; i < n; ++i) hi[i] = kNegInf;
   for (int64_t k = 0; k < wk.K; ++k) {
     float* __restrict L = wk.lpk + k * BLK;
-    load_scaled(wk.teacher<S>(k) + j0, L, n, invT);  // (its own loop: no FMA into log_prob)
+    load_scaled(wk.teacher<S>(k) + j0, L, n, 1.0f);  // raw: the maxima of wk.na are raw
     const LogNorm nk = wk.na[k];
 #pragma omp simd
     for (int i = 0; i < n; ++i) {
-      const float x = log_prob(L[i], nk);
+      const float x = log_prob_scaled(L[i], nk, invT);
       L[i] = x;
       hi[i] = raise_max(hi[i], x);
     }
@@ -182,11 +183,11 @@ void forward_row(const EnsembleArgs& e, Work& wk, int64_t r) {
     for (int64_t j0 = 0; j0 < V; j0 += BLK) {
       const int n = (int)std::min<int64_t>(BLK, V - j0);
       logp_block<S>(wk, j0, n, invT, lpb);
-      load_scaled(s + j0, bb, n, invT);
+      load_scaled(s + j0, bb, n, 1.0f);
       double bphi = 0., bqg = 0.;
 #pragma omp simd reduction(+ : bphi, bqg)
       for (int i = 0; i < n; ++i) {
-        const float lp = lpb[i], lq = log_prob(bb[i], nb);
+        const float lp = lpb[i], lq = log_prob_scaled(bb[i], nb, invT);
         float phi, qg;
         div_terms<DIV>(lp, lq, exp_fast(lp), exp_fast(lq), param, phi, qg);
         bphi += phi;
@@ -217,14 +218,14 @@ void forward_row(const EnsembleArgs& e, Work& wk, int64_t r) {
 template <int DIV, int MODE>
 void grad_block(const float* __restrict lpb, const float* __restrict bb,
                 const float* __restrict xb, float* __restrict gb, int n, LogNorm nb, float cc,
-                LogNorm ns, float k_soft, float k_hard, float param) {
+                LogNorm ns, float k_soft, float k_hard, float param, float invT) {
 #pragma omp simd
   for (int i = 0; i < n; ++i) {
     float out;
     if (MODE == 3) {
       out = k_hard * exp_fast(log_prob(xb[i], ns));
     } else {
-      const float lp = lpb[i], lq = log_prob(bb[i], nb);
+      const float lp = lpb[i], lq = log_prob_scaled(bb[i], nb, invT);
       const float p = exp_fast(lp), q = exp_fast(lq);
       float phi, qg;
       div_terms<DIV>(lp, lq, p, q, param, phi, qg);
@@ -270,17 +271,17 @@ void backward_row(const EnsembleArgs& e, Work& wk, int64_t r) {
     const int n = (int)std::min<int64_t>(BLK, V - j0);
     if (soft) {
       logp_block<S>(wk, j0, n, invT, lpb);
-      load_scaled(s + j0, bb, n, invT);
+      load_scaled(s + j0, bb, n, 1.0f);
     }
     if (sep) load_scaled(s + j0, xb, n, 1.0f);
     if (soft && !hard)
-      grad_block<DIV, 0>(lpb, bb, xb, gb, n, nb, cc, ns, k_soft, k_hard, param);
+      grad_block<DIV, 0>(lpb, bb, xb, gb, n, nb, cc, ns, k_soft, k_hard, param, invT);
     else if (soft && !sep)
-      grad_block<DIV, 1>(lpb, bb, xb, gb, n, nb, cc, ns, k_soft, k_hard, param);
+      grad_block<DIV, 1>(lpb, bb, xb, gb, n, nb, cc, ns, k_soft, k_hard, param, invT);
     else if (soft)
-      grad_block<DIV, 2>(lpb, bb, xb, gb, n, nb, cc, ns, k_soft, k_hard, param);
+      grad_block<DIV, 2>(lpb, bb, xb, gb, n, nb, cc, ns, k_soft, k_hard, param, invT);
     else if (hard)
-      grad_block<DIV, 3>(lpb, bb, xb, gb, n, nb, cc, ns, k_soft, k_hard, param);
+      grad_block<DIV, 3>(lpb, bb, xb, gb, n, nb, cc, ns, k_soft, k_hard, param, invT);
     else
       std::memset(gb, 0, sizeof(float) * n);
     if (hard && c.label >= j0 && c.label < j0 + n) gb[c.label - j0] -= k_hard;
@@ -321,11 +322,11 @@ void fused_row(const EnsembleArgs& e, Work& wk, int64_t r) {
     float* __restrict xb = wk.x + j0;
     float* __restrict yb = wk.y + j0;
     logp_block<S>(wk, j0, n, invT, lpb);
-    load_scaled(s + j0, bb, n, invT);
+    load_scaled(s + j0, bb, n, 1.0f);
     double bphi = 0., bqg = 0.;
 #pragma omp simd reduction(+ : bphi, bqg)
     for (int i = 0; i < n; ++i) {
-      const float lp = lpb[i], lq = log_prob(bb[i], nb);
+      const float lp = lpb[i], lq = log_prob_scaled(bb[i], nb, invT);
       const float q = exp_fast(lq);
       float phi, qg;
       div_terms<DIV>(lp, lq, exp_fast(lp), q, param, phi, qg);

@@ -88,13 +88,14 @@ inline float load_scaled_max(const f16_t* src, float* dst, int n, float scale) {
   return block_max(dst, n);
 }
 
-// Online (max, sum-exp) state of one distribution over a row.
+// Online (max, sum-exp) state of one distribution over a row: z = sum e^{(x - m) invT}, the
+// maximum m in the units of x (raw logits; invT = 1 / T, 1 for the hard term's s).
 struct Online {
   float m = kNegInf, z = 0.f;
   // Absorb a block whose max is bm; returns the factor previous sums were rescaled by.
-  float raise(float bm) {
+  float raise(float bm, float invT = 1.f) {
     float mn = bm > m ? bm : m;
-    float r = rescale(m, mn);
+    float r = m == kNegInf ? 0.f : std::exp((m - mn) * invT);
     z *= r;
     m = mn;
     return r;

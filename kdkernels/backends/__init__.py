@@ -45,9 +45,9 @@ soft_weight, hard_weight, ignore_index) -> (loss [N], stats [N, ensemble_stats_w
     ``teachers`` a list of M [B_m, L_m, Vt >= V] views (each of the teacher's kind above),
     ``weights`` M floats >= 0 summing to 1; the caller drops teachers of weight 0 (a backend
     accepts them too: they take no part). Stats columns 0..6 as the single teacher's
-    (``STATS_WIDTH``) with teacher 0's (max, log sum-exp) of t_0/T in columns 0..1 and c = Σ q g of
-    the ensemble target in column 4, then (max, log sum-exp) of t_m/T for m = 1..M−1 in columns
-    7 + 2(m − 1) and 8 + 2(m − 1).
+    (``STATS_WIDTH``) with teacher 0's (max of t_0, log sum-exp of (t_0 − max)/T) in columns
+    0..1 and c = Σ q g of the ensemble target in column 4, then the same pair for t_m,
+    m = 1..M−1, in columns 7 + 2(m − 1) and 8 + 2(m − 1) (maxima in raw logit units).
 ``backward_rows_ensemble(grad_loss, student, teachers, weights, labels, stats, <same scalars>)
 -> grad`` and ``forward_rows_ensemble_with_grad(<forward args>, grad_scale) -> (loss, grad)``
     ("ensemble"; the second with "fused_grad") as ``backward_rows`` and ``forward_rows_with_grad``.
