@@ -4,10 +4,11 @@
 // One row at a time, in V-blocks converted to fp32 into buffers that stay in L1 (kd_cpu_blocks.h),
 // with the per-element math of kd_math.h in `omp simd` loops, as kd_cpu.cpp does:
 //   pass 1: online (max, sum-exp) of a_m = t_m/T for each teacher of nonzero weight, of b = s/T,
-//           and of s for the hard term at T != 1 (one code path for teachers and student, so a
+//           maxima in raw logit units (exponents (x - max)/T, the shift first), and of s for the
+//           hard term at T != 1 (one code path for teachers and student, so a
 //           teacher equal to the student gets bitwise the student's normaliser);
 //   pass 2: per block, log p = hi + (log sum_m w_m e^{lp_m - hi} - log sum_m w_m) with
-//           lp_m = (a_m - max_m) - log z_m and hi = max_m lp_m per element (no underflow where
+//           lp_m = (t_m - max_m)/T - log z_m and hi = max_m lp_m per element (no underflow where
 //           every teacher's probability is tiny; -inf where every teacher has -inf; identical
 //           teachers give exactly lp_0, the sum over m equalling the sum of the weights bitwise),
 //           then the loss terms and c = sum q g from div_terms, as the single-teacher pass 2.
@@ -91,7 +92,7 @@ struct Work {
 // scaling, as kd_cpu.cpp). The same code for every teacher and the student.
 template <class S>
 inline void absorb_block(const S* x, float* __restrict buf, int n, float invT, Online& o) {
-  load_scaled(x, buf, n, 1.0f);
+  load_block(x, buf, n);
   o.raise(block_max(buf, n), invT);
   o.z += sum_exp(buf, n, safe_max(o.m), invT);
 }
@@ -104,7 +105,7 @@ void logp_block(Work& wk, int64_t j0, int n, float invT, float* __restrict lp) {
   for (int i = 0; i < n; ++i) hi[i] = kNegInf;
   for (int64_t k = 0; k < wk.K; ++k) {
     float* __restrict L = wk.lpk + k * BLK;
-    load_scaled(wk.teacher<S>(k) + j0, L, n, 1.0f);  // raw: the maxima of wk.na are raw
+    load_block(wk.teacher<S>(k) + j0, L, n);  // raw: the maxima of wk.na are raw
     const LogNorm nk = wk.na[k];
 #pragma omp simd
     for (int i = 0; i < n; ++i) {
@@ -183,7 +184,7 @@ void forward_row(const EnsembleArgs& e, Work& wk, int64_t r) {
     for (int64_t j0 = 0; j0 < V; j0 += BLK) {
       const int n = (int)std::min<int64_t>(BLK, V - j0);
       logp_block<S>(wk, j0, n, invT, lpb);
-      load_scaled(s + j0, bb, n, 1.0f);
+      load_block(s + j0, bb, n);
       double bphi = 0., bqg = 0.;
 #pragma omp simd reduction(+ : bphi, bqg)
       for (int i = 0; i < n; ++i) {
@@ -271,9 +272,9 @@ void backward_row(const EnsembleArgs& e, Work& wk, int64_t r) {
     const int n = (int)std::min<int64_t>(BLK, V - j0);
     if (soft) {
       logp_block<S>(wk, j0, n, invT, lpb);
-      load_scaled(s + j0, bb, n, 1.0f);
+      load_block(s + j0, bb, n);
     }
-    if (sep) load_scaled(s + j0, xb, n, 1.0f);
+    if (sep) load_block(s + j0, xb, n);
     if (soft && !hard)
       grad_block<DIV, 0>(lpb, bb, xb, gb, n, nb, cc, ns, k_soft, k_hard, param, invT);
     else if (soft && !sep)
@@ -322,7 +323,7 @@ void fused_row(const EnsembleArgs& e, Work& wk, int64_t r) {
     float* __restrict xb = wk.x + j0;
     float* __restrict yb = wk.y + j0;
     logp_block<S>(wk, j0, n, invT, lpb);
-    load_scaled(s + j0, bb, n, 1.0f);
+    load_block(s + j0, bb, n);
     double bphi = 0., bqg = 0.;
 #pragma omp simd reduction(+ : bphi, bqg)
     for (int i = 0; i < n; ++i) {

@@ -1,7 +1,8 @@
 // CPU row kernels: the passes of DESIGN.md §3 over V-blocks of one row at a time.
 //
-// Each block of up to BLK elements is converted to fp32 (and divided by T) into small stack
-// buffers that stay in L1; the per-element math of kd_math.h then runs in `omp simd` loops that
+// Each block of up to BLK elements is converted to fp32 into small stack buffers that stay in
+// L1 (raw logits: every exponent is (x - m) / T with the maximum m in raw units, the shift before
+// the scaling, kd_math.h RawOnlineKL); the per-element math of kd_math.h then runs in `omp simd` loops that
 // the compiler vectorizes (AVX2 + FMA when built with those flags). No [N, V] temporaries: the
 // only large write is the gradient. Threading is the caller's (row ranges, see bindings.cpp).
 #include <algorithm>
@@ -30,8 +31,8 @@ void row_sums(const S* s, const S* t, int64_t V, float invT, float param, LogNor
   alignas(64) float ab[BLK], bb[BLK];
   for (int64_t j0 = 0; j0 < V; j0 += BLK) {
     const int n = (int)std::min<int64_t>(BLK, V - j0);
-    load_scaled(t + j0, ab, n, 1.0f);  // raw logits: the maxima in na, nb are raw (RawOnlineKL)
-    load_scaled(s + j0, bb, n, 1.0f);
+    load_block(t + j0, ab, n);  // raw logits: the maxima in na, nb are raw (RawOnlineKL)
+    load_block(s + j0, bb, n);
     double bphi = 0., bqg = 0.;
 #pragma omp simd reduction(+ : bphi, bqg)
     for (int i = 0; i < n; ++i) {
@@ -71,8 +72,8 @@ void forward_row(const RowsArgs& a, int64_t r) {
   for (int64_t j0 = 0; j0 < V; j0 += BLK) {
     const int n = (int)std::min<int64_t>(BLK, V - j0);
     if (c.soft) {
-      load_scaled(t + j0, ab, n, 1.0f);
-      load_scaled(s + j0, bb, n, 1.0f);
+      load_block(t + j0, ab, n);
+      load_block(s + j0, bb, n);
       const float nma = raise_max(on.k.ma, block_max(ab, n));
       const float nmb = raise_max(on.k.mb, block_max(bb, n));
       const float offa = safe_max(nma), offb = safe_max(nmb);
@@ -93,7 +94,7 @@ void forward_row(const RowsArgs& a, int64_t r) {
       on.absorb(nma, nmb, za, zb, sacc);
     }
     if (c.hard_separate) {
-      load_scaled(s + j0, xb, n, 1.0f);
+      load_block(s + j0, xb, n);
       os.raise(block_max(xb, n));
       os.z += sum_exp(xb, n, safe_max(os.m));
     }
@@ -152,7 +153,7 @@ void grad_block(const float* __restrict ab, const float* __restrict bb,
                 float cc, LogNorm ns, float k_soft, float k_hard, float param, float invT) {
   // reverse KL: cc is c' = sum_k q_k x_k of backward_row; qg - q c = q (x - c') is formed in qg,
   // from the centred scaled logits (ab - ma) / T, (bb - mb) / T (maxima raw, as the CUDA kernel)
-  const float krev = DIV == REVERSE_KL ? reverse_kl_offset(LogNorm{0.f, na.lz}, LogNorm{0.f, nb.lz}) : 0.f;
+  const float krev = DIV == REVERSE_KL ? reverse_kl_offset(na.lz, nb.lz) : 0.f;
   const float crev = cc;
   if (DIV == REVERSE_KL) cc = 0.f;
 #pragma omp simd
@@ -202,12 +203,12 @@ void backward_row(const RowsArgs& a, int64_t r) {
     // c' = sum_k q_k x_k summed here from the same rounded x_k, so that for near one-hot rows
     // at |logits| ~ 1e4 the rounding of the dominant x_j cancels in x_j - c' (as it does in
     // autograd) instead of leaving ulp(1e4)-sized errors. One more read of the row.
-    const float k = reverse_kl_offset(LogNorm{0.f, na.lz}, LogNorm{0.f, nb.lz});
+    const float k = reverse_kl_offset(na.lz, nb.lz);
     float sum = 0.f;
     for (int64_t j0 = 0; j0 < V; j0 += BLK) {
       const int n = (int)std::min<int64_t>(BLK, V - j0);
-      load_scaled(t + j0, ab, n, 1.0f);
-      load_scaled(s + j0, bb, n, 1.0f);
+      load_block(t + j0, ab, n);
+      load_block(s + j0, bb, n);
       float bs = 0.f;
 #pragma omp simd reduction(+ : bs)
       for (int i = 0; i < n; ++i) {
@@ -227,10 +228,10 @@ void backward_row(const RowsArgs& a, int64_t r) {
   for (int64_t j0 = 0; j0 < V; j0 += BLK) {
     const int n = (int)std::min<int64_t>(BLK, V - j0);
     if (soft) {
-      load_scaled(t + j0, ab, n, 1.0f);  // raw: the maxima of rs are raw
-      load_scaled(s + j0, bb, n, 1.0f);
+      load_block(t + j0, ab, n);  // raw: the maxima of rs are raw
+      load_block(s + j0, bb, n);
     }
-    if (sep) load_scaled(s + j0, xb, n, 1.0f);
+    if (sep) load_block(s + j0, xb, n);
     if (soft && !hard)
       grad_block<DIV, 0>(ab, bb, xb, gb, n, na, nb, cc, ns, k_soft, k_hard, param, invT);
     else if (soft && !sep)  // hard term at T = 1: softmax(s) = q
@@ -289,8 +290,8 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
     float* __restrict yb = y + j0;
     prefetch_block(t + j0 + BLK, std::min<int64_t>(BLK, V - j0 - BLK));
     prefetch_block(s + j0 + BLK, std::min<int64_t>(BLK, V - j0 - BLK));
-    const float nma = raise_max(on.k.ma, load_scaled_max(t + j0, xb, n, 1.0f));
-    const float nmb = raise_max(on.k.mb, load_scaled_max(s + j0, yb, n, 1.0f));
+    const float nma = raise_max(on.k.ma, load_block_max(t + j0, xb, n));
+    const float nmb = raise_max(on.k.mb, load_block_max(s + j0, yb, n));
     const float offa = safe_max(nma), offb = safe_max(nmb);
     offs[2 * k] = offa;
     offs[2 * k + 1] = offb;
@@ -315,8 +316,8 @@ void fused_row(const RowsArgs& a, int64_t r, float* __restrict x, float* __restr
   const float ma = on.k.ma, mb = on.k.mb, za = on.k.za, zb = on.k.zb;
   const float offa = safe_max(ma), offb = safe_max(mb);
   // Factors that bring the exponentials kept against block k's offsets to the row's.
-  auto block_fa = [&](int64_t k) { return std::exp((offs[2 * k] - offa) * invT); };
-  auto block_fb = [&](int64_t k) { return std::exp((offs[2 * k + 1] - offb) * invT); };
+  auto block_fa = [&](int64_t k) { return rescale(offs[2 * k], offa, invT); };
+  auto block_fb = [&](int64_t k) { return rescale(offs[2 * k + 1], offb, invT); };
 
   float D, cc = 0.f;
   if (online) {

@@ -44,23 +44,23 @@ inline void stream_fence() {
 #endif
 }
 
-// load_scaled and the block maximum in one sweep (fp32, bf16); fp16 converts first (F16C).
-inline float load_scaled_max(const float* src, float* dst, int n, float scale) {
+// load_block and the block maximum in one sweep (fp32, bf16); fp16 converts first (F16C).
+inline float load_block_max(const float* src, float* dst, int n) {
   float m = kNegInf;
 #pragma omp simd reduction(max : m)
   for (int i = 0; i < n; ++i) {
-    const float v = src[i] * scale;
+    const float v = src[i];
     dst[i] = v;
     m = v > m ? v : m;
   }
   return m;
 }
 
-inline float load_scaled_max(const bf16_t* src, float* dst, int n, float scale) {
+inline float load_block_max(const bf16_t* src, float* dst, int n) {
   float m = kNegInf;
 #pragma omp simd reduction(max : m)
   for (int i = 0; i < n; ++i) {
-    const float v = bits_to_float((int32_t)src[i].x << 16) * scale;
+    const float v = bits_to_float((int32_t)src[i].x << 16);
     dst[i] = v;
     m = v > m ? v : m;
   }
@@ -83,8 +83,8 @@ inline float block_max(const float* x, int n) {
   return m;
 }
 
-inline float load_scaled_max(const f16_t* src, float* dst, int n, float scale) {
-  load_scaled(src, dst, n, scale);
+inline float load_block_max(const f16_t* src, float* dst, int n) {
+  load_block(src, dst, n);
   return block_max(dst, n);
 }
 
@@ -95,7 +95,7 @@ struct Online {
   // Absorb a block whose max is bm; returns the factor previous sums were rescaled by.
   float raise(float bm, float invT = 1.f) {
     float mn = bm > m ? bm : m;
-    float r = m == kNegInf ? 0.f : std::exp((m - mn) * invT);
+    float r = rescale(m, mn, invT);
     z *= r;
     m = mn;
     return r;
@@ -103,15 +103,9 @@ struct Online {
   float lse() const { return logsumexp_from(m, z); }
 };
 
-inline float sum_exp(const float* x, int n, float offset) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int i = 0; i < n; ++i) s += exp_fast(x[i] - offset);
-  return s;
-}
-
-// The same for raw logits x and a raw offset: sum of e^{(x - offset) / T}, the shift first.
-inline float sum_exp(const float* x, int n, float offset, float invT) {
+// Sum of e^{(x - offset) invT} over a block: raw logits x and a raw offset, the shift first
+// (invT = 1 / T; 1 for the hard term's s).
+inline float sum_exp(const float* x, int n, float offset, float invT = 1.0f) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int i = 0; i < n; ++i) s += exp_fast((x[i] - offset) * invT);

@@ -400,7 +400,7 @@ __device__ __forceinline__ void backward_row(const RowsArgs& a, int64_t r, int64
   const float invT = 1.0f / a.temperature;
   float cc = rs.c;
   // reverse KL: log q - log p = (cb - ca) - (lzb - lza), the constant formed once in double
-  const float krev = DIV == REVERSE_KL ? reverse_kl_offset(LogNorm{0.f, na.lz}, LogNorm{0.f, nb.lz}) : 0.f;
+  const float krev = DIV == REVERSE_KL ? reverse_kl_offset(na.lz, nb.lz) : 0.f;
   if (DIV == REVERSE_KL && SOFT) {
     // Reverse KL: d/db_j = q_j (x_j - c') with c' = sum_k q_k x_k summed here from the same
     // rounded x_k as the gradient (kd_math.h reverse_kl_qx / reverse_kl_qg, as the CPU kernel):

@@ -205,9 +205,10 @@ KD_HD KD_INLINE float log_ratio_fast(float x) {
 // A max usable as an exp offset: -inf (an empty or all -inf block) becomes 0, so exp(x - m) = 0.
 KD_HD KD_INLINE float safe_max(float m) { return m == kNegInf ? 0.0f : m; }
 
-// Factor that rescales a sum taken against offset m_old to offset m_new >= m_old.
-KD_HD KD_INLINE float rescale(float m_old, float m_new) {
-  return m_old == kNegInf ? 0.0f : expf(m_old - m_new);
+// Factor that rescales a sum taken against offset m_old to offset m_new >= m_old: of
+// e^{(x - m) invT} (invT = 1 / T for raw logits x, the shift first; 1 for sums of e^{x - m}).
+KD_HD KD_INLINE float rescale(float m_old, float m_new, float invT = 1.0f) {
+  return m_old == kNegInf ? 0.0f : expf((m_old - m_new) * invT);
 }
 
 // Merge (m, z) with (m2, z2): z is a sum of exp(x - m) over its part.
@@ -390,11 +391,12 @@ KD_HD KD_INLINE void mix_terms_linear(float p, float q, float param, float& phi,
 // Gradient with respect to the student logits s of one element:
 //   k_soft * (qg - q c) + k_hard * (softmax(s) - [j = label]),
 // with k_soft = grad_loss * soft_weight * T and k_hard = grad_loss * hard_weight.
-// Reverse KL: d/db_j = q_j (log q_j - log p_j - D) = q_j (x_j - D) with x_j = (b_j - a_j) - k and
-// the per-row constant k = (mb - ma) + (lzb - lza) formed once in double, so each element rounds
-// once instead of cancelling terms of size |b| (|logits| ~ 1e4).
-KD_HD KD_INLINE float reverse_kl_offset(LogNorm na, LogNorm nb) {
-  return (float)(((double)nb.m - (double)na.m) + ((double)nb.lz - (double)na.lz));
+// Reverse KL: d/db_j = q_j (log q_j - log p_j - D) = q_j (x_j - D) with x_j = (b_j - a_j) - k for
+// the centred scaled logits a_j = (t_j - ma) / T, b_j = (s_j - mb) / T and the per-row constant
+// k = lzb - lza formed in double, so each element rounds once instead of cancelling terms of
+// size |b| (|logits| ~ 1e4).
+KD_HD KD_INLINE float reverse_kl_offset(float lza, float lzb) {
+  return (float)((double)lzb - (double)lza);
 }
 
 KD_HD KD_INLINE float grad_element(float k_soft, float qg, float q, float c, float k_hard, float sm,
@@ -556,7 +558,7 @@ struct OnlineKL {
   }
 };
 
-// Reverse KL gradient term q_j (x_j - c') with x_j = (b_j - a_j) - k, k = reverse_kl_offset(na, nb),
+// Reverse KL gradient term q_j (x_j - c') with x_j = (b_j - a_j) - k, k = reverse_kl_offset(lza, lzb),
 // and c' = sum_k q_k x_k summed by the kernel from the same rounded x_k (reverse_kl_qx) in a pass
 // before the gradient: for near one-hot rows at |logits| ~ 1e4 the rounding of the dominant x_j
 // then cancels in x_j - c' (as in autograd) instead of leaving ulp(1e4)-sized errors. 0 where q = 0.
@@ -582,9 +584,7 @@ struct RawOnlineKL {
     k.init();
     invT = inv_t;
   }
-  KD_HD KD_INLINE float factor(float m_old, float m_new) const {
-    return m_old == kNegInf ? 0.f : expf((m_old - m_new) * invT);
-  }
+  KD_HD KD_INLINE float factor(float m_old, float m_new) const { return rescale(m_old, m_new, invT); }
   // Re-centre on raw maxima na >= ma, nb >= mb and add sums taken against them.
   KD_HD KD_INLINE void absorb(float na, float nb, float za2, float zb2, float acc2) {
     const float ra = factor(k.ma, na), rb = factor(k.mb, nb);

@@ -144,7 +144,7 @@ def compile_one(kernel: str, div: int, dtype: str, cap: int, soft: bool = True,
           "mse_fwd": M.kd_mse_fwd_kernel, "mse_bwd": M.kd_mse_bwd_kernel}[kernel]
     # LIN: the skew divergences' linear form, the one a launch takes for parameters >= 2^-60
     # (launch.py _linear); the log-space form of smaller parameters has its own variant
-    lin = div in (3, 4) if lin is None else lin
+    lin = div in K.LINEAR_DIVS if lin is None else lin
     constexprs = {"DIV": div, "LIN": lin, "SOFT": soft, "HAS_LABELS": has_labels, "HARD": hard,
                   "BLOCK": block}
     if kernel in ("given", "lse"):

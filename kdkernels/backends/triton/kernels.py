@@ -42,6 +42,9 @@ SKEW_KL = tl.constexpr(3)
 SKEW_REVERSE_KL = tl.constexpr(4)
 TVD = tl.constexpr(5)
 STATS = tl.constexpr(STATS_WIDTH)  # per-row fp32 statistics, see the module docstring
+# The divergences whose terms take the linear form (mix_terms_linear) for parameters >= 2^-60:
+# the LIN constexpr of the kernels (launch.py _linear, aot.py).
+LINEAR_DIVS = (3, 4)  # skew_kl, skew_reverse_kl
 
 
 @triton.jit

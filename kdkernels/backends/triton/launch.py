@@ -137,7 +137,7 @@ def _linear(div_id, param) -> bool:
     mix_linear_ok), the log-space form below that (down to 2^-126 and 0). jsd keeps the
     log-space form: its linear form needs two divisions and two logs, which the static model
     (benchmarks/gpu_model.py, sm_90a) puts at 112 SASS/elem in its loss pass against 94."""
-    return int(div_id) in (3, 4) and float(param) >= 2.0 ** -60
+    return int(div_id) in K.LINEAR_DIVS and float(param) >= 2.0 ** -60
 
 
 def _modes(div_id, param, soft_weight, hard_weight, labels):
