@@ -54,6 +54,7 @@ TRITON_MODULES = ("kernels", "launch", "sparse_kernels", "sparse_launch")
 CUDA_SOURCE = os.path.join(ROOT, "csrc", "cuda", "kd_cuda.cu")
 CUDA_INCLUDE = os.path.join(ROOT, "csrc", "include")
 CUDA_FLAGS = ["-O3", "-std=c++17", "--use_fast_math"]  # as setup.py builds kdkernels._C_cuda
+CUDA_LINEAR_DIVS = (2, 3, 4)  # kd_cuda.cu launch_which: LIN for jsd, skew_kl, skew_reverse_kl
 
 # ---- machine constants, with sources ------------------------------------------------------------
 # H100 SXM5 and H200 SXM: 132 SMs (NVIDIA H100 / H200 datasheets; 132 SMs read on the H200 of
@@ -713,13 +714,17 @@ def model_cuda(caps=CAPS, dtypes=DTYPES, divs=range(6)) -> List[dict]:
         res = parse_res_usage(res_text)
         dem = demangle(list(funcs))
         found = {}
+        # the instantiation a call with the default parameter launches: LIN (linear-form terms)
+        # for jsd, skew_kl and skew_reverse_kl (beta, alpha >= 2^-60), the log-space form otherwise
         for mangled, pretty in dem.items():
-            m = re.search(r"(forward|backward)_kernel<([^,>]+), (\d+), true, true>", pretty)
-            if m:
+            m = re.search(r"(forward|backward)_kernel<([^,>]+), (\d+), true, true, (true|false)>",
+                          pretty)
+            if m and (m.group(4) == "true") == (int(m.group(3)) in CUDA_LINEAR_DIVS):
                 found[(m.group(1), CUDA_DTYPES.get(m.group(2).strip(), m.group(2)),
                        int(m.group(3)))] = mangled
-            m = re.search(r"forward_grad_kernel<([^,>]+), (\d+), true, true, true>", pretty)
-            if m:
+            m = re.search(r"forward_grad_kernel<([^,>]+), (\d+), true, true, true, (true|false)>",
+                          pretty)
+            if m and (m.group(3) == "true") == (int(m.group(2)) in CUDA_LINEAR_DIVS):
                 found[("fused", CUDA_DTYPES.get(m.group(1).strip(), m.group(1)),
                        int(m.group(2)))] = mangled
         for dtype in dtypes:

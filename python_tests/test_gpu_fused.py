@@ -93,12 +93,23 @@ def _same(a, b):
     torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
+def _same_loss(a, b, div):
+    """The fused loss against forward_rows': bitwise, except triton's forward KL, whose fused
+    kernel sums D in its gradient pass (forward_rows online in its one pass): then within a few
+    fp32 ulps (inf and NaN where the other has them); both are also checked against the oracle."""
+    if _CURRENT[0] == "triton" and div == "forward_kl":
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-6, equal_nan=True)
+    else:
+        _same(a, b)
+
+
 def _check(s3, t3, labels, div, T=2.0, sw=1.0, hw=0.0, gs=None, plain=True, what=""):
     loss_f, grad_f, loss_2, grad_2 = _both(s3, t3, labels, div, T, sw, hw, gs)
     assert loss_f.dtype == torch.float32 and grad_f.dtype == s3.dtype
     assert grad_f.shape == s3.shape and grad_f.is_contiguous()
-    # the same fp32 code on the same values: bitwise equal to the two-kernel path
-    assert torch.equal(loss_f, loss_2), f"{what}: fused loss != forward_rows"
+    # the same fp32 code on the same values: bitwise equal to the two-kernel path (the loss:
+    # _same_loss)
+    _same_loss(loss_f, loss_2, div)
     assert torch.equal(grad_f, grad_2), f"{what}: fused gradient != backward_rows"
     n = s3.shape[0] * s3.shape[1]
     w = gs if gs is not None else torch.ones(n, device=s3.device)
@@ -184,7 +195,7 @@ def test_fused_large_logits_and_neg_inf_columns(backend, div):
     t2[0, 2, 3] = 0.0
     s2[0, 0, 100:200] = float("-inf")
     loss_f, grad_f, loss_2, grad_2 = _both(s2, t2, lab, div, hw=0.4)
-    _same(loss_f, loss_2)
+    _same_loss(loss_f, loss_2, div)
     _same(grad_f, grad_2)
 
 
@@ -217,7 +228,7 @@ def test_fused_infinite_loss_gradient_rule(backend, case, dtype):
     sw = 0.0 if side == "label" else 1.0
     gs = torch.rand(6, device=DEVICE) + 0.5
     loss_f, grad_f, loss_2, grad_2 = _both(s, t, lab, div, T=T, sw=sw, hw=hw, gs=gs)
-    _same(loss_f, loss_2)
+    _same_loss(loss_f, loss_2, div)
     _same(grad_f, grad_2)
     assert loss_f[0] == float("inf"), loss_f[0]
     g0 = grad_f[0, 0]
@@ -281,7 +292,10 @@ def test_kd_loss_uses_fused_op(backend, div, reduction, scale, monkeypatch):
         _two_kernel(m)
         out_2, g_2 = run()
     assert (counter.fused, counter.plain) == (1, 2)
-    assert torch.equal(out_f, out_2)
+    if backend == "triton" and div == "forward_kl":  # D summed in the fused gradient pass
+        torch.testing.assert_close(out_f, out_2, rtol=2e-6, atol=1e-6)
+    else:
+        assert torch.equal(out_f, out_2)
     if scale == 1.0:
         assert torch.equal(g_f, g_2)
     else:  # rescaled once in fp32 from the hinted scale: one more bf16 rounding at most

@@ -25,6 +25,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 #include <cstring>
+#include <type_traits>
 
 #include "kd_cuda.h"
 #include "kd_math.h"
@@ -210,7 +211,7 @@ __device__ float block_sum(float x, float* sm /* [WARPS] */) {
 // q (g - c) cancels: each thread sums a chunk (N terms) in fp32 and carries double only
 // across its chunks (2 double adds per chunk, not per element); the tree over threads is
 // short and stays fp32.
-template <class S, int DIV>
+template <class S, int DIV, bool LIN>
 __device__ __forceinline__ void row_sums(const S* s, const S* t, int64_t j0, int64_t V, bool vs,
                                          bool vt, LogNorm na, LogNorm nb, float invT, float param,
                                          float* sm, float& D, float& cc) {
@@ -225,7 +226,10 @@ __device__ __forceinline__ void row_sums(const S* s, const S* t, int64_t j0, int
     for (int k = 0; k < N; ++k) {
       const float lp = log_prob_scaled(tv[k], na, invT), lq = log_prob_scaled(sv[k], nb, invT);
       float phi, qg;
-      div_terms<DIV>(lp, lq, exp_fast(lp), exp_fast(lq), param, phi, qg);
+      if (LIN)
+        mix_terms_linear<DIV>(exp_fast(lp), exp_fast(lq), param, phi, qg);
+      else
+        div_terms<DIV>(lp, lq, exp_fast(lp), exp_fast(lq), param, phi, qg);
       cphi += phi;
       cqg += qg;
     }
@@ -247,7 +251,7 @@ __device__ __forceinline__ void row_sums(const S* s, const S* t, int64_t j0, int
 // frame, 4 bytes spilled, in forward_kernel<16-bit, reverse_kl, soft, no sep> on sm_90),
 // forward_grad_kernel const RowsArgs& (by value it spilled 4 bytes in its <16-bit, forward_kl,
 // soft, sep, hard> and, on sm_80, <16-bit, reverse_kl, soft> variants).
-template <class S, int DIV, bool SOFT, bool SEP, class A>
+template <class S, int DIV, bool SOFT, bool SEP, bool LIN, class A>
 __device__ __forceinline__ void forward_row(A a, int64_t r, int64_t label, float* sm, float* st) {
   constexpr int N = Vec<S>::N;
   const bool hard = a.labels && a.hard_weight != 0.f;
@@ -323,7 +327,7 @@ __device__ __forceinline__ void forward_row(A a, int64_t r, int64_t label, float
       D = on.k.divergence();
       cc = D + 1.f;  // saved for the record; backward sums its own c' (backward_kernel)
     } else {
-      row_sums<S, DIV>(s, t, j0, V, vs, vt, na, nb, invT, a.param, sm, D, cc);
+      row_sums<S, DIV, LIN>(s, t, j0, V, vs, vt, na, nb, invT, a.param, sm, D, cc);
       if (lognorm_nan(na) || lognorm_nan(nb)) D = NAN;  // NaN input: terms with q = NaN read as 0
     }
   }
@@ -345,7 +349,7 @@ struct FwdScratch {
   static constexpr int FLOATS = sizeof(RawOnlineKL<DIV>) / sizeof(float) * WARPS;
 };
 
-template <class S, int DIV, bool SOFT, bool SEP>
+template <class S, int DIV, bool SOFT, bool SEP, bool LIN>
 __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
   __shared__ float sm[FwdScratch<DIV>::FLOATS];  // block reductions
   const int64_t r = blockIdx.x;
@@ -360,7 +364,10 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
     }
     return;
   }
-  forward_row<S, DIV, SOFT, SEP, RowsArgs>(a, r, label, sm, st);
+  // by value, except jsd's linear form: by value it spilled 4 bytes in its <16-bit, soft, no sep>
+  // variants on sm_90 (nvcc 13; see forward_row's note on A)
+  using A = typename std::conditional<DIV == JSD && LIN, const RowsArgs&, RowsArgs>::type;
+  forward_row<S, DIV, SOFT, SEP, LIN, A>(a, r, label, sm, st);
 }
 
 // Writes v over this thread's chunks of one gradient row.
@@ -384,7 +391,7 @@ __device__ __forceinline__ void zero_grad_row(const RowsArgs& a, int64_t r) {
 // SOFT as in forward_kernel; HARD: labels and hard_weight != 0 (the hard term's gradient).
 // The gradient pass of one counted row from its statistics `rs`, for grad_loss `gl` (every
 // thread of the CTA). `sm`: at least WARPS floats of reduction scratch.
-template <class S, int DIV, bool SOFT, bool HARD>
+template <class S, int DIV, bool SOFT, bool HARD, bool LIN>
 __device__ __forceinline__ void backward_row(const RowsArgs& a, int64_t r, int64_t label, const RowStats& rs,
                                              float gl, float* sm) {
   constexpr int N = Vec<S>::N;
@@ -439,7 +446,10 @@ __device__ __forceinline__ void backward_row(const RowsArgs& a, int64_t r, int64
         const float p = exp_fast(lp);
         q = exp_fast(lq);
         float phi, qg;
-        div_terms<DIV>(lp, lq, p, q, a.param, phi, qg);
+        if (LIN)
+          mix_terms_linear<DIV>(p, q, a.param, phi, qg);
+        else
+          div_terms<DIV>(lp, lq, p, q, a.param, phi, qg);
         // reverse KL: qg - q c = q (x - c') without the cancellation (kd_math.h)
         o = DIV == REVERSE_KL ? k_soft * reverse_kl_qg(q, ca, cb, krev, cc) : k_soft * (qg - q * cc);
       }
@@ -453,7 +463,7 @@ __device__ __forceinline__ void backward_row(const RowsArgs& a, int64_t r, int64
   }
 }
 
-template <class S, int DIV, bool SOFT, bool HARD>
+template <class S, int DIV, bool SOFT, bool HARD, bool LIN>
 __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
   __shared__ float sm[WARPS];
   const int64_t r = blockIdx.x;
@@ -463,7 +473,7 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
     zero_grad_row<S>(a, r);
     return;
   }
-  backward_row<S, DIV, SOFT, HARD>(a, r, label, load_row_stats(a.stats + r * STATS_WIDTH), a.grad_loss[r], sm);
+  backward_row<S, DIV, SOFT, HARD, LIN>(a, r, label, load_row_stats(a.stats + r * STATS_WIDTH), a.grad_loss[r], sm);
 }
 
 // The training path in one kernel: the forward of the row (statistics pass, and the loss / c pass
@@ -471,7 +481,7 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
 // the statistics handed over in shared memory (7 floats, not a global round trip): the loss is
 // forward_kernel's and the gradient backward_kernel's, bitwise. SOFT, SEP as in forward_kernel,
 // HARD as in backward_kernel.
-template <class S, int DIV, bool SOFT, bool SEP, bool HARD>
+template <class S, int DIV, bool SOFT, bool SEP, bool HARD, bool LIN>
 __global__ void __launch_bounds__(THREADS) forward_grad_kernel(RowsArgs a) {
   __shared__ float sm[FwdScratch<DIV>::FLOATS];
   __shared__ float st[STATS_WIDTH];
@@ -483,9 +493,9 @@ __global__ void __launch_bounds__(THREADS) forward_grad_kernel(RowsArgs a) {
     zero_grad_row<S>(a, r);
     return;
   }
-  forward_row<S, DIV, SOFT, SEP, const RowsArgs&>(a, r, label, sm, st);
+  forward_row<S, DIV, SOFT, SEP, LIN, const RowsArgs&>(a, r, label, sm, st);
   __syncthreads();  // thread 0's statistics, as backward_kernel loads them from the stats row
-  backward_row<S, DIV, SOFT, HARD>(a, r, label, load_row_stats(st), a.grad_loss[r], sm);
+  backward_row<S, DIV, SOFT, HARD, LIN>(a, r, label, load_row_stats(st), a.grad_loss[r], sm);
 }
 
 // In place: grad[r] *= grad_loss[r] / grad_scale[r] (0 where grad_scale is 0; grad_scale null:
@@ -506,7 +516,7 @@ __global__ void __launch_bounds__(THREADS) rescale_kernel(void* grad, const floa
 // Vocab-parallel pass 2: with the normalisers given in a.stats (raw maxima, as forward stores
 // them), the sums over the row's columns of phi and of q g into a.partial[2 r], a.partial[2 r + 1]
 // (the second pass of forward_kernel); zeros on ignored rows.
-template <class S, int DIV>
+template <class S, int DIV, bool LIN>
 __global__ void __launch_bounds__(THREADS) given_stats_kernel(RowsArgs a) {
   __shared__ float sm[WARPS];
   const int64_t r = blockIdx.x;
@@ -527,24 +537,24 @@ __global__ void __launch_bounds__(THREADS) given_stats_kernel(RowsArgs a) {
   const RowStats rs = load_row_stats(a.stats + r * STATS_WIDTH);
   const LogNorm na = rs.na, nb = rs.nb;
   float D, cc;  // forward_kernel's second pass, from the given statistics
-  row_sums<S, DIV>(s, t, j0, V, vs, vt, na, nb, invT, a.param, sm, D, cc);
+  row_sums<S, DIV, LIN>(s, t, j0, V, vs, vt, na, nb, invT, a.param, sm, D, cc);
   if (threadIdx.x == 0) {
     out[0] = (lognorm_nan(na) || lognorm_nan(nb)) ? NAN : D;
     out[1] = cc;
   }
 }
 
-template <class S, int DIV>
+template <class S, int DIV, bool LIN>
 int launch_given_stats(const RowsArgs& a, cudaStream_t stream) {
   if (a.N == 0) return 0;
   dim3 grid((unsigned)a.N), block(THREADS);
   if (cudaPeekAtLastError() != cudaSuccess) (void)cudaGetLastError();  // as launch()
-  void (*kernel)(RowsArgs) = given_stats_kernel<S, DIV>;  // no template commas in the macro
+  void (*kernel)(RowsArgs) = given_stats_kernel<S, DIV, LIN>;  // no template commas in the macro
   KD_LAUNCH(kernel, grid, block, 0, stream, a);
   return (int)cudaGetLastError();
 }
 
-template <class S, int DIV>
+template <class S, int DIV, bool LIN>
 int launch_fused(const RowsArgs& a, cudaStream_t stream) {
   if (a.N == 0) return 0;
   const bool soft = a.soft_weight != 0.f;
@@ -552,17 +562,19 @@ int launch_fused(const RowsArgs& a, cudaStream_t stream) {
   const bool sep = hard && !(soft && a.temperature == 1.f);
   void (*kernel)(RowsArgs);
   if (soft)
-    kernel = !hard ? forward_grad_kernel<S, DIV, true, false, false>
-                   : (sep ? forward_grad_kernel<S, DIV, true, true, true> : forward_grad_kernel<S, DIV, true, false, true>);
-  else
-    kernel = hard ? forward_grad_kernel<S, DIV, false, true, true> : forward_grad_kernel<S, DIV, false, false, false>;
+    kernel = !hard ? forward_grad_kernel<S, DIV, true, false, false, LIN>
+                   : (sep ? forward_grad_kernel<S, DIV, true, true, true, LIN>
+                          : forward_grad_kernel<S, DIV, true, false, true, LIN>);
+  else  // no soft term: the divergence's terms are never formed
+    kernel = hard ? forward_grad_kernel<S, DIV, false, true, true, false>
+                  : forward_grad_kernel<S, DIV, false, false, false, false>;
   dim3 grid((unsigned)a.N), block(THREADS);
   if (cudaPeekAtLastError() != cudaSuccess) (void)cudaGetLastError();  // as in launch()
   KD_LAUNCH(kernel, grid, block, 0, stream, a);
   return (int)cudaGetLastError();
 }
 
-template <class S, int DIV>
+template <class S, int DIV, bool LIN>
 int launch(const RowsArgs& a, cudaStream_t stream, bool fwd) {
   if (a.N == 0) return 0;
   const bool soft = a.soft_weight != 0.f;
@@ -570,11 +582,11 @@ int launch(const RowsArgs& a, cudaStream_t stream, bool fwd) {
   const bool sep = hard && !(soft && a.temperature == 1.f);
   void (*kernel)(RowsArgs);
   if (fwd)
-    kernel = soft ? (sep ? forward_kernel<S, DIV, true, true> : forward_kernel<S, DIV, true, false>)
-                  : (sep ? forward_kernel<S, DIV, false, true> : forward_kernel<S, DIV, false, false>);
+    kernel = soft ? (sep ? forward_kernel<S, DIV, true, true, LIN> : forward_kernel<S, DIV, true, false, LIN>)
+                  : (sep ? forward_kernel<S, DIV, false, true, false> : forward_kernel<S, DIV, false, false, false>);
   else
-    kernel = soft ? (hard ? backward_kernel<S, DIV, true, true> : backward_kernel<S, DIV, true, false>)
-                  : (hard ? backward_kernel<S, DIV, false, true> : backward_kernel<S, DIV, false, false>);
+    kernel = soft ? (hard ? backward_kernel<S, DIV, true, true, LIN> : backward_kernel<S, DIV, true, false, LIN>)
+                  : (hard ? backward_kernel<S, DIV, false, true, false> : backward_kernel<S, DIV, false, false, false>);
   dim3 grid((unsigned)a.N), block(THREADS);
   // An error left pending by an earlier, unrelated call is not this launch's: clear it first
   // (cudaPeekAtLastError / cudaGetLastError), so the check after the launch reports only the
@@ -591,13 +603,24 @@ int launch(const RowsArgs& a, cudaStream_t stream, bool fwd) {
 // The kernel a launcher entry point runs.
 enum Which { FORWARD = 0, BACKWARD = 1, FUSED = 2, GIVEN_STATS = 3 };
 
+template <class S, int DIV, bool LIN>
+int launch_which_form(const RowsArgs& a, cudaStream_t stream, int which) {
+  switch (which) {
+    case FUSED: return launch_fused<S, DIV, LIN>(a, stream);
+    case GIVEN_STATS: return launch_given_stats<S, DIV, LIN>(a, stream);
+    default: return launch<S, DIV, LIN>(a, stream, which == FORWARD);
+  }
+}
+
+// LIN: the mixture divergences with a parameter >= 2^-60 (kd_math.h mix_linear_ok) form their
+// terms from p and q in linear space (mix_terms_linear, as the CPU kernels): a division and a
+// log per ratio (one for the skew divergences, two for jsd), where the log-space mixture takes
+// exponentials and logs of its own.
 template <class S, int DIV>
 int launch_which(const RowsArgs& a, cudaStream_t stream, int which) {
-  switch (which) {
-    case FUSED: return launch_fused<S, DIV>(a, stream);
-    case GIVEN_STATS: return launch_given_stats<S, DIV>(a, stream);
-    default: return launch<S, DIV>(a, stream, which == FORWARD);
-  }
+  if ((DIV == JSD || DIV == SKEW_KL || DIV == SKEW_REVERSE_KL) && mix_linear_ok(a.param))
+    return launch_which_form<S, DIV, true>(a, stream, which);
+  return launch_which_form<S, DIV, false>(a, stream, which);
 }
 
 template <class S>

@@ -365,23 +365,34 @@ KD_HD KD_INLINE float xlog_of_ratio(float x, float r, float logr) {
   return r > 0.0f ? x * logr : 0.0f;  // r > 0 implies x > 0 (r = x / m)
 }
 
+// x / m for the linear terms (m = 0: x = 0 too, the divisor is taken as 1). The host's IEEE
+// division gives exactly 1 for x == m (identical rows: exact 0 terms); the device build's fast
+// division (--use_fast_math: x times an approximate reciprocal) need not, so there x == m is
+// selected. (On the host a select around the division defeats GCC's vectorizer.)
+KD_HD KD_INLINE float mix_ratio(float x, float m) {
+#if defined(__CUDA_ARCH__)
+  return x == m ? 1.0f : x / (m > 0.0f ? m : 1.0f);
+#else
+  return x / (m > 0.0f ? m : 1.0f);
+#endif
+}
+
 template <int DIV>
 KD_HD KD_INLINE void mix_terms_linear(float p, float q, float param, float& phi, float& qg) {
   if (DIV == JSD) {  // m = beta p + (1 - beta) q
-    const float m = q + param * (p - q);
-    const float ms = m > 0.0f ? m : 1.0f;  // m = 0: p = q = 0 (or below 2^-89: terms ~ 0)
-    const float rp = p / ms, rq = q / ms;  // divisions, not 1/m: m may be subnormal
+    const float m = q + param * (p - q);  // m = 0: p = q = 0 (or below 2^-89: terms ~ 0)
+    const float rp = mix_ratio(p, m), rq = mix_ratio(q, m);  // divisions, not 1/m: m may be subnormal
     const float tq = xlog_of_ratio(q, rq, log_ratio_fast(rq));
     phi = param * xlog_of_ratio(p, rp, log_ratio_fast(rp)) + (1.0f - param) * tq;
     qg = (1.0f - param) * tq;
   } else if (DIV == SKEW_KL) {  // m = alpha p + (1 - alpha) q; q g = -(1 - alpha) q p / m
     const float m = q + param * (p - q);
-    const float r = p / (m > 0.0f ? m : 1.0f);
+    const float r = mix_ratio(p, m);
     phi = xlog_of_ratio(p, r, log_ratio_fast(r));
     qg = -(1.0f - param) * q * r;
   } else {  // SKEW_REVERSE_KL: m = alpha q + (1 - alpha) p; q g = q (log(q/m) + 1 - alpha q / m)
     const float m = p + param * (q - p);
-    const float r = q / (m > 0.0f ? m : 1.0f);  // (a select around q / m defeats GCC's vectorizer)
+    const float r = mix_ratio(q, m);
     const float lr = log_ratio_fast(r);
     phi = r > 0.0f ? q * lr : 0.0f;
     qg = r > 0.0f ? q * ((lr + 1.0f) - param * r) : 0.0f;

@@ -29,8 +29,11 @@ Backward (``kd_bwd_kernel``) reads s and t once more and writes, in the student'
 The constant parts of g (the "+1" of reverse KL and skew reverse KL) cancel in g - c and are
 left out of both g and c here, which keeps c small and the difference accurate.
 """
+import os
+
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .. import STATS_WIDTH
 
@@ -44,7 +47,11 @@ TVD = tl.constexpr(5)
 STATS = tl.constexpr(STATS_WIDTH)  # per-row fp32 statistics, see the module docstring
 # The divergences whose terms take the linear form (mix_terms_linear) for parameters >= 2^-60:
 # the LIN constexpr of the kernels (launch.py _linear, aot.py).
-LINEAR_DIVS = (3, 4)  # skew_kl, skew_reverse_kl
+LINEAR_DIVS = (2, 3, 4)  # jsd, skew_kl, skew_reverse_kl
+LOG2E = tl.constexpr(1.4426950408889634)
+# triton.jit's own rule: under TRITON_INTERPRET=1 the kernels run in numpy, which has no PTX
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+TINY = tl.constexpr(1.17549435e-38)  # 2^-126, the smallest normal fp32
 
 
 @triton.jit
@@ -54,10 +61,44 @@ def safe_max(m):
 
 
 @triton.jit
+def fast_log(x):
+    """ln x for the mixture logs on the GPU: MUFU.LG2 times ln 2 (libdevice ``__nv_fast_logf``,
+    lg2.approx.ftz: CUDA's ``__logf``, the intrinsic the CUDA backend's ``--use_fast_math`` build
+    uses for every log; max absolute error 2^-21.41 for x in [0.5, 2], 3 ulp elsewhere, per the
+    CUDA C++ Programming Guide's intrinsic-function table) in 2 instructions, where ``tl.log`` is
+    libdevice's ~20-instruction polynomial. Inputs below 2^-126 flush to 0 (log -inf): callers
+    pass normal numbers or guard. The interpreter has no PTX: there it is ``tl.log``."""
+    if INTERPRETED:
+        return tl.log(x)
+    else:
+        return libdevice.fast_logf(x)
+
+
+@triton.jit
+def fast_div(x, y):
+    """x / y for 2^-126 <= y <= 1 on the GPU: libdevice ``__nv_fast_fdividef`` (div.approx.ftz:
+    CUDA's ``__fdividef``, the division of the CUDA backend's ``--use_fast_math`` build; 2 ulp
+    for y in [2^-126, 2^126] per the CUDA C++ Programming Guide), a reciprocal and a multiply,
+    where ``/`` is div.full.f32 (~16 SASS instructions). The interpreter: ``/``."""
+    if INTERPRETED:
+        return x / y
+    else:
+        return libdevice.fast_dividef(x, y)
+
+
+@triton.jit
+def exp2_from(x, m, k2, l2):
+    """e^{(x - m)/T - l} as exp2((x - m)·k2 - l2), k2 = log2(e)/T, l2 = l·log2(e): one FFMA and
+    one MUFU.EX2 (tl.exp2 is ex2.approx.ftz; tl.exp adds a multiply and a subnormal fix-up).
+    Results below 2^-126 flush to 0 (probabilities of that size contribute nothing)."""
+    return tl.exp2((x - m) * k2 - l2)
+
+
+@triton.jit
 def _log_mix(w1, x, y):
     """log(w1 e^x + (1 - w1) e^y) for log-probabilities x, y (0 <= w1 < 1).
 
-    Factored as hi + log(w_hi + w_lo e^(lo - hi)) so that x == y gives exactly x (identical
+    Factored as hi + log(w_hi + w_lo e^(lo - hi)); x == y gives exactly x (identical
     distributions give an exact 0 divergence); -inf where both are -inf, never NaN. A w_hi below
     2^-60 (parameters down to 2^-126) with e^(lo - hi) < 2^-115 is summed scaled by 2^64: both
     parts are then below 2^-126, where the GPU's exp flushes to 0 (csrc/include/kd_math.h)."""
@@ -71,14 +112,28 @@ def _log_mix(w1, x, y):
     # w_hi < 2^-60 and e^d < 2^-115: both parts scaled by 2^64, the log shifted back by 64 ln 2
     scaled = ((w_hi < 8.67361738e-19) & (d < -80.0)).to(tl.float32)
     shift = scaled * 44.3614195558365
-    out = hi + (tl.log(w_hi * (1.0 + scaled * 1.8446744e19) + w_lo * tl.exp(d + shift)) - shift)
+    # the log's argument is >= w_hi (scaled: >= 2^-62) or >= w_lo e^-80: normal, fast_log is safe
+    arg = w_hi * (1.0 + scaled * 1.8446744e19) + w_lo * tl.exp2((d + shift) * LOG2E)
+    out = hi + (fast_log(arg) - shift)
+    out = tl.where(x == y, x, out)  # exact, whatever w1 + (1 - w1) and the log of 1 round to
     return tl.where(w_hi == 0.0, lo, out)  # w_hi = 0: m is the other distribution (w_lo = 1)
 
 
 @triton.jit
+def _ratio(x, m):
+    """x / m for the linear mixture terms (x <= m / param, m <= 1): exactly 1 where x == m
+    (identical rows must give an exact 0, and the GPU's fast division, a reciprocal times x,
+    need not), 0 where m < 2^-126 (then x < 2^-126 / param <= 2^-66: terms below 2^-66 · 42,
+    taken as 0; fast_div flushes such m to 0)."""
+    small = m < TINY
+    return tl.where(x == m, 1.0, tl.where(small, 0.0, fast_div(x, tl.where(small, 1.0, m))))
+
+
+@triton.jit
 def _xlog_ratio(x, r):
-    """x·log r with r = x / m: 0 where r == 0 (x = 0, or x far below m), NaN stays NaN."""
-    return tl.where(r == 0, 0.0, x * tl.log(r))
+    """x·log r with r = x / m: 0 where r < 2^-126 (x = 0, or x far below m: the term is below
+    2^-126 · 87 in size; fast_log would flush r to 0), NaN stays NaN."""
+    return tl.where(r < TINY, 0.0, x * fast_log(r))
 
 
 @triton.jit
@@ -91,17 +146,23 @@ def mix_terms_linear(DIV: tl.constexpr, p, q, param):
     that element's term, below 2^-66 · log 2^60, is taken as 0). m = q + α (p - q) is exactly q
     when p == q, so identical rows still give exactly 0. q·g without its constant part, as
     ``terms``."""
-    if DIV == SKEW_KL:  # m = α p + (1 - α) q; q g = -(1 - α) q p / m
+    if DIV == JSD:  # m = β p + (1 - β) q; q g = (1 - β) q log(q / m) (+ constants, dropped)
         m = q + param * (p - q)
-        r = p / tl.where(m == 0, 1.0, m)  # m = 0: p = q = 0 (or both below 2^-66: terms ~ 0)
+        tq = _xlog_ratio(q, _ratio(q, m))
+        phi = param * _xlog_ratio(p, _ratio(p, m)) + (1.0 - param) * tq
+        qg = (1.0 - param) * tq
+    elif DIV == SKEW_KL:  # m = α p + (1 - α) q; q g = -(1 - α) q p / m
+        m = q + param * (p - q)
+        r = _ratio(p, m)
         phi = _xlog_ratio(p, r)
         qg = -(1.0 - param) * q * r
     else:  # SKEW_REVERSE_KL: m = α q + (1 - α) p; q g = q (log(q / m) - α q / m) (+ q, dropped)
         m = p + param * (q - p)
-        r = q / tl.where(m == 0, 1.0, m)
-        lr = tl.log(r)
-        phi = tl.where(r == 0, 0.0, q * lr)
-        qg = tl.where(r == 0, 0.0, q * (lr - param * r))
+        r = _ratio(q, m)
+        small = r < TINY  # q far below m (or 0): the terms are ~ 0, as _xlog_ratio
+        lr = fast_log(tl.where(small, 1.0, r))
+        phi = tl.where(small, 0.0, q * lr)
+        qg = tl.where(small, 0.0, q * (lr - param * r))
     return phi, qg
 
 
@@ -134,12 +195,12 @@ def terms(DIV: tl.constexpr, LIN: tl.constexpr, logp, logq, p, q, param):
     elif DIV == SKEW_KL:
         logm = _log_mix(param, logp, logq)
         phi = tl.where(p == 0, zero, p * (logp - logm))
-        w = tl.exp(tl.minimum(tl.log(zero + (1.0 - param)) + logq - logm, 0.0))  # (1-α) q / m
+        w = tl.exp2(tl.minimum((tl.log(zero + (1.0 - param)) + logq - logm) * LOG2E, 0.0))  # (1-α)q/m
         qg = tl.where(p == 0, zero, -p * w)
     elif DIV == SKEW_REVERSE_KL:
         logm = _log_mix(param, logq, logp)
         phi = tl.where(q == 0, zero, q * (logq - logm))
-        w = tl.exp(tl.minimum(tl.log(zero + param) + logq - logm, 0.0))  # α q / m
+        w = tl.exp2(tl.minimum((tl.log(zero + param) + logq - logm) * LOG2E, 0.0))  # α q / m
         qg = tl.where(q == 0, zero, q * (logq - logm - w))
     else:  # TVD; sign(0) = 0 at ties
         phi = 0.5 * tl.abs(p - q)
@@ -166,10 +227,12 @@ def row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl, ignore_index,
 @triton.jit
 def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weight,
               DIV: tl.constexpr, LIN: tl.constexpr, SOFT: tl.constexpr, HARD: tl.constexpr,
-              BLOCK: tl.constexpr):
+              ONLINE: tl.constexpr, BLOCK: tl.constexpr):
     """The forward of one row: pass 1 (statistics), for the mixture divergences pass 2 (loss and
     c). Returns the row's loss soft_scale·D + hard_weight·CE (not yet masked) and its statistics
-    (ma, lza, mb, lzb, c, ms, lzs), see the module docstring. Ignored rows read no logits."""
+    (ma, lza, mb, lzb, c, ms, lzs), see the module docstring. Ignored rows read no logits.
+    ONLINE = False (the fused kernel, forward KL): pass 1 keeps no online KL and D is left out of
+    the loss (D = 0 here); the gradient pass sums it (``_row_grad``'s LOSS)."""
     n = tl.where(valid, V, 0)
     ninf = float("-inf")
     zero = tl.zeros([], tl.float32)
@@ -213,12 +276,12 @@ def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weig
             # (a <-> b for reverse KL); when the maxima move by (da, db), the old terms gain
             # z·(db - da) before the usual rescaling. Centring keeps the terms small, so V = 1 or
             # identical rows give an exact 0 and |logits| ~ 1e4 lose no precision.
-            if DIV == FORWARD_KL or DIV == REVERSE_KL:
+            if (DIV == FORWARD_KL and ONLINE) or DIV == REVERSE_KL:
                 da = tl.where(up_a, ma_new - ma, 0.0)
                 db = tl.where(up_b, mb_new - mb, 0.0)
                 ca = (t - safe_max(ma_new)) * inv_T
                 cb = (s - safe_max(mb_new)) * inv_T
-            if DIV == FORWARD_KL:
+            if DIV == FORWARD_KL and ONLINE:
                 shift = tl.where(za == 0, 0.0, za * (db - da) * inv_T)
                 acc = (acc + shift) * ra + tl.where(wa == 0, 0.0, wa * (ca - cb))
             if DIV == REVERSE_KL:
@@ -240,7 +303,7 @@ def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weig
         mb_r = tl.max(mb, 0)
         fa = tl.exp2((ma - safe_max(ma_r)) * k2)
         fb = tl.exp2((mb - safe_max(mb_r)) * k2)
-        if DIV == FORWARD_KL:
+        if DIV == FORWARD_KL and ONLINE:
             d = tl.where(mb == mb_r, 0.0, mb_r - mb) - tl.where(ma == ma_r, 0.0, ma_r - ma)
             acc_r = tl.sum((acc + tl.where(za == 0, 0.0, za * d * inv_T)) * fa, 0)
         elif DIV == REVERSE_KL:
@@ -276,13 +339,19 @@ def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weig
     c = zero
     if SOFT:
         if DIV == FORWARD_KL:
-            div = acc / za + tl.log(zb / za)  # one log of a ratio near 1: no log V cancellation
+            if ONLINE:  # one log of a ratio near 1: no log V cancellation
+                div = acc / za + tl.log(zb / za)
             c = zero - 1.0
         elif DIV == REVERSE_KL:
             div = acc / zb + tl.log(za / zb)
             c = div
         else:
             # ---- pass 2: divergences that need the statistics before they can form p, q, m ----
+            # per-lane sums, one reduction after the loop (no barriers inside it)
+            lza2 = lza * LOG2E
+            lzb2 = lzb * LOG2E
+            div_l = lane_zero
+            c_l = lane_zero
             for start in range(0, n, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < V
@@ -290,11 +359,13 @@ def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weig
                 t = tl.load(t_row + cols, mask=mask, other=ninf).to(tl.float32)
                 logp = (t - ma) * inv_T - lza
                 logq = (s - mb) * inv_T - lzb
-                p = tl.exp(logp)
-                q = tl.exp(logq)
+                p = exp2_from(t, ma, k2, lza2)
+                q = exp2_from(s, mb, k2, lzb2)
                 phi, qg = terms(DIV, LIN, logp, logq, p, q, param)
-                div += tl.sum(phi, 0)
-                c += tl.sum(qg, 0)
+                div_l += phi
+                c_l += qg
+            div = tl.sum(div_l, 0)
+            c = tl.sum(c_l, 0)
     total = soft_scale * div
     if HARD:
         in_range = (label >= 0) & (label < V)
@@ -318,7 +389,7 @@ def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
                                             ignore_index, HAS_LABELS)
     total, ma, lza, mb, lzb, c, ms, lzs = _row_loss(
         s_ptr + s_off, t_ptr + t_off, label, valid, V, inv_T, param, soft_scale, hard_weight,
-        DIV, LIN, SOFT, HARD, BLOCK)
+        DIV, LIN, SOFT, HARD, True, BLOCK)
     tl.store(loss_ptr + row, tl.where(valid, total, 0.0))
     st = stats_ptr + row * STATS
     tl.store(st + 0, tl.where(valid, ma, 0.0))
@@ -356,21 +427,29 @@ def kd_bwd_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, gl_ptr, g_ptr,
     ms = tl.load(st + 5)
     lzs = tl.load(st + 6)
     _row_grad(s_row, t_row, g_row, label, valid, V, gl, ma, lza, mb, lzb, c, ms, lzs, inv_T,
-              param, soft_scale, hard_weight, DIV, LIN, SOFT, HARD, BLOCK)
+              param, soft_scale, hard_weight, DIV, LIN, SOFT, HARD, False, BLOCK)
 
 
 @triton.jit
 def _row_grad(s_row, t_row, g_row, label, valid, V, gl, ma, lza, mb, lzb, c, ms, lzs, inv_T,
               param, soft_scale, hard_weight,
               DIV: tl.constexpr, LIN: tl.constexpr, SOFT: tl.constexpr, HARD: tl.constexpr,
-              BLOCK: tl.constexpr):
+              LOSS: tl.constexpr, BLOCK: tl.constexpr):
     """The gradient pass of one row from its statistics: writes, in g_row's dtype,
     gl · (soft_scale · q (g - c) + hard_weight · (softmax(s) - onehot)), zeros on ignored rows.
-    A label outside [0, V) that is not ignore_index adds the softmax term and no one-hot."""
+    A label outside [0, V) that is not ignore_index adds the softmax term and no one-hot.
+    LOSS (forward KL in the fused kernel): also returns D = Σ p (log p - log q) of the row, summed
+    per lane from the p and q the gradient uses (the statistics pass then needs no online KL:
+    27 instead of 48 SASS/elem, memory-bound); otherwise returns 0."""
     # the +inf-loss rule (docs/precision.md): an infinite c (reverse KL with p = 0 < q) means an
     # infinite term in the gradient; the whole row is then NaN (kd_bwd_kernel and the fused
     # kd_fwd_grad_kernel alike)
     c_bad = (c - c) != 0.0
+    k2 = inv_T * LOG2E
+    lza2 = lza * LOG2E
+    lzb2 = lzb * LOG2E
+    lzs2 = lzs * LOG2E
+    div_l = tl.zeros([BLOCK], tl.float32)
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < V
@@ -381,21 +460,26 @@ def _row_grad(s_row, t_row, g_row, label, valid, V, gl, ma, lza, mb, lzb, c, ms,
             t = tl.load(t_row + cols, mask=live, other=0.0).to(tl.float32)
             logp = (t - ma) * inv_T - lza
             logq = (s - mb) * inv_T - lzb
-            p = tl.exp(logp)
-            q = tl.exp(logq)
+            p = exp2_from(t, ma, k2, lza2)
+            q = exp2_from(s, mb, k2, lzb2)
             if DIV == FORWARD_KL:
                 grad_b = q - p
+                if LOSS:
+                    logp = (t - ma) * inv_T - lza
+                    logq = (s - mb) * inv_T - lzb
+                    div_l += tl.where(live & (p != 0), p * (logp - logq), 0.0)  # 0 log 0 = 0
             else:
                 _, qg = terms(DIV, LIN, logp, logq, p, q, param)
                 grad_b = qg - tl.where(q == 0, 0.0, q * c)  # q·g may be nonzero at q = 0 (skew KL, α = 0)
             grad += soft_scale * grad_b
         if HARD:
             onehot = tl.where(cols == label, 1.0, 0.0)
-            grad += hard_weight * (tl.exp((s - ms) - lzs) - onehot)
+            grad += hard_weight * (exp2_from(s, ms, LOG2E, lzs2) - onehot)
         if SOFT:
             grad = tl.where(c_bad, float("nan"), grad)
         grad = tl.where(valid, grad * gl, 0.0)
         tl.store(g_row + cols, grad.to(g_row.dtype.element_ty), mask=mask)
+    return tl.sum(div_l, 0)
 
 
 @triton.jit
@@ -410,19 +494,22 @@ def kd_fwd_grad_kernel(s_ptr, t_ptr, lab_ptr, gs_ptr, loss_ptr, g_ptr,
     and pass 2 for the mixture divergences) gives the loss and the statistics, kept in registers,
     then the gradient pass of ``kd_bwd_kernel`` writes grad_scale[row] · d loss / d s
     (soft_scale = soft_weight·T² for the loss, grad_soft = soft_weight·T for the gradient;
-    grad_scale = 1 without HAS_SCALE). Same code, same fp32 values: the loss equals forward_rows'
-    bitwise and the gradient backward_rows' for grad_loss = grad_scale. Bytes (bf16): 4 + 6 for
-    forward / reverse KL, 4 + 4 + 6 for jsd, skew_kl, skew_reverse_kl, tvd (c needs A and B)."""
+    grad_scale = 1 without HAS_SCALE). Same code, same fp32 values: the gradient equals
+    backward_rows' bitwise for grad_loss = grad_scale, and so does the loss except for forward KL,
+    whose D is summed in the gradient pass from p and q (pass 1 then keeps no online KL: c = -1
+    needs no loss), where forward_rows accumulates it online in its one pass; both are within the
+    error bound. Bytes (bf16): 4 + 6 for forward / reverse KL, 4 + 4 + 6 for jsd, skew_kl,
+    skew_reverse_kl, tvd (c needs A and B)."""
     row = tl.program_id(0).to(tl.int64)
     s_off, t_off, label, valid = row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
                                             ignore_index, HAS_LABELS)
     g_off = (row // s_L) * g_sb + (row % s_L) * g_sl
     s_row = s_ptr + s_off
     t_row = t_ptr + t_off
+    LATE: tl.constexpr = SOFT and DIV == FORWARD_KL  # D summed in the gradient pass
     total, ma, lza, mb, lzb, c, ms, lzs = _row_loss(
         s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weight,
-        DIV, LIN, SOFT, HARD, BLOCK)
-    tl.store(loss_ptr + row, tl.where(valid, total, 0.0))
+        DIV, LIN, SOFT, HARD, not LATE, BLOCK)
     if HAS_SCALE:
         gl = tl.load(gs_ptr + row).to(tl.float32)
     else:
@@ -435,8 +522,11 @@ def kd_fwd_grad_kernel(s_ptr, t_ptr, lab_ptr, gs_ptr, loss_ptr, g_ptr,
     c = tl.where(valid, c, 0.0)
     ms = tl.where(valid, ms, 0.0)
     lzs = tl.where(valid, lzs, 0.0)
-    _row_grad(s_row, t_row, g_ptr + g_off, label, valid, V, gl, ma, lza, mb, lzb, c, ms, lzs,
-              inv_T, param, grad_soft, hard_weight, DIV, LIN, SOFT, HARD, GBLOCK)
+    div = _row_grad(s_row, t_row, g_ptr + g_off, label, valid, V, gl, ma, lza, mb, lzb, c, ms,
+                    lzs, inv_T, param, grad_soft, hard_weight, DIV, LIN, SOFT, HARD, LATE, GBLOCK)
+    if LATE:
+        total = total + soft_scale * div
+    tl.store(loss_ptr + row, tl.where(valid, total, 0.0))
 
 
 @triton.jit
@@ -483,8 +573,11 @@ def kd_given_stats_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, out_ptr,
     lza = tl.load(st + 1)
     mb = tl.load(st + 2)
     lzb = tl.load(st + 3)
-    div = tl.zeros([], tl.float32)
-    c = tl.zeros([], tl.float32)
+    k2 = inv_T * LOG2E
+    lza2 = lza * LOG2E
+    lzb2 = lzb * LOG2E
+    div_l = tl.zeros([BLOCK], tl.float32)  # per-lane sums, one reduction after the loop
+    c_l = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < V
@@ -492,8 +585,12 @@ def kd_given_stats_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, out_ptr,
         t = tl.load(t_row + cols, mask=mask, other=ninf).to(tl.float32)
         logp = (t - ma) * inv_T - lza
         logq = (s - mb) * inv_T - lzb
-        phi, qg = terms(DIV, LIN, logp, logq, tl.exp(logp), tl.exp(logq), param)
-        div += tl.sum(phi, 0)
-        c += tl.sum(qg, 0)
+        p = exp2_from(t, ma, k2, lza2)
+        q = exp2_from(s, mb, k2, lzb2)
+        phi, qg = terms(DIV, LIN, logp, logq, p, q, param)
+        div_l += phi
+        c_l += qg
+    div = tl.sum(div_l, 0)
+    c = tl.sum(c_l, 0)
     tl.store(out_ptr + row * 2, tl.where(valid, div, 0.0))
     tl.store(out_ptr + row * 2 + 1, tl.where(valid, c, 0.0))
