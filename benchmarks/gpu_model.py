@@ -463,7 +463,7 @@ def compile_launch(launch: Launch, cap: int) -> dict:
     ck = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=opts)
     sass, res = dump_sass(ck.asm["cubin"])
     names = {launch.fn.arg_names[k[0]]: v for k, v in constexprs.items()}
-    return dict(sass=sass, res=res, ptx_loop_bytes=ptx_loop_bytes(ck.asm["ptx"]),
+    return dict(sass=sass, res=res, ptx=ck.asm["ptx"], ptx_loop_bytes=ptx_loop_bytes(ck.asm["ptx"]),
                 shared=int(ck.metadata.shared),
                 num_warps=int(ck.metadata.num_warps), constexprs=names)
 

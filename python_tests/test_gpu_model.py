@@ -101,6 +101,16 @@ print(json.dumps(dict(rows=rows, ptx=c["ptx_loop_bytes"], unroll=unroll)))
 # one real variant end to end: forward KL, bf16, sm_90a, labels + hard term
 v = G.triton_variants(caps=[90], dtypes=["bf16"], divs=[0], modes=["hard"], sparse=False)
 print(json.dumps(G.model_triton(v, workers=1)))
+
+# the math intrinsics of the fused training kernels (the interpreter runs tl.log and / instead)
+ops = {{}}
+for div in (0, 2, 3, 4, 5):
+    ln = G.record_launches(G.dense_training_step(div, "bf16", "labels"), 90)[0]
+    ptx = G.compile_launch(ln, 90)["ptx"]
+    ops[G.DIV_NAMES[div]] = {{k: ptx.count(k) for k in (
+        "lg2.approx.ftz.f32", "div.approx.ftz.f32", "div.full.f32", "div.rn.f32",
+        "ex2.approx.ftz.f32", "ex2.approx.f32")}}
+print(json.dumps(ops))
 """
 
 
@@ -154,6 +164,20 @@ def test_one_training_step_modelled(child):
     assert stats["elems_per_iter"] % 1024 == 0 and grad["elems_per_iter"] % 4096 == 0
     rescale = next(r for r in fused if r["kernel"] == "kd_rescale_kernel" and r["loop"] == 0)
     assert rescale["extent"] == 0 and rescale["H200_ms"] == 0
+
+
+def test_fused_kernels_use_the_fast_intrinsics(child):
+    """The GPU build of the fused kernels (sm_90a PTX): every exponential is ex2.approx.ftz (no
+    non-ftz ex2 with its fix-up), the mixture ratios and logs are div.approx / lg2.approx
+    (kernels.py fast_div / fast_log) and no IEEE or full-range division is left in them; TVD and
+    forward KL need no ratio. docs/precision.md bounds the intrinsics' error."""
+    ops = child[2]
+    for div, n in ops.items():
+        assert n["ex2.approx.ftz.f32"] > 0 and n["ex2.approx.f32"] == 0, (div, n)
+        assert n["div.rn.f32"] == 0, (div, n)
+    for div in ("jsd", "skew_kl", "skew_reverse_kl"):
+        n = ops[div]
+        assert n["lg2.approx.ftz.f32"] > 0 and n["div.approx.ftz.f32"] > 0, (div, n)
 
 
 def test_every_variant_recorded():

@@ -40,7 +40,7 @@ def lse_rows_kernel(x_ptr, lab_ptr, stats_ptr, W, col, V, x_L, x_sb, x_sl, k2, i
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(x_row + cols, mask=cols < V, other=ninf).to(tl.float32)
         up = x > mx
-        e = tl.where(x == ninf, 0.0, tl.exp2(-tl.abs(x - mx) * k2))
+        e = tl.where(x == ninf, 0.0, tl.exp2(tl.abs(x - mx) * -k2))  # |x|·(-k2): one FMUL
         z = tl.where(up, z * e + 1.0, z + e)
         mx = tl.where(up, x, mx)
     m_r = tl.max(mx, 0)

@@ -237,6 +237,7 @@ def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weig
     ninf = float("-inf")
     zero = tl.zeros([], tl.float32)
     k2 = inv_T * 1.4426950408889634  # exp((x - m)/T) = exp2((x - m)·k2): the scale folded in
+    nk2 = -k2
     # Per-lane online state: lane j keeps the (max, sum-exp) of the columns j, j + BLOCK, ... of
     # a, b (and s at T = 1), and the online KL numerator, with no reduction inside the loop; the
     # lanes merge once after it. Each element costs one exp2 per distribution: e = e^{-|x - m|/T}
@@ -264,8 +265,8 @@ def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weig
             t = tl.load(t_row + cols, mask=mask, other=ninf).to(tl.float32)
             up_a = t > ma  # the lane's max moves to this element
             up_b = s > mb
-            ea = tl.where(t == ninf, 0.0, tl.exp2(-tl.abs(t - ma) * k2))
-            eb = tl.where(s == ninf, 0.0, tl.exp2(-tl.abs(s - mb) * k2))
+            ea = tl.where(t == ninf, 0.0, tl.exp2(tl.abs(t - ma) * nk2))  # |x|·(-k2): one FMUL
+            eb = tl.where(s == ninf, 0.0, tl.exp2(tl.abs(s - mb) * nk2))
             ma_new = tl.where(up_a, t, ma)
             mb_new = tl.where(up_b, s, mb)
             ra = tl.where(up_a, ea, 1.0)  # rescale of the old sums
@@ -279,13 +280,21 @@ def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weig
             if (DIV == FORWARD_KL and ONLINE) or DIV == REVERSE_KL:
                 da = tl.where(up_a, ma_new - ma, 0.0)
                 db = tl.where(up_b, mb_new - mb, 0.0)
-                ca = (t - safe_max(ma_new)) * inv_T
-                cb = (s - safe_max(mb_new)) * inv_T
+                # raw logit units: acc is scaled by 1/T after the loop. The maximum of the side
+                # whose weight multiplies the term needs no safe_max: where it is -inf, so is the
+                # element, the weight is 0 and the select drops the NaN; the other side's does
+                # (p = 0 < q in reverse KL is a +inf term, not NaN)
+                if DIV == REVERSE_KL:
+                    ca = t - safe_max(ma_new)
+                    cb = s - mb_new
+                else:
+                    ca = t - ma_new
+                    cb = s - safe_max(mb_new)
             if DIV == FORWARD_KL and ONLINE:
-                shift = tl.where(za == 0, 0.0, za * (db - da) * inv_T)
+                shift = tl.where(za == 0, 0.0, za * (db - da))
                 acc = (acc + shift) * ra + tl.where(wa == 0, 0.0, wa * (ca - cb))
             if DIV == REVERSE_KL:
-                shift = tl.where(zb == 0, 0.0, zb * (da - db) * inv_T)
+                shift = tl.where(zb == 0, 0.0, zb * (da - db))
                 acc = (acc + shift) * rb + tl.where(wb == 0, 0.0, wb * (cb - ca))
             za = za * ra + wa
             zb = zb * rb + wb
@@ -293,7 +302,7 @@ def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weig
             mb = mb_new
         if HARD:
             up_s = s > ms
-            es = tl.where(s == ninf, 0.0, tl.exp2(-tl.abs(s - ms) * 1.4426950408889634))
+            es = tl.where(s == ninf, 0.0, tl.exp2(tl.abs(s - ms) * -1.4426950408889634))
             zs = tl.where(up_s, zs * es + 1.0, zs + es)
             ms = tl.where(up_s, s, ms)
 
@@ -305,10 +314,10 @@ def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weig
         fb = tl.exp2((mb - safe_max(mb_r)) * k2)
         if DIV == FORWARD_KL and ONLINE:
             d = tl.where(mb == mb_r, 0.0, mb_r - mb) - tl.where(ma == ma_r, 0.0, ma_r - ma)
-            acc_r = tl.sum((acc + tl.where(za == 0, 0.0, za * d * inv_T)) * fa, 0)
+            acc_r = tl.sum((acc + tl.where(za == 0, 0.0, za * d)) * fa, 0) * inv_T
         elif DIV == REVERSE_KL:
             d = tl.where(ma == ma_r, 0.0, ma_r - ma) - tl.where(mb == mb_r, 0.0, mb_r - mb)
-            acc_r = tl.sum((acc + tl.where(zb == 0, 0.0, zb * d * inv_T)) * fb, 0)
+            acc_r = tl.sum((acc + tl.where(zb == 0, 0.0, zb * d)) * fb, 0) * inv_T
         else:
             acc_r = zero
         za_r = tl.sum(za * fa, 0)

@@ -82,7 +82,7 @@ def kd_mse_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
             kept += keep.to(tl.int32)
         if HARD:
             up_s = s > ms
-            es = tl.where(s == ninf, 0.0, tl.exp2(-tl.abs(s - ms) * LOG2E))
+            es = tl.where(s == ninf, 0.0, tl.exp2(tl.abs(s - ms) * -LOG2E))
             zs = tl.where(up_s, zs * es + 1.0, zs + es)
             ms = tl.where(up_s, s, ms)
 
