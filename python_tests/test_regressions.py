@@ -41,6 +41,25 @@ def test_reverse_kl_one_hot_disjoint_logits_3e4(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_reverse_kl_one_hot_disjoint_logits_3e4_wide_row(backend, request):
+    """The case above on rows wider than the Triton statistics pass's BLOCK (1024): Triton
+    subtracts c = D, formed in pass 1 from per-lane centred differences x - max_lane, from the
+    gradient pass's log-ratios, which subtract the row maximum; at |logits| ~ 1e4 the two
+    roundings of the dominant log-ratio (ulp(3e4) ~ 0.002) differ by a few 1e-3 (the rows of
+    V <= BLOCK above form the very same differences). The C++ CPU and CUDA kernels sum their own
+    c' from the gradient's roundings, one more read of the row (docs/gpu_model.md)."""
+    if backend == "triton":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "Triton reverse KL: c from the online statistics pass, not from the gradient's "
+            "rounded log-ratios (an extra read of the row would fix it: 14 instead of 10 B/elem)")))
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(12, 5003, generator=g) * 1e4
+    t = torch.randn(12, 5003, generator=g) * 1e4
+    labels = torch.randint(0, 5003, (12,), generator=g)
+    _check(backend, s, t, "reverse_kl", temperature=1.0, labels=labels, hard_weight=0.2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_kl_logits_1e4_hard_term(backend):
     """C++ CPU, before the fix: log-probabilities formed as x - A with A = max + log z rounded to
     fp32 (half an ulp of 1e4, ~5e-4) gave gradient errors 40x plain PyTorch's."""

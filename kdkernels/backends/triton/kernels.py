@@ -195,7 +195,8 @@ def terms(DIV: tl.constexpr, LIN: tl.constexpr, logp, logq, p, q, param):
     elif DIV == SKEW_KL:
         logm = _log_mix(param, logp, logq)
         phi = tl.where(p == 0, zero, p * (logp - logm))
-        w = tl.exp2(tl.minimum((tl.log(zero + (1.0 - param)) + logq - logm) * LOG2E, 0.0))  # (1-α)q/m
+        # (1 - α) q / m
+        w = tl.exp2(tl.minimum((tl.log(zero + (1.0 - param)) + logq - logm) * LOG2E, 0.0))
         qg = tl.where(p == 0, zero, -p * w)
     elif DIV == SKEW_REVERSE_KL:
         logm = _log_mix(param, logq, logp)
@@ -224,6 +225,61 @@ def row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl, ignore_index,
     return s_off, t_off, label, valid
 
 
+GROUP = tl.constexpr(4)  # adjacent columns per group of the statistics pass
+
+
+@triton.jit
+def _stats_pass(s_row, t_row, n, V, k2, DIV: tl.constexpr, KL: tl.constexpr, HARD: tl.constexpr,
+                BLOCK: tl.constexpr, G: tl.constexpr):
+    """Pass 1 with the soft term: per group of G adjacent columns (one thread's vector of a
+    [BLOCK / G, G] block, so the max over a group takes no shuffle), the online (max, sum-exp)
+    of t and s and, with KL (forward KL in forward_rows, reverse KL), the centred KL numerator,
+    as the CUDA kernel's per-chunk update: the group's maxima are raised once per block and its
+    old sums rescaled once (one exp2 each); every element then costs one exp2 per distribution
+    and no selects on the maxima. Raw logit units throughout (the numerator gets its 1/T after
+    the merge); s at T = 1 (hard term) shares the student's maxima. Returns per-group
+    (ma, za, mb, zb, acc, ms, zs) for the merge."""
+    R: tl.constexpr = BLOCK // G
+    ninf = float("-inf")
+    offs = tl.arange(0, R)[:, None] * G + tl.arange(0, G)[None, :]
+    ma = tl.full([R], ninf, tl.float32)
+    mb = tl.full([R], ninf, tl.float32)
+    za = tl.zeros([R], tl.float32)
+    zb = tl.zeros([R], tl.float32)
+    acc = tl.zeros([R], tl.float32)
+    zs = tl.zeros([R], tl.float32)
+    for start in range(0, n, BLOCK):
+        cols = start + offs
+        mask = cols < V
+        s = tl.load(s_row + cols, mask=mask, other=ninf).to(tl.float32)
+        t = tl.load(t_row + cols, mask=mask, other=ninf).to(tl.float32)
+        ma_new = tl.maximum(ma, tl.max(t, 1))  # the group's maxima, raised once per block
+        mb_new = tl.maximum(mb, tl.max(s, 1))
+        oa = safe_max(ma_new)  # the centres (0 for a part that has seen only -inf)
+        ob = safe_max(mb_new)
+        da = ma - oa  # <= 0, the move of the old centre; -inf for an empty part (z = 0: guarded)
+        db = mb - ob
+        ca = t - oa[:, None]  # shift first (exact near the maximum), raw units
+        cb = s - ob[:, None]
+        ea = tl.exp2(ca * k2)
+        eb = tl.exp2(cb * k2)
+        # Σ e^{a-ma} ((a - ma) - (b - mb)) for forward KL (a <-> b for reverse KL): the old terms
+        # gain (da - db) when re-centred; a term whose weight is 0 is 0 (never 0·inf)
+        if KL and DIV == FORWARD_KL:
+            acc = (acc + tl.where(za == 0, 0.0, za * (da - db))) * tl.exp2(da * k2) + \
+                tl.sum(tl.where(ea == 0, 0.0, ea * (ca - cb)), 1)
+        if KL and DIV == REVERSE_KL:
+            acc = (acc + tl.where(zb == 0, 0.0, zb * (db - da))) * tl.exp2(db * k2) + \
+                tl.sum(tl.where(eb == 0, 0.0, eb * (cb - ca)), 1)
+        za = za * tl.exp2(da * k2) + tl.sum(ea, 1)
+        zb = zb * tl.exp2(db * k2) + tl.sum(eb, 1)
+        if HARD:
+            zs = zs * tl.exp2(db * LOG2E) + tl.sum(tl.exp2(cb * LOG2E), 1)
+        ma = ma_new
+        mb = mb_new
+    return ma, za, mb, zb, acc, mb, zs
+
+
 @triton.jit
 def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weight,
               DIV: tl.constexpr, LIN: tl.constexpr, SOFT: tl.constexpr, HARD: tl.constexpr,
@@ -238,10 +294,8 @@ def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weig
     zero = tl.zeros([], tl.float32)
     k2 = inv_T * 1.4426950408889634  # exp((x - m)/T) = exp2((x - m)·k2): the scale folded in
     nk2 = -k2
-    # Per-lane online state: lane j keeps the (max, sum-exp) of the columns j, j + BLOCK, ... of
-    # a, b (and s at T = 1), and the online KL numerator, with no reduction inside the loop; the
-    # lanes merge once after it. Each element costs one exp2 per distribution: e = e^{-|x - m|/T}
-    # is the new element's weight when x <= m, else the old sum's rescale factor.
+    # Online state per group (_stats_pass) or per lane (hard term alone), with no reduction
+    # across threads inside the loop: the groups / lanes merge once after it.
     lane_ninf = tl.full([BLOCK], ninf, tl.float32)
     lane_zero = tl.zeros([BLOCK], tl.float32)
     ma = lane_ninf  # running max and sum-exp of a, per lane (raw logit units)
@@ -257,54 +311,54 @@ def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weig
         s_lab = tl.load(s_row + tl.where(lab_ok, label, 0), mask=lab_ok, other=0.0).to(tl.float32)
 
     # ---- pass 1: statistics (and the forward / reverse KL loss) ----
-    for start in range(0, n, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < V
-        s = tl.load(s_row + cols, mask=mask, other=ninf).to(tl.float32)
-        if SOFT:
-            t = tl.load(t_row + cols, mask=mask, other=ninf).to(tl.float32)
-            up_a = t > ma  # the lane's max moves to this element
-            up_b = s > mb
-            ea = tl.where(t == ninf, 0.0, tl.exp2(tl.abs(t - ma) * nk2))  # |x|·(-k2): one FMUL
-            eb = tl.where(s == ninf, 0.0, tl.exp2(tl.abs(s - mb) * nk2))
-            ma_new = tl.where(up_a, t, ma)
-            mb_new = tl.where(up_b, s, mb)
-            ra = tl.where(up_a, ea, 1.0)  # rescale of the old sums
-            wa = tl.where(up_a, 1.0, ea)  # weight e^{a - ma} of the new element
-            rb = tl.where(up_b, eb, 1.0)
-            wb = tl.where(up_b, 1.0, eb)
-            # Online KL on centred logits: acc = Σ e^{a-ma} ((a - ma) - (b - mb)) for forward KL
-            # (a <-> b for reverse KL); when the maxima move by (da, db), the old terms gain
-            # z·(db - da) before the usual rescaling. Centring keeps the terms small, so V = 1 or
-            # identical rows give an exact 0 and |logits| ~ 1e4 lose no precision.
-            if (DIV == FORWARD_KL and ONLINE) or DIV == REVERSE_KL:
+    if SOFT and DIV != REVERSE_KL:
+        ma, za, mb, zb, acc, ms, zs = _stats_pass(
+            s_row, t_row, n, V, k2, DIV, DIV == FORWARD_KL and ONLINE, HARD, BLOCK, GROUP)
+    else:
+        # Per lane (reverse KL, the hard term alone): lane j keeps the (max, sum-exp) of the
+        # columns j, j + BLOCK, ... Each element costs one exp2 per distribution:
+        # e = e^{-|x - m|/T} is the new element's weight when x <= m, else the old sum's rescale
+        # factor. Reverse KL keeps this form: its c = D is subtracted from log-ratios the
+        # gradient pass rounds on its own, and with per-lane maxima a row of V <= BLOCK forms the
+        # very same differences x - max (test_regressions.py::
+        # test_reverse_kl_one_hot_disjoint_logits_3e4; docs/gpu_model.md on the larger-V case).
+        for start in range(0, n, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < V
+            s = tl.load(s_row + cols, mask=mask, other=ninf).to(tl.float32)
+            if SOFT:  # reverse KL
+                t = tl.load(t_row + cols, mask=mask, other=ninf).to(tl.float32)
+                up_a = t > ma  # the lane's max moves to this element
+                up_b = s > mb
+                ea = tl.where(t == ninf, 0.0, tl.exp2(tl.abs(t - ma) * nk2))  # one FMUL
+                eb = tl.where(s == ninf, 0.0, tl.exp2(tl.abs(s - mb) * nk2))
+                ma_new = tl.where(up_a, t, ma)
+                mb_new = tl.where(up_b, s, mb)
+                ra = tl.where(up_a, ea, 1.0)  # rescale of the old sums
+                wa = tl.where(up_a, 1.0, ea)  # weight e^{a - ma} of the new element
+                rb = tl.where(up_b, eb, 1.0)
+                wb = tl.where(up_b, 1.0, eb)
+                # Online KL on centred logits: acc = Σ e^{b-mb} ((b - mb) - (a - ma)); when the
+                # maxima move by (da, db) the old terms gain z·(da - db) before the rescaling.
+                # Centring keeps the terms small: V = 1 or identical rows give an exact 0 and
+                # |logits| ~ 1e4 lose no precision. Raw logit units: acc gets its 1/T after the
+                # merge. ma needs safe_max (p = 0 < q is a +inf term, not NaN), mb does not
+                # (where it is -inf so is s, wb = 0 and the select drops the NaN).
                 da = tl.where(up_a, ma_new - ma, 0.0)
                 db = tl.where(up_b, mb_new - mb, 0.0)
-                # raw logit units: acc is scaled by 1/T after the loop. The maximum of the side
-                # whose weight multiplies the term needs no safe_max: where it is -inf, so is the
-                # element, the weight is 0 and the select drops the NaN; the other side's does
-                # (p = 0 < q in reverse KL is a +inf term, not NaN)
-                if DIV == REVERSE_KL:
-                    ca = t - safe_max(ma_new)
-                    cb = s - mb_new
-                else:
-                    ca = t - ma_new
-                    cb = s - safe_max(mb_new)
-            if DIV == FORWARD_KL and ONLINE:
-                shift = tl.where(za == 0, 0.0, za * (db - da))
-                acc = (acc + shift) * ra + tl.where(wa == 0, 0.0, wa * (ca - cb))
-            if DIV == REVERSE_KL:
+                ca = t - safe_max(ma_new)
+                cb = s - mb_new
                 shift = tl.where(zb == 0, 0.0, zb * (da - db))
                 acc = (acc + shift) * rb + tl.where(wb == 0, 0.0, wb * (cb - ca))
-            za = za * ra + wa
-            zb = zb * rb + wb
-            ma = ma_new
-            mb = mb_new
-        if HARD:
-            up_s = s > ms
-            es = tl.where(s == ninf, 0.0, tl.exp2(tl.abs(s - ms) * -1.4426950408889634))
-            zs = tl.where(up_s, zs * es + 1.0, zs + es)
-            ms = tl.where(up_s, s, ms)
+                za = za * ra + wa
+                zb = zb * rb + wb
+                ma = ma_new
+                mb = mb_new
+            if HARD:
+                up_s = s > ms
+                es = tl.where(s == ninf, 0.0, tl.exp2(tl.abs(s - ms) * -1.4426950408889634))
+                zs = tl.where(up_s, zs * es + 1.0, zs + es)
+                ms = tl.where(up_s, s, ms)
 
     # ---- the one merge of the lanes ----
     if SOFT:
