@@ -6,13 +6,17 @@ log p = a - A, log q = b - B. The divergence id ``DIV`` (kdkernels.divergences) 
 compile-time constant; β/α, T and the weights are runtime values.
 
 Forward (``kd_fwd_kernel``), per row:
-  pass 1 reads s and t once: online (max, sum-exp) of a and b, of s at T = 1 when the hard term
-    is on, and for forward / reverse KL the loss itself, accumulated online as
+  pass 1 reads s and t once: online (max, sum-exp) of a and b (per group of 4 adjacent columns,
+    ``_stats_pass``; per lane for reverse KL), of s at T = 1 when the hard term is on, and for
+    forward / reverse KL the loss itself (the fused kernel's forward KL: in its gradient pass
+    instead), accumulated online as
     KL(p||q) = Σ p ((a - ma) - (b - mb)) - log za + log zb  (za, zb the sum-exps at maxima
     ma, mb; the sum is rescaled like the sum-exp as the maxima move).
     Bytes moved (bf16): 4 per element.
   pass 2 (jsd, skew_kl, skew_reverse_kl, tvd only) reads s and t again, now that A and B are
-    known, to form p, q and m: the loss and c = Σ q g. Another 4 bytes per element.
+    known, to form p, q and m: the loss and c = Σ q g (per-lane sums). Another 4 bytes per
+    element. On the GPU its ratios and logs are the hardware approximations (fast_div,
+    fast_log; docs/precision.md).
   It writes per row: loss and stats = (mt, log za, ms, log zb, c, mx, log zx), fp32: the maxima
   of the raw teacher and student logits, the log sum-exps of a and b centred on them, c, and the
   same pair for s at T = 1 (hard term).
