@@ -233,12 +233,12 @@ GROUP = tl.constexpr(4)  # adjacent columns per group of the statistics pass
 
 
 @triton.jit
-def _stats_pass(s_row, t_row, n, V, k2, DIV: tl.constexpr, KL: tl.constexpr, HARD: tl.constexpr,
+def _stats_pass(s_row, t_row, n, V, k2, KL: tl.constexpr, HARD: tl.constexpr,
                 BLOCK: tl.constexpr, G: tl.constexpr):
     """Pass 1 with the soft term: per group of G adjacent columns (one thread's vector of a
     [BLOCK / G, G] block, so the max over a group takes no shuffle), the online (max, sum-exp)
-    of t and s and, with KL (forward KL in forward_rows, reverse KL), the centred KL numerator,
-    as the CUDA kernel's per-chunk update: the group's maxima are raised once per block and its
+    of t and s and, with KL (forward KL in forward_rows), the centred KL numerator, as the CUDA
+    kernel's per-chunk update: the group's maxima are raised once per block and its
     old sums rescaled once (one exp2 each); every element then costs one exp2 per distribution
     and no selects on the maxima. Raw logit units throughout (the numerator gets its 1/T after
     the merge); s at T = 1 (hard term) shares the student's maxima. Returns per-group
@@ -267,14 +267,12 @@ def _stats_pass(s_row, t_row, n, V, k2, DIV: tl.constexpr, KL: tl.constexpr, HAR
         cb = s - ob[:, None]
         ea = tl.exp2(ca * k2)
         eb = tl.exp2(cb * k2)
-        # Σ e^{a-ma} ((a - ma) - (b - mb)) for forward KL (a <-> b for reverse KL): the old terms
-        # gain (da - db) when re-centred; a term whose weight is 0 is 0 (never 0·inf)
-        if KL and DIV == FORWARD_KL:
+        # Σ e^{a-ma} ((a - ma) - (b - mb)) for forward KL: the old terms gain (da - db) when
+        # re-centred; a term whose weight is 0 is 0 (never 0·inf). (Reverse KL keeps the per-lane
+        # pass of _row_loss: docs/gpu_model.md.)
+        if KL:
             acc = (acc + tl.where(za == 0, 0.0, za * (da - db))) * tl.exp2(da * k2) + \
                 tl.sum(tl.where(ea == 0, 0.0, ea * (ca - cb)), 1)
-        if KL and DIV == REVERSE_KL:
-            acc = (acc + tl.where(zb == 0, 0.0, zb * (db - da))) * tl.exp2(db * k2) + \
-                tl.sum(tl.where(eb == 0, 0.0, eb * (cb - ca)), 1)
         za = za * tl.exp2(da * k2) + tl.sum(ea, 1)
         zb = zb * tl.exp2(db * k2) + tl.sum(eb, 1)
         if HARD:
@@ -317,7 +315,7 @@ def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weig
     # ---- pass 1: statistics (and the forward / reverse KL loss) ----
     if SOFT and DIV != REVERSE_KL:
         ma, za, mb, zb, acc, ms, zs = _stats_pass(
-            s_row, t_row, n, V, k2, DIV, DIV == FORWARD_KL and ONLINE, HARD, BLOCK, GROUP)
+            s_row, t_row, n, V, k2, DIV == FORWARD_KL and ONLINE, HARD, BLOCK, GROUP)
     else:
         # Per lane (reverse KL, the hard term alone): lane j keeps the (max, sum-exp) of the
         # columns j, j + BLOCK, ... Each element costs one exp2 per distribution:
