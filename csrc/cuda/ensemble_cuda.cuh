@@ -224,7 +224,7 @@ __global__ void __launch_bounds__(THREADS) ens_backward_kernel(CudaEnsArgs e) {
   const int64_t j0 = first_chunk<S>(head_of<S>(s));
   const int64_t label = a.labels ? a.labels[r] : 0;
   if (a.labels && label == a.ignore_index) {
-    fill_row(g, j0, V, vg, 0.f);
+    fill_row(g, j0, V, V, vg, 0.f);
     return;
   }
   const int M = e.t.M;
@@ -241,7 +241,7 @@ __global__ void __launch_bounds__(THREADS) ens_backward_kernel(CudaEnsArgs e) {
     }
     __syncthreads();
     if (!grad_defined(cc)) {        // the same value in every thread: a uniform branch
-      fill_row(g, j0, V, vg, NAN);  // an infinite term in the gradient (docs/precision.md)
+      fill_row(g, j0, V, V, vg, NAN);  // an infinite term in the gradient (docs/precision.md)
       return;
     }
   }

@@ -25,7 +25,9 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 #include <cstring>
+#include <cstdlib>
 #include <type_traits>
+#include <utility>
 
 #include "kd_cuda.h"
 #include "kd_math.h"
@@ -37,8 +39,70 @@
 #define KD_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
 #endif
 
+// Thread-block clusters (compute capability 9.0): the launch (cudaLaunchKernelEx with a cluster
+// dimension; the host emulation defines KD_LAUNCH_CLUSTER itself) and, in kd::, the device side
+// (rank, size, barrier, distributed shared memory, dynamic shared memory) that cluster_grad_kernel
+// uses. KD_HAS_CLUSTERS: device code for them is compiled (sm_90 and the emulation; on sm_80 the
+// kernel is empty and never launched: launch_cluster_grad checks the device).
+#if defined(KD_CUDA_EMULATE_ACTIVE) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+#define KD_HAS_CLUSTERS 1
+#else
+#define KD_HAS_CLUSTERS 0
+#endif
+#if !defined(KD_CUDA_EMULATE_ACTIVE)
+#include <cooperative_groups.h>
+#endif
+#ifndef KD_LAUNCH_CLUSTER
+template <class... P, class... A>
+void kd_launch_cluster(void (*kernel)(P...), dim3 grid, dim3 block, unsigned cluster, size_t smem,
+                       cudaStream_t stream, A&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  (void)cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);  // its error: cudaGetLastError
+}
+#define KD_LAUNCH_CLUSTER(kernel, grid, block, cluster, smem, stream, ...) \
+  kd_launch_cluster(kernel, grid, block, cluster, smem, stream, __VA_ARGS__)
+#endif
+
 namespace kd {
+#if !defined(KD_CUDA_EMULATE_ACTIVE)
+extern __shared__ __align__(16) float kd_dynamic_smem[];
+#endif
 namespace {
+
+#if defined(KD_CUDA_EMULATE_ACTIVE)
+__device__ __forceinline__ float* dynamic_smem() { return static_cast<float*>(kd_emu::dynamic_smem()); }
+__device__ __forceinline__ unsigned cluster_rank() { return kd_emu::cluster_rank(); }
+__device__ __forceinline__ unsigned cluster_size() { return kd_emu::cluster_size(); }
+#define cluster_sync()                              \
+  do {                                              \
+    ::kd_emu::cluster_arrive(__FILE__, __LINE__);   \
+    ::kd_emu::cluster_wait(__FILE__, __LINE__);     \
+  } while (0)
+template <class T>
+__device__ __forceinline__ const T* cluster_map(const T* p, unsigned rank) {
+  return static_cast<const T*>(kd_emu::map_shared_rank(p, rank));
+}
+#elif KD_HAS_CLUSTERS
+__device__ __forceinline__ float* dynamic_smem() { return kd_dynamic_smem; }
+__device__ __forceinline__ unsigned cluster_rank() { return cooperative_groups::this_cluster().block_rank(); }
+__device__ __forceinline__ unsigned cluster_size() { return cooperative_groups::this_cluster().num_blocks(); }
+__device__ __forceinline__ void cluster_sync() { cooperative_groups::this_cluster().sync(); }
+template <class T>
+__device__ __forceinline__ const T* cluster_map(const T* p, unsigned rank) {
+  return cooperative_groups::this_cluster().map_shared_rank(const_cast<T*>(p), rank);
+}
+#endif
 
 constexpr int THREADS = 256;
 constexpr int WARPS = THREADS / 32;
@@ -205,22 +269,90 @@ __device__ float block_sum(float x, float* sm /* [WARPS] */) {
   return total;
 }
 
+// Where a pass reads a row's columns from: global memory (GlobalCols: one CTA per row) or the
+// CTA's slice of the row in shared memory (SharedCols: cluster_grad_kernel). load(j, out): columns
+// [j, j + N) in fp32, -inf outside [0, V). A pass runs j from its thread's first chunk j0 to `end`
+// in steps of THREADS * N: (first_chunk(head), V) for the whole row, the slice's for a CTA of a
+// cluster.
+template <class S>
+struct GlobalCols {
+  const S* p;
+  int64_t V;
+  bool vec;
+  __device__ __forceinline__ void load(int64_t j, float* out) const { load_chunk(p, j, V, vec, out); }
+};
+template <class S>
+struct SharedCols {
+  const S* sm;  // the chunk starting at column lo
+  int64_t lo;
+  __device__ __forceinline__ void load(int64_t j, float* out) const {
+    const uint4 raw = *reinterpret_cast<const uint4*>(sm + (int)(j - lo));
+    const S* e = reinterpret_cast<const S*>(&raw);
+#pragma unroll
+    for (int k = 0; k < Vec<S>::N; ++k) out[k] = to_float(e[k]);
+  }
+};
+
+// How a pass's per-thread partial results become the row's: CtaReduce merges the CTA's threads
+// (block_merge / block_sum on `sm`); ClusterReduce (cluster_grad_kernel) then the cluster's CTAs,
+// through distributed shared memory (ClusterReduce below). leader(): this CTA writes the row's
+// loss.
+struct CtaReduce {
+  float* sm;
+  template <class State>
+  __device__ __forceinline__ void merge(State& st) { block_merge(st, reinterpret_cast<State*>(sm)); }
+  __device__ __forceinline__ float sum(float x) { return block_sum(x, sm); }
+  __device__ __forceinline__ bool leader() const { return true; }
+};
+
+#if KD_HAS_CLUSTERS
+// The CTA's result of each reduction goes to its own slot of `xch` (shared memory; the slots are
+// taken in call order, the same in every CTA of the cluster, each used once per row); after one
+// cluster barrier every thread merges the cluster's slots in rank order, so every CTA holds the
+// same row result, bitwise.
+struct ClusterReduce {
+  float* sm;
+  float* xch;  // ClusterLayout::XCH floats
+  int used;
+  unsigned size, rank;
+  template <class State>
+  __device__ __forceinline__ void merge(State& st) {
+    block_merge(st, reinterpret_cast<State*>(sm));
+    State* slot = reinterpret_cast<State*>(xch + used);
+    used += (int)(sizeof(State) / sizeof(float));
+    if (threadIdx.x == 0) *slot = st;
+    cluster_sync();
+    st = *cluster_map(slot, 0);
+    for (unsigned q = 1; q < size; ++q) st.merge(*cluster_map(slot, q));
+  }
+  __device__ __forceinline__ float sum(float x) {
+    const float part = block_sum(x, sm);
+    float* slot = xch + used++;
+    if (threadIdx.x == 0) *slot = part;
+    cluster_sync();
+    float total = 0.f;
+    for (unsigned q = 0; q < size; ++q) total += *cluster_map(slot, q);
+    return total;
+  }
+  __device__ __forceinline__ bool leader() const { return rank == 0; }
+};
+#endif
+
 // The second pass of the two-pass divergences from row normalisers na, nb: D = sum phi and
 // c = sum q g over the row, in every thread (forward_kernel and given_stats_kernel).
 // c adds q g terms as large as |log p| (4e4 for one-hot teachers at |logits| 1e4) that
 // q (g - c) cancels: each thread sums a chunk (N terms) in fp32 and carries double only
 // across its chunks (2 double adds per chunk, not per element); the tree over threads is
 // short and stays fp32.
-template <class S, int DIV, bool LIN>
-__device__ __forceinline__ void row_sums(const S* s, const S* t, int64_t j0, int64_t V, bool vs,
-                                         bool vt, LogNorm na, LogNorm nb, float invT, float param,
-                                         float* sm, float& D, float& cc) {
+template <class S, int DIV, bool LIN, class Cols, class Red>
+__device__ __forceinline__ void row_sums(const Cols& cs, const Cols& ct, int64_t j0, int64_t end, LogNorm na,
+                                         LogNorm nb, float invT, float param, Red& red, float& D, float& cc) {
   constexpr int N = Vec<S>::N;
   double sphi = 0., sqg = 0.;
-  for (int64_t j = j0; j < V; j += (int64_t)THREADS * N) {
+  for (int64_t j = j0; j < end; j += (int64_t)THREADS * N) {
     float sv[N], tv[N];
-    load_chunk(s, j, V, vs, sv);
-    load_chunk(t, j, V, vt, tv);
+    cs.load(j, sv);
+    ct.load(j, tv);
     float cphi = 0.f, cqg = 0.f;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
@@ -236,8 +368,25 @@ __device__ __forceinline__ void row_sums(const S* s, const S* t, int64_t j0, int
     sphi += (double)cphi;
     sqg += (double)cqg;
   }
-  D = block_sum((float)sphi, sm);
-  cc = block_sum((float)sqg, sm);
+  D = red.sum((float)sphi);
+  cc = red.sum((float)sqg);
+}
+
+// A row's columns as forward_row / backward_row read them from global memory: the student row
+// `s`, its peeled head and vector switches (see the file comment).
+template <class S>
+struct RowView {
+  const S* s;
+  const S* t;
+  GlobalCols<S> cs, ct;
+  int64_t j0;  // this thread's first chunk
+};
+template <class S>
+__device__ __forceinline__ RowView<S> row_view(const RowsArgs& a, int64_t r) {
+  const S* s = static_cast<const S*>(a.student) + (r / a.L) * a.s_stride_b + (r % a.L) * a.s_stride_l;
+  const S* t = static_cast<const S*>(a.teacher) + (r / a.t_L) * a.t_stride_b + (r % a.t_L) * a.t_stride_l;
+  const bool vs = vector_ok<S>(s), vt = vs && same_phase(s, t);
+  return RowView<S>{s, t, GlobalCols<S>{s, a.V, vs}, GlobalCols<S>{t, a.V, vt}, first_chunk<S>(head_of<S>(s))};
 }
 
 // SOFT: the soft term counts (soft_weight != 0). SEP: the hard term needs its own (max, sum-exp)
@@ -249,20 +398,17 @@ __device__ __forceinline__ void row_sums(const S* s, const S* t, int64_t j0, int
 // reduction scratch. A: how `a` is passed, which only steers ptxas (nvcc 13, no spills either
 // way round is possible): forward_kernel passes RowsArgs (by reference it left an 8-byte stack
 // frame, 4 bytes spilled, in forward_kernel<16-bit, reverse_kl, soft, no sep> on sm_90),
-// forward_grad_kernel const RowsArgs& (by value it spilled 4 bytes in its <16-bit, forward_kl,
-// soft, sep, hard> and, on sm_80, <16-bit, reverse_kl, soft> variants).
-template <class S, int DIV, bool SOFT, bool SEP, bool LIN, class A>
-__device__ __forceinline__ void forward_row(A a, int64_t r, int64_t label, float* sm, float* st) {
+// forward_grad_kernel the same, with the row's view formed once for both passes and the gradient
+// row's pointer after the forward (other arrangements spilled 4-12 bytes in its <16-bit,
+// forward_kl | skew_kl | jsd, soft, ...> variants; one is left: 4 bytes in <16-bit, jsd, soft,
+// sep, hard, LIN> on sm_80).
+template <class S, int DIV, bool SOFT, bool SEP, bool LIN, class A, class Cols, class Red>
+__device__ __forceinline__ void forward_row(A a, int64_t r, int64_t label, const S* s, const Cols& cs, const Cols& ct,
+                                            int64_t j0, int64_t end, Red& red, float* st) {
   constexpr int N = Vec<S>::N;
   const bool hard = a.labels && a.hard_weight != 0.f;
   const bool bad_label = hard && (label < 0 || label >= a.V);
-  const S* s = static_cast<const S*>(a.student) + (r / a.L) * a.s_stride_b + (r % a.L) * a.s_stride_l;
-  const S* t = static_cast<const S*>(a.teacher) + (r / a.t_L) * a.t_stride_b + (r % a.t_L) * a.t_stride_l;
-  const int head = head_of<S>(s);
-  const bool vs = vector_ok<S>(s), vt = vs && same_phase(s, t);
   const float invT = 1.0f / a.temperature;
-  const int64_t V = a.V;
-  const int64_t j0 = first_chunk<S>(head);
 
   // Per thread: each chunk's sums are taken against the raised running maxima and absorbed (as
   // the CPU kernel does per block); then warp and CTA merges.
@@ -270,11 +416,11 @@ __device__ __forceinline__ void forward_row(A a, int64_t r, int64_t label, float
   MaxSum os;
   on.init(invT);
   os.init();
-  for (int64_t j = j0; j < V; j += (int64_t)THREADS * N) {
+  for (int64_t j = j0; j < end; j += (int64_t)THREADS * N) {
     float sv[N], tv[N];
-    load_chunk(s, j, V, vs, sv);
+    cs.load(j, sv);
     if (SOFT) {
-      load_chunk(t, j, V, vt, tv);
+      ct.load(j, tv);
       float bma = kNegInf, bmb = kNegInf;
 #pragma unroll
       for (int k = 0; k < N; ++k) {
@@ -317,7 +463,7 @@ __device__ __forceinline__ void forward_row(A a, int64_t r, int64_t label, float
   LogNorm na{0.f, 0.f}, nb{0.f, 0.f};
   float cc = 0.f, D = 0.f;
   if (SOFT) {
-    block_merge(on, reinterpret_cast<RawOnlineKL<DIV>*>(sm));
+    red.merge(on);
     na = lognorm_from(on.k.ma, on.k.za);
     nb = lognorm_from(on.k.mb, on.k.zb);
     if (DIV == FORWARD_KL) {
@@ -327,18 +473,18 @@ __device__ __forceinline__ void forward_row(A a, int64_t r, int64_t label, float
       D = on.k.divergence();
       cc = D + 1.f;  // saved for the record; backward sums its own c' (backward_kernel)
     } else {
-      row_sums<S, DIV, LIN>(s, t, j0, V, vs, vt, na, nb, invT, a.param, sm, D, cc);
+      row_sums<S, DIV, LIN>(cs, ct, j0, end, na, nb, invT, a.param, red, D, cc);
       if (lognorm_nan(na) || lognorm_nan(nb)) D = NAN;  // NaN input: terms with q = NaN read as 0
     }
   }
   LogNorm ns = nb;
   if (SEP) {
-    block_merge(os, reinterpret_cast<MaxSum*>(sm));
+    red.merge(os);
     ns = lognorm_from(os.m, os.z);
   }
   if (threadIdx.x == 0) {
     const float ce = !hard ? 0.f : bad_label ? NAN : hard_ce(ns, to_float(s[label]));
-    a.loss[r] = row_loss(SOFT, a.soft_weight, a.temperature, D, hard, a.hard_weight, ce);
+    if (red.leader()) a.loss[r] = row_loss(SOFT, a.soft_weight, a.temperature, D, hard, a.hard_weight, ce);
     store_row_stats(st, RowStats{na, nb, cc, ns});
   }
 }
@@ -367,17 +513,19 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
   // by value, except jsd's linear form: by value it spilled 4 bytes in its <16-bit, soft, no sep>
   // variants on sm_90 (nvcc 13; see forward_row's note on A)
   using A = typename std::conditional<DIV == JSD && LIN, const RowsArgs&, RowsArgs>::type;
-  forward_row<S, DIV, SOFT, SEP, LIN, A>(a, r, label, sm, st);
+  const RowView<S> v = row_view<S>(a, r);
+  CtaReduce red{sm};
+  forward_row<S, DIV, SOFT, SEP, LIN, A>(a, r, label, v.s, v.cs, v.ct, v.j0, a.V, red, st);
 }
 
-// Writes v over this thread's chunks of one gradient row.
+// Writes v over this thread's chunks of one gradient row, from j0 to end (stores bounded by V).
 template <class S>
-__device__ __forceinline__ void fill_row(S* g, int64_t j0, int64_t V, bool vec, float v) {
+__device__ __forceinline__ void fill_row(S* g, int64_t j0, int64_t end, int64_t V, bool vec, float v) {
   constexpr int N = Vec<S>::N;
   float b[N];
 #pragma unroll
   for (int k = 0; k < N; ++k) b[k] = v;
-  for (int64_t j = j0; j < V; j += (int64_t)THREADS * N) store_chunk(g, j, V, vec, b);
+  for (int64_t j = j0; j < end; j += (int64_t)THREADS * N) store_chunk(g, j, V, vec, b);
 }
 
 // Zeros over the gradient row of an ignored row.
@@ -385,23 +533,19 @@ template <class S>
 __device__ __forceinline__ void zero_grad_row(const RowsArgs& a, int64_t r) {
   S* g = static_cast<S*>(a.grad) + r * a.V;
   const S* s = static_cast<const S*>(a.student) + (r / a.L) * a.s_stride_b + (r % a.L) * a.s_stride_l;
-  fill_row(g, first_chunk<S>(head_of<S>(s)), a.V, vector_ok<S>(s) && same_phase(s, g), 0.f);
+  fill_row(g, first_chunk<S>(head_of<S>(s)), a.V, a.V, vector_ok<S>(s) && same_phase(s, g), 0.f);
 }
 
 // SOFT as in forward_kernel; HARD: labels and hard_weight != 0 (the hard term's gradient).
 // The gradient pass of one counted row from its statistics `rs`, for grad_loss `gl` (every
-// thread of the CTA). `sm`: at least WARPS floats of reduction scratch.
-template <class S, int DIV, bool SOFT, bool HARD, bool LIN>
-__device__ __forceinline__ void backward_row(const RowsArgs& a, int64_t r, int64_t label, const RowStats& rs,
-                                             float gl, float* sm) {
+// thread of the CTA; of the cluster: cluster_grad_kernel) into the gradient row `g` (vector
+// stores when vg), columns as in forward_row. red: at least WARPS floats of reduction scratch.
+template <class S, int DIV, bool SOFT, bool HARD, bool LIN, class Cols, class Red>
+__device__ __forceinline__ void backward_row(const RowsArgs& a, int64_t label, const RowStats& rs, float gl, S* g,
+                                             bool vg, const Cols& cs, const Cols& ct, int64_t j0, int64_t end,
+                                             Red& red) {
   constexpr int N = Vec<S>::N;
   const int64_t V = a.V;
-  S* g = static_cast<S*>(a.grad) + r * V;
-  const S* s = static_cast<const S*>(a.student) + (r / a.L) * a.s_stride_b + (r % a.L) * a.s_stride_l;
-  const S* t = static_cast<const S*>(a.teacher) + (r / a.t_L) * a.t_stride_b + (r % a.t_L) * a.t_stride_l;
-  const int head = head_of<S>(s);
-  const bool vs = vector_ok<S>(s), vt = vs && same_phase(s, t), vg = vs && same_phase(s, g);
-  const int64_t j0 = first_chunk<S>(head);
   const bool sep = HARD && (!SOFT || a.temperature != 1.f);
   const LogNorm na = rs.na, nb = rs.nb, ns = rs.ns;
   const float invT = 1.0f / a.temperature;
@@ -413,30 +557,30 @@ __device__ __forceinline__ void backward_row(const RowsArgs& a, int64_t r, int64
     // rounded x_k as the gradient (kd_math.h reverse_kl_qx / reverse_kl_qg, as the CPU kernel):
     // one more read of the row.
     float part = 0.f;
-    for (int64_t j = j0; j < V; j += (int64_t)THREADS * N) {
+    for (int64_t j = j0; j < end; j += (int64_t)THREADS * N) {
       float sv[N], tv[N];
-      load_chunk(s, j, V, vs, sv);
-      load_chunk(t, j, V, vt, tv);
+      cs.load(j, sv);
+      ct.load(j, tv);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         const float ca = (tv[k] - na.m) * invT, cb = (sv[k] - nb.m) * invT;
         part += reverse_kl_qx(exp_fast(cb - nb.lz), ca, cb, krev);
       }
     }
-    cc = block_sum(part, sm);
+    cc = red.sum(part);
   }
   if (SOFT && !grad_defined(cc)) {  // the same value in every thread: a uniform branch
-    fill_row(g, j0, V, vg, NAN);    // an infinite term in the gradient (docs/precision.md)
+    fill_row(g, j0, end, V, vg, NAN);  // an infinite term in the gradient (docs/precision.md)
     return;
   }
   const float k_soft = SOFT ? gl * a.soft_weight * a.temperature : 0.f;
   // A label outside [0, V) that is not ignore_index (its column lives on another rank of a
   // vocab-parallel group) adds the softmax term and no one-hot; its forward loss is NaN.
   const float k_hard = HARD ? gl * a.hard_weight : 0.f;
-  for (int64_t j = j0; j < V; j += (int64_t)THREADS * N) {
+  for (int64_t j = j0; j < end; j += (int64_t)THREADS * N) {
     float sv[N], tv[N], out[N];
-    load_chunk(s, j, V, vs, sv);
-    if (SOFT) load_chunk(t, j, V, vt, tv);
+    cs.load(j, sv);
+    if (SOFT) ct.load(j, tv);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       float o = 0.f, q = 0.f;
@@ -473,7 +617,11 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
     zero_grad_row<S>(a, r);
     return;
   }
-  backward_row<S, DIV, SOFT, HARD, LIN>(a, r, label, load_row_stats(a.stats + r * STATS_WIDTH), a.grad_loss[r], sm);
+  const RowView<S> v = row_view<S>(a, r);
+  S* g = static_cast<S*>(a.grad) + r * a.V;
+  CtaReduce red{sm};
+  backward_row<S, DIV, SOFT, HARD, LIN>(a, label, load_row_stats(a.stats + r * STATS_WIDTH), a.grad_loss[r], g,
+                                        vector_ok<S>(v.s) && same_phase(v.s, g), v.cs, v.ct, v.j0, a.V, red);
 }
 
 // The training path in one kernel: the forward of the row (statistics pass, and the loss / c pass
@@ -493,9 +641,173 @@ __global__ void __launch_bounds__(THREADS) forward_grad_kernel(RowsArgs a) {
     zero_grad_row<S>(a, r);
     return;
   }
-  forward_row<S, DIV, SOFT, SEP, LIN, const RowsArgs&>(a, r, label, sm, st);
+  const RowView<S> v = row_view<S>(a, r);
+  CtaReduce red{sm};
+  using A = typename std::conditional<DIV == JSD && LIN, const RowsArgs&, RowsArgs>::type;  // forward_row's note
+  forward_row<S, DIV, SOFT, SEP, LIN, A>(a, r, label, v.s, v.cs, v.ct, v.j0, a.V, red, st);
   __syncthreads();  // thread 0's statistics, as backward_kernel loads them from the stats row
-  backward_row<S, DIV, SOFT, HARD, LIN>(a, r, label, load_row_stats(st), a.grad_loss[r], sm);
+  S* g = static_cast<S*>(a.grad) + r * a.V;
+  backward_row<S, DIV, SOFT, HARD, LIN>(a, label, load_row_stats(st), a.grad_loss[r], g,
+                                        vector_ok<S>(v.s) && same_phase(v.s, g), v.cs, v.ct, v.j0, a.V, red);
+}
+
+// ---- the training path with the row on chip: thread-block clusters (compute capability 9.0) ----
+// One cluster of C CTAs per row (C = 1 .. 16, launch_cluster_grad): CTA `rank` copies its slice
+// of the row's chunks (`per` chunks of N columns, of s and of t) from global memory into shared
+// memory once, and every pass (statistics; the loss / c pass of the mixtures; reverse KL's c';
+// the gradient) reads the slice from there. The passes' partial results are merged over the
+// cluster through distributed shared memory (ClusterReduce: one cluster barrier per reduction).
+// Global traffic per element: the row read once and the gradient written once (6 bytes in bf16
+// where forward_grad_kernel moves 10, or 14 for the mixtures and reverse KL). The math is
+// forward_grad_kernel's, pass by pass; only the summation tree over the row differs (per CTA,
+// then over the cluster in rank order). The soft term counts (SOFT); SEP, HARD as there.
+//
+// Shared memory (all of it dynamic: a kernel launched in clusters keeps none in `static`
+// __shared__, which the host emulation could not give each CTA of a cluster): the reduction
+// scratch, the exchange slots, the statistics, then the s and t slices.
+template <int DIV>
+struct ClusterLayout {
+  static constexpr int XCH = 32;  // exchange slots, floats: >= the reductions' sizes of one row
+  static constexpr int SCRATCH = FwdScratch<DIV>::FLOATS;
+  static constexpr int HEAD = (SCRATCH + XCH + STATS_WIDTH + 3) / 4 * 4;  // floats, 16-byte multiple
+  static_assert(sizeof(RawOnlineKL<DIV>) + sizeof(MaxSum) + 3 * sizeof(float) <= XCH * sizeof(float),
+                "exchange slots");
+};
+template <int DIV>
+size_t cluster_smem_bytes(int64_t per) {
+  return (size_t)ClusterLayout<DIV>::HEAD * sizeof(float) + 2 * (size_t)per * 16;
+}
+
+// Columns [j, j + N) of a row into shared memory `dst` (16 bytes) in the row's own dtype: one
+// 16-byte copy when `vec` and the chunk lies in [0, V), else bounded scalar copies, -inf outside.
+template <class S>
+__device__ __forceinline__ uint4 load_raw(const S* row, int64_t j, int64_t V, bool vec) {
+  constexpr int N = Vec<S>::N;
+  if (vec && j >= 0 && j + N <= V) return *reinterpret_cast<const uint4*>(row + j);
+  uint4 raw;
+  S* e = reinterpret_cast<S*>(&raw);
+#pragma unroll
+  for (int k = 0; k < N; ++k) e[k] = (j + k >= 0 && j + k < V) ? row[j + k] : from_float<S>(kNegInf);
+  return raw;
+}
+
+template <class S, int DIV, bool SEP, bool HARD, bool LIN>
+__global__ void __launch_bounds__(THREADS, 3) cluster_grad_kernel(RowsArgs a, int per) {
+#if KD_HAS_CLUSTERS
+  constexpr int N = Vec<S>::N;
+  using L = ClusterLayout<DIV>;
+  float* sm = dynamic_smem();
+  float* xch = sm + L::SCRATCH;
+  float* st = xch + L::XCH;
+  S* s_sl = reinterpret_cast<S*>(sm + L::HEAD);
+  S* t_sl = s_sl + (int64_t)per * N;
+  const unsigned C = cluster_size(), rank = cluster_rank();
+  const int64_t r = blockIdx.x / C;  // the grid is N * C CTAs: r < a.N
+  const int64_t label = a.labels ? a.labels[r] : 0;
+  const int64_t V = a.V;
+  const RowView<S> v = row_view<S>(a, r);
+  S* g = static_cast<S*>(a.grad) + r * V;
+  const bool vg = vector_ok<S>(v.s) && same_phase(v.s, g);
+  // this CTA's slice: chunks [rank * per, (rank + 1) * per) of the row's (forward_grad_kernel's)
+  const int64_t lo = v.j0 - (int64_t)threadIdx.x * N + (int64_t)rank * per * N, hi = lo + (int64_t)per * N;
+  const int64_t j0 = lo + (int64_t)threadIdx.x * N;
+  if (a.labels && label == a.ignore_index) {  // the whole cluster: no shared memory read across
+    if (rank == 0 && threadIdx.x == 0) a.loss[r] = 0.f;
+    fill_row(g, j0, hi, V, vg, 0.f);
+    return;
+  }
+  // the copy, 4 chunks of each row in flight per thread
+  for (int k0 = threadIdx.x; k0 < per; k0 += 4 * THREADS) {
+    uint4 rs[4], rt[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int k = k0 + u * THREADS;
+      if (k < per) {
+        rs[u] = load_raw(v.s, lo + (int64_t)k * N, V, v.cs.vec);
+        rt[u] = load_raw(v.t, lo + (int64_t)k * N, V, v.ct.vec);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int k = k0 + u * THREADS;
+      if (k < per) {
+        *reinterpret_cast<uint4*>(s_sl + (int64_t)k * N) = rs[u];
+        *reinterpret_cast<uint4*>(t_sl + (int64_t)k * N) = rt[u];
+      }
+    }
+  }
+  __syncthreads();
+  const SharedCols<S> cs{s_sl, lo}, ct{t_sl, lo};
+  ClusterReduce red{sm, xch, 0, C, rank};
+  forward_row<S, DIV, true, SEP, LIN, RowsArgs>(a, r, label, v.s, cs, ct, j0, hi, red, st);
+  __syncthreads();  // thread 0's statistics
+  backward_row<S, DIV, true, HARD, LIN>(a, label, load_row_stats(st), a.grad_loss[r], g, vg, cs, ct, j0, hi, red);
+  cluster_sync();  // no CTA exits while another may still read its exchange slots
+#endif
+}
+
+// KDKERNELS_CUDA_CLUSTER_BYTES: the shared memory a CTA of cluster_grad_kernel may take (bytes,
+// read at every launch; default 72 KiB: three CTAs per SM); 0 turns the cluster path off.
+inline long cluster_budget() {
+  const char* e = getenv("KDKERNELS_CUDA_CLUSTER_BYTES");
+  if (!e || !*e) return 72L * 1024;
+  char* end = nullptr;
+  const long v = strtol(e, &end, 10);
+  return (end && *end == '\0' && v >= 0) ? v : 72L * 1024;
+}
+
+// The cluster path of the training step when it applies: the soft term counts, the device has
+// clusters (compute capability >= 9) and the row's slices fit the budget in at most 16 CTAs (the
+// smallest such power of two is taken). Returns -1 (nothing launched, no error left) when it
+// does not apply or the launch is refused, so that forward_grad_kernel runs instead.
+template <class S, int DIV, bool LIN>
+int launch_cluster_grad(const RowsArgs& a, cudaStream_t stream) {
+  const bool soft = a.soft_weight != 0.f;
+  if (!soft || a.N == 0) return -1;
+  const long budget = cluster_budget();
+  if (budget == 0) return -1;
+  int dev = 0, major = 0, optin = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return -1;
+  }
+  if (major < 9) return -1;
+  constexpr int N = Vec<S>::N;
+  const int64_t chunks = (a.V + N - 1) / N + 1;  // a peeled head adds at most one
+  unsigned C = 0;
+  int64_t per = 0;
+  for (unsigned c = 1; c <= 16; c *= 2) {
+    const int64_t p = (chunks + c - 1) / c;
+    const size_t bytes = cluster_smem_bytes<DIV>(p);
+    if (bytes <= (size_t)budget && bytes <= (size_t)optin) {
+      C = c;
+      per = p;
+      break;
+    }
+  }
+  if (C == 0 || (int64_t)a.N * C > 0x7fffffffLL) return -1;
+  const bool hard = a.labels && a.hard_weight != 0.f;
+  const bool sep = hard && a.temperature != 1.f;
+  void (*kernel)(RowsArgs, int) = !hard ? cluster_grad_kernel<S, DIV, false, false, LIN>
+                                        : (sep ? cluster_grad_kernel<S, DIV, true, true, LIN>
+                                               : cluster_grad_kernel<S, DIV, false, true, LIN>);
+  const size_t bytes = cluster_smem_bytes<DIV>(per);
+  if (cudaPeekAtLastError() != cudaSuccess) (void)cudaGetLastError();  // as in launch()
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes) != cudaSuccess ||
+      (C > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)) {
+    (void)cudaGetLastError();
+    return -1;
+  }
+  dim3 grid((unsigned)(a.N * C)), block(THREADS);
+  KD_LAUNCH_CLUSTER(kernel, grid, block, C, bytes, stream, a, (int)per);
+  const int rc = (int)cudaGetLastError();
+  // a configuration the device refuses (cluster size, shared memory) leaves nothing running
+  return rc == (int)cudaErrorInvalidValue || rc == (int)cudaErrorInvalidConfiguration ||
+                 rc == (int)cudaErrorNotSupported
+             ? -1
+             : rc;
 }
 
 // In place: grad[r] *= grad_loss[r] / grad_scale[r] (0 where grad_scale is 0; grad_scale null:
@@ -527,17 +839,12 @@ __global__ void __launch_bounds__(THREADS) given_stats_kernel(RowsArgs a) {
     if (threadIdx.x == 0) out[0] = out[1] = 0.f;
     return;
   }
-  const S* s = static_cast<const S*>(a.student) + (r / a.L) * a.s_stride_b + (r % a.L) * a.s_stride_l;
-  const S* t = static_cast<const S*>(a.teacher) + (r / a.t_L) * a.t_stride_b + (r % a.t_L) * a.t_stride_l;
-  const int head = head_of<S>(s);
-  const bool vs = vector_ok<S>(s), vt = vs && same_phase(s, t);
-  const float invT = 1.0f / a.temperature;
-  const int64_t V = a.V;
-  const int64_t j0 = first_chunk<S>(head);
+  const RowView<S> v = row_view<S>(a, r);
   const RowStats rs = load_row_stats(a.stats + r * STATS_WIDTH);
   const LogNorm na = rs.na, nb = rs.nb;
   float D, cc;  // forward_kernel's second pass, from the given statistics
-  row_sums<S, DIV, LIN>(s, t, j0, V, vs, vt, na, nb, invT, a.param, sm, D, cc);
+  CtaReduce red{sm};
+  row_sums<S, DIV, LIN>(v.cs, v.ct, v.j0, a.V, na, nb, 1.0f / a.temperature, a.param, red, D, cc);
   if (threadIdx.x == 0) {
     out[0] = (lognorm_nan(na) || lognorm_nan(nb)) ? NAN : D;
     out[1] = cc;
@@ -557,6 +864,11 @@ int launch_given_stats(const RowsArgs& a, cudaStream_t stream) {
 template <class S, int DIV, bool LIN>
 int launch_fused(const RowsArgs& a, cudaStream_t stream) {
   if (a.N == 0) return 0;
+  // the row on chip where it applies (launch_cluster_grad); the mixtures in their linear form only
+  if constexpr (LIN || !(DIV == JSD || DIV == SKEW_KL || DIV == SKEW_REVERSE_KL)) {
+    const int rc = launch_cluster_grad<S, DIV, LIN>(a, stream);
+    if (rc != -1) return rc;
+  }
   const bool soft = a.soft_weight != 0.f;
   const bool hard = a.labels && a.hard_weight != 0.f;
   const bool sep = hard && !(soft && a.temperature == 1.f);
@@ -618,8 +930,9 @@ int launch_which_form(const RowsArgs& a, cudaStream_t stream, int which) {
 // exponentials and logs of its own.
 template <class S, int DIV>
 int launch_which(const RowsArgs& a, cudaStream_t stream, int which) {
-  if ((DIV == JSD || DIV == SKEW_KL || DIV == SKEW_REVERSE_KL) && mix_linear_ok(a.param))
-    return launch_which_form<S, DIV, true>(a, stream, which);
+  if constexpr (DIV == JSD || DIV == SKEW_KL || DIV == SKEW_REVERSE_KL) {  // no LIN kernels for the others
+    if (mix_linear_ok(a.param)) return launch_which_form<S, DIV, true>(a, stream, which);
+  }
   return launch_which_form<S, DIV, false>(a, stream, which);
 }
 

@@ -103,6 +103,13 @@ at::Tensor given_stats_emu(const at::Tensor& student, const at::Tensor& teacher,
   return partial;
 }
 
+// Test hook: the emulation's counters since the process started (launches, CTAs, barrier
+// completions, shuffles): which kernel configuration a call ran (cluster_grad_kernel: N * C CTAs).
+std::vector<int64_t> emu_counters() {
+  const kd_emu::Counters c = kd_emu::counters();
+  return {c.launches, c.ctas, c.syncthreads, c.shuffles};
+}
+
 }  // namespace
 }  // namespace kd
 
@@ -119,6 +126,7 @@ TORCH_LIBRARY(kdkernels_cuda_emu, m) {
         "Tensor? grad_scale) -> (Tensor, Tensor)");
   m.def("kd_rows_rescale_(Tensor(a!) grad, Tensor grad_loss, Tensor? grad_scale) -> ()");
   m.def("set_pending_error(int code) -> ()");
+  m.def("emu_counters() -> int[]");
 }
 
 TORCH_LIBRARY_IMPL(kdkernels_cuda_emu, CPU, m) {
@@ -131,4 +139,5 @@ TORCH_LIBRARY_IMPL(kdkernels_cuda_emu, CPU, m) {
 
 TORCH_LIBRARY_IMPL(kdkernels_cuda_emu, CompositeExplicitAutograd, m) {
   m.impl("set_pending_error", &kd::set_pending_error);
+  m.impl("emu_counters", &kd::emu_counters);
 }

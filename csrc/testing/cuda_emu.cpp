@@ -1,5 +1,7 @@
-// Runtime of the host CUDA emulation (cuda_emu.h): launch, CTA barrier, warp shuffles, and the
-// two ways of running a CTA's threads (fibers on the calling thread, or real OS threads).
+// Runtime of the host CUDA emulation (cuda_emu.h): launch, CTA and cluster barriers, warp
+// shuffles, dynamic and distributed shared memory, and the two ways of running the threads of a
+// cluster's CTAs (fibers on the calling thread, or real OS threads). A launch without clusters is
+// one of clusters of one CTA.
 #include "cuda_emu.h"
 
 #include <stdio.h>
@@ -32,6 +34,8 @@ enum Mode { FIBERS, THREADS };
 
 constexpr int kMaxThreads = 1024;
 constexpr int kMaxWarps = kMaxThreads / 32;
+constexpr int kMaxCluster = 16;                   // non-portable cluster size limit (sm_90)
+constexpr size_t kMaxSmem = 227 * 1024;           // dynamic shared memory per CTA, opt-in (sm_90)
 
 struct Warp {
   std::mutex mu;  // threads mode: this warp's shuffles synchronize here only
@@ -45,7 +49,6 @@ struct Warp {
 };
 
 struct Cta {
-  Mode mode = FIBERS;
   int n = 0;     // threads per CTA
   int live = 0;  // threads that have not exited
   std::mutex mu;  // threads mode: the CTA barrier
@@ -55,36 +58,60 @@ struct Cta {
   const char* file = nullptr;
   int line = 0;
   Warp warps[kMaxWarps];
+  unsigned char* smem = nullptr;  // dynamic shared memory
+};
+
+// The cluster being run (a launch without clusters: clusters of one CTA) and its barrier.
+struct Cluster {
+  Mode mode = FIBERS;
+  int size = 1;        // CTAs
+  int live = 0;        // threads of the cluster that have not exited
+  size_t smem = 0;     // dynamic shared memory per CTA, bytes
+  std::mutex mu;       // threads mode: the cluster barrier
+  std::condition_variable cv;
+  int arrived = 0;
+  uint64_t gen = 0;
+  const char* file = nullptr;
+  int line = 0;
+  long long progress = 0;  // fibers mode only: arrivals, releases, exits (deadlock detection)
   std::atomic<bool> fault{false};
   std::mutex msg_mu;
   std::string msg;
-  long long progress = 0;  // fibers mode only: arrivals, releases, exits (deadlock detection)
 };
 
 struct ThreadCtx {
-  int tid = 0, lane = 0, warp = 0;
+  int tid = 0, lane = 0, warp = 0, rank = 0;
+  uint3 bidx = {0, 0, 0};
   uint64_t shfl_seq = 0;
+  bool cl_arrived = false;  // arrived at the cluster barrier, not yet waited
+  uint64_t cl_gen = 0;      // the cluster barrier's phase it arrived in
 };
 
 std::mutex g_launch_mu;  // one launch at a time (static __shared__ storage, the fiber pool)
-Cta g_cta;
+Cta g_ctas[kMaxCluster];
+Cluster g_cl;
+std::vector<unsigned char> g_smem;  // the cluster's dynamic shared memory, CTA after CTA
 thread_local ThreadCtx* t_self = nullptr;
 thread_local int t_last_error = 0;
 std::string g_last_fault;
-std::atomic<long long> g_launches{0}, g_ctas{0}, g_syncs{0}, g_shuffles{0};
+std::atomic<long long> g_launches{0}, g_ctas_run{0}, g_syncs{0}, g_shuffles{0};
 
-void fault(Cta& c, const std::string& why) {
+Cta& cur_cta() { return g_ctas[t_self ? t_self->rank : 0]; }
+bool faulted() { return g_cl.fault.load(); }
+
+void fault(const std::string& why) {
   {
-    std::lock_guard<std::mutex> lk(c.msg_mu);
-    if (c.msg.empty()) c.msg = why;
+    std::lock_guard<std::mutex> lk(g_cl.msg_mu);
+    if (g_cl.msg.empty()) g_cl.msg = why;
   }
-  c.fault.store(true);
-  if (c.mode == THREADS) {  // wake every waiter; each re-checks the fault flag
-    { std::lock_guard<std::mutex> lk(c.mu); }
-    c.cv.notify_all();
-    for (int w = 0; w < (c.n + 31) / 32; ++w) {
-      { std::lock_guard<std::mutex> lk(c.warps[w].mu); }
-      c.warps[w].cv.notify_all();
+  g_cl.fault.store(true);
+  if (g_cl.mode == THREADS) {  // wake every waiter; each re-checks the fault flag. No locks taken:
+    // the caller may hold one (a waiter that misses this wakes at its 30 s deadline and sees it)
+    g_cl.cv.notify_all();
+    for (int r = 0; r < g_cl.size; ++r) {
+      Cta& c = g_ctas[r];
+      c.cv.notify_all();
+      for (int w = 0; w < (c.n + 31) / 32; ++w) c.warps[w].cv.notify_all();
     }
   }
 }
@@ -151,7 +178,7 @@ kd_emu_switch:
 namespace kd_emu {
 namespace {
 
-void on_exit(Cta& c);
+void on_exit();
 
 void yield() {
 #if defined(__x86_64__)
@@ -164,7 +191,7 @@ void yield() {
 [[noreturn]] void fiber_entry() {
   Fiber* f = g_cur;
   g_body(g_body_ctx);
-  on_exit(g_cta);
+  on_exit();
   f->done = true;
   yield();  // never resumed
   __builtin_unreachable();
@@ -209,6 +236,7 @@ void resume(Fiber& f, dim3 block) {
   g_cur = &f;
   t_self = &f.ctx;
   set_thread_index(f.ctx.tid, block);
+  t_blockIdx = f.ctx.bidx;
 #if defined(__x86_64__)
   kd_emu_switch(&g_sched_sp, f.sp);
 #else
@@ -216,16 +244,19 @@ void resume(Fiber& f, dim3 block) {
 #endif
 }
 
-// ---- CTA state ----------------------------------------------------------------------------------
-void reset_cta(Cta& c, Mode mode, int n) {
-  c.mode = mode;
+// ---- CTA and cluster state ------------------------------------------------------------------------
+// Dynamic shared memory per CTA, rounded up to 16 bytes (the CTAs' buffers are 16-byte aligned).
+size_t smem_stride(size_t smem) { return (smem + 15) & ~(size_t)15; }
+
+void reset_cta(Cta& c, int n, unsigned char* smem, size_t bytes) {
   c.n = n;
   c.live = n;
   c.arrived = 0;
   c.gen = 0;
   c.file = nullptr;
   c.line = 0;
-  c.progress = 0;
+  c.smem = smem;
+  if (bytes) memset(smem, 0xff, bytes);  // uninitialized, as on a GPU: unwritten floats read NaN
   for (int w = 0; w < (n + 31) / 32; ++w) {
     Warp& wp = c.warps[w];
     wp.arrived = 0;
@@ -236,14 +267,40 @@ void reset_cta(Cta& c, Mode mode, int n) {
   }
 }
 
-std::string describe_waiters(Cta& c) {
-  std::string s = std::to_string(c.arrived) + " of " + std::to_string(c.live) +
-                  " live threads wait at __syncthreads";
-  if (c.arrived) s += " (" + where(c.file, c.line) + ")";
-  for (int w = 0; w < (c.n + 31) / 32; ++w)
-    if (c.warps[w].arrived)
-      s += "; warp " + std::to_string(w) + ": " + std::to_string(c.warps[w].arrived) +
-           " lanes wait in a shuffle";
+// Every CTA of the cluster, starting over (between clusters).
+void reset_cluster(Mode mode, int size, int n, size_t smem) {
+  g_cl.mode = mode;
+  g_cl.size = size;
+  g_cl.live = size * n;
+  g_cl.smem = smem;
+  g_cl.arrived = 0;
+  g_cl.gen = 0;
+  g_cl.file = nullptr;
+  g_cl.line = 0;
+  g_cl.progress = 0;
+  const size_t stride = smem_stride(smem);
+  if (g_smem.size() < stride * size + 16) g_smem.resize(stride * size + 16);
+  unsigned char* base = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(g_smem.data()) + 15) & ~(uintptr_t)15);
+  for (int r = 0; r < size; ++r) reset_cta(g_ctas[r], n, base + r * stride, smem);
+}
+
+std::string describe_waiters() {
+  std::string s;
+  if (g_cl.arrived)
+    s += std::to_string(g_cl.arrived) + " of " + std::to_string(g_cl.live) +
+         " live threads of the cluster wait at the cluster barrier (" + where(g_cl.file, g_cl.line) + "); ";
+  for (int r = 0; r < g_cl.size; ++r) {
+    Cta& c = g_ctas[r];
+    if (g_cl.size > 1) s += "CTA " + std::to_string(r) + ": ";
+    s += std::to_string(c.arrived) + " of " + std::to_string(c.live) + " live threads wait at __syncthreads";
+    if (c.arrived) s += " (" + where(c.file, c.line) + ")";
+    for (int w = 0; w < (c.n + 31) / 32; ++w)
+      if (c.warps[w].arrived)
+        s += "; warp " + std::to_string(w) + ": " + std::to_string(c.warps[w].arrived) +
+             " lanes wait in a shuffle";
+    if (r + 1 < g_cl.size) s += "; ";
+  }
   return s;
 }
 
@@ -253,10 +310,9 @@ bool cta_arrive(Cta& c, const char* file, int line) {
     c.file = file;
     c.line = line;
   } else if (c.line != line || strcmp(c.file, file) != 0) {
-    fault(c, "divergent __syncthreads: threads wait at " + where(c.file, c.line) + " and at " +
-                 where(file, line));
+    fault("divergent __syncthreads: threads wait at " + where(c.file, c.line) + " and at " + where(file, line));
   }
-  if (c.mode == FIBERS) ++c.progress;
+  if (g_cl.mode == FIBERS) ++g_cl.progress;
   if (++c.arrived == c.live) {
     c.arrived = 0;
     ++c.gen;
@@ -266,13 +322,13 @@ bool cta_arrive(Cta& c, const char* file, int line) {
   return false;
 }
 
-bool warp_arrive(Cta& c, Warp& w, unsigned mask) {
+bool warp_arrive(Warp& w, unsigned mask) {
   if (w.arrived == 0) {
     w.mask = mask;
   } else if (w.mask != mask) {
-    fault(c, "warp shuffles with different masks at the same time");
+    fault("warp shuffles with different masks at the same time");
   }
-  if (c.mode == FIBERS) ++c.progress;  // threads mode: the warps' barriers hold different locks
+  if (g_cl.mode == FIBERS) ++g_cl.progress;  // threads mode: the warps' barriers hold different locks
   if (++w.arrived == __builtin_popcount(mask)) {
     w.arrived = 0;
     ++w.gen;
@@ -282,73 +338,111 @@ bool warp_arrive(Cta& c, Warp& w, unsigned mask) {
   return false;
 }
 
+// Arrive at the cluster barrier (the caller holds g_cl.mu in threads mode); true when released.
+bool cluster_arrive_locked(const char* file, int line) {
+  if (g_cl.arrived == 0) {
+    g_cl.file = file;
+    g_cl.line = line;
+  } else if (g_cl.line != line || strcmp(g_cl.file, file) != 0) {
+    fault("divergent cluster barrier: threads arrive at " + where(g_cl.file, g_cl.line) + " and at " +
+          where(file, line));
+  }
+  if (g_cl.mode == FIBERS) ++g_cl.progress;
+  if (++g_cl.arrived == g_cl.live) {
+    g_cl.arrived = 0;
+    ++g_cl.gen;
+    g_syncs.fetch_add(1, std::memory_order_relaxed);
+    return true;
+  }
+  return false;
+}
+
 constexpr auto kDeadlock = std::chrono::seconds(30);
 
 template <class Pred>
-void thread_wait(Cta& c, std::condition_variable& cv, std::unique_lock<std::mutex>& lk, Pred done) {
-  if (!cv.wait_for(lk, kDeadlock, [&] { return done() || c.fault.load(); })) {
+void thread_wait(std::condition_variable& cv, std::unique_lock<std::mutex>& lk, Pred done) {
+  if (!cv.wait_for(lk, kDeadlock, [&] { return done() || faulted(); })) {
     lk.unlock();
-    fault(c, "deadlock: no barrier progress for 30 s (" + describe_waiters(c) + ")");
+    fault("deadlock: no barrier progress for 30 s (" + describe_waiters() + ")");
     lk.lock();
   }
 }
 
-void warp_barrier(Cta& c, Warp& w, unsigned mask) {
-  if (c.mode == THREADS) {
+// Fibers: give way until `done`; after a fault, forever (the scheduler abandons the cluster).
+template <class Pred>
+void fiber_wait(Pred done) {
+  while (!done() && !faulted()) yield();
+  while (faulted()) yield();
+}
+
+void warp_barrier(Warp& w, unsigned mask) {
+  if (g_cl.mode == THREADS) {
     std::unique_lock<std::mutex> lk(w.mu);
-    if (warp_arrive(c, w, mask)) {
+    if (warp_arrive(w, mask)) {
       lk.unlock();
       w.cv.notify_all();
       return;
     }
     const uint64_t g = w.gen;
-    thread_wait(c, w.cv, lk, [&] { return w.gen != g; });
+    thread_wait(w.cv, lk, [&] { return w.gen != g; });
   } else {
-    if (warp_arrive(c, w, mask)) return;
+    if (warp_arrive(w, mask)) return;
     const uint64_t g = w.gen;
-    while (w.gen == g && !c.fault.load()) yield();
-    while (c.fault.load()) yield();  // the scheduler abandons the CTA
+    fiber_wait([&] { return w.gen != g; });
   }
 }
 
-void on_exit(Cta& c) {
+// A thread exits: it no longer counts at its CTA's barrier, its warp's shuffles, nor the cluster
+// barrier (a barrier its exit completes is released).
+void on_exit() {
   ThreadCtx& me = *t_self;
+  Cta& c = cur_cta();
   Warp& w = c.warps[me.warp];
-  if (c.mode == THREADS) {
-    bool bad;
-    {
-      std::lock_guard<std::mutex> lk(w.mu);
-      w.live &= ~(1u << me.lane);
-      bad = w.arrived && (w.mask >> me.lane & 1u);
-    }
-    if (bad) fault(c, "a lane exited while its warp waits for it in a shuffle");
-    std::unique_lock<std::mutex> lk(c.mu);
-    --c.live;
-    if (c.arrived && c.arrived == c.live) {
-      c.arrived = 0;
-      ++c.gen;
-      g_syncs.fetch_add(1, std::memory_order_relaxed);
-      lk.unlock();
-      c.cv.notify_all();
-    }
-  } else {
+  const bool threads = g_cl.mode == THREADS;
+  {
+    std::unique_lock<std::mutex> lk(w.mu, std::defer_lock);
+    if (threads) lk.lock();
     w.live &= ~(1u << me.lane);
-    if (w.arrived && (w.mask >> me.lane & 1u))
-      fault(c, "a lane exited while its warp waits for it in a shuffle");
+    if (w.arrived && (w.mask >> me.lane & 1u)) {
+      if (threads) lk.unlock();
+      fault("a lane exited while its warp waits for it in a shuffle");
+    }
+  }
+  {
+    std::unique_lock<std::mutex> lk(c.mu, std::defer_lock);
+    if (threads) lk.lock();
     --c.live;
-    ++c.progress;
+    if (!threads) ++g_cl.progress;
     if (c.arrived && c.arrived == c.live) {
       c.arrived = 0;
       ++c.gen;
       g_syncs.fetch_add(1, std::memory_order_relaxed);
+      if (threads) {
+        lk.unlock();
+        c.cv.notify_all();
+      }
+    }
+  }
+  std::unique_lock<std::mutex> lk(g_cl.mu, std::defer_lock);
+  if (threads) lk.lock();
+  --g_cl.live;
+  if (g_cl.arrived && g_cl.arrived == g_cl.live) {
+    g_cl.arrived = 0;
+    ++g_cl.gen;
+    g_syncs.fetch_add(1, std::memory_order_relaxed);
+    if (threads) {
+      lk.unlock();
+      g_cl.cv.notify_all();
     }
   }
 }
 
 // ---- the two executors -----------------------------------------------------------------------------
-int run_fibers(dim3 grid, dim3 block, void (*body)(void*), void* ctx) {
+// Clusters of `size` CTAs along x; the grid's x extent is a multiple of it (checked by launch_impl).
+int run_fibers(dim3 grid, dim3 block, int size, size_t smem, void (*body)(void*), void* ctx) {
   const int n = (int)(block.x * block.y * block.z);
-  if ((int)g_fibers.size() < n) g_fibers.resize(n);
+  const int nf = n * size;
+  if ((int)g_fibers.size() < nf) g_fibers.resize(nf);
   g_body = body;
   g_body_ctx = ctx;
   t_blockDim = block;
@@ -358,44 +452,52 @@ int run_fibers(dim3 grid, dim3 block, void (*body)(void*), void* ctx) {
   int rc = 0;
   for (unsigned bz = 0; bz < grid.z && !rc; ++bz)
     for (unsigned by = 0; by < grid.y && !rc; ++by)
-      for (unsigned bx = 0; bx < grid.x && !rc; ++bx) {
-        Cta& c = g_cta;
-        reset_cta(c, FIBERS, n);
-        t_blockIdx = uint3{bx, by, bz};
-        for (int i = 0; i < n; ++i) {
-          fiber_init(g_fibers[i]);
-          g_fibers[i].ctx = ThreadCtx{i, i % 32, i / 32, 0};
-        }
-        // Warp-greedy schedule: one warp at a time runs as far as it can (its lanes are resumed
-        // until none of them makes progress, i.e. all wait at __syncthreads or have exited)
-        // before the next warp runs, so a warp races ahead of the others as far as the barriers
-        // allow: a missing __syncthreads lets it overwrite shared memory another warp has not
-        // read yet, or read what another has not written. Even CTAs take the warps in
-        // ascending order, odd CTAs in descending order (both directions of a race).
-        const int nw = (n + 31) / 32;
-        const bool reverse = ((bx + by + bz) & 1u) != 0;
-        int remaining = n;
-        while (remaining > 0 && !c.fault.load()) {
-          const long long p0 = c.progress;
-          for (int wi = 0; wi < nw && !c.fault.load(); ++wi) {
-            const int w = reverse ? nw - 1 - wi : wi;
-            const int lo = 32 * w, hi = lo + 32 < n ? lo + 32 : n;
-            long long pw;
-            do {
-              pw = c.progress;
-              for (int i = lo; i < hi && !c.fault.load(); ++i) {
-                Fiber& f = g_fibers[i];
-                if (f.done) continue;
-                resume(f, block);
-                if (f.done) --remaining;
-              }
-            } while (c.progress != pw && !c.fault.load());
+      for (unsigned cx = 0; cx < grid.x / size && !rc; ++cx) {
+        reset_cluster(FIBERS, size, n, smem);
+        for (int r = 0; r < size; ++r)
+          for (int i = 0; i < n; ++i) {
+            Fiber& f = g_fibers[r * n + i];
+            fiber_init(f);
+            f.ctx = ThreadCtx{};
+            f.ctx.tid = i;
+            f.ctx.lane = i % 32;
+            f.ctx.warp = i / 32;
+            f.ctx.rank = r;
+            f.ctx.bidx = uint3{cx * size + r, by, bz};
           }
-          if (remaining > 0 && c.progress == p0 && !c.fault.load())
-            fault(c, "deadlock: " + describe_waiters(c));
+        // Warp-greedy schedule: one warp at a time runs as far as it can (its lanes are resumed
+        // until none of them makes progress, i.e. all wait at a barrier or have exited) before
+        // the next warp runs, so a warp races ahead of the others as far as the barriers allow: a
+        // missing __syncthreads lets it overwrite shared memory another warp has not read yet, or
+        // read what another has not written (and a missing cluster barrier the same across the
+        // CTAs, which are taken one after another). Even clusters take the CTAs and their warps
+        // in ascending order, odd ones in descending order (both directions of a race).
+        const int nw = (n + 31) / 32;
+        const bool reverse = ((cx + by + bz) & 1u) != 0;
+        int remaining = nf;
+        while (remaining > 0 && !faulted()) {
+          const long long p0 = g_cl.progress;
+          for (int ri = 0; ri < size && !faulted(); ++ri) {
+            const int r = reverse ? size - 1 - ri : ri;
+            for (int wi = 0; wi < nw && !faulted(); ++wi) {
+              const int w = reverse ? nw - 1 - wi : wi;
+              const int lo = r * n + 32 * w, hi = r * n + (32 * w + 32 < n ? 32 * w + 32 : n);
+              long long pw;
+              do {
+                pw = g_cl.progress;
+                for (int i = lo; i < hi && !faulted(); ++i) {
+                  Fiber& f = g_fibers[i];
+                  if (f.done) continue;
+                  resume(f, block);
+                  if (f.done) --remaining;
+                }
+              } while (g_cl.progress != pw && !faulted());
+            }
+          }
+          if (remaining > 0 && g_cl.progress == p0 && !faulted()) fault("deadlock: " + describe_waiters());
         }
-        g_ctas.fetch_add(1, std::memory_order_relaxed);
-        if (c.fault.load()) rc = cudaErrorLaunchFailure;
+        g_ctas_run.fetch_add(size, std::memory_order_relaxed);
+        if (faulted()) rc = cudaErrorLaunchFailure;
       }
   t_self = saved_self;
   t_threadIdx = saved_idx;
@@ -403,7 +505,7 @@ int run_fibers(dim3 grid, dim3 block, void (*body)(void*), void* ctx) {
   return rc;
 }
 
-struct EndBarrier {  // all OS threads of the launch, between CTAs
+struct EndBarrier {  // all OS threads of the launch, between clusters
   std::mutex mu;
   std::condition_variable cv;
   int arrived = 0, n = 0;
@@ -424,39 +526,43 @@ struct EndBarrier {  // all OS threads of the launch, between CTAs
   }
 };
 
-int run_threads(dim3 grid, dim3 block, void (*body)(void*), void* ctx) {
+int run_threads(dim3 grid, dim3 block, int size, size_t smem, void (*body)(void*), void* ctx) {
   const int n = (int)(block.x * block.y * block.z);
-  Cta& c = g_cta;
-  reset_cta(c, THREADS, n);
+  reset_cluster(THREADS, size, n, smem);
   EndBarrier end;
-  end.n = n;
+  end.n = n * size;
   std::atomic<int> rc{0};
-  auto worker = [&](int tid) {
-    ThreadCtx me{tid, tid % 32, tid / 32, 0};
+  auto worker = [&](int gtid) {
+    ThreadCtx me;
+    me.tid = gtid % n;
+    me.lane = me.tid % 32;
+    me.warp = me.tid / 32;
+    me.rank = gtid / n;
     t_self = &me;
     t_blockDim = block;
     t_gridDim = grid;
-    set_thread_index(tid, block);
+    set_thread_index(me.tid, block);
     for (unsigned bz = 0; bz < grid.z; ++bz)
       for (unsigned by = 0; by < grid.y; ++by)
-        for (unsigned bx = 0; bx < grid.x; ++bx) {
-          t_blockIdx = uint3{bx, by, bz};
+        for (unsigned cx = 0; cx < grid.x / size; ++cx) {
+          t_blockIdx = uint3{cx * size + me.rank, by, bz};
           me.shfl_seq = 0;
+          me.cl_arrived = false;
           const bool skip = rc.load() != 0;
           if (!skip) {
             body(ctx);
-            on_exit(c);
+            on_exit();
           }
-          end.wait([&] {  // the last thread of the CTA: record the result, reset for the next
-            g_ctas.fetch_add(1, std::memory_order_relaxed);
-            if (c.fault.load()) rc.store(cudaErrorLaunchFailure);
-            reset_cta(c, THREADS, n);
+          end.wait([&] {  // the last thread of the cluster: record the result, reset for the next
+            g_ctas_run.fetch_add(size, std::memory_order_relaxed);
+            if (faulted()) rc.store(cudaErrorLaunchFailure);
+            reset_cluster(THREADS, size, n, smem);
           });
         }
   };
   std::vector<std::thread> threads;
-  threads.reserve(n);
-  for (int tid = 0; tid < n; ++tid) threads.emplace_back(worker, tid);
+  threads.reserve(n * size);
+  for (int gtid = 0; gtid < n * size; ++gtid) threads.emplace_back(worker, gtid);
   for (auto& t : threads) t.join();
   return rc.load();
 }
@@ -467,8 +573,8 @@ int run_threads(dim3 grid, dim3 block, void (*body)(void*), void* ctx) {
 int lane_id() { return t_self ? t_self->lane : 0; }
 
 void syncthreads(const char* file, int line) {
-  Cta& c = g_cta;
-  if (c.mode == THREADS) {
+  Cta& c = cur_cta();
+  if (g_cl.mode == THREADS) {
     std::unique_lock<std::mutex> lk(c.mu);
     if (cta_arrive(c, file, line)) {
       lk.unlock();
@@ -476,46 +582,45 @@ void syncthreads(const char* file, int line) {
       return;
     }
     const uint64_t g = c.gen;
-    thread_wait(c, c.cv, lk, [&] { return c.gen != g; });
+    thread_wait(c.cv, lk, [&] { return c.gen != g; });
   } else {
     if (cta_arrive(c, file, line)) return;
     const uint64_t g = c.gen;
-    while (c.gen == g && !c.fault.load()) yield();
-    while (c.fault.load()) yield();
+    fiber_wait([&] { return c.gen != g; });
   }
 }
 
 uint64_t shfl(unsigned mask, uint64_t bits, int src) {
-  Cta& c = g_cta;
+  Cta& c = cur_cta();
   ThreadCtx& me = *t_self;
   Warp& w = c.warps[me.warp];
   if (!(mask >> me.lane & 1u)) {
-    fault(c, "shuffle by lane " + std::to_string(me.lane) + " not in its mask");
+    fault("shuffle by lane " + std::to_string(me.lane) + " not in its mask");
     return bits;
   }
   unsigned live;
-  if (c.mode == THREADS) {
+  if (g_cl.mode == THREADS) {
     std::lock_guard<std::mutex> lk(w.mu);
     live = w.live;
   } else {
     live = w.live;
   }
   if (mask & ~live) {
-    fault(c, "shuffle mask names lanes that do not exist or have exited");
+    fault("shuffle mask names lanes that do not exist or have exited");
     return bits;
   }
   const uint64_t my = me.shfl_seq++;
   const int p = (int)(my & 1);
   w.buf[p][me.lane] = bits;
   w.seq[p][me.lane] = my;
-  warp_barrier(c, w, mask);
-  if (c.fault.load()) return bits;
+  warp_barrier(w, mask);
+  if (faulted()) return bits;
   if (src < 0 || src > 31 || !(mask >> src & 1u)) {
-    fault(c, "shuffle reads lane " + std::to_string(src) + ", which is not in the mask");
+    fault("shuffle reads lane " + std::to_string(src) + ", which is not in the mask");
     return bits;
   }
   if (w.seq[p][src] != my) {
-    fault(c, "lanes of a warp reached different shuffles (divergent shuffle sequence)");
+    fault("lanes of a warp reached different shuffles (divergent shuffle sequence)");
     return bits;
   }
   return w.buf[p][src];
@@ -523,25 +628,95 @@ uint64_t shfl(unsigned mask, uint64_t bits, int src) {
 
 void syncwarp(unsigned mask) { (void)shfl(mask, 0, lane_id()); }
 
-int launch_impl(dim3 grid, dim3 block, size_t smem, cudaStream_t, void (*body)(void*), void* ctx) {
+void* dynamic_smem() { return cur_cta().smem; }
+unsigned cluster_rank() { return t_self ? (unsigned)t_self->rank : 0u; }
+unsigned cluster_size() { return (unsigned)g_cl.size; }
+
+void cluster_arrive(const char* file, int line) {
+  ThreadCtx& me = *t_self;
+  if (me.cl_arrived) {
+    fault("cluster barrier: arrive twice without a wait (" + where(file, line) + ")");
+    return;
+  }
+  me.cl_arrived = true;
+  if (g_cl.mode == THREADS) {
+    std::unique_lock<std::mutex> lk(g_cl.mu);
+    me.cl_gen = g_cl.gen;
+    if (cluster_arrive_locked(file, line)) {
+      lk.unlock();
+      g_cl.cv.notify_all();
+    }
+  } else {
+    me.cl_gen = g_cl.gen;
+    (void)cluster_arrive_locked(file, line);
+  }
+}
+
+void cluster_wait(const char* file, int line) {
+  ThreadCtx& me = *t_self;
+  if (!me.cl_arrived) {
+    fault("cluster barrier: a wait without an arrive (" + where(file, line) + ")");
+    return;
+  }
+  me.cl_arrived = false;
+  const uint64_t g = me.cl_gen;
+  if (g_cl.mode == THREADS) {
+    std::unique_lock<std::mutex> lk(g_cl.mu);
+    thread_wait(g_cl.cv, lk, [&] { return g_cl.gen != g; });
+  } else {
+    fiber_wait([&] { return g_cl.gen != g; });
+  }
+}
+
+void* map_shared_rank(const void* p, unsigned rank) {
+  Cta& c = cur_cta();
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p), base = reinterpret_cast<uintptr_t>(c.smem);
+  if (rank >= (unsigned)g_cl.size) {
+    fault("map_shared_rank: rank " + std::to_string(rank) + " outside the cluster of " +
+          std::to_string(g_cl.size));
+    return const_cast<void*>(p);
+  }
+  if (!c.smem || a < base || a >= base + g_cl.smem) {
+    fault("map_shared_rank: the address is not in this CTA's dynamic shared memory");
+    return const_cast<void*>(p);
+  }
+  Cta& o = g_ctas[rank];
+  bool gone;
+  if (g_cl.mode == THREADS) {
+    std::lock_guard<std::mutex> lk(o.mu);
+    gone = o.live == 0;
+  } else {
+    gone = o.live == 0;
+  }
+  if (gone) fault("distributed shared memory of CTA " + std::to_string(rank) + " of the cluster, which has exited");
+  return o.smem + (a - base);
+}
+
+int launch_impl(dim3 grid, dim3 block, unsigned cluster, size_t smem, cudaStream_t, void (*body)(void*),
+                void* ctx) {
   const long long n = (long long)block.x * block.y * block.z;
   if (n < 1 || n > kMaxThreads || grid.x < 1 || grid.y < 1 || grid.z < 1) {
     g_last_fault = "invalid launch configuration";
     return cudaErrorInvalidConfiguration;
   }
-  if (smem != 0) {
-    g_last_fault = "dynamic shared memory is not emulated";
-    return cudaErrorNotSupported;
+  if (cluster < 1 || cluster > (unsigned)kMaxCluster || grid.x % cluster != 0) {
+    g_last_fault = "invalid cluster dimension (1 to 16 CTAs, dividing the grid's x extent)";
+    return cudaErrorInvalidConfiguration;
+  }
+  if (smem > kMaxSmem) {
+    g_last_fault = "more dynamic shared memory than a CTA can have";
+    return cudaErrorInvalidValue;
   }
   const char* m = getenv("KDKERNELS_CUDA_EMULATE_MODE");
   const Mode mode = (m && strcmp(m, "threads") == 0) ? THREADS : FIBERS;
   std::lock_guard<std::mutex> lk(g_launch_mu);
   g_launches.fetch_add(1, std::memory_order_relaxed);
-  g_cta.fault.store(false);
-  g_cta.msg.clear();
-  const int rc = mode == THREADS ? run_threads(grid, block, body, ctx) : run_fibers(grid, block, body, ctx);
-  g_last_fault = rc ? g_cta.msg : std::string();
-  g_cta.fault.store(false);
+  g_cl.fault.store(false);
+  g_cl.msg.clear();
+  const int rc = mode == THREADS ? run_threads(grid, block, (int)cluster, smem, body, ctx)
+                                 : run_fibers(grid, block, (int)cluster, smem, body, ctx);
+  g_last_fault = rc ? g_cl.msg : std::string();
+  g_cl.fault.store(false);
   return rc;
 }
 
@@ -550,7 +725,7 @@ void set_last_error(int code) {
 }
 const char* last_fault() { return g_last_fault.c_str(); }
 Counters counters() {
-  return Counters{g_launches.load(), g_ctas.load(), g_syncs.load(), g_shuffles.load()};
+  return Counters{g_launches.load(), g_ctas_run.load(), g_syncs.load(), g_shuffles.load()};
 }
 
 }  // namespace kd_emu
@@ -570,4 +745,19 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorNotSupported: return "operation not supported";
   }
   return "unknown error";
+}
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+// The emulated device: compute capability KDKERNELS_CUDA_EMULATE_SM (e.g. 80, 90; default 90).
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  const char* e = getenv("KDKERNELS_CUDA_EMULATE_SM");
+  const int sm = e && *e ? atoi(e) : 90;
+  switch (attr) {
+    case cudaDevAttrComputeCapabilityMajor: *value = sm / 10; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = sm % 10; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = (int)kd_emu::kMaxSmem; return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
 }

@@ -16,6 +16,24 @@
 //   __nv_bfloat16, __half and their fp32 conversions (round to nearest even), uint4, dim3
 //   cudaStream_t, cudaError_t, cudaGetLastError, cudaPeekAtLastError, cudaGetErrorString
 //   KD_LAUNCH(kernel, grid, block, smem, stream, args...)   instead of kernel<<<...>>>(args...)
+//   dynamic shared memory (`smem` bytes per CTA, kd_emu::dynamic_smem()), filled with 0xff bytes
+//                                               at each CTA's start (a read before a write is NaN)
+//   thread-block clusters (sm_90): KD_LAUNCH_CLUSTER(kernel, grid, block, cluster, smem, stream,
+//                                               args...) runs each cluster's `cluster` CTAs (along
+//                                               x) at the same time; kd_emu::cluster_rank / _size,
+//                                               cluster_arrive / cluster_wait (barrier.cluster's
+//                                               split arrive and wait: checked to alternate, every
+//                                               live thread of the cluster counted, one call site
+//                                               per phase) and map_shared_rank (distributed shared
+//                                               memory: an address of this CTA's dynamic shared
+//                                               memory in another CTA's; checked: in bounds, and
+//                                               the other CTA has not exited). A kernel launched in
+//                                               clusters keeps ALL its shared memory in the dynamic
+//                                               buffer: `static` __shared__ would be one copy for
+//                                               the cluster's CTAs that run together.
+//   cudaGetDevice, cudaDeviceGetAttribute (compute capability KDKERNELS_CUDA_EMULATE_SM, default
+//                                               90; shared memory per block opt-in 227 KiB),
+//                                               cudaFuncSetAttribute (accepted, no effect)
 // The threads of a CTA run as fibers on the calling OS thread (default; a missing barrier then
 // shows up as a wrong answer) or, with KDKERNELS_CUDA_EMULATE_MODE=threads, as real OS threads
 // (for ThreadSanitizer: each warp's shuffles and the CTA barrier synchronize through their own
@@ -73,6 +91,21 @@ enum cudaError_t {
   cudaErrorLaunchFailure = 719,
   cudaErrorNotSupported = 801,
 };
+enum cudaDeviceAttr {
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
+enum cudaFuncAttribute {
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+  cudaFuncAttributeNonPortableClusterSizeAllowed = 12,
+};
+cudaError_t cudaGetDevice(int* device);
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
+template <class F>
+cudaError_t cudaFuncSetAttribute(F*, cudaFuncAttribute, int) {
+  return cudaSuccess;
+}
 cudaError_t cudaGetLastError();
 cudaError_t cudaPeekAtLastError();
 const char* cudaGetErrorString(cudaError_t e);
@@ -88,8 +121,18 @@ uint64_t shfl(unsigned mask, uint64_t bits, int src_lane);
 void syncwarp(unsigned mask);
 int lane_id();
 
-// Run body(ctx) as every thread of every CTA of the grid; returns a cudaError_t code.
-int launch_impl(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, void (*body)(void*), void* ctx);
+// Run body(ctx) as every thread of every CTA of the grid, in clusters of `cluster` CTAs along x
+// (1: no clusters); returns a cudaError_t code.
+int launch_impl(dim3 grid, dim3 block, unsigned cluster, size_t smem, cudaStream_t stream, void (*body)(void*),
+                void* ctx);
+
+// This CTA's dynamic shared memory; thread-block clusters (see the header comment).
+void* dynamic_smem();
+unsigned cluster_rank();
+unsigned cluster_size();
+void cluster_arrive(const char* file, int line);
+void cluster_wait(const char* file, int line);
+void* map_shared_rank(const void* p, unsigned rank);
 void set_last_error(int code);
 const char* last_fault();  // message of the last failed launch ("" if none)
 // Statistics for tests: launches, CTAs and barrier completions since the process started.
@@ -99,7 +142,8 @@ struct Counters {
 Counters counters();
 
 template <class... P, class... A>
-void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A&&... args) {
+void launch_cluster(void (*kernel)(P...), dim3 grid, dim3 block, unsigned cluster, size_t smem, cudaStream_t stream,
+                    A&&... args) {
   // Kernel parameters are copied once, like CUDA's parameter buffer; every thread calls the
   // kernel with (by-value) copies of them.
   using Tuple = std::tuple<std::decay_t<P>...>;
@@ -111,7 +155,11 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
     Ctx* x = static_cast<Ctx*>(c);
     std::apply(x->k, x->params);
   };
-  set_last_error(launch_impl(grid, block, smem, stream, body, &ctx));
+  set_last_error(launch_impl(grid, block, cluster, smem, stream, body, &ctx));
+}
+template <class... P, class... A>
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A&&... args) {
+  launch_cluster(kernel, grid, block, 1u, smem, stream, std::forward<A>(args)...);
 }
 
 template <class T>
@@ -134,6 +182,8 @@ inline T shfl_bits(unsigned mask, T var, int src) {
 #define __syncthreads() ::kd_emu::syncthreads(__FILE__, __LINE__)
 #define KD_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ::kd_emu::launch(kernel, grid, block, smem, stream, __VA_ARGS__)
+#define KD_LAUNCH_CLUSTER(kernel, grid, block, cluster, smem, stream, ...) \
+  ::kd_emu::launch_cluster(kernel, grid, block, cluster, smem, stream, __VA_ARGS__)
 
 // Warp primitives. `width` splits the warp into segments of `width` lanes, as in CUDA.
 template <class T>

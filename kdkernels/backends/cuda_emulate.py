@@ -184,6 +184,12 @@ def set_pending_error(code: int) -> None:
     library().set_pending_error(code)
 
 
+def counters() -> Tuple[int, int, int, int]:
+    """Test hook: the emulation's (launches, CTAs, barrier completions, shuffles) since the process
+    started; differences around a call tell which launch configuration it ran."""
+    return tuple(library().emu_counters())
+
+
 def forward_rows_ensemble(student: Tensor, teachers, weights, labels: Optional[Tensor], div_id: int,
                           param: float, temperature: float, soft_weight: float, hard_weight: float,
                           ignore_index: int) -> Tuple[Tensor, Tensor]:
