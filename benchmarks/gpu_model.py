@@ -621,6 +621,8 @@ def model_triton(variants, workers: int = 2) -> List[dict]:
 # ---- CUDA kernels -----------------------------------------------------------------------------
 CUDA_DTYPES = {"float": "fp32", "__nv_bfloat16": "bf16", "__half": "fp16"}
 CUDA_THREADS = 256  # kd_cuda.cu THREADS
+CUDA_CLUSTER_BYTES = 72 * 1024  # kd_cuda.cu cluster_budget(): shared memory per CTA, default
+CUDA_CLUSTER_HEAD = 352         # kd_cuda.cu ClusterLayout::HEAD floats * 4
 
 
 def compile_cuda(cap: int) -> Tuple[str, str]:
@@ -642,13 +644,14 @@ def demangle(names: Sequence[str]) -> Dict[str, str]:
     return dict(zip(names, proc.stdout.splitlines()))
 
 
-def path_extremes(instrs: List[Instr], a: int, b: int) -> Dict[Tuple[int, int], Tuple[Counts, Counts]]:
+def path_extremes(instrs: List[Instr], a: int, b: int) -> Dict[Tuple[int, int, int], Tuple[Counts, Counts]]:
     """Paths from loop head a to its back edge b through the loop body's forward branches, by
     dynamic programming over the body (a DAG once the back edges are cut; a branch out of [a, b]
     counts as not taken). Only paths whose global accesses are all 16-byte vectors are kept (the
-    aligned fast path). Returns {(vector loads, vector stores): (shortest, longest) counts}."""
+    aligned fast path). Returns {(vector loads, vector stores, 16-byte shared loads):
+    (shortest, longest) counts}."""
     index = {ins.addr: i for i, ins in enumerate(instrs)}
-    states: Dict[int, Dict[Tuple[int, int], Tuple[Counts, Counts]]] = {a: {(0, 0): (Counts(), Counts())}}
+    states: Dict[int, Dict[Tuple[int, int, int], Tuple[Counts, Counts]]] = {a: {(0, 0, 0): (Counts(), Counts())}}
 
     def merge(i, key, lo, hi):
         d = states.setdefault(i, {})
@@ -665,11 +668,13 @@ def path_extremes(instrs: List[Instr], a: int, b: int) -> Dict[Tuple[int, int], 
         nbytes = mem_bytes(ins)
         if nbytes not in (0, 16):
             continue  # scalar path: dropped
-        for (nld, nst), (lo, hi) in states.pop(i).items():
+        lds = ins.base == "LDS" and ".128" in ins.op
+        for (nld, nst, nlds), (lo, hi) in states.pop(i).items():
             lo2, hi2 = dataclasses.replace(lo), dataclasses.replace(hi)
             lo2.add(ins)
             hi2.add(ins)
-            key = (nld + (nbytes and ins.base == "LDG"), nst + (nbytes and ins.base == "STG"))
+            key = (nld + (nbytes and ins.base == "LDG"), nst + (nbytes and ins.base == "STG"),
+                   nlds + lds)
             if i == b:
                 merge(-1, key, lo2, hi2)
                 continue
@@ -685,21 +690,25 @@ def path_extremes(instrs: List[Instr], a: int, b: int) -> Dict[Tuple[int, int], 
 
 
 def cuda_loop_counts(instrs: List[Instr], a: int, b: int, want_ld: int, want_st: int,
-                     extra: bool):
+                     extra: bool, want_lds: int = 0, widest: bool = False):
     """Counts of the path through loop [a, b] a variant takes: 16-byte vector accesses only (the
-    aligned path), ``want_ld`` vector loads and ``want_st`` vector stores per chunk (or a multiple:
-    an unrolled loop); the longest such path when ``extra`` (an optional runtime term, the hard
-    term, is on), else the shortest. Returns ((counts, unroll), number of access patterns)."""
+    aligned path), ``want_ld`` vector loads, ``want_st`` vector stores and ``want_lds`` 16-byte
+    shared-memory loads per chunk (or a multiple: an unrolled loop); the longest such path when
+    ``extra`` (an optional runtime term, the hard term, is on), else the shortest; the least
+    unrolled match, or the most when ``widest`` (cluster_grad_kernel's copy, 4 chunks in flight,
+    whose tail takes fewer). Returns ((counts, unroll), number of access patterns)."""
     ext = path_extremes(instrs, a, b)
     cands = []
-    for (nld, nst), (lo, hi) in ext.items():
-        unroll = nld // want_ld if want_ld else (nst // want_st if want_st else 1)
-        if unroll == 0 or nld != want_ld * unroll or nst != want_st * unroll:
+    for (nld, nst, nlds), (lo, hi) in ext.items():
+        first = next((w for w in (want_ld, want_st, want_lds) if w), 0)
+        got = nld if want_ld else (nst if want_st else nlds)
+        unroll = got // first if first else 1
+        if unroll == 0 or (nld, nst, nlds) != (want_ld * unroll, want_st * unroll, want_lds * unroll):
             continue
         cands.append(((hi if extra else lo), unroll))
     if not cands:
         return None, 0
-    cands.sort(key=lambda cu: cu[1])
+    cands.sort(key=lambda cu: cu[1], reverse=widest)
     return cands[0], len(ext)
 
 
@@ -727,6 +736,10 @@ def model_cuda(caps=CAPS, dtypes=DTYPES, divs=range(6)) -> List[dict]:
             if m and (m.group(3) == "true") == (int(m.group(2)) in CUDA_LINEAR_DIVS):
                 found[("fused", CUDA_DTYPES.get(m.group(1).strip(), m.group(1)),
                        int(m.group(2)))] = mangled
+            m = re.search(r"cluster_grad_kernel<([^,>]+), (\d+), true, true, (true|false)>", pretty)
+            if m and (m.group(3) == "true") == (int(m.group(2)) in CUDA_LINEAR_DIVS):
+                found[("cluster", CUDA_DTYPES.get(m.group(1).strip(), m.group(1)),
+                       int(m.group(2)))] = mangled
         for dtype in dtypes:
             esize = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
             vec = 16 // esize
@@ -735,7 +748,11 @@ def model_cuda(caps=CAPS, dtypes=DTYPES, divs=range(6)) -> List[dict]:
                 # flag are not correlated by this path search: only the longest aligned path
                 # (soft + hard term on) is modelled, an upper bound for calls without the hard term
                 for mode, has_labels, hard in LABEL_MODES[-1:]:
-                    for op, kinds in (("kd_loss", ("fused",)), ("kd_loss_2k", ("forward", "backward"))):
+                    # sm_90: the launcher's training step is cluster_grad_kernel (the row on
+                    # chip; forward_grad_kernel, op kd_loss_1cta, where no cluster fits)
+                    ops = ((("kd_loss", ("cluster",)), ("kd_loss_1cta", ("fused",))) if cap >= 90
+                           else (("kd_loss", ("fused",)),)) + (("kd_loss_2k", ("forward", "backward")),)
+                    for op, kinds in ops:
                         v = dict(impl="cuda", op=op, cap=cap, dtype=dtype, div=DIV_NAMES[div],
                                  mode=mode)
                         for li, kind in enumerate(kinds):
@@ -743,22 +760,44 @@ def model_cuda(caps=CAPS, dtypes=DTYPES, divs=range(6)) -> List[dict]:
                             if mangled is None:
                                 raise RuntimeError(f"CUDA {kind} kernel <{dtype}, {div}> not found")
                             rows += cuda_kernel_rows(v, li, kind, div, funcs[mangled],
-                                                     res.get(mangled, {}), vec, hard)
+                                                     res.get(mangled, {}), vec, hard, esize)
     return rows
 
 
-def cuda_kernel_rows(v, li, kind, div, instrs, res, vec, hard) -> List[dict]:
+def cluster_size(V: int, esize: int, budget: int = CUDA_CLUSTER_BYTES) -> Tuple[int, int]:
+    """kd_cuda.cu launch_cluster_grad: (CTAs per row, chunks per CTA) of cluster_grad_kernel, or
+    (0, 0) where no cluster fits the budget."""
+    vec = 16 // esize
+    chunks = -(-V // vec) + 1
+    for c in (1, 2, 4, 8, 16):
+        per = -(-chunks // c)
+        if CUDA_CLUSTER_HEAD + 2 * per * 16 <= budget:
+            return c, per
+    return 0, 0
+
+
+def cuda_kernel_rows(v, li, kind, div, instrs, res, vec, hard, esize=2) -> List[dict]:
     """Loops of forward_kernel: statistics pass, then (divergences 2..5) the second pass.
     backward_kernel: zero-fill of ignored rows, (reverse KL) the c' pass, the gradient pass.
+    cluster_grad_kernel: zero-fill, the copy of the row's slice into shared memory, then the
+    passes of forward_grad_kernel on the slice (16-byte shared loads), over C CTAs a row; its
+    time is max(memory, issue, MUFU) summed over the kernel, not per pass ("overlap": the copy of
+    one CTA overlaps the passes of the two others resident on the SM, 72 KiB each).
     Loops are matched by their accesses: vector loads / stores per chunk."""
     loops = top_level_loops(find_loops(instrs))
     online = div in (0, 1)
+    C, chunks = 1, 0
     if kind == "forward":
         want = [("stats", 2, 0, hard)] + ([] if online else [("div", 2, 0, False)])
     elif kind == "fused":  # forward_grad_kernel: the forward's passes, then backward's
         want = [("zero", 0, 1, False), ("stats", 2, 0, hard)] + \
                ([] if online else [("div", 2, 0, False)]) + \
                ([("cprime", 2, 0, False)] if div == 1 else []) + [("grad", 2, 1, hard)]
+    elif kind == "cluster":
+        C, chunks = cluster_size(MODEL_V, esize)
+        want = [("zero", 0, 1, False), ("copy", 2, 0, False, 0, True), ("stats", 0, 0, hard, 2)] + \
+               ([] if online else [("div", 0, 0, False, 2)]) + \
+               ([("cprime", 0, 0, False, 2)] if div == 1 else []) + [("grad", 0, 1, hard, 2)]
     else:
         want = [("zero", 0, 1, False)] + ([("cprime", 2, 0, False)] if div == 1 else []) + \
                [("grad", 2, 1, hard)]
@@ -768,12 +807,13 @@ def cuda_kernel_rows(v, li, kind, div, instrs, res, vec, hard) -> List[dict]:
     used = set()
     out = []
     inside = Counts()
-    for pname, nld, nst, extra in want:
+    for pname, nld, nst, extra, *more in want:
+        nlds, widest = (list(more) + [0, False])[:2]
         best = None
         for li2, (a, b) in enumerate(loops):
             if li2 in used:
                 continue
-            c, ncand = cuda_loop_counts(instrs, a, b, nld, nst, extra)
+            c, ncand = cuda_loop_counts(instrs, a, b, nld, nst, extra, nlds, widest)
             if c is not None:
                 best = (li2, c, ncand)
                 break
@@ -788,7 +828,9 @@ def cuda_kernel_rows(v, li, kind, div, instrs, res, vec, hard) -> List[dict]:
         per_thread = vec * unroll
         per = lambda x: x / per_thread  # noqa: E731
         elems = MODEL_N * MODEL_V
-        iters = math.ceil(MODEL_V / (threads * per_thread))
+        # iterations of a row, over its CTAs: C of `per` chunks each (cluster_grad_kernel)
+        iters = (C * math.ceil(chunks * vec / (threads * per_thread)) if kind == "cluster"
+                 else math.ceil(MODEL_V / (threads * per_thread)))
         bpe = (c.ldg_bytes + c.stg_bytes) / per_thread
         row = dict(loop=pname, sass_per_elem=per(c.sass), mufu_per_elem=per(c.mufu),
                    bar_per_elem=per(c.bar), shfl_per_elem=per(c.shfl), bytes_per_elem=bpe,
@@ -804,11 +846,14 @@ def cuda_kernel_rows(v, li, kind, div, instrs, res, vec, hard) -> List[dict]:
     # count it as the straight-line rest, an upper bound that is small next to the loops
     rest = total.sass - inside.sass
     row = dict(loop="rest", rest_sass=rest)
-    for card, tt in card_times(0, 0, MODEL_N * rest * warps, 0).items():
+    for card, tt in card_times(0, 0, MODEL_N * C * rest * warps, 0).items():
         row.update({f"{card}_{k}": x for k, x in tt.items()})
     out.append(row)
     for r in out:
-        r.update(v, launch=li, kernel="forward_grad_kernel" if kind == "fused" else f"{kind}_kernel",
+        if kind == "cluster":
+            r.update(overlap=1, cluster=C)
+        r.update(v, launch=li, kernel={"fused": "forward_grad_kernel", "cluster": "cluster_grad_kernel"}.get(
+                     kind, f"{kind}_kernel"),
                  threads=threads,
                  registers=res.get("REG", 0), local_bytes=res.get("LOCAL", 0),
                  spill_instr=total.local, shared_bytes=res.get("SHARED", 0),
@@ -854,6 +899,8 @@ def totals(rows: List[dict]) -> List[dict]:
         for card in CARDS:
             for k in ("mem_ms", "issue_ms", "mufu_ms", "ms"):
                 t[f"{card}_{k}"] = sum(r.get(f"{card}_{k}", 0.0) for r in rs)
+            if any(r.get("overlap") for r in rs):  # one kernel whose passes overlap across CTAs
+                t[f"{card}_ms"] = max(t[f"{card}_mem_ms"], t[f"{card}_issue_ms"], t[f"{card}_mufu_ms"])
         out.append(t)
     return out
 

@@ -138,3 +138,87 @@ def test_never_chosen_by_auto():
         assert backends.choose("auto", torch.device("cpu"), dtype) != "cuda"
     assert backends.choose("cuda", torch.device("cpu"), torch.float32) == "cuda"
     assert backends.load("cuda") is cuda_emulate
+
+
+# ---- the training step's two kernels: cluster_grad_kernel (the row on chip) and forward_grad_kernel
+# kd_cuda.cu launch_cluster_grad: C = the smallest power of two <= 16 whose slices fit the budget.
+CLUSTER_HEAD = 352  # bytes before the slices: reduction scratch, exchange slots, statistics
+
+
+def cluster_size(V, dtype, budget):
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    chunks = -(-V // vec) + 1
+    for c in (1, 2, 4, 8, 16):
+        if CLUSTER_HEAD + 2 * -(-chunks // c) * 16 <= budget:
+            return c
+    return 0
+
+
+def fused_ctas(s, t, labels, div, soft_weight=1.0):
+    """CTAs the fused training-step op ran on rows [N, V], and its (loss [N], grad [N, V])."""
+    c0 = cuda_emulate.counters()
+    out = cuda_emulate.forward_rows_with_grad(s[None], t[None], labels,
+                                              divergences.DIVERGENCES[div].id,
+                                              next(iter(PARAM.get(div, {"x": 0.0}).values())),
+                                              2.0, soft_weight, 0.5, -100)
+    return cuda_emulate.counters()[1] - c0[1], (out[0].reshape(-1), out[1].reshape(s.shape))
+
+
+@pytest.mark.parametrize("div", DIVS)
+def test_cluster_sizes_and_fallbacks(div, monkeypatch):
+    """The launcher's choice, read off the CTAs run: clusters of 1 to 16 CTAs per row as the
+    budget shrinks, forward_grad_kernel (one CTA per row) with the budget 0, on an emulated sm_80,
+    without the soft term, or when no cluster fits; every choice the same loss and gradient to
+    fp32 rounding (only the summation tree differs)."""
+    g = torch.Generator().manual_seed(5)
+    N, V = 3, 5003
+    s = (torch.randn(N, V, generator=g) * 3).bfloat16()
+    t = (torch.randn(N, V, generator=g) * 3).bfloat16()
+    labels = torch.tensor([4, -100, 5002])
+    monkeypatch.setenv("KDKERNELS_CUDA_CLUSTER_BYTES", "0")
+    n, (ref_loss, ref_grad) = fused_ctas(s, t, labels, div)
+    assert n == N
+    seen = set()
+    for budget in (73728, 20000, 10000, 5000, 2500, 1700, 1000):
+        monkeypatch.setenv("KDKERNELS_CUDA_CLUSTER_BYTES", str(budget))
+        C = cluster_size(V, torch.bfloat16, budget)
+        n, (loss, grad) = fused_ctas(s, t, labels, div)
+        assert n == N * (C or 1), (budget, C, n)
+        seen.add(C)
+        torch.testing.assert_close(loss, ref_loss, rtol=2e-5, atol=1e-5)
+        torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=1.6e-2, atol=1e-6)
+        assert (grad[1] == 0).all() and loss[1] == 0
+    assert seen == {1, 2, 4, 8, 16, 0}, seen
+    monkeypatch.setenv("KDKERNELS_CUDA_CLUSTER_BYTES", "2500")
+    monkeypatch.setenv("KDKERNELS_CUDA_EMULATE_SM", "80")
+    assert fused_ctas(s, t, labels, div)[0] == N
+    monkeypatch.setenv("KDKERNELS_CUDA_EMULATE_SM", "90")
+    assert fused_ctas(s, t, labels, div, soft_weight=0.0)[0] == N
+
+
+@pytest.mark.parametrize("budget", ["0", "1000"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("div", DIVS)
+def test_training_step_both_kernels(div, dtype, budget, monkeypatch):
+    """Both training-step kernels against the oracle: forward_grad_kernel (budget 0) and
+    cluster_grad_kernel in clusters of 8 or 16 CTAs (1000 bytes a CTA), on odd V, strided views,
+    peeled heads, a teacher of another alignment, ignored rows, the ugly patterns."""
+    monkeypatch.setenv("KDKERNELS_CUDA_CLUSTER_BYTES", budget)
+    for pattern, T, V, mask, hard in [("randn", 2.0, 1271, "some", 0.5),
+                                      ("neginf", 2.0, 1271, "some", 0.5),
+                                      ("huge", 0.05, 127, "some", 0.5),
+                                      ("onehot", 0.05, 300, "none", 0.0),
+                                      ("randn", 1.0, 333, "all", 0.5)]:
+        test_fuzz._check_case("cuda", case(div, dtype, V, T=T, pattern=pattern, mask=mask,
+                                           hard=hard, strided=True, pad=3))
+
+
+def test_cluster_threads_mode(monkeypatch):
+    """Clusters with every CUDA thread an OS thread (the ThreadSanitizer mode): the fibers' results."""
+    monkeypatch.setenv("KDKERNELS_CUDA_CLUSTER_BYTES", "1000")
+    s, t = torch.randn(2, 1001).bfloat16(), torch.randn(2, 1001).bfloat16()
+    fib = fused_ctas(s, t, None, "jsd")
+    monkeypatch.setenv("KDKERNELS_CUDA_EMULATE_MODE", "threads")
+    thr = fused_ctas(s, t, None, "jsd")
+    assert fib[0] == thr[0] == 2 * cluster_size(1001, torch.bfloat16, 1000)
+    assert torch.equal(fib[1][0], thr[1][0]) and torch.equal(fib[1][1], thr[1][1])

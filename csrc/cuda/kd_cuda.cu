@@ -400,8 +400,9 @@ __device__ __forceinline__ RowView<S> row_view(const RowsArgs& a, int64_t r) {
 // frame, 4 bytes spilled, in forward_kernel<16-bit, reverse_kl, soft, no sep> on sm_90),
 // forward_grad_kernel the same, with the row's view formed once for both passes and the gradient
 // row's pointer after the forward (other arrangements spilled 4-12 bytes in its <16-bit,
-// forward_kl | skew_kl | jsd, soft, ...> variants; one is left: 4 bytes in <16-bit, jsd, soft,
-// sep, hard, LIN> on sm_80).
+// forward_kl | skew_kl, soft, ...> variants), except jsd's linear form, which passes
+// const RowsArgs& and forms the view again for the gradient pass (4-8 bytes spilled otherwise in
+// <16-bit, jsd, soft, sep, hard, LIN> on sm_80).
 template <class S, int DIV, bool SOFT, bool SEP, bool LIN, class A, class Cols, class Red>
 __device__ __forceinline__ void forward_row(A a, int64_t r, int64_t label, const S* s, const Cols& cs, const Cols& ct,
                                             int64_t j0, int64_t end, Red& red, float* st) {
@@ -647,8 +648,9 @@ __global__ void __launch_bounds__(THREADS) forward_grad_kernel(RowsArgs a) {
   forward_row<S, DIV, SOFT, SEP, LIN, A>(a, r, label, v.s, v.cs, v.ct, v.j0, a.V, red, st);
   __syncthreads();  // thread 0's statistics, as backward_kernel loads them from the stats row
   S* g = static_cast<S*>(a.grad) + r * a.V;
+  const RowView<S> w = DIV == JSD && LIN ? row_view<S>(a, r) : v;  // jsd: formed again (forward_row's note)
   backward_row<S, DIV, SOFT, HARD, LIN>(a, label, load_row_stats(st), a.grad_loss[r], g,
-                                        vector_ok<S>(v.s) && same_phase(v.s, g), v.cs, v.ct, v.j0, a.V, red);
+                                        vector_ok<S>(w.s) && same_phase(w.s, g), w.cs, w.ct, w.j0, a.V, red);
 }
 
 // ---- the training path with the row on chip: thread-block clusters (compute capability 9.0) ----

@@ -12,9 +12,13 @@
 #include "kd_rows.h"
 #include "kd_torch_checks.h"
 
-namespace kd_emu {
+namespace kd_emu {  // cuda_emu.h's, without its CUDA names in this torch translation unit
 const char* last_fault();
 void set_last_error(int code);
+struct Counters {
+  long long launches, ctas, syncthreads, shuffles;
+};
+Counters counters();
 }
 
 namespace kd {
@@ -107,7 +111,7 @@ at::Tensor given_stats_emu(const at::Tensor& student, const at::Tensor& teacher,
 // completions, shuffles): which kernel configuration a call ran (cluster_grad_kernel: N * C CTAs).
 std::vector<int64_t> emu_counters() {
   const kd_emu::Counters c = kd_emu::counters();
-  return {c.launches, c.ctas, c.syncthreads, c.shuffles};
+  return {(int64_t)c.launches, (int64_t)c.ctas, (int64_t)c.syncthreads, (int64_t)c.shuffles};
 }
 
 }  // namespace
