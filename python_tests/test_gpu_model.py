@@ -50,8 +50,8 @@ def test_sass_counter_on_known_listing():
     # path search: the branch around the barrier gives a short and a long path, one load and
     # one store each
     ext = G.path_extremes(ins, 2, 9)
-    assert list(ext) == [(1, 1)]
-    short, long_ = ext[(1, 1)]
+    assert list(ext) == [(1, 1, 0)]  # (vector loads, vector stores, 16-byte shared loads)
+    short, long_ = ext[(1, 1, 0)]
     assert (short.sass, short.bar, long_.sass, long_.bar) == (6, 0, 7, 1)
 
 
