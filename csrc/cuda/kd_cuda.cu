@@ -147,14 +147,19 @@ __device__ __forceinline__ int64_t first_chunk(int head) {
 // Load columns [j, j + N) of a row into fp32: one 16-byte load when `vec` and the chunk lies in
 // [0, V) (then row + j is 16-byte aligned), else bounded scalar loads; lanes outside [0, V) get
 // -inf so they carry no probability.
+// The N elements of one 16-byte chunk in fp32.
+template <class S>
+__device__ __forceinline__ void unpack_chunk(uint4 raw, float* out) {
+  const S* e = reinterpret_cast<const S*>(&raw);
+#pragma unroll
+  for (int k = 0; k < Vec<S>::N; ++k) out[k] = to_float(e[k]);
+}
+
 template <class S>
 __device__ __forceinline__ void load_chunk(const S* row, int64_t j, int64_t V, bool vec, float* out) {
   constexpr int N = Vec<S>::N;
   if (vec && j >= 0 && j + N <= V) {
-    uint4 raw = *reinterpret_cast<const uint4*>(row + j);
-    const S* e = reinterpret_cast<const S*>(&raw);
-#pragma unroll
-    for (int k = 0; k < N; ++k) out[k] = to_float(e[k]);
+    unpack_chunk<S>(*reinterpret_cast<const uint4*>(row + j), out);
   } else {
 #pragma unroll
     for (int k = 0; k < N; ++k) out[k] = (j + k >= 0 && j + k < V) ? to_float(row[j + k]) : kNegInf;
@@ -286,10 +291,7 @@ struct SharedCols {
   const S* sm;  // the chunk starting at column lo
   int64_t lo;
   __device__ __forceinline__ void load(int64_t j, float* out) const {
-    const uint4 raw = *reinterpret_cast<const uint4*>(sm + (int)(j - lo));
-    const S* e = reinterpret_cast<const S*>(&raw);
-#pragma unroll
-    for (int k = 0; k < Vec<S>::N; ++k) out[k] = to_float(e[k]);
+    unpack_chunk<S>(*reinterpret_cast<const uint4*>(sm + (int)(j - lo)), out);
   }
 };
 
@@ -680,8 +682,9 @@ size_t cluster_smem_bytes(int64_t per) {
   return (size_t)ClusterLayout<DIV>::HEAD * sizeof(float) + 2 * (size_t)per * 16;
 }
 
-// Columns [j, j + N) of a row into shared memory `dst` (16 bytes) in the row's own dtype: one
-// 16-byte copy when `vec` and the chunk lies in [0, V), else bounded scalar copies, -inf outside.
+// Columns [j, j + N) of a row as 16 bytes in the row's own dtype (load_chunk without the fp32
+// conversion, for the copy into shared memory): one 16-byte load when `vec` and the chunk lies in
+// [0, V), else bounded scalar loads, -inf outside.
 template <class S>
 __device__ __forceinline__ uint4 load_raw(const S* row, int64_t j, int64_t V, bool vec) {
   constexpr int N = Vec<S>::N;
@@ -751,11 +754,12 @@ __global__ void __launch_bounds__(THREADS, 3) cluster_grad_kernel(RowsArgs a, in
 // KDKERNELS_CUDA_CLUSTER_BYTES: the shared memory a CTA of cluster_grad_kernel may take (bytes,
 // read at every launch; default 72 KiB: three CTAs per SM); 0 turns the cluster path off.
 inline long cluster_budget() {
+  constexpr long kDefault = 72L * 1024;
   const char* e = getenv("KDKERNELS_CUDA_CLUSTER_BYTES");
-  if (!e || !*e) return 72L * 1024;
+  if (!e || !*e) return kDefault;
   char* end = nullptr;
   const long v = strtol(e, &end, 10);
-  return (end && *end == '\0' && v >= 0) ? v : 72L * 1024;
+  return (end && *end == '\0' && v >= 0) ? v : kDefault;
 }
 
 // The cluster path of the training step when it applies: the soft term counts, the device has
@@ -863,11 +867,14 @@ int launch_given_stats(const RowsArgs& a, cudaStream_t stream) {
   return (int)cudaGetLastError();
 }
 
+// The mixture divergences, whose terms have a linear form (LIN, launch_which).
+constexpr bool has_linear_form(int div) { return div == JSD || div == SKEW_KL || div == SKEW_REVERSE_KL; }
+
 template <class S, int DIV, bool LIN>
 int launch_fused(const RowsArgs& a, cudaStream_t stream) {
   if (a.N == 0) return 0;
   // the row on chip where it applies (launch_cluster_grad); the mixtures in their linear form only
-  if constexpr (LIN || !(DIV == JSD || DIV == SKEW_KL || DIV == SKEW_REVERSE_KL)) {
+  if constexpr (LIN || !has_linear_form(DIV)) {
     const int rc = launch_cluster_grad<S, DIV, LIN>(a, stream);
     if (rc != -1) return rc;
   }
@@ -932,7 +939,7 @@ int launch_which_form(const RowsArgs& a, cudaStream_t stream, int which) {
 // exponentials and logs of its own.
 template <class S, int DIV>
 int launch_which(const RowsArgs& a, cudaStream_t stream, int which) {
-  if constexpr (DIV == JSD || DIV == SKEW_KL || DIV == SKEW_REVERSE_KL) {  // no LIN kernels for the others
+  if constexpr (has_linear_form(DIV)) {  // no LIN kernels for the others
     if (mix_linear_ok(a.param)) return launch_which_form<S, DIV, true>(a, stream, which);
   }
   return launch_which_form<S, DIV, false>(a, stream, which);
