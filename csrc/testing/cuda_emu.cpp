@@ -48,15 +48,30 @@ struct Warp {
   uint64_t seq[2][32];  // the writer's shuffle count, to catch divergent shuffle sequences
 };
 
-struct Cta {
-  int n = 0;     // threads per CTA
-  int live = 0;  // threads that have not exited
-  std::mutex mu;  // threads mode: the CTA barrier
+// A barrier of the live (not exited) threads of a CTA (__syncthreads) or of a cluster: the
+// threads of a phase all arrive at one call site; the last arrival, or an exit that leaves every
+// live thread arrived, releases it (barrier_arrive / barrier_wait / barrier_leave below).
+struct Barrier {
+  std::mutex mu;  // threads mode
   std::condition_variable cv;
+  int live = 0;   // threads that have not exited
   int arrived = 0;
-  uint64_t gen = 0;
+  uint64_t gen = 0;  // phases released
   const char* file = nullptr;
   int line = 0;
+  const char* divergent = "";  // the fault's text when threads arrive at two call sites
+  void reset(int n) {
+    live = n;
+    arrived = 0;
+    gen = 0;
+    file = nullptr;
+    line = 0;
+  }
+};
+
+struct Cta {
+  int n = 0;     // threads per CTA
+  Barrier bar{};  // __syncthreads
   Warp warps[kMaxWarps];
   unsigned char* smem = nullptr;  // dynamic shared memory
 };
@@ -65,14 +80,8 @@ struct Cta {
 struct Cluster {
   Mode mode = FIBERS;
   int size = 1;        // CTAs
-  int live = 0;        // threads of the cluster that have not exited
   size_t smem = 0;     // dynamic shared memory per CTA, bytes
-  std::mutex mu;       // threads mode: the cluster barrier
-  std::condition_variable cv;
-  int arrived = 0;
-  uint64_t gen = 0;
-  const char* file = nullptr;
-  int line = 0;
+  Barrier bar{};       // the cluster barrier, of all the cluster's threads
   long long progress = 0;  // fibers mode only: arrivals, releases, exits (deadlock detection)
   std::atomic<bool> fault{false};
   std::mutex msg_mu;
@@ -107,10 +116,10 @@ void fault(const std::string& why) {
   g_cl.fault.store(true);
   if (g_cl.mode == THREADS) {  // wake every waiter; each re-checks the fault flag. No locks taken:
     // the caller may hold one (a waiter that misses this wakes at its 30 s deadline and sees it)
-    g_cl.cv.notify_all();
+    g_cl.bar.cv.notify_all();
     for (int r = 0; r < g_cl.size; ++r) {
       Cta& c = g_ctas[r];
-      c.cv.notify_all();
+      c.bar.cv.notify_all();
       for (int w = 0; w < (c.n + 31) / 32; ++w) c.warps[w].cv.notify_all();
     }
   }
@@ -250,11 +259,8 @@ size_t smem_stride(size_t smem) { return (smem + 15) & ~(size_t)15; }
 
 void reset_cta(Cta& c, int n, unsigned char* smem, size_t bytes) {
   c.n = n;
-  c.live = n;
-  c.arrived = 0;
-  c.gen = 0;
-  c.file = nullptr;
-  c.line = 0;
+  c.bar.reset(n);
+  c.bar.divergent = "divergent __syncthreads: threads wait at ";
   c.smem = smem;
   if (bytes) memset(smem, 0xff, bytes);  // uninitialized, as on a GPU: unwritten floats read NaN
   for (int w = 0; w < (n + 31) / 32; ++w) {
@@ -271,12 +277,9 @@ void reset_cta(Cta& c, int n, unsigned char* smem, size_t bytes) {
 void reset_cluster(Mode mode, int size, int n, size_t smem) {
   g_cl.mode = mode;
   g_cl.size = size;
-  g_cl.live = size * n;
   g_cl.smem = smem;
-  g_cl.arrived = 0;
-  g_cl.gen = 0;
-  g_cl.file = nullptr;
-  g_cl.line = 0;
+  g_cl.bar.reset(size * n);
+  g_cl.bar.divergent = "divergent cluster barrier: threads arrive at ";
   g_cl.progress = 0;
   const size_t stride = smem_stride(smem);
   if (g_smem.size() < stride * size + 16) g_smem.resize(stride * size + 16);
@@ -287,14 +290,15 @@ void reset_cluster(Mode mode, int size, int n, size_t smem) {
 
 std::string describe_waiters() {
   std::string s;
-  if (g_cl.arrived)
-    s += std::to_string(g_cl.arrived) + " of " + std::to_string(g_cl.live) +
-         " live threads of the cluster wait at the cluster barrier (" + where(g_cl.file, g_cl.line) + "); ";
+  const Barrier& cb = g_cl.bar;
+  if (cb.arrived)
+    s += std::to_string(cb.arrived) + " of " + std::to_string(cb.live) +
+         " live threads of the cluster wait at the cluster barrier (" + where(cb.file, cb.line) + "); ";
   for (int r = 0; r < g_cl.size; ++r) {
     Cta& c = g_ctas[r];
     if (g_cl.size > 1) s += "CTA " + std::to_string(r) + ": ";
-    s += std::to_string(c.arrived) + " of " + std::to_string(c.live) + " live threads wait at __syncthreads";
-    if (c.arrived) s += " (" + where(c.file, c.line) + ")";
+    s += std::to_string(c.bar.arrived) + " of " + std::to_string(c.bar.live) + " live threads wait at __syncthreads";
+    if (c.bar.arrived) s += " (" + where(c.bar.file, c.bar.line) + ")";
     for (int w = 0; w < (c.n + 31) / 32; ++w)
       if (c.warps[w].arrived)
         s += "; warp " + std::to_string(w) + ": " + std::to_string(c.warps[w].arrived) +
@@ -304,18 +308,18 @@ std::string describe_waiters() {
   return s;
 }
 
-// Arrive at the CTA barrier; true when this arrival released it.
-bool cta_arrive(Cta& c, const char* file, int line) {
-  if (c.arrived == 0) {
-    c.file = file;
-    c.line = line;
-  } else if (c.line != line || strcmp(c.file, file) != 0) {
-    fault("divergent __syncthreads: threads wait at " + where(c.file, c.line) + " and at " + where(file, line));
+// Count an arrival at `b` (threads mode: the caller holds b.mu); true when it released the phase.
+bool arrive_locked(Barrier& b, const char* file, int line) {
+  if (b.arrived == 0) {
+    b.file = file;
+    b.line = line;
+  } else if (b.line != line || strcmp(b.file, file) != 0) {
+    fault(b.divergent + where(b.file, b.line) + " and at " + where(file, line));
   }
   if (g_cl.mode == FIBERS) ++g_cl.progress;
-  if (++c.arrived == c.live) {
-    c.arrived = 0;
-    ++c.gen;
+  if (++b.arrived == b.live) {
+    b.arrived = 0;
+    ++b.gen;
     g_syncs.fetch_add(1, std::memory_order_relaxed);
     return true;
   }
@@ -338,25 +342,6 @@ bool warp_arrive(Warp& w, unsigned mask) {
   return false;
 }
 
-// Arrive at the cluster barrier (the caller holds g_cl.mu in threads mode); true when released.
-bool cluster_arrive_locked(const char* file, int line) {
-  if (g_cl.arrived == 0) {
-    g_cl.file = file;
-    g_cl.line = line;
-  } else if (g_cl.line != line || strcmp(g_cl.file, file) != 0) {
-    fault("divergent cluster barrier: threads arrive at " + where(g_cl.file, g_cl.line) + " and at " +
-          where(file, line));
-  }
-  if (g_cl.mode == FIBERS) ++g_cl.progress;
-  if (++g_cl.arrived == g_cl.live) {
-    g_cl.arrived = 0;
-    ++g_cl.gen;
-    g_syncs.fetch_add(1, std::memory_order_relaxed);
-    return true;
-  }
-  return false;
-}
-
 constexpr auto kDeadlock = std::chrono::seconds(30);
 
 template <class Pred>
@@ -373,6 +358,43 @@ template <class Pred>
 void fiber_wait(Pred done) {
   while (!done() && !faulted()) yield();
   while (faulted()) yield();
+}
+
+// Arrive at `b`; *phase: the phase arrived in (barrier_wait waits for its release).
+void barrier_arrive(Barrier& b, const char* file, int line, uint64_t* phase) {
+  std::unique_lock<std::mutex> lk(b.mu, std::defer_lock);
+  if (g_cl.mode == THREADS) lk.lock();
+  *phase = b.gen;
+  if (arrive_locked(b, file, line) && g_cl.mode == THREADS) {
+    lk.unlock();
+    b.cv.notify_all();
+  }
+}
+
+void barrier_wait(Barrier& b, uint64_t phase) {
+  if (g_cl.mode == THREADS) {
+    std::unique_lock<std::mutex> lk(b.mu);
+    thread_wait(b.cv, lk, [&] { return b.gen != phase; });
+  } else {
+    fiber_wait([&] { return b.gen != phase; });
+  }
+}
+
+// A thread of `b` exits; a phase whose other live threads have all arrived is released.
+void barrier_leave(Barrier& b) {
+  std::unique_lock<std::mutex> lk(b.mu, std::defer_lock);
+  if (g_cl.mode == THREADS) lk.lock();
+  --b.live;
+  if (g_cl.mode == FIBERS) ++g_cl.progress;
+  if (b.arrived && b.arrived == b.live) {
+    b.arrived = 0;
+    ++b.gen;
+    g_syncs.fetch_add(1, std::memory_order_relaxed);
+    if (g_cl.mode == THREADS) {
+      lk.unlock();
+      b.cv.notify_all();
+    }
+  }
 }
 
 void warp_barrier(Warp& w, unsigned mask) {
@@ -408,33 +430,8 @@ void on_exit() {
       fault("a lane exited while its warp waits for it in a shuffle");
     }
   }
-  {
-    std::unique_lock<std::mutex> lk(c.mu, std::defer_lock);
-    if (threads) lk.lock();
-    --c.live;
-    if (!threads) ++g_cl.progress;
-    if (c.arrived && c.arrived == c.live) {
-      c.arrived = 0;
-      ++c.gen;
-      g_syncs.fetch_add(1, std::memory_order_relaxed);
-      if (threads) {
-        lk.unlock();
-        c.cv.notify_all();
-      }
-    }
-  }
-  std::unique_lock<std::mutex> lk(g_cl.mu, std::defer_lock);
-  if (threads) lk.lock();
-  --g_cl.live;
-  if (g_cl.arrived && g_cl.arrived == g_cl.live) {
-    g_cl.arrived = 0;
-    ++g_cl.gen;
-    g_syncs.fetch_add(1, std::memory_order_relaxed);
-    if (threads) {
-      lk.unlock();
-      g_cl.cv.notify_all();
-    }
-  }
+  barrier_leave(c.bar);
+  barrier_leave(g_cl.bar);
 }
 
 // ---- the two executors -----------------------------------------------------------------------------
@@ -573,21 +570,10 @@ int run_threads(dim3 grid, dim3 block, int size, size_t smem, void (*body)(void*
 int lane_id() { return t_self ? t_self->lane : 0; }
 
 void syncthreads(const char* file, int line) {
-  Cta& c = cur_cta();
-  if (g_cl.mode == THREADS) {
-    std::unique_lock<std::mutex> lk(c.mu);
-    if (cta_arrive(c, file, line)) {
-      lk.unlock();
-      c.cv.notify_all();
-      return;
-    }
-    const uint64_t g = c.gen;
-    thread_wait(c.cv, lk, [&] { return c.gen != g; });
-  } else {
-    if (cta_arrive(c, file, line)) return;
-    const uint64_t g = c.gen;
-    fiber_wait([&] { return c.gen != g; });
-  }
+  Barrier& b = cur_cta().bar;
+  uint64_t phase;
+  barrier_arrive(b, file, line, &phase);
+  barrier_wait(b, phase);
 }
 
 uint64_t shfl(unsigned mask, uint64_t bits, int src) {
@@ -639,17 +625,7 @@ void cluster_arrive(const char* file, int line) {
     return;
   }
   me.cl_arrived = true;
-  if (g_cl.mode == THREADS) {
-    std::unique_lock<std::mutex> lk(g_cl.mu);
-    me.cl_gen = g_cl.gen;
-    if (cluster_arrive_locked(file, line)) {
-      lk.unlock();
-      g_cl.cv.notify_all();
-    }
-  } else {
-    me.cl_gen = g_cl.gen;
-    (void)cluster_arrive_locked(file, line);
-  }
+  barrier_arrive(g_cl.bar, file, line, &me.cl_gen);
 }
 
 void cluster_wait(const char* file, int line) {
@@ -659,13 +635,7 @@ void cluster_wait(const char* file, int line) {
     return;
   }
   me.cl_arrived = false;
-  const uint64_t g = me.cl_gen;
-  if (g_cl.mode == THREADS) {
-    std::unique_lock<std::mutex> lk(g_cl.mu);
-    thread_wait(g_cl.cv, lk, [&] { return g_cl.gen != g; });
-  } else {
-    fiber_wait([&] { return g_cl.gen != g; });
-  }
+  barrier_wait(g_cl.bar, me.cl_gen);
 }
 
 void* map_shared_rank(const void* p, unsigned rank) {
@@ -683,10 +653,10 @@ void* map_shared_rank(const void* p, unsigned rank) {
   Cta& o = g_ctas[rank];
   bool gone;
   if (g_cl.mode == THREADS) {
-    std::lock_guard<std::mutex> lk(o.mu);
-    gone = o.live == 0;
+    std::lock_guard<std::mutex> lk(o.bar.mu);
+    gone = o.bar.live == 0;
   } else {
-    gone = o.live == 0;
+    gone = o.bar.live == 0;
   }
   if (gone) fault("distributed shared memory of CTA " + std::to_string(rank) + " of the cluster, which has exited");
   return o.smem + (a - base);
