@@ -8,6 +8,7 @@ with backend="cuda" on CPU tensors, forward and backward, and is checked by test
 that cancel).
 """
 import os
+import sys
 
 import pytest
 import torch
@@ -19,6 +20,9 @@ from kdkernels.backends import cuda_emulate
 import oracle
 import test_fuzz
 from conftest import assert_close, cuda_emulated
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import gpu_model as G  # noqa: E402  (cluster_size: the launcher's rule, as the model reads it)
 
 pytestmark = pytest.mark.skipif(not cuda_emulated(), reason=(
     "a CUDA GPU is present (test_cuda_backend.py runs the real kernels)" if torch.cuda.is_available()
@@ -45,20 +49,29 @@ def test_matrix_labels_hard_term(div, dtype, V):
                                        seed=V))
 
 
+# (pattern, T, V, mask, hard): -inf columns, |logits| ~ 1e4 at T = 0.05, one-hot teachers, exact
+# ties, all rows ignored, soft term only, T = 1 with the hard term (its statistics shared with the
+# student's).
+PATTERNS = [("neginf", 2.0, 1271, "some", 0.5),
+            ("huge", 0.05, 127, "some", 0.5),
+            ("onehot", 0.05, 300, "none", 0.0),
+            ("ties", 0.05, 77, "none", 0.0),
+            ("randn", 1.0, 333, "all", 0.5),
+            ("randn", 0.7, 1000, "none", 0.0),
+            ("randn", 1.0, 999, "some", 0.5)]
+
+
+def check_patterns(div, dtype, patterns, pad):
+    for pattern, T, V, mask, hard in patterns:
+        test_fuzz._check_case("cuda", case(div, dtype, V, T=T, pattern=pattern, mask=mask,
+                                           hard=hard, strided=True, pad=pad))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("div", DIVS)
 def test_patterns(div, dtype):
-    """-inf columns, |logits| ~ 1e4 at T = 0.05, one-hot teachers, exact ties, all rows ignored,
-    soft term only, T = 1 with the hard term (its statistics shared with the student's)."""
-    for pattern, T, V, mask, hard in [("neginf", 2.0, 1271, "some", 0.5),
-                                      ("huge", 0.05, 127, "some", 0.5),
-                                      ("onehot", 0.05, 300, "none", 0.0),
-                                      ("ties", 0.05, 77, "none", 0.0),
-                                      ("randn", 1.0, 333, "all", 0.5),
-                                      ("randn", 0.7, 1000, "none", 0.0),
-                                      ("randn", 1.0, 999, "some", 0.5)]:
-        test_fuzz._check_case("cuda", case(div, dtype, V, T=T, pattern=pattern, mask=mask,
-                                           hard=hard, strided=True, pad=64))
+    """PATTERNS on strided views with a teacher 64 columns wider."""
+    check_patterns(div, dtype, PATTERNS, pad=64)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -141,17 +154,10 @@ def test_never_chosen_by_auto():
 
 
 # ---- the training step's two kernels: cluster_grad_kernel (the row on chip) and forward_grad_kernel
-# kd_cuda.cu launch_cluster_grad: C = the smallest power of two <= 16 whose slices fit the budget.
-CLUSTER_HEAD = 352  # bytes before the slices: reduction scratch, exchange slots, statistics
-
-
+# kd_cuda.cu launch_cluster_grad: C = the smallest power of two <= 16 whose slices fit the budget,
+# by benchmarks/gpu_model.py's copy of the rule (which these tests hold to the launcher's).
 def cluster_size(V, dtype, budget):
-    vec = 16 // torch.empty((), dtype=dtype).element_size()
-    chunks = -(-V // vec) + 1
-    for c in (1, 2, 4, 8, 16):
-        if CLUSTER_HEAD + 2 * -(-chunks // c) * 16 <= budget:
-            return c
-    return 0
+    return G.cluster_size(V, torch.empty((), dtype=dtype).element_size(), budget)[0]
 
 
 def fused_ctas(s, t, labels, div, soft_weight=1.0):
@@ -202,15 +208,9 @@ def test_cluster_sizes_and_fallbacks(div, monkeypatch):
 def test_training_step_both_kernels(div, dtype, budget, monkeypatch):
     """Both training-step kernels against the oracle: forward_grad_kernel (budget 0) and
     cluster_grad_kernel in clusters of 8 or 16 CTAs (1000 bytes a CTA), on odd V, strided views,
-    peeled heads, a teacher of another alignment, ignored rows, the ugly patterns."""
+    peeled heads, a teacher of another alignment, ignored rows, PATTERNS."""
     monkeypatch.setenv("KDKERNELS_CUDA_CLUSTER_BYTES", budget)
-    for pattern, T, V, mask, hard in [("randn", 2.0, 1271, "some", 0.5),
-                                      ("neginf", 2.0, 1271, "some", 0.5),
-                                      ("huge", 0.05, 127, "some", 0.5),
-                                      ("onehot", 0.05, 300, "none", 0.0),
-                                      ("randn", 1.0, 333, "all", 0.5)]:
-        test_fuzz._check_case("cuda", case(div, dtype, V, T=T, pattern=pattern, mask=mask,
-                                           hard=hard, strided=True, pad=3))
+    check_patterns(div, dtype, [("randn", 2.0, 1271, "some", 0.5)] + PATTERNS, pad=3)
 
 
 def test_cluster_threads_mode(monkeypatch):
