@@ -700,8 +700,8 @@ def cuda_loop_counts(instrs: List[Instr], a: int, b: int, want_ld: int, want_st:
     ext = path_extremes(instrs, a, b)
     cands = []
     for (nld, nst, nlds), (lo, hi) in ext.items():
-        first = next((w for w in (want_ld, want_st, want_lds) if w), 0)
-        got = nld if want_ld else (nst if want_st else nlds)
+        # the first access kind asked for gives the unroll; the others must match it
+        first, got = next(((w, n) for w, n in zip((want_ld, want_st, want_lds), (nld, nst, nlds)) if w), (0, 0))
         unroll = got // first if first else 1
         if unroll == 0 or (nld, nst, nlds) != (want_ld * unroll, want_st * unroll, want_lds * unroll):
             continue
@@ -851,7 +851,7 @@ def cuda_kernel_rows(v, li, kind, div, instrs, res, vec, hard, esize=2) -> List[
     out.append(row)
     for r in out:
         if kind == "cluster":
-            r.update(overlap=1, cluster=C)
+            r.update(overlap=1)
         r.update(v, launch=li, kernel={"fused": "forward_grad_kernel", "cluster": "cluster_grad_kernel"}.get(
                      kind, f"{kind}_kernel"),
                  threads=threads,
