@@ -11,15 +11,8 @@
 #include "kd_math.h"
 #include "kd_rows.h"
 #include "kd_torch_checks.h"
+#include "cuda_emu_host.h"
 
-namespace kd_emu {  // cuda_emu.h's, without its CUDA names in this torch translation unit
-const char* last_fault();
-void set_last_error(int code);
-struct Counters {
-  long long launches, ctas, syncthreads, shuffles;
-};
-Counters counters();
-}
 
 namespace kd {
 namespace {

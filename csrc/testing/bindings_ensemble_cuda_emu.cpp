@@ -5,12 +5,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "cuda_emu_host.h"
 #include "ensemble_bindings.h"
 #include "kd_cuda.h"
-
-namespace kd_emu {
-const char* last_fault();
-}
 
 namespace kd {
 namespace {

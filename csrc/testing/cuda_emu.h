@@ -51,6 +51,8 @@
 #include <type_traits>
 #include <utility>
 
+#include "cuda_emu_host.h"  // set_last_error, last_fault, counters
+
 #define KD_CUDA_EMULATE_ACTIVE 1
 
 // ---- qualifiers --------------------------------------------------------------------------------
@@ -133,13 +135,6 @@ unsigned cluster_size();
 void cluster_arrive(const char* file, int line);
 void cluster_wait(const char* file, int line);
 void* map_shared_rank(const void* p, unsigned rank);
-void set_last_error(int code);
-const char* last_fault();  // message of the last failed launch ("" if none)
-// Statistics for tests: launches, CTAs and barrier completions since the process started.
-struct Counters {
-  long long launches, ctas, syncthreads, shuffles;
-};
-Counters counters();
 
 template <class... P, class... A>
 void launch_cluster(void (*kernel)(P...), dim3 grid, dim3 block, unsigned cluster, size_t smem, cudaStream_t stream,
