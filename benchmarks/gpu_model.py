@@ -482,19 +482,18 @@ def card_times(elems: float, bytes_per_elem: float, warp_instr: float, mufu_ops:
 
 def analyse_kernel(name: str, instrs: List[Instr], threads: int, elems_per_iter: Sequence[float],
                    extents: Sequence[int], rows: int, res: dict, shared: int) -> List[dict]:
-    """Per-loop rows + a kernel "rest" row (the code outside the loops, once per row).
+    """Per-loop rows + a kernel "rest" row (the longest path through the code outside the loops,
+    once per row).
     ``elems_per_iter[i]``: elements of a row one iteration of loop i covers (all threads)."""
     loops = top_level_loops(find_loops(instrs))
     if len(loops) > len(elems_per_iter):
         raise RuntimeError(f"{name}: {len(loops)} loops in the SASS, {len(elems_per_iter)} described")
     warps = threads // WARP
     total = count(instrs)
-    inside = Counts()
     out = []
     for i, (a, b) in enumerate(loops):
         c = count(instrs[a:b + 1])
         nested = len([1 for a2, b2 in find_loops(instrs) if a < a2 and b2 <= b])
-        inside = inside.plus(c)
         per_thread = elems_per_iter[i] / threads        # elements one thread handles per iteration
         iters = math.ceil(extents[i] / elems_per_iter[i])
         elems = rows * extents[i]
@@ -510,8 +509,7 @@ def analyse_kernel(name: str, instrs: List[Instr], threads: int, elems_per_iter:
         for card, t in card_times(elems, bpe, warp_instr, mufu_ops).items():
             row.update({f"{card}_{k}": v for k, v in t.items()})
         out.append(row)
-    rest = Counts(*(getattr(total, f.name) - getattr(inside, f.name)
-                    for f in dataclasses.fields(Counts)))
+    rest = straight_line_longest(instrs, loops)  # the longest path outside the loops
     row = dict(loop="rest", rest_sass=rest.sass)
     for card, t in card_times(0, 0, rows * rest.sass * warps, rows * rest.mufu * threads).items():
         row.update({f"{card}_{k}": v for k, v in t.items()})
@@ -689,6 +687,59 @@ def path_extremes(instrs: List[Instr], a: int, b: int) -> Dict[Tuple[int, int, i
     return states.get(-1, {})
 
 
+def straight_line_longest(instrs: List[Instr], loops: List[Tuple[int, int]]) -> Counts:
+    """Counts of the longest path from the kernel's entry to an EXIT with every loop of ``loops``
+    (top-level, [first, last] indices) collapsed to nothing: what one thread runs outside the
+    loops, at most, on any one path (the ignored-row and live paths are exclusive branches, not
+    summed). A subroutine call (CALL.REL: 64-bit division's slow path) adds its whole body up to
+    its RET. Dynamic programming in address order: the code is a DAG once the loops are cut."""
+    index = {ins.addr: i for i, ins in enumerate(instrs)}
+    heads = {a: b for a, b in loops}
+    best: Dict[int, Counts] = {0: Counts()}
+    done: Optional[Counts] = None
+
+    def reach(i, c):
+        if i < len(instrs) and (i not in best or best[i].sass < c.sass):
+            best[i] = c
+
+    def finish(c):
+        nonlocal done
+        if done is None or c.sass > done.sass:
+            done = c
+
+    for i, ins in enumerate(instrs):
+        if i not in best:
+            continue
+        c = best.pop(i)
+        if i in heads:  # the loop's cost is the pass's: continue after it, or where it exits to
+            b = heads[i]
+            reach(b + 1, c)
+            for ins2 in instrs[i:b + 1]:
+                tgt = _branch_target(ins2)
+                if tgt is not None and tgt in index and index[tgt] > b:
+                    reach(index[tgt], c)
+            continue
+        c2 = dataclasses.replace(c)
+        c2.add(ins)
+        if ins.base == "CALL":
+            m = re.search(r"0x([0-9a-f]+)", ins.args)
+            t = index.get(int(m.group(1), 16)) if m else None
+            if t is not None:
+                end = next((k for k in range(t, len(instrs)) if instrs[k].base == "RET"), len(instrs) - 1)
+                c2 = c2.plus(count(instrs[t:end + 1]))
+        if ins.base == "EXIT":
+            finish(c2)
+            if not ins.pred or ins.pred == "@PT":
+                continue
+        tgt = _branch_target(ins)
+        forward = tgt is not None and tgt > ins.addr and tgt in index
+        if forward:
+            reach(index[tgt], c2)
+        if not (tgt is not None and ins.pred in ("", "@PT")):
+            reach(i + 1, c2)
+    return done or Counts()
+
+
 def cuda_loop_counts(instrs: List[Instr], a: int, b: int, want_ld: int, want_st: int,
                      extra: bool, want_lds: int = 0, widest: bool = False):
     """Counts of the path through loop [a, b] a variant takes: 16-byte vector accesses only (the
@@ -806,7 +857,6 @@ def cuda_kernel_rows(v, li, kind, div, instrs, res, vec, hard, esize=2) -> List[
     total = count(instrs)
     used = set()
     out = []
-    inside = Counts()
     for pname, nld, nst, extra, *more in want:
         nlds, widest = (list(more) + [0, False])[:2]
         best = None
@@ -821,8 +871,6 @@ def cuda_kernel_rows(v, li, kind, div, instrs, res, vec, hard, esize=2) -> List[
             raise RuntimeError(f"CUDA {kind} div {div}: no loop matches pass {pname}")
         li2, (c, unroll), ncand = best
         used.add(li2)
-        a, b = loops[li2]
-        inside = inside.plus(count(instrs[a:b + 1]))
         if pname == "zero":
             continue  # runs only on ignored rows
         per_thread = vec * unroll
@@ -842,11 +890,12 @@ def cuda_kernel_rows(v, li, kind, div, instrs, res, vec, hard, esize=2) -> List[
         for card, tt in t.items():
             row.update({f"{card}_{k}": x for k, x in tt.items()})
         out.append(row)
-    # the code outside the loops is not all executed (both the ignored-row and the live path);
-    # count it as the straight-line rest, an upper bound that is small next to the loops
-    rest = total.sass - inside.sass
-    row = dict(loop="rest", rest_sass=rest)
-    for card, tt in card_times(0, 0, MODEL_N * C * rest * warps, 0).items():
+    # the code outside the passes' loops: its longest path from entry to exit (the ignored-row
+    # and the live path are exclusive; a loop no pass matched counts its body once), run by
+    # every warp of every CTA of the row
+    rest = straight_line_longest(instrs, [loops[i] for i in sorted(used)])
+    row = dict(loop="rest", rest_sass=rest.sass)
+    for card, tt in card_times(0, 0, MODEL_N * C * rest.sass * warps, MODEL_N * C * rest.mufu * threads).items():
         row.update({f"{card}_{k}": x for k, x in tt.items()})
     out.append(row)
     for r in out:

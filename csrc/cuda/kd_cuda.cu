@@ -150,9 +150,20 @@ __device__ __forceinline__ int64_t first_chunk(int head) {
 // The N elements of one 16-byte chunk in fp32.
 template <class S>
 __device__ __forceinline__ void unpack_chunk(uint4 raw, float* out) {
-  const S* e = reinterpret_cast<const S*>(&raw);
+  if constexpr (std::is_same<S, __nv_bfloat16>::value) {
+    // bf16 is the upper half of an fp32: one shift or mask per element (to_float of each half
+    // took a byte permute and a shift for the upper one)
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-  for (int k = 0; k < Vec<S>::N; ++k) out[k] = to_float(e[k]);
+    for (int k = 0; k < 4; ++k) {
+      out[2 * k] = bits_to_float((int32_t)(w[k] << 16));
+      out[2 * k + 1] = bits_to_float((int32_t)(w[k] & 0xffff0000u));
+    }
+  } else {
+    const S* e = reinterpret_cast<const S*>(&raw);
+#pragma unroll
+    for (int k = 0; k < Vec<S>::N; ++k) out[k] = to_float(e[k]);
+  }
 }
 
 template <class S>
@@ -218,29 +229,17 @@ __device__ __forceinline__ void store_chunk(S* row, int64_t j, int64_t V, bool v
   }
 }
 
-// Partial row states and their merges. The hard term's is a plain (max, sum-exp) pair (T = 1).
+// Partial row states and their merges (block_merge: the logit_mse and ensemble kernels; the
+// row kernels' states go through merge_row_state). The hard term's is a plain (max, sum-exp)
+// pair (T = 1).
 struct MaxSum {
   float m, z;
   __device__ __forceinline__ void init() { m = kNegInf; z = 0.f; }
   __device__ __forceinline__ void merge(const MaxSum& o) { merge_max_sum(m, z, o.m, o.z); }
 };
 
-// The soft term's: kd_math.h RawOnlineKL (maxima in raw logit units).
-
 __device__ __forceinline__ MaxSum shfl_xor(const MaxSum& x, int off) {
   return MaxSum{__shfl_xor_sync(0xffffffffu, x.m, off), __shfl_xor_sync(0xffffffffu, x.z, off)};
-}
-
-template <int DIV>
-__device__ __forceinline__ RawOnlineKL<DIV> shfl_xor(const RawOnlineKL<DIV>& x, int off) {
-  RawOnlineKL<DIV> o;
-  o.invT = x.invT;  // uniform over the CTA
-  o.k.ma = __shfl_xor_sync(0xffffffffu, x.k.ma, off);
-  o.k.za = __shfl_xor_sync(0xffffffffu, x.k.za, off);
-  o.k.mb = __shfl_xor_sync(0xffffffffu, x.k.mb, off);
-  o.k.zb = __shfl_xor_sync(0xffffffffu, x.k.zb, off);
-  o.k.acc = is_online(DIV) ? __shfl_xor_sync(0xffffffffu, x.k.acc, off) : 0.f;
-  return o;
 }
 
 template <class State>
@@ -295,50 +294,99 @@ struct SharedCols {
   }
 };
 
-// How a pass's per-thread partial results become the row's: CtaReduce merges the CTA's threads
-// (block_merge / block_sum on `sm`); ClusterReduce (cluster_grad_kernel) then the cluster's CTAs,
-// through distributed shared memory (ClusterReduce below). leader(): this CTA writes the row's
-// loss.
+// K floats of every thread combined over the CTA by op (max or +, commutative): a butterfly in
+// each warp, then every thread combines the warps' results in warp order from `sm`
+// (K * WARPS floats), so every thread of the CTA ends with the same values, bitwise.
+template <bool MAX>
+__device__ __forceinline__ float combine(float a, float b) { return MAX ? fmaxf(a, b) : a + b; }
+
+template <bool MAX, int K>
+__device__ __forceinline__ void block_reduce(float (&x)[K], float* sm) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  // the barrier first: the scratch's last readers are done, and the warps arrive at the shuffles
+  // converged (after it, ptxas's reconvergence call before them kept 8-byte values across it on
+  // the stack: spills in forward_kernel / forward_grad_kernel variants)
+  __syncthreads();
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1)
+#pragma unroll
+    for (int k = 0; k < K; ++k) x[k] = combine<MAX>(x[k], __shfl_xor_sync(0xffffffffu, x[k], off));
+  if (lane == 0)
+#pragma unroll
+    for (int k = 0; k < K; ++k) sm[warp * K + k] = x[k];
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    float t = sm[k];
+#pragma unroll
+    for (int w = 1; w < WARPS; ++w) t = combine<MAX>(t, sm[w * K + k]);
+    x[k] = t;
+  }
+}
+
+// How a pass's per-thread partial results become the row's: reduce<MAX>(x) combines K floats
+// over the CTA (CtaReduce, `sm`: K * WARPS floats of scratch) or over the CTAs of a cluster
+// (ClusterReduce, cluster_grad_kernel: through distributed shared memory); sum(x) is one sum.
+// The row states (forward_row) are merged by merge_row_state from such reductions. leader():
+// this CTA writes the row's loss.
 struct CtaReduce {
   float* sm;
-  template <class State>
-  __device__ __forceinline__ void merge(State& st) { block_merge(st, reinterpret_cast<State*>(sm)); }
-  __device__ __forceinline__ float sum(float x) { return block_sum(x, sm); }
+  template <bool MAX, int K>
+  __device__ __forceinline__ void reduce(float (&x)[K]) { block_reduce<MAX>(x, sm); }
+  __device__ __forceinline__ float sum(float x) {
+    float v[1] = {x};
+    reduce<false>(v);
+    return v[0];
+  }
   __device__ __forceinline__ bool leader() const { return true; }
 };
 
 #if KD_HAS_CLUSTERS
-// The CTA's result of each reduction goes to its own slot of `xch` (shared memory; the slots are
-// taken in call order, the same in every CTA of the cluster, each used once per row); after one
-// cluster barrier every thread merges the cluster's slots in rank order, so every CTA holds the
-// same row result, bitwise.
+// The CTA's result of each reduction goes to its own slots of `xch` (shared memory; taken in
+// call order, the same in every CTA of the cluster, each used once per row); after one cluster
+// barrier lane i of every warp reads CTA i's slots and a butterfly over the C lanes combines them
+// (max and + commute: every lane, so every CTA, ends with the same values, bitwise).
 struct ClusterReduce {
   float* sm;
   float* xch;  // ClusterLayout::XCH floats
   int used;
   unsigned size, rank;
-  template <class State>
-  __device__ __forceinline__ void merge(State& st) {
-    block_merge(st, reinterpret_cast<State*>(sm));
-    State* slot = reinterpret_cast<State*>(xch + used);
-    used += (int)(sizeof(State) / sizeof(float));
-    if (threadIdx.x == 0) *slot = st;
+  template <bool MAX, int K>
+  __device__ __forceinline__ void reduce(float (&x)[K]) {
+    block_reduce<MAX>(x, sm);
+    float* slot = xch + used;
+    used += K;
+    if (threadIdx.x == 0)
+#pragma unroll
+      for (int k = 0; k < K; ++k) slot[k] = x[k];
     cluster_sync();
-    st = *cluster_map(slot, 0);
-    for (unsigned q = 1; q < size; ++q) st.merge(*cluster_map(slot, q));
+    const float* src = cluster_map(slot, threadIdx.x & (size - 1));
+#pragma unroll
+    for (int k = 0; k < K; ++k) x[k] = src[k];
+#pragma unroll
+    for (unsigned off = 1; off < 16; off <<= 1) {  // unrolled: straight-line code; C <= 16
+      if (off >= size) break;
+#pragma unroll
+      for (int k = 0; k < K; ++k) x[k] = combine<MAX>(x[k], __shfl_xor_sync(0xffffffffu, x[k], (int)off));
+    }
   }
   __device__ __forceinline__ float sum(float x) {
-    const float part = block_sum(x, sm);
-    float* slot = xch + used++;
-    if (threadIdx.x == 0) *slot = part;
-    cluster_sync();
-    float total = 0.f;
-    for (unsigned q = 0; q < size; ++q) total += *cluster_map(slot, q);
-    return total;
+    float v[1] = {x};
+    reduce<false>(v);
+    return v[0];
   }
   __device__ __forceinline__ bool leader() const { return rank == 0; }
 };
 #endif
+
+// A row's probabilities e^{(x - m) / T - lz} from its normaliser, as 2^{(x - m) l2 - lz2} with
+// log2(e) folded into l2 = log2(e) / T and lz2 = log2(e) lz once per row: a subtraction, one FMA
+// and the MUFU's ex2 per element (e^{lp} took another multiply by log2(e)).
+struct Prob2 {
+  float m, l2, lz2;
+  __device__ __forceinline__ float operator()(float x) const { return exp2_dev((x - m) * l2 - lz2); }
+};
+__device__ __forceinline__ Prob2 prob2(LogNorm n, float invT) { return Prob2{n.m, invT * kLog2e, n.lz * kLog2e}; }
 
 // The second pass of the two-pass divergences from row normalisers na, nb: D = sum phi and
 // c = sum q g over the row, in every thread (forward_kernel and given_stats_kernel).
@@ -350,6 +398,7 @@ template <class S, int DIV, bool LIN, class Cols, class Red>
 __device__ __forceinline__ void row_sums(const Cols& cs, const Cols& ct, int64_t j0, int64_t end, LogNorm na,
                                          LogNorm nb, float invT, float param, Red& red, float& D, float& cc) {
   constexpr int N = Vec<S>::N;
+  const Prob2 pa = prob2(na, invT), pb = prob2(nb, invT);
   double sphi = 0., sqg = 0.;
   for (int64_t j = j0; j < end; j += (int64_t)THREADS * N) {
     float sv[N], tv[N];
@@ -358,21 +407,67 @@ __device__ __forceinline__ void row_sums(const Cols& cs, const Cols& ct, int64_t
     float cphi = 0.f, cqg = 0.f;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const float lp = log_prob_scaled(tv[k], na, invT), lq = log_prob_scaled(sv[k], nb, invT);
+      const float p = pa(tv[k]), q = pb(sv[k]);
       float phi, qg;
       if (LIN)
-        mix_terms_linear<DIV>(exp_fast(lp), exp_fast(lq), param, phi, qg);
+        mix_terms_linear<DIV>(p, q, param, phi, qg);
       else
-        div_terms<DIV>(lp, lq, exp_fast(lp), exp_fast(lq), param, phi, qg);
+        div_terms<DIV>(log_prob_scaled(tv[k], na, invT), log_prob_scaled(sv[k], nb, invT), p, q, param, phi, qg);
       cphi += phi;
       cqg += qg;
     }
     sphi += (double)cphi;
     sqg += (double)cqg;
   }
-  D = red.sum((float)sphi);
-  cc = red.sum((float)sqg);
+  float v[2] = {(float)sphi, (float)sqg};
+  red.template reduce<false>(v);
+  D = v[0];
+  cc = v[1];
 }
+
+// The row's states from the threads' (SOFT: the soft term's `on`, SEP: the hard term's `os`), in
+// every thread: the maxima are reduced first, each thread re-centres its sums on them (absorb,
+// the rescaling a merge does), then the sums are reduced. Two reductions of at most 3 and 4
+// floats, where merging whole states over the tree paid a rescaling per level (exponentials,
+// selects) in every warp.
+template <bool SOFT, bool SEP, int DIV, class Red>
+__device__ __forceinline__ void merge_row_state(Red& red, RawOnlineKL<DIV>& on, MaxSum& os) {
+  constexpr int NM = (SOFT ? 2 : 0) + (SEP ? 1 : 0);
+  constexpr int NZ = (SOFT ? (is_online(DIV) ? 3 : 2) : 0) + (SEP ? 1 : 0);
+  if constexpr (NM > 0) {
+    float m[NM];
+    if constexpr (SOFT) {
+      m[0] = on.k.ma;
+      m[1] = on.k.mb;
+    }
+    if constexpr (SEP) m[NM - 1] = os.m;
+    red.template reduce<true>(m);  // fmaxf: the maxima are never NaN (fmaxf over the chunks)
+    if constexpr (SOFT) on.absorb(m[0], m[1], 0.f, 0.f, 0.f);
+    if constexpr (SEP) {
+      os.z *= rescale(os.m, m[NM - 1]);
+      os.m = m[NM - 1];
+    }
+    float z[NZ];
+    if constexpr (SOFT) {
+      z[0] = on.k.za;
+      z[1] = on.k.zb;
+      if constexpr (is_online(DIV)) z[2] = on.k.acc;
+    }
+    if constexpr (SEP) z[NZ - 1] = os.z;
+    red.template reduce<false>(z);
+    if constexpr (SOFT) {
+      on.k.za = z[0];
+      on.k.zb = z[1];
+      if constexpr (is_online(DIV)) on.k.acc = z[2];
+    }
+    if constexpr (SEP) os.z = z[NZ - 1];
+  }
+}
+
+// Row r's label (0 without labels). Read where it is used (the forward's epilogue, the gradient
+// pass) rather than kept live across the passes: ptxas kept that 64-bit value on the stack in
+// some variants (4-16 byte spills).
+__device__ __forceinline__ int64_t row_label(const RowsArgs& a, int64_t r) { return a.labels ? a.labels[r] : 0; }
 
 // A row's columns as forward_row / backward_row read them from global memory: the student row
 // `s`, its peeled head and vector switches (see the file comment).
@@ -383,10 +478,19 @@ struct RowView {
   GlobalCols<S> cs, ct;
   int64_t j0;  // this thread's first chunk
 };
+// The offset of row r = (b, l) of a [B, L] split, b * stride_b + l * stride_l: with 32-bit
+// unsigned division (r < N < 2^31 and 1 <= L <= N: dispatch checks), where int64 division left a
+// subroutine call in every row kernel whose calling convention made ptxas keep live values on
+// the stack (4-16 byte spills in forward_kernel / forward_grad_kernel variants).
+__device__ __forceinline__ int64_t row_offset(int64_t r, int64_t L, int64_t stride_b, int64_t stride_l) {
+  const uint32_t rr = (uint32_t)r, LL = (uint32_t)L, b = rr / LL;
+  return (int64_t)b * stride_b + (int64_t)(rr - b * LL) * stride_l;
+}
+
 template <class S>
 __device__ __forceinline__ RowView<S> row_view(const RowsArgs& a, int64_t r) {
-  const S* s = static_cast<const S*>(a.student) + (r / a.L) * a.s_stride_b + (r % a.L) * a.s_stride_l;
-  const S* t = static_cast<const S*>(a.teacher) + (r / a.t_L) * a.t_stride_b + (r % a.t_L) * a.t_stride_l;
+  const S* s = static_cast<const S*>(a.student) + row_offset(r, a.L, a.s_stride_b, a.s_stride_l);
+  const S* t = static_cast<const S*>(a.teacher) + row_offset(r, a.t_L, a.t_stride_b, a.t_stride_l);
   const bool vs = vector_ok<S>(s), vt = vs && same_phase(s, t);
   return RowView<S>{s, t, GlobalCols<S>{s, a.V, vs}, GlobalCols<S>{t, a.V, vt}, first_chunk<S>(head_of<S>(s))};
 }
@@ -397,21 +501,15 @@ __device__ __forceinline__ RowView<S> row_view(const RowsArgs& a, int64_t r) {
 // and its statistics to `st` (forward_kernel: the stats row; forward_grad_kernel: shared memory),
 // nothing is returned: statistics returned in registers made ptxas spill 4 bytes in
 // forward_kernel / forward_grad_kernel<16-bit, forward_kl, soft, sep(, hard)>. `sm`: the CTA's
-// reduction scratch. A: how `a` is passed, which only steers ptxas (nvcc 13, no spills either
-// way round is possible): forward_kernel passes RowsArgs (by reference it left an 8-byte stack
-// frame, 4 bytes spilled, in forward_kernel<16-bit, reverse_kl, soft, no sep> on sm_90),
-// forward_grad_kernel the same, with the row's view formed once for both passes and the gradient
-// row's pointer after the forward (other arrangements spilled 4-12 bytes in its <16-bit,
-// forward_kl | skew_kl, soft, ...> variants), except jsd's linear form, which passes
-// const RowsArgs& and forms the view again for the gradient pass (4-8 bytes spilled otherwise in
-// <16-bit, jsd, soft, sep, hard, LIN> on sm_80).
-template <class S, int DIV, bool SOFT, bool SEP, bool LIN, class A, class Cols, class Red>
-__device__ __forceinline__ void forward_row(A a, int64_t r, int64_t label, const S* s, const Cols& cs, const Cols& ct,
+// reduction scratch. `a` is taken by value (nvcc 13: by reference, or the row's view formed
+// again for the gradient pass, spilled 4-16 bytes in some variants; so did the label kept live
+// across the passes, now read where it is used: row_label).
+template <class S, int DIV, bool SOFT, bool SEP, bool LIN, class Cols, class Red>
+__device__ __forceinline__ void forward_row(RowsArgs a, int64_t r, const S* s, const Cols& cs, const Cols& ct,
                                             int64_t j0, int64_t end, Red& red, float* st) {
   constexpr int N = Vec<S>::N;
   const bool hard = a.labels && a.hard_weight != 0.f;
-  const bool bad_label = hard && (label < 0 || label >= a.V);
-  const float invT = 1.0f / a.temperature;
+  const float invT = 1.0f / a.temperature, l2 = invT * kLog2e;
 
   // Per thread: each chunk's sums are taken against the raised running maxima and absorbed (as
   // the CPU kernel does per block); then warp and CTA merges.
@@ -434,22 +532,27 @@ __device__ __forceinline__ void forward_row(A a, int64_t r, int64_t label, const
       const float offa = safe_max(nma), offb = safe_max(nmb);
       // For forward / reverse KL the state is re-centred first and the terms added into it: the
       // same sums, and fewer live registers (ptxas) than three chunk-local sums.
-      float za = 0.f, zb = 0.f;
+      // The exponents in log2 units (l2 = log2(e) / T: e^{(x - off) / T} = 2^{(x - off) l2}), so
+      // the online KL numerator of the chunk too: it joins the state times ln 2.
+      float za = 0.f, zb = 0.f, acc2 = 0.f;
       if (is_online(DIV)) on.absorb(nma, nmb, 0.f, 0.f, 0.f);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        const float ca = (tv[k] - offa) * invT, cb = (sv[k] - offb) * invT;  // shift, then scale
-        const float ea = exp_fast(ca), eb = exp_fast(cb);
+        const float ca = (tv[k] - offa) * l2, cb = (sv[k] - offb) * l2;  // shift, then scale
+        const float ea = exp2_dev(ca), eb = exp2_dev(cb);
         if (is_online(DIV)) {
           on.k.za += ea;
           on.k.zb += eb;
-          on.k.acc += online_kl_term<DIV>(ca, cb, 0.f, 0.f, ea, eb);
+          acc2 += online_kl_term<DIV>(ca, cb, 0.f, 0.f, ea, eb);
         } else {
           za += ea;
           zb += eb;
         }
       }
-      if (!is_online(DIV)) on.absorb(nma, nmb, za, zb, 0.f);
+      if (is_online(DIV))
+        on.k.acc += acc2 * kLn2;
+      else
+        on.absorb(nma, nmb, za, zb, 0.f);
     }
     if (SEP) {
       float bm = kNegInf;
@@ -463,10 +566,10 @@ __device__ __forceinline__ void forward_row(A a, int64_t r, int64_t label, const
       for (int k = 0; k < N; ++k) os.z += exp_fast(sv[k] - off);
     }
   }
+  merge_row_state<SOFT, SEP>(red, on, os);
   LogNorm na{0.f, 0.f}, nb{0.f, 0.f};
   float cc = 0.f, D = 0.f;
   if (SOFT) {
-    red.merge(on);
     na = lognorm_from(on.k.ma, on.k.za);
     nb = lognorm_from(on.k.mb, on.k.zb);
     if (DIV == FORWARD_KL) {
@@ -481,25 +584,28 @@ __device__ __forceinline__ void forward_row(A a, int64_t r, int64_t label, const
     }
   }
   LogNorm ns = nb;
-  if (SEP) {
-    red.merge(os);
-    ns = lognorm_from(os.m, os.z);
-  }
+  if (SEP) ns = lognorm_from(os.m, os.z);
   if (threadIdx.x == 0) {
+    const int64_t label = row_label(a, r);
+    const bool bad_label = hard && (label < 0 || label >= a.V);
     const float ce = !hard ? 0.f : bad_label ? NAN : hard_ce(ns, to_float(s[label]));
     if (red.leader()) a.loss[r] = row_loss(SOFT, a.soft_weight, a.temperature, D, hard, a.hard_weight, ce);
     store_row_stats(st, RowStats{na, nb, cc, ns});
   }
 }
 
-// Forward reduction scratch: the largest merged state, one per warp.
+// Forward reduction scratch: K * WARPS floats for the largest reduction (merge_row_state's K <= 4).
 template <int DIV>
 struct FwdScratch {
   static constexpr int FLOATS = sizeof(RawOnlineKL<DIV>) / sizeof(float) * WARPS;
+  static_assert(FLOATS >= 4 * WARPS, "reduction scratch");
 };
 
+// __launch_bounds__(THREADS, 3): up to 80 registers (ptxas took 40 by its own occupancy choice
+// and spilled 4 bytes in the <fp16, forward / reverse KL, soft, no sep> variants on sm_80; a cap
+// of 64 spilled jsd's log-space form on sm_90).
 template <class S, int DIV, bool SOFT, bool SEP, bool LIN>
-__global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
+__global__ void __launch_bounds__(THREADS, 3) forward_kernel(RowsArgs a) {
   __shared__ float sm[FwdScratch<DIV>::FLOATS];  // block reductions
   const int64_t r = blockIdx.x;
   if (r >= a.N) return;
@@ -513,12 +619,9 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(RowsArgs a) {
     }
     return;
   }
-  // by value, except jsd's linear form: by value it spilled 4 bytes in its <16-bit, soft, no sep>
-  // variants on sm_90 (nvcc 13; see forward_row's note on A)
-  using A = typename std::conditional<DIV == JSD && LIN, const RowsArgs&, RowsArgs>::type;
   const RowView<S> v = row_view<S>(a, r);
   CtaReduce red{sm};
-  forward_row<S, DIV, SOFT, SEP, LIN, A>(a, r, label, v.s, v.cs, v.ct, v.j0, a.V, red, st);
+  forward_row<S, DIV, SOFT, SEP, LIN>(a, r, v.s, v.cs, v.ct, v.j0, a.V, red, st);
 }
 
 // Writes v over this thread's chunks of one gradient row, from j0 to end (stores bounded by V).
@@ -535,7 +638,7 @@ __device__ __forceinline__ void fill_row(S* g, int64_t j0, int64_t end, int64_t 
 template <class S>
 __device__ __forceinline__ void zero_grad_row(const RowsArgs& a, int64_t r) {
   S* g = static_cast<S*>(a.grad) + r * a.V;
-  const S* s = static_cast<const S*>(a.student) + (r / a.L) * a.s_stride_b + (r % a.L) * a.s_stride_l;
+  const S* s = static_cast<const S*>(a.student) + row_offset(r, a.L, a.s_stride_b, a.s_stride_l);
   fill_row(g, first_chunk<S>(head_of<S>(s)), a.V, a.V, vector_ok<S>(s) && same_phase(s, g), 0.f);
 }
 
@@ -555,6 +658,7 @@ __device__ __forceinline__ void backward_row(const RowsArgs& a, int64_t label, c
   float cc = rs.c;
   // reverse KL: log q - log p = (cb - ca) - (lzb - lza), the constant formed once in double
   const float krev = DIV == REVERSE_KL ? reverse_kl_offset(na.lz, nb.lz) : 0.f;
+  const Prob2 pa = prob2(na, invT), pb = prob2(nb, invT), ps = prob2(ns, 1.f);  // p, q; softmax(s)
   if (DIV == REVERSE_KL && SOFT) {
     // Reverse KL: d/db_j = q_j (x_j - c') with c' = sum_k q_k x_k summed here from the same
     // rounded x_k as the gradient (kd_math.h reverse_kl_qx / reverse_kl_qg, as the CPU kernel):
@@ -567,7 +671,7 @@ __device__ __forceinline__ void backward_row(const RowsArgs& a, int64_t label, c
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         const float ca = (tv[k] - na.m) * invT, cb = (sv[k] - nb.m) * invT;
-        part += reverse_kl_qx(exp_fast(cb - nb.lz), ca, cb, krev);
+        part += reverse_kl_qx(pb(sv[k]), ca, cb, krev);
       }
     }
     cc = red.sum(part);
@@ -590,8 +694,8 @@ __device__ __forceinline__ void backward_row(const RowsArgs& a, int64_t label, c
       if (SOFT) {
         const float ca = (tv[k] - na.m) * invT, cb = (sv[k] - nb.m) * invT;
         const float lp = ca - na.lz, lq = cb - nb.lz;
-        const float p = exp_fast(lp);
-        q = exp_fast(lq);
+        const float p = pa(tv[k]);
+        q = pb(sv[k]);
         float phi, qg;
         if (LIN)
           mix_terms_linear<DIV>(p, q, a.param, phi, qg);
@@ -601,7 +705,7 @@ __device__ __forceinline__ void backward_row(const RowsArgs& a, int64_t label, c
         o = DIV == REVERSE_KL ? k_soft * reverse_kl_qg(q, ca, cb, krev, cc) : k_soft * (qg - q * cc);
       }
       if (HARD) {
-        const float sm1 = sep ? exp_fast(log_prob(sv[k], ns)) : q;
+        const float sm1 = sep ? ps(sv[k]) : q;
         o += k_hard * (sm1 - (j + k == label ? 1.f : 0.f));
       }
       out[k] = o;
@@ -646,13 +750,11 @@ __global__ void __launch_bounds__(THREADS) forward_grad_kernel(RowsArgs a) {
   }
   const RowView<S> v = row_view<S>(a, r);
   CtaReduce red{sm};
-  using A = typename std::conditional<DIV == JSD && LIN, const RowsArgs&, RowsArgs>::type;  // forward_row's note
-  forward_row<S, DIV, SOFT, SEP, LIN, A>(a, r, label, v.s, v.cs, v.ct, v.j0, a.V, red, st);
+  forward_row<S, DIV, SOFT, SEP, LIN>(a, r, v.s, v.cs, v.ct, v.j0, a.V, red, st);
   __syncthreads();  // thread 0's statistics, as backward_kernel loads them from the stats row
   S* g = static_cast<S*>(a.grad) + r * a.V;
-  const RowView<S> w = DIV == JSD && LIN ? row_view<S>(a, r) : v;  // jsd: formed again (forward_row's note)
-  backward_row<S, DIV, SOFT, HARD, LIN>(a, label, load_row_stats(st), a.grad_loss[r], g,
-                                        vector_ok<S>(w.s) && same_phase(w.s, g), w.cs, w.ct, w.j0, a.V, red);
+  backward_row<S, DIV, SOFT, HARD, LIN>(a, row_label(a, r), load_row_stats(st), a.grad_loss[r], g,
+                                        vector_ok<S>(v.s) && same_phase(v.s, g), v.cs, v.ct, v.j0, a.V, red);
 }
 
 // ---- the training path with the row on chip: thread-block clusters (compute capability 9.0) ----
@@ -674,8 +776,8 @@ struct ClusterLayout {
   static constexpr int XCH = 32;  // exchange slots, floats: >= the reductions' sizes of one row
   static constexpr int SCRATCH = FwdScratch<DIV>::FLOATS;
   static constexpr int HEAD = (SCRATCH + XCH + STATS_WIDTH + 3) / 4 * 4;  // floats, 16-byte multiple
-  static_assert(sizeof(RawOnlineKL<DIV>) + sizeof(MaxSum) + 3 * sizeof(float) <= XCH * sizeof(float),
-                "exchange slots");
+  // merge_row_state's maxima (<= 3) and sums (<= 4), row_sums' 2, backward_row's c' sum
+  static_assert(3 + 4 + 2 + 1 <= XCH, "exchange slots");
 };
 template <int DIV>
 size_t cluster_smem_bytes(int64_t per) {
@@ -744,9 +846,10 @@ __global__ void __launch_bounds__(THREADS, 3) cluster_grad_kernel(RowsArgs a, in
   __syncthreads();
   const SharedCols<S> cs{s_sl, lo}, ct{t_sl, lo};
   ClusterReduce red{sm, xch, 0, C, rank};
-  forward_row<S, DIV, true, SEP, LIN, RowsArgs>(a, r, label, v.s, cs, ct, j0, hi, red, st);
+  forward_row<S, DIV, true, SEP, LIN>(a, r, v.s, cs, ct, j0, hi, red, st);
   __syncthreads();  // thread 0's statistics
-  backward_row<S, DIV, true, HARD, LIN>(a, label, load_row_stats(st), a.grad_loss[r], g, vg, cs, ct, j0, hi, red);
+  backward_row<S, DIV, true, HARD, LIN>(a, row_label(a, r), load_row_stats(st), a.grad_loss[r], g, vg, cs, ct, j0, hi,
+                                        red);
   cluster_sync();  // no CTA exits while another may still read its exchange slots
 #endif
 }
@@ -836,7 +939,7 @@ __global__ void __launch_bounds__(THREADS) rescale_kernel(void* grad, const floa
 // (the second pass of forward_kernel); zeros on ignored rows.
 template <class S, int DIV, bool LIN>
 __global__ void __launch_bounds__(THREADS) given_stats_kernel(RowsArgs a) {
-  __shared__ float sm[WARPS];
+  __shared__ float sm[2 * WARPS];  // row_sums: a reduction of 2 floats
   const int64_t r = blockIdx.x;
   if (r >= a.N) return;
   const int64_t label = a.labels ? a.labels[r] : 0;
@@ -963,6 +1066,10 @@ int dispatch_div(const RowsArgs& a, cudaStream_t stream, int which) {
 
 int dispatch(const RowsArgs& a, void* stream, int which) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
+  // one CTA (or cluster) per row on grid.x; row_offset's 32-bit division
+  if (a.N < 0 || a.N > 0x7fffffffLL ||
+      (a.N > 0 && (a.L < 1 || a.t_L < 1 || a.L > a.N || a.t_L > a.N)))
+    return (int)cudaErrorInvalidValue;
   switch (a.dtype) {
     case F32: return dispatch_div<float>(a, st, which);
     case BF16: return dispatch_div<__nv_bfloat16>(a, st, which);

@@ -201,6 +201,14 @@ KD_HD KD_INLINE float log_ratio_fast(float x) {
 #endif
 }
 
+// 2^x for the CUDA kernels, which fold log2(e) into their per-row scales (one multiply per
+// element fewer than e^x, which the device computes as 2^(x log2 e)): ex2.approx on the device
+// (--use_fast_math), exp2f on the host, where only the host emulation of those kernels calls it
+// (the CPU kernels keep exp_fast / exp_nonpos: a libm call would keep their loops scalar).
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
+KD_HD KD_INLINE float exp2_dev(float x) { return exp2f(x); }
+
 // ---- online (max, sum-exp) -----------------------------------------------------------------------
 // A max usable as an exp offset: -inf (an empty or all -inf block) becomes 0, so exp(x - m) = 0.
 KD_HD KD_INLINE float safe_max(float m) { return m == kNegInf ? 0.0f : m; }
@@ -606,16 +614,6 @@ struct RawOnlineKL {
     k.zb = k.zb * rb + zb2;
     k.ma = na;
     k.mb = nb;
-  }
-  KD_HD KD_INLINE void merge(const RawOnlineKL& o) {
-    const float na = raise_max(k.ma, o.k.ma), nb = raise_max(k.mb, o.k.mb);
-    const float ra = factor(o.k.ma, na), rb = factor(o.k.mb, nb);
-    const float acc2 = is_online(DIV)
-                           ? online_kl_recentre<DIV>(o.k.acc, o.k.za, o.k.zb,
-                                                     (safe_max(o.k.ma) - safe_max(na)) * invT,
-                                                     (safe_max(o.k.mb) - safe_max(nb)) * invT, ra, rb)
-                           : 0.f;
-    absorb(na, nb, o.k.za * ra, o.k.zb * rb, acc2);
   }
 };
 
