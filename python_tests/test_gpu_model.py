@@ -55,6 +55,46 @@ def test_sass_counter_on_known_listing():
     assert (short.sass, short.bar, long_.sass, long_.bar) == (6, 0, 7, 1)
 
 
+REST_SASS = """
+                Function : rest
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/              @P0 BRA 0x50 ;
+        /*0020*/                   MOV R1, R0 ;
+        /*0030*/                   STG.E desc[UR4][R2.64], R1 ;
+        /*0040*/                   EXIT ;
+        /*0050*/                   CALL.REL.NOINC 0xe0 ;
+        /*0060*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0070*/                   FADD R4, R4, R5 ;
+        /*0080*/              @P1 BRA 0x60 ;
+        /*0090*/                   MUFU.EX2 R5, R4 ;
+        /*00a0*/              @P2 BRA 0xc0 ;
+        /*00b0*/                   FMUL R5, R5, R5 ;
+        /*00c0*/                   STG.E desc[UR4][R2.64], R5 ;
+        /*00d0*/                   EXIT ;
+        /*00e0*/                   IMAD R6, R6, R7, RZ ;
+        /*00f0*/                   IADD3 R6, R6, 0x1, RZ ;
+        /*0100*/                   RET.REL.NODEC R8 0x0 ;
+        /*0110*/                   BRA 0x110;
+"""
+
+
+def test_straight_line_longest_path():
+    """The rest of a kernel: the longest entry-to-EXIT path with the pass loops cut out, exclusive
+    branches not summed, a CALL counting its subroutine once."""
+    (ins,) = G.parse_sass(REST_SASS).values()
+    loops = G.top_level_loops(G.find_loops(ins))
+    assert loops == [(6, 8)]
+    c = G.straight_line_longest(ins, loops)
+    # S2R, BRA, CALL (+ IMAD, IADD3, RET), [loop cut], MUFU, BRA, FMUL, STG, EXIT: the long exit;
+    # the short one (MOV, STG, EXIT: 5) and the loop's 3 instructions are not counted
+    assert (c.sass, c.mufu, c.ldg_bytes, c.stg_bytes) == (11, 1, 0, 4)
+    # with the loop not cut, its body counts once on the way through
+    c2 = G.straight_line_longest(ins, [])
+    assert (c2.sass, c2.ldg_bytes) == (14, 16)
+    # the whole non-loop code counted (the old upper bound) is larger: both exits, the subroutine
+    assert G.count(ins).sass - G.count(ins[6:9]).sass == 15
+
+
 def test_res_usage_parser():
     text = (" Function kd_fwd_kernel:\n  REG:64 STACK:0 SHARED:1024 LOCAL:8 CONSTANT[0]:632\n")
     assert G.parse_res_usage(text) == {"kd_fwd_kernel": {"REG": 64, "STACK": 0, "SHARED": 1024,
