@@ -2,7 +2,9 @@
 divergence) against the float64 oracle.
 
 The C++ CPU kernel runs only OnlineKL::absorb (one running state, block sums centred on the raised
-maxima); the CUDA kernel also merges partial states of threads, warps and the CTA. So the merge is
+maxima); the CUDA kernels combine the partial states of threads, warps and CTAs (since 2026-12-03
+as the row's maxima, every state absorbed onto them, then plain sums: mode 4 below; before, by
+merges: modes 0 and 3). So the merge is
 tested here through a small C++ harness compiled from kd_math.h on this machine: it splits a row
 the way the CUDA forward kernel does (thread i takes chunks i, i + threads, ...; lanes past V read
 -inf), absorbs chunk by chunk, then merges in the kernel's order (xor butterfly in warps of 32,
@@ -88,6 +90,29 @@ static void run(const float* a, const float* b, int64_t V, int threads, int chun
   } else if (mode == 1) {  // left fold from an empty state
     r.init();
     for (int i = 0; i < threads; ++i) r.merge(st[i]);
+  } else if (mode == 4) {  // the CUDA kernels' merge_row_state: maxima reduced, every state
+    // re-centred on them (absorb), then the sums added (xor butterfly in warps, warps in order)
+    float ma = kNegInf, mb = kNegInf;
+    for (int i = 0; i < threads; ++i) {
+      ma = fmaxf(ma, st[i].ma);
+      mb = fmaxf(mb, st[i].mb);
+    }
+    for (int i = 0; i < threads; ++i) st[i].absorb(ma, mb, 0.f, 0.f, 0.f);
+    for (int off = 16; off > 0; off >>= 1) {
+      std::vector<OnlineKL<DIV>> nxt(st);
+      for (int i = 0; i < threads; ++i) {
+        nxt[i].za = st[i].za + st[i ^ off].za;
+        nxt[i].zb = st[i].zb + st[i ^ off].zb;
+        nxt[i].acc = st[i].acc + st[i ^ off].acc;
+      }
+      st.swap(nxt);
+    }
+    r = st[0];
+    for (int w = 32; w < threads; w += 32) {
+      r.za += st[w].za;
+      r.zb += st[w].zb;
+      r.acc += st[w].acc;
+    }
   } else {  // right fold
     r = st[threads - 1];
     for (int i = threads - 2; i >= 0; --i) {
@@ -189,9 +214,10 @@ def _expected(div, t, s, T):
 
 
 # Rounding allowance relative to the cancelling terms: the CUDA kernel's merge order (butterfly,
-# depth 12; modes 0 and 3) measured <= 9e-7 of them; the serial folds of 256 states (no kernel
+# depth 12; modes 0 and 3; mode 4, maxima then sums, is the order the CUDA kernels take since
+# 2026-12-03: merge_row_state) measured <= 9e-7 of them; the serial folds of 256 states (no kernel
 # does that) up to 1.7e-5, from the 256 rounded additions of the sums z.
-REL = {0: 4e-6, 1: 4e-5, 2: 4e-5, 3: 4e-6}
+REL = {0: 4e-6, 1: 4e-5, 2: 4e-5, 3: 4e-6, 4: 4e-6}
 
 
 @pytest.mark.parametrize("div", ["forward_kl", "reverse_kl"])
@@ -206,7 +232,7 @@ def test_merge_matches_oracle(harness, div, T, kind, V):
     lse_a = torch.logsumexp(a.double(), 0)
     lse_b = torch.logsumexp(b.double(), 0)
     for threads, chunk in SPLITS:
-        for mode in (0, 1, 2, 3):
+        for mode in (0, 1, 2, 3, 4):
             out = harness(div, a, b, threads, chunk, mode)
             what = f"{div} {kind} V={V} T={T} split={threads}x{chunk} mode={mode}"
             assert torch.isfinite(out).all(), f"{what}: {out}"
@@ -228,7 +254,7 @@ def test_merge_of_empty_states_is_exact(harness):
         a = torch.tensor([0.5, -1.0, 2.0])
         b = torch.tensor([1.0, 0.25, -3.0])
         ref = harness(div, a, b, 1, 4, 1)  # one state: no merge at all
-        for mode in (0, 1, 2, 3):
+        for mode in (0, 1, 2, 3, 4):
             out = harness(div, a, b, 256, 4, mode)  # 255 empty states
             assert torch.equal(out, ref), (div, mode, out, ref)
         allneg = torch.full((9,), NEG_INF)
