@@ -688,6 +688,10 @@ __device__ __forceinline__ void backward_row(const RowsArgs& a, int64_t label, c
     float sv[N], tv[N], out[N];
     cs.load(j, sv);
     if (SOFT) ct.load(j, tv);
+    // the label's place in the chunk (-1: not in it), so the one-hot is a 32-bit compare with a
+    // constant per element, not a 64-bit j + k == label (the same values)
+    const int64_t dl = label - j;
+    const int hk = HARD && dl >= 0 && dl < N ? (int)dl : -1;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       float o = 0.f, q = 0.f;
@@ -706,7 +710,7 @@ __device__ __forceinline__ void backward_row(const RowsArgs& a, int64_t label, c
       }
       if (HARD) {
         const float sm1 = sep ? ps(sv[k]) : q;
-        o += k_hard * (sm1 - (j + k == label ? 1.f : 0.f));
+        o += k_hard * (sm1 - (k == hk ? 1.f : 0.f));
       }
       out[k] = o;
     }
