@@ -261,18 +261,6 @@ __device__ void block_merge(State& st, State* sm) {
   for (int w = 1; w < WARPS; ++w) st.merge(sm[w]);
 }
 
-__device__ float block_sum(float x, float* sm /* [WARPS] */) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-  __syncthreads();
-  if (lane == 0) sm[warp] = x;
-  __syncthreads();
-  float total = 0.f;
-  for (int w = 0; w < WARPS; ++w) total += sm[w];
-  return total;
-}
-
 // Where a pass reads a row's columns from: global memory (GlobalCols: one CTA per row) or the
 // CTA's slice of the row in shared memory (SharedCols: cluster_grad_kernel). load(j, out): columns
 // [j, j + N) in fp32, -inf outside [0, V). A pass runs j from its thread's first chunk j0 to `end`
@@ -324,6 +312,14 @@ __device__ __forceinline__ void block_reduce(float (&x)[K], float* sm) {
   }
 }
 
+// One float summed over the CTA (`sm`: WARPS floats); an exact zero comes out as +0, as from a
+// sum started at 0.
+__device__ __forceinline__ float block_sum(float x, float* sm) {
+  float v[1] = {x};
+  block_reduce<false>(v, sm);
+  return v[0] + 0.f;
+}
+
 // How a pass's per-thread partial results become the row's: reduce<MAX>(x) combines K floats
 // over the CTA (CtaReduce, `sm`: K * WARPS floats of scratch) or over the CTAs of a cluster
 // (ClusterReduce, cluster_grad_kernel: through distributed shared memory); sum(x) is one sum.
@@ -333,11 +329,7 @@ struct CtaReduce {
   float* sm;
   template <bool MAX, int K>
   __device__ __forceinline__ void reduce(float (&x)[K]) { block_reduce<MAX>(x, sm); }
-  __device__ __forceinline__ float sum(float x) {
-    float v[1] = {x};
-    reduce<false>(v);
-    return v[0];
-  }
+  __device__ __forceinline__ float sum(float x) { return block_sum(x, sm); }
   __device__ __forceinline__ bool leader() const { return true; }
 };
 
@@ -370,10 +362,10 @@ struct ClusterReduce {
       for (int k = 0; k < K; ++k) x[k] = combine<MAX>(x[k], __shfl_xor_sync(0xffffffffu, x[k], (int)off));
     }
   }
-  __device__ __forceinline__ float sum(float x) {
+  __device__ __forceinline__ float sum(float x) {  // as block_sum: an exact zero as +0
     float v[1] = {x};
     reduce<false>(v);
-    return v[0];
+    return v[0] + 0.f;
   }
   __device__ __forceinline__ bool leader() const { return rank == 0; }
 };
@@ -512,7 +504,7 @@ __device__ __forceinline__ void forward_row(RowsArgs a, int64_t r, const S* s, c
   const float invT = 1.0f / a.temperature, l2 = invT * kLog2e;
 
   // Per thread: each chunk's sums are taken against the raised running maxima and absorbed (as
-  // the CPU kernel does per block); then warp and CTA merges.
+  // the CPU kernel does per block); then the row's state from the threads' (merge_row_state).
   RawOnlineKL<DIV> on;
   MaxSum os;
   on.init(invT);
@@ -530,10 +522,9 @@ __device__ __forceinline__ void forward_row(RowsArgs a, int64_t r, const S* s, c
       }
       const float nma = raise_max(on.k.ma, bma), nmb = raise_max(on.k.mb, bmb);
       const float offa = safe_max(nma), offb = safe_max(nmb);
-      // For forward / reverse KL the state is re-centred first and the terms added into it: the
-      // same sums, and fewer live registers (ptxas) than three chunk-local sums.
-      // The exponents in log2 units (l2 = log2(e) / T: e^{(x - off) / T} = 2^{(x - off) l2}), so
-      // the online KL numerator of the chunk too: it joins the state times ln 2.
+      // For forward / reverse KL the state is re-centred first and the sum-exps added into it;
+      // the exponents are in log2 units (l2 = log2(e) / T: e^{(x - off) / T} = 2^{(x - off) l2}),
+      // so the chunk's online KL numerator is summed apart and joins the state times ln 2.
       float za = 0.f, zb = 0.f, acc2 = 0.f;
       if (is_online(DIV)) on.absorb(nma, nmb, 0.f, 0.f, 0.f);
 #pragma unroll

@@ -303,7 +303,6 @@ KD_HD KD_INLINE float xlogr(float x, float logx, float logy) {
   return x > 0.0f ? x * (logx - logy) : 0.0f;
 }
 
-
 // phi(p, q) and qg = q * d phi / d q for one element, given log p, log q (p = e^{log p}, ...).
 // `param` is beta for jsd, alpha for the skew divergences. Never NaN for finite log p, log q or
 // -inf ones; both probabilities underflowing to 0 give phi = qg = 0. No libm call: the host
