@@ -376,7 +376,8 @@ struct ClusterReduce {
 // and the MUFU's ex2 per element (e^{lp} took another multiply by log2(e)).
 struct Prob2 {
   float m, l2, lz2;
-  __device__ __forceinline__ float operator()(float x) const { return exp2_dev((x - m) * l2 - lz2); }
+  __device__ __forceinline__ float arg(float x) const { return (x - m) * l2 - lz2; }  // log2 of the probability
+  __device__ __forceinline__ float operator()(float x) const { return exp2_dev(arg(x)); }
 };
 __device__ __forceinline__ Prob2 prob2(LogNorm n, float invT) { return Prob2{n.m, invT * kLog2e, n.lz * kLog2e}; }
 
@@ -391,6 +392,8 @@ __device__ __forceinline__ void row_sums(const Cols& cs, const Cols& ct, int64_t
                                          LogNorm nb, float invT, float param, Red& red, float& D, float& cc) {
   constexpr int N = Vec<S>::N;
   const Prob2 pa = prob2(na, invT), pb = prob2(nb, invT);
+  constexpr bool JSD_LOG2 = LIN && DIV == JSD;
+  const float wp = param * kLn2, wq = (1.0f - param) * kLn2;
   double sphi = 0., sqg = 0.;
   for (int64_t j = j0; j < end; j += (int64_t)THREADS * N) {
     float sv[N], tv[N];
@@ -399,14 +402,21 @@ __device__ __forceinline__ void row_sums(const Cols& cs, const Cols& ct, int64_t
     float cphi = 0.f, cqg = 0.f;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const float p = pa(tv[k]), q = pb(sv[k]);
-      float phi, qg;
-      if (LIN)
+      const float lp2 = pa.arg(tv[k]), lq2 = pb.arg(sv[k]);
+      const float p = exp2_dev(lp2), q = exp2_dev(lq2);
+      float phi, qg;  // jsd's linear form: tp and tq (kd_math.h), weighted per chunk below
+      if (JSD_LOG2)
+        jsd_terms_log2(p, q, lp2, lq2, param, phi, qg);
+      else if (LIN)
         mix_terms_linear<DIV>(p, q, param, phi, qg);
       else
         div_terms<DIV>(log_prob_scaled(tv[k], na, invT), log_prob_scaled(sv[k], nb, invT), p, q, param, phi, qg);
       cphi += phi;
       cqg += qg;
+    }
+    if (JSD_LOG2) {  // phi = beta ln2 tp + (1 - beta) ln2 tq, q g = (1 - beta) ln2 tq
+      cqg *= wq;
+      cphi = wp * cphi + cqg;
     }
     sphi += (double)cphi;
     sqg += (double)cqg;
@@ -675,6 +685,7 @@ __device__ __forceinline__ void backward_row(const RowsArgs& a, int64_t label, c
   // A label outside [0, V) that is not ignore_index (its column lives on another rank of a
   // vocab-parallel group) adds the softmax term and no one-hot; its forward loss is NaN.
   const float k_hard = HARD ? gl * a.hard_weight : 0.f;
+  const float kj = k_soft * ((1.0f - a.param) * kLn2), kc = k_soft * cc;  // jsd's linear form
   for (int64_t j = j0; j < end; j += (int64_t)THREADS * N) {
     float sv[N], tv[N], out[N];
     cs.load(j, sv);
@@ -689,15 +700,21 @@ __device__ __forceinline__ void backward_row(const RowsArgs& a, int64_t label, c
       if (SOFT) {
         const float ca = (tv[k] - na.m) * invT, cb = (sv[k] - nb.m) * invT;
         const float lp = ca - na.lz, lq = cb - nb.lz;
-        const float p = pa(tv[k]);
-        q = pb(sv[k]);
+        const float lp2 = pa.arg(tv[k]), lq2 = pb.arg(sv[k]);
+        const float p = exp2_dev(lp2);
+        q = exp2_dev(lq2);
         float phi, qg;
-        if (LIN)
-          mix_terms_linear<DIV>(p, q, a.param, phi, qg);
-        else
-          div_terms<DIV>(lp, lq, p, q, a.param, phi, qg);
-        // reverse KL: qg - q c = q (x - c') without the cancellation (kd_math.h)
-        o = DIV == REVERSE_KL ? k_soft * reverse_kl_qg(q, ca, cb, krev, cc) : k_soft * (qg - q * cc);
+        if (LIN && DIV == JSD) {  // q g = (1 - beta) ln2 tq: k_soft q g - k_soft c q from per-row factors
+          jsd_terms_log2(p, q, lp2, lq2, a.param, phi, qg);
+          o = kj * qg - kc * q;
+        } else {
+          if (LIN)
+            mix_terms_linear<DIV>(p, q, a.param, phi, qg);
+          else
+            div_terms<DIV>(lp, lq, p, q, a.param, phi, qg);
+          // reverse KL: qg - q c = q (x - c') without the cancellation (kd_math.h)
+          o = DIV == REVERSE_KL ? k_soft * reverse_kl_qg(q, ca, cb, krev, cc) : k_soft * (qg - q * cc);
+        }
       }
       if (HARD) {
         const float sm1 = sep ? ps(sv[k]) : q;

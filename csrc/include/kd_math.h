@@ -208,6 +208,14 @@ KD_HD KD_INLINE float log_ratio_fast(float x) {
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.693147180559945309f;
 KD_HD KD_INLINE float exp2_dev(float x) { return exp2f(x); }
+// log2 x for the same kernels: lg2.approx on the device (__log2f; --use_fast_math), log2f on the host.
+KD_HD KD_INLINE float log2_dev(float x) {
+#if defined(__CUDA_ARCH__)
+  return __log2f(x);
+#else
+  return log2f(x);
+#endif
+}
 
 // ---- online (max, sum-exp) -----------------------------------------------------------------------
 // A max usable as an exp offset: -inf (an empty or all -inf block) becomes 0, so exp(x - m) = 0.
@@ -399,6 +407,26 @@ KD_HD KD_INLINE void mix_ratios(float p, float q, float m, float& rp, float& rq)
   rp = mix_ratio(p, m);
   rq = mix_ratio(q, m);
 #endif
+}
+
+// jsd's terms for the CUDA kernels, which form p = 2^lp2 and q = 2^lq2 themselves (Prob2): with
+// m = beta p + (1 - beta) q, log(p/m) = (lp2 - log2 m) ln 2 and log(q/m) alike: one log per
+// element, where mix_terms_linear takes a reciprocal and two logs (5 -> 3 MUFU an element with the
+// two exponentials). The differences cancel the size of |log2 p|: ~2 ulp of it, weighted by p,
+// so the sum's error is ~1.2e-7 H(p) (H <= ln V: below the loss floor of docs/precision.md, 4 ulps
+// of T^2 (1 + ln V)); the ratio form's is ~5e-7 Sum p. Branch-free, with one select: p == q
+// (identical rows) takes log2 m = lq2, so identical rows give exactly 0 as mix_ratio's ratio of 1
+// does; a -inf lp2 or lq2 (a -inf logit: p or q = 0) is raised to -256 first, so its term is
+// 0 * finite (also when both are -inf);
+// m = 0 (p, q below 2^-89 when beta >= 2^-60: mix_linear_ok) reads as m = 2^-126, terms ~1e-25.
+// Returns the terms tp = p log2(p/m), tq = q log2(q/m): phi = beta ln2 tp + (1 - beta) ln2 tq,
+// q g = (1 - beta) ln2 tq (the caller folds the constants into its per-row factors).
+KD_HD KD_INLINE void jsd_terms_log2(float p, float q, float lp2, float lq2, float beta, float& tp, float& tq) {
+  const float m = q + beta * (p - q);
+  const float lpc = fmaxf(lp2, -256.0f), lqc = fmaxf(lq2, -256.0f);
+  const float lm2 = p == q ? lqc : log2_dev(fmaxf(m, 1.17549435e-38f));
+  tp = p * (lpc - lm2);
+  tq = q * (lqc - lm2);
 }
 
 template <int DIV>

@@ -20,7 +20,7 @@ arrive as tuples of pointers, row splits and strides (any row strides, unit colu
 import triton
 import triton.language as tl
 
-from .kernels import FORWARD_KL, STATS, row_setup, safe_max, terms
+from .kernels import FORWARD_KL, LOG2E, STATS, row_setup, safe_max, terms
 
 
 @triton.jit
@@ -101,7 +101,8 @@ def ens_fwd_kernel(s_ptr, t_ptrs, t_Ls, t_sbs, t_sls, w_ptr, lab_ptr, loss_ptr, 
             logp = _ens_logp(t_ptrs, t_Ls, t_sbs, t_sls, w_ptr, st, row, cols, mask, inv_T,
                              M, BLOCK)
             logq = (s - mb) * inv_T - lzb
-            phi, qg = terms(DIV, LIN, logp, logq, tl.exp(logp), tl.exp(logq), param)
+            phi, qg = terms(DIV, LIN, logp, logq, logp * LOG2E, logq * LOG2E, tl.exp(logp),
+                            tl.exp(logq), param)
             div += tl.sum(phi, 0)
             c += tl.sum(qg, 0)
         if DIV == FORWARD_KL:
@@ -155,7 +156,7 @@ def ens_bwd_kernel(s_ptr, t_ptrs, t_Ls, t_sbs, t_sls, w_ptr, lab_ptr, stats_ptr,
             if DIV == FORWARD_KL:
                 grad_b = q - p
             else:
-                _, qg = terms(DIV, LIN, logp, logq, p, q, param)
+                _, qg = terms(DIV, LIN, logp, logq, logp * LOG2E, logq * LOG2E, p, q, param)
                 grad_b = qg - tl.where(q == 0, 0.0, q * c)
             grad += soft_scale * grad_b
         if HARD:

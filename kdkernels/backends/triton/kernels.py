@@ -53,9 +53,12 @@ STATS = tl.constexpr(STATS_WIDTH)  # per-row fp32 statistics, see the module doc
 # the LIN constexpr of the kernels (launch.py _linear, aot.py).
 LINEAR_DIVS = (2, 3, 4)  # jsd, skew_kl, skew_reverse_kl
 LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 # triton.jit's own rule: under TRITON_INTERPRET=1 the kernels run in numpy, which has no PTX
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
-TINY = tl.constexpr(1.17549435e-38)  # 2^-126, the smallest normal fp32
+# 2^-126, the smallest normal fp32, exactly: triton types a float literal below 2^-126 as fp64
+# (semantic.py), which widened every comparison with it to fp64 (1.17549435e-38 until 2026-12-03)
+TINY = tl.constexpr(1.1754943508222875e-38)
 
 
 @triton.jit
@@ -79,6 +82,16 @@ def fast_log(x):
 
 
 @triton.jit
+def fast_log2(x):
+    """log2 x on the GPU: libdevice ``__nv_fast_log2f`` (lg2.approx.ftz, one MUFU.LG2; CUDA's
+    ``__log2f``), as ``fast_log`` without its multiply by ln 2. The interpreter: ``tl.log2``."""
+    if INTERPRETED:
+        return tl.log2(x)
+    else:
+        return libdevice.fast_log2f(x)
+
+
+@triton.jit
 def fast_div(x, y):
     """x / y for 2^-126 <= y <= 1 on the GPU: libdevice ``__nv_fast_fdividef`` (div.approx.ftz:
     CUDA's ``__fdividef``, the division of the CUDA backend's ``--use_fast_math`` build; 2 ulp
@@ -91,11 +104,17 @@ def fast_div(x, y):
 
 
 @triton.jit
+def log2_prob(x, m, k2, l2):
+    """log2 of e^{(x - m)/T - l}: (x - m)·k2 - l2 with k2 = log2(e)/T, l2 = l·log2(e)."""
+    return (x - m) * k2 - l2
+
+
+@triton.jit
 def exp2_from(x, m, k2, l2):
     """e^{(x - m)/T - l} as exp2((x - m)·k2 - l2), k2 = log2(e)/T, l2 = l·log2(e): one FFMA and
     one MUFU.EX2 (tl.exp2 is ex2.approx.ftz; tl.exp adds a multiply and a subnormal fix-up).
     Results below 2^-126 flush to 0 (probabilities of that size contribute nothing)."""
-    return tl.exp2((x - m) * k2 - l2)
+    return tl.exp2(log2_prob(x, m, k2, l2))
 
 
 @triton.jit
@@ -141,8 +160,9 @@ def _xlog_ratio(x, r):
 
 
 @triton.jit
-def mix_terms_linear(DIV: tl.constexpr, p, q, param):
-    """φ and q·g of skew_kl and skew_reverse_kl from p and q themselves (kd_math.h
+def mix_terms_linear(DIV: tl.constexpr, p, q, lp2, lq2, param):
+    """φ and q·g of jsd, skew_kl and skew_reverse_kl from p and q themselves (jsd also from
+    lp2 = log2 p, lq2 = log2 q, the exponents they were formed from) (kd_math.h
     mix_terms_linear, the CPU's form): m formed in linear space, one division and one log per
     element, where the log-space form of ``terms`` takes a log and an exp for log m and another
     exp and log for the weighted ratio. Only for parameters >= 2^-60 (the launcher's LIN: an m
@@ -151,10 +171,17 @@ def mix_terms_linear(DIV: tl.constexpr, p, q, param):
     when p == q, so identical rows still give exactly 0. q·g without its constant part, as
     ``terms``."""
     if DIV == JSD:  # m = β p + (1 - β) q; q g = (1 - β) q log(q / m) (+ constants, dropped)
+        # log(p/m) = (log2 p - log2 m) ln 2 from the exponents p and q were formed from: one log,
+        # no division (kd_math.h jsd_terms_log2, the CUDA kernels' form and its error analysis).
+        # p == q (identical rows) takes log2 m = log2 q: an exact 0; -inf exponents raised to
+        # -256 so that a zero p or q gives 0 * finite; m below 2^-126 reads as 2^-126.
         m = q + param * (p - q)
-        tq = _xlog_ratio(q, _ratio(q, m))
-        phi = param * _xlog_ratio(p, _ratio(p, m)) + (1.0 - param) * tq
-        qg = (1.0 - param) * tq
+        lpc = tl.maximum(lp2, -256.0)
+        lqc = tl.maximum(lq2, -256.0)
+        lm2 = tl.where(p == q, lqc, fast_log2(tl.maximum(m, TINY)))
+        tq = (1.0 - param) * LN2 * (q * (lqc - lm2))
+        phi = param * LN2 * (p * (lpc - lm2)) + tq
+        qg = tq
     elif DIV == SKEW_KL:  # m = α p + (1 - α) q; q g = -(1 - α) q p / m
         m = q + param * (p - q)
         r = _ratio(p, m)
@@ -171,7 +198,7 @@ def mix_terms_linear(DIV: tl.constexpr, p, q, param):
 
 
 @triton.jit
-def terms(DIV: tl.constexpr, LIN: tl.constexpr, logp, logq, p, q, param):
+def terms(DIV: tl.constexpr, LIN: tl.constexpr, logp, logq, lp2, lq2, p, q, param):
     """Per-element φ(p, q) and q·g, g = ∂φ/∂q (up to an additive constant), of divergence DIV.
 
     ``param`` is β (jsd: m = β p + (1-β) q) or α (skew_kl: m = α p + (1-α) q,
@@ -185,7 +212,7 @@ def terms(DIV: tl.constexpr, LIN: tl.constexpr, logp, logq, p, q, param):
     """
     zero = tl.zeros_like(p)
     if LIN:
-        phi, qg = mix_terms_linear(DIV, p, q, param)
+        phi, qg = mix_terms_linear(DIV, p, q, lp2, lq2, param)
     elif DIV == FORWARD_KL:
         phi = tl.where(p == 0, zero, p * (logp - logq))
         qg = -p
@@ -424,9 +451,11 @@ def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weig
                 t = tl.load(t_row + cols, mask=mask, other=ninf).to(tl.float32)
                 logp = (t - ma) * inv_T - lza
                 logq = (s - mb) * inv_T - lzb
-                p = exp2_from(t, ma, k2, lza2)
-                q = exp2_from(s, mb, k2, lzb2)
-                phi, qg = terms(DIV, LIN, logp, logq, p, q, param)
+                lp2 = log2_prob(t, ma, k2, lza2)
+                lq2 = log2_prob(s, mb, k2, lzb2)
+                p = tl.exp2(lp2)
+                q = tl.exp2(lq2)
+                phi, qg = terms(DIV, LIN, logp, logq, lp2, lq2, p, q, param)
                 div_l += phi
                 c_l += qg
             div = tl.sum(div_l, 0)
@@ -525,8 +554,10 @@ def _row_grad(s_row, t_row, g_row, label, valid, V, gl, ma, lza, mb, lzb, c, ms,
             t = tl.load(t_row + cols, mask=live, other=0.0).to(tl.float32)
             logp = (t - ma) * inv_T - lza
             logq = (s - mb) * inv_T - lzb
-            p = exp2_from(t, ma, k2, lza2)
-            q = exp2_from(s, mb, k2, lzb2)
+            lp2 = log2_prob(t, ma, k2, lza2)
+            lq2 = log2_prob(s, mb, k2, lzb2)
+            p = tl.exp2(lp2)
+            q = tl.exp2(lq2)
             if DIV == FORWARD_KL:
                 grad_b = q - p
                 if LOSS:
@@ -534,7 +565,7 @@ def _row_grad(s_row, t_row, g_row, label, valid, V, gl, ma, lza, mb, lzb, c, ms,
                     logq = (s - mb) * inv_T - lzb
                     div_l += tl.where(live & (p != 0), p * (logp - logq), 0.0)  # 0 log 0 = 0
             else:
-                _, qg = terms(DIV, LIN, logp, logq, p, q, param)
+                _, qg = terms(DIV, LIN, logp, logq, lp2, lq2, p, q, param)
                 grad_b = qg - tl.where(q == 0, 0.0, q * c)  # q·g may be nonzero at q = 0 (skew KL, α = 0)
             grad += soft_scale * grad_b
         if HARD:
@@ -650,9 +681,11 @@ def kd_given_stats_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, out_ptr,
         t = tl.load(t_row + cols, mask=mask, other=ninf).to(tl.float32)
         logp = (t - ma) * inv_T - lza
         logq = (s - mb) * inv_T - lzb
-        p = exp2_from(t, ma, k2, lza2)
-        q = exp2_from(s, mb, k2, lzb2)
-        phi, qg = terms(DIV, LIN, logp, logq, p, q, param)
+        lp2 = log2_prob(t, ma, k2, lza2)
+        lq2 = log2_prob(s, mb, k2, lzb2)
+        p = tl.exp2(lp2)
+        q = tl.exp2(lq2)
+        phi, qg = terms(DIV, LIN, logp, logq, lp2, lq2, p, q, param)
         div_l += phi
         c_l += qg
     div = tl.sum(div_l, 0)
