@@ -405,7 +405,7 @@ __device__ __forceinline__ void row_sums(const Cols& cs, const Cols& ct, int64_t
       const float lp2 = pa.arg(tv[k]), lq2 = pb.arg(sv[k]);
       const float p = exp2_dev(lp2), q = exp2_dev(lq2);
       float phi, qg;  // jsd's linear form: tp and tq (kd_math.h), weighted per chunk below
-      if (JSD_LOG2)
+      if constexpr (JSD_LOG2)
         jsd_terms_log2(p, q, lp2, lq2, param, phi, qg);
       else if (LIN)
         mix_terms_linear<DIV>(p, q, param, phi, qg);
@@ -414,7 +414,7 @@ __device__ __forceinline__ void row_sums(const Cols& cs, const Cols& ct, int64_t
       cphi += phi;
       cqg += qg;
     }
-    if (JSD_LOG2) {  // phi = beta ln2 tp + (1 - beta) ln2 tq, q g = (1 - beta) ln2 tq
+    if constexpr (JSD_LOG2) {  // phi = beta ln2 tp + (1 - beta) ln2 tq, q g = (1 - beta) ln2 tq
       cqg *= wq;
       cphi = wp * cphi + cqg;
     }
@@ -704,7 +704,7 @@ __device__ __forceinline__ void backward_row(const RowsArgs& a, int64_t label, c
         const float p = exp2_dev(lp2);
         q = exp2_dev(lq2);
         float phi, qg;
-        if (LIN && DIV == JSD) {  // q g = (1 - beta) ln2 tq: k_soft q g - k_soft c q from per-row factors
+        if constexpr (LIN && DIV == JSD) {  // q g = (1 - beta) ln2 tq: k_soft q g - k_soft c q, per-row factors
           jsd_terms_log2(p, q, lp2, lq2, a.param, phi, qg);
           o = kj * qg - kc * q;
         } else {

@@ -394,21 +394,6 @@ KD_HD KD_INLINE float mix_ratio(float x, float m) {
 #endif
 }
 
-// mix_ratio(p, m) and mix_ratio(q, m). On the device one reciprocal for both: the fast division
-// is x times an approximate reciprocal (div.approx), so the roundings are the same and one MUFU
-// per element fewer (ptxas did not share the reciprocal of two divisions). On the host two
-// divisions (1/m: m may be subnormal there).
-KD_HD KD_INLINE void mix_ratios(float p, float q, float m, float& rp, float& rq) {
-#if defined(__CUDA_ARCH__)
-  const float inv = 1.0f / (m > 0.0f ? m : 1.0f);  // rcp.approx (--use_fast_math)
-  rp = p == m ? 1.0f : p * inv;
-  rq = q == m ? 1.0f : q * inv;
-#else
-  rp = mix_ratio(p, m);
-  rq = mix_ratio(q, m);
-#endif
-}
-
 // jsd's terms for the CUDA kernels, which form p = 2^lp2 and q = 2^lq2 themselves (Prob2): with
 // m = beta p + (1 - beta) q, log(p/m) = (lp2 - log2 m) ln 2 and log(q/m) alike: one log per
 // element, where mix_terms_linear takes a reciprocal and two logs (5 -> 3 MUFU an element with the
@@ -433,8 +418,7 @@ template <int DIV>
 KD_HD KD_INLINE void mix_terms_linear(float p, float q, float param, float& phi, float& qg) {
   if (DIV == JSD) {  // m = beta p + (1 - beta) q
     const float m = q + param * (p - q);  // m = 0: p = q = 0 (or below 2^-89: terms ~ 0)
-    float rp, rq;
-    mix_ratios(p, q, m, rp, rq);
+    const float rp = mix_ratio(p, m), rq = mix_ratio(q, m);
     const float tq = xlog_of_ratio(q, rq, log_ratio_fast(rq));
     phi = param * xlog_of_ratio(p, rp, log_ratio_fast(rp)) + (1.0f - param) * tq;
     qg = (1.0f - param) * tq;

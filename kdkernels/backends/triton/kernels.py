@@ -163,8 +163,8 @@ def _xlog_ratio(x, r):
 def mix_terms_linear(DIV: tl.constexpr, p, q, lp2, lq2, param):
     """φ and q·g of jsd, skew_kl and skew_reverse_kl from p and q themselves (jsd also from
     lp2 = log2 p, lq2 = log2 q, the exponents they were formed from) (kd_math.h
-    mix_terms_linear, the CPU's form): m formed in linear space, one division and one log per
-    element, where the log-space form of ``terms`` takes a log and an exp for log m and another
+    mix_terms_linear, the CPU's form; jsd as kd_math.h jsd_terms_log2): m formed in linear
+    space, one division and one log per element (jsd: one log, no division), where the log-space form of ``terms`` takes a log and an exp for log m and another
     exp and log for the weighted ratio. Only for parameters >= 2^-60 (the launcher's LIN: an m
     that underflows while p or q does not then needs p or q below 2^-126 / param <= 2^-66, and
     that element's term, below 2^-66 · log 2^60, is taken as 0). m = q + α (p - q) is exactly q
