@@ -846,7 +846,9 @@ def cuda_kernel_rows(v, li, kind, div, instrs, res, vec, hard, esize=2) -> List[
                ([("cprime", 2, 0, False)] if div == 1 else []) + [("grad", 2, 1, hard)]
     elif kind == "cluster":
         C, chunks = cluster_size(MODEL_V, esize)
-        want = [("zero", 0, 1, False), ("copy", 2, 0, False, 0, True), ("stats", 0, 0, hard, 2)] + \
+        # the copy on its longest path: the shortest skips the shared stores (and the maxima) of
+        # chunks it loaded, a path no thread takes (the two `k < per` tests are one)
+        want = [("zero", 0, 1, False), ("copy", 2, 0, True, 0, True), ("stats", 0, 0, hard, 2)] + \
                ([] if online else [("div", 0, 0, False, 2)]) + \
                ([("cprime", 0, 0, False, 2)] if div == 1 else []) + [("grad", 0, 1, hard, 2)]
     else:

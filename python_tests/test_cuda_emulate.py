@@ -222,3 +222,38 @@ def test_cluster_threads_mode(monkeypatch):
     thr = fused_ctas(s, t, None, "jsd")
     assert fib[0] == thr[0] == 2 * cluster_size(1001, torch.bfloat16, 1000)
     assert torch.equal(fib[1][0], thr[1][0]) and torch.equal(fib[1][1], thr[1][1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("div", DIVS)
+def test_cluster_maxima_from_the_copy_nan_and_neginf(div, dtype, monkeypatch):
+    """cluster_grad_kernel takes the row's maxima while it copies the slices (RawMax),
+    forward_grad_kernel in its statistics pass (fmaxf / raise_max): a row of -inf but one column,
+    a row whose maxima sit in the last (tail) chunk, an ignored row give the same values (to
+    rounding) in both kernels; rows with a NaN in s or in t and an all-NaN student row the same
+    NaN pattern in loss and gradient (the sums carry a NaN over the row in both, whatever the
+    maxima make of it)."""
+    V = 1001
+    g = torch.Generator().manual_seed(3)
+    s = (torch.randn(6, V, generator=g) * 3).to(dtype)
+    t = (torch.randn(6, V, generator=g) * 3).to(dtype)
+    s[0, 17] = float("nan")
+    t[1, 500] = float("nan")
+    s[2, :] = float("-inf")
+    s[2, 3] = 1.0
+    t[3, -1] = 40.0
+    s[3, -2] = 30.0
+    s[4, :] = float("nan")
+    labels = torch.tensor([5, 6, 3, V - 1, 0, -100])
+    out = {}
+    for budget in ("0", "1000"):
+        monkeypatch.setenv("KDKERNELS_CUDA_CLUSTER_BYTES", budget)
+        n, out[budget] = fused_ctas(s, t, labels, div)
+        assert n == 6 * (cluster_size(V, dtype, int(budget)) or 1)
+    (l0, g0), (l1, g1) = out["0"], out["1000"]
+    assert torch.equal(l0.isnan(), l1.isnan()) and torch.equal(g0.isnan(), g1.isnan())
+    assert not l0[[3, 5]].isnan().any() and not g0[3].isnan().any() and (g0[5] == 0).all()
+    ok = ~l0.isnan()
+    torch.testing.assert_close(l1[ok], l0[ok], rtol=2e-5, atol=1e-5)
+    ok = ~g0.isnan()
+    torch.testing.assert_close(g1.float()[ok], g0.float()[ok], rtol=1.6e-2, atol=1e-6)

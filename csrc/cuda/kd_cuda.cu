@@ -229,6 +229,56 @@ __device__ __forceinline__ void store_chunk(S* row, int64_t j, int64_t V, bool v
   }
 }
 
+// The running maximum of a thread's raw 16-byte chunks (cluster_grad_kernel's copy): on the GPU
+// (sm_80+) per 32-bit word in the dtype, max.bf16x2 / max.f16x2 taking two elements an
+// instruction, fp32 by fmaxf; elsewhere (the host emulation) the chunk's fp32 values by fmaxf.
+// Both return the other input where one is NaN, so value() is the maximum of the non-NaN
+// elements, -inf where there are none (as the statistics pass's running maxima: fmaxf / raise_max).
+template <class S>
+struct RawMax {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t w[4];
+  static __device__ __forceinline__ uint32_t max_word(uint32_t a, uint32_t b) {
+    uint32_t d;
+    if constexpr (std::is_same<S, __nv_bfloat16>::value)
+      asm("max.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    else if constexpr (std::is_same<S, __half>::value)
+      asm("max.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    else
+      d = __float_as_uint(fmaxf(__uint_as_float(a), __uint_as_float(b)));
+    return d;
+  }
+  __device__ __forceinline__ void init() {
+    const uint32_t b = sizeof(S) == 4 ? 0xff800000u : bits_of(from_float<S>(kNegInf)) * 0x10001u;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) w[k] = b;
+  }
+  __device__ __forceinline__ void add(uint4 raw) {
+    w[0] = max_word(w[0], raw.x);
+    w[1] = max_word(w[1], raw.y);
+    w[2] = max_word(w[2], raw.z);
+    w[3] = max_word(w[3], raw.w);
+  }
+  __device__ __forceinline__ float value() const {
+    const uint32_t x = max_word(max_word(w[0], w[1]), max_word(w[2], w[3]));
+    if constexpr (sizeof(S) == 4) return fmaxf(kNegInf, __uint_as_float(x));
+    float v[Vec<S>::N];
+    unpack_chunk<S>(make_uint4(x, x, x, x), v);
+    return fmaxf(kNegInf, fmaxf(v[0], v[1]));
+  }
+#else
+  float m;
+  __device__ __forceinline__ void init() { m = kNegInf; }
+  __device__ __forceinline__ void add(uint4 raw) {
+    float v[Vec<S>::N];
+    unpack_chunk<S>(raw, v);
+#pragma unroll
+    for (int k = 0; k < Vec<S>::N; ++k) m = fmaxf(m, v[k]);
+  }
+  __device__ __forceinline__ float value() const { return m; }
+#endif
+};
+
 // Partial row states and their merges (block_merge: the logit_mse and ensemble kernels; the
 // row kernels' states go through merge_row_state). The hard term's is a plain (max, sum-exp)
 // pair (T = 1).
@@ -263,15 +313,16 @@ __device__ void block_merge(State& st, State* sm) {
 
 // Where a pass reads a row's columns from: global memory (GlobalCols: one CTA per row) or the
 // CTA's slice of the row in shared memory (SharedCols: cluster_grad_kernel). load(j, out): columns
-// [j, j + N) in fp32, -inf outside [0, V). A pass runs j from its thread's first chunk j0 to `end`
-// in steps of THREADS * N: (first_chunk(head), V) for the whole row, the slice's for a CTA of a
-// cluster.
+// [j, j + N) in fp32, -inf outside [0, V); at(j): column j (0 <= j < V, in one of this thread's
+// chunks). A pass runs j from its thread's first chunk j0 to `end` in steps of THREADS * N:
+// (first_chunk(head), V) for the whole row, the slice's for a CTA of a cluster.
 template <class S>
 struct GlobalCols {
   const S* p;
   int64_t V;
   bool vec;
   __device__ __forceinline__ void load(int64_t j, float* out) const { load_chunk(p, j, V, vec, out); }
+  __device__ __forceinline__ float at(int64_t j) const { return to_float(p[j]); }
 };
 template <class S>
 struct SharedCols {
@@ -280,6 +331,7 @@ struct SharedCols {
   __device__ __forceinline__ void load(int64_t j, float* out) const {
     unpack_chunk<S>(*reinterpret_cast<const uint4*>(sm + (int)(j - lo)), out);
   }
+  __device__ __forceinline__ float at(int64_t j) const { return to_float(sm[(int)(j - lo)]); }
 };
 
 // K floats of every thread combined over the CTA by op (max or +, commutative): a butterfly in
@@ -432,9 +484,11 @@ __device__ __forceinline__ void row_sums(const Cols& cs, const Cols& ct, int64_t
 // the rescaling a merge does), then the sums are reduced. Two reductions of at most 3 and 4
 // floats, where merging whole states over the tree paid a rescaling per level (exponentials,
 // selects) in every warp.
-template <bool SOFT, bool SEP, int DIV, class Red>
+// MAXIMA false: the states are centred on the row's maxima already (forward_row's RowMaxima).
+template <bool SOFT, bool SEP, bool MAXIMA, int DIV, class Red>
 __device__ __forceinline__ void merge_row_state(Red& red, RawOnlineKL<DIV>& on, MaxSum& os) {
-  constexpr int NM = (SOFT ? 2 : 0) + (SEP ? 1 : 0);
+  // with the soft term the hard term's maximum is the soft term's of s (forward_row): not reduced twice
+  constexpr int NM = !MAXIMA ? 0 : SOFT ? 2 : (SEP ? 1 : 0);
   constexpr int NZ = (SOFT ? (is_online(DIV) ? 3 : 2) : 0) + (SEP ? 1 : 0);
   if constexpr (NM > 0) {
     float m[NM];
@@ -442,13 +496,15 @@ __device__ __forceinline__ void merge_row_state(Red& red, RawOnlineKL<DIV>& on, 
       m[0] = on.k.ma;
       m[1] = on.k.mb;
     }
-    if constexpr (SEP) m[NM - 1] = os.m;
+    if constexpr (SEP && !SOFT) m[0] = os.m;
     red.template reduce<true>(m);  // fmaxf: the maxima are never NaN (fmaxf over the chunks)
-    if constexpr (SOFT) on.absorb(m[0], m[1], 0.f, 0.f, 0.f);
     if constexpr (SEP) {
       os.z *= rescale(os.m, m[NM - 1]);
       os.m = m[NM - 1];
     }
+    if constexpr (SOFT) on.absorb(m[0], m[1], 0.f, 0.f, 0.f);
+  }
+  if constexpr (NZ > 0) {
     float z[NZ];
     if constexpr (SOFT) {
       z[0] = on.k.za;
@@ -506,10 +562,20 @@ __device__ __forceinline__ RowView<S> row_view(const RowsArgs& a, int64_t r) {
 // reduction scratch. `a` is taken by value (nvcc 13: by reference, or the row's view formed
 // again for the gradient pass, spilled 4-16 bytes in some variants; so did the label kept live
 // across the passes, now read where it is used: row_label).
-template <class S, int DIV, bool SOFT, bool SEP, bool LIN, class Cols, class Red>
+// Mx: RunningMaxima (the maxima found by the statistics pass itself) or RowMaxima (the row's
+// maxima of t and s known before it: cluster_grad_kernel, from its copy; then the sums are taken
+// against them from the start, with no re-centring per chunk, the same sums as re-centring on
+// them would give).
+struct RunningMaxima {};
+struct RowMaxima {
+  float t, s;
+};
+template <class S, int DIV, bool SOFT, bool SEP, bool LIN, class Cols, class Red, class Mx = RunningMaxima>
 __device__ __forceinline__ void forward_row(RowsArgs a, int64_t r, const S* s, const Cols& cs, const Cols& ct,
-                                            int64_t j0, int64_t end, Red& red, float* st) {
+                                            int64_t j0, int64_t end, Red& red, float* st, Mx mx = Mx{}) {
   constexpr int N = Vec<S>::N;
+  constexpr bool KNOWN = std::is_same<Mx, RowMaxima>::value;
+  static_assert(!KNOWN || SOFT, "the row's maxima are known with the soft term");
   const bool hard = a.labels && a.hard_weight != 0.f;
   const float invT = 1.0f / a.temperature, l2 = invT * kLog2e;
 
@@ -519,24 +585,34 @@ __device__ __forceinline__ void forward_row(RowsArgs a, int64_t r, const S* s, c
   MaxSum os;
   on.init(invT);
   os.init();
+  if constexpr (KNOWN) {
+    on.k.ma = mx.t;
+    on.k.mb = os.m = mx.s;
+  }
   for (int64_t j = j0; j < end; j += (int64_t)THREADS * N) {
     float sv[N], tv[N];
     cs.load(j, sv);
+    float nms = kNegInf;  // SOFT: the student's raised running maximum, the hard term's too
     if (SOFT) {
       ct.load(j, tv);
-      float bma = kNegInf, bmb = kNegInf;
+      float nma = on.k.ma, nmb = on.k.mb;
+      if constexpr (!KNOWN) {
+        float bma = kNegInf, bmb = kNegInf;
 #pragma unroll
-      for (int k = 0; k < N; ++k) {
-        bma = fmaxf(bma, tv[k]);
-        bmb = fmaxf(bmb, sv[k]);
+        for (int k = 0; k < N; ++k) {
+          bma = fmaxf(bma, tv[k]);
+          bmb = fmaxf(bmb, sv[k]);
+        }
+        nma = raise_max(nma, bma);
+        nmb = raise_max(nmb, bmb);
       }
-      const float nma = raise_max(on.k.ma, bma), nmb = raise_max(on.k.mb, bmb);
       const float offa = safe_max(nma), offb = safe_max(nmb);
+      nms = nmb;
       // For forward / reverse KL the state is re-centred first and the sum-exps added into it;
       // the exponents are in log2 units (l2 = log2(e) / T: e^{(x - off) / T} = 2^{(x - off) l2}),
       // so the chunk's online KL numerator is summed apart and joins the state times ln 2.
       float za = 0.f, zb = 0.f, acc2 = 0.f;
-      if (is_online(DIV)) on.absorb(nma, nmb, 0.f, 0.f, 0.f);
+      if (is_online(DIV) && !KNOWN) on.absorb(nma, nmb, 0.f, 0.f, 0.f);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         const float ca = (tv[k] - offa) * l2, cb = (sv[k] - offb) * l2;  // shift, then scale
@@ -550,24 +626,33 @@ __device__ __forceinline__ void forward_row(RowsArgs a, int64_t r, const S* s, c
           zb += eb;
         }
       }
-      if (is_online(DIV))
+      if (is_online(DIV)) {
         on.k.acc += acc2 * kLn2;
-      else
+      } else if (KNOWN) {
+        on.k.za += za;
+        on.k.zb += zb;
+      } else {
         on.absorb(nma, nmb, za, zb, 0.f);
+      }
     }
     if (SEP) {
-      float bm = kNegInf;
+      // os.m runs over the same columns as the soft term's on.k.mb (both from -inf by
+      // raise_max): with the soft term, its raised maximum (and so s - off) is the same value
+      float nm = nms;
+      if (!SOFT) {
+        float bm = kNegInf;
 #pragma unroll
-      for (int k = 0; k < N; ++k) bm = fmaxf(bm, sv[k]);
-      const float nm = raise_max(os.m, bm);
-      os.z *= rescale(os.m, nm);
+        for (int k = 0; k < N; ++k) bm = fmaxf(bm, sv[k]);
+        nm = raise_max(os.m, bm);
+      }
+      if (!KNOWN) os.z *= rescale(os.m, nm);
       os.m = nm;
       const float off = safe_max(nm);
 #pragma unroll
       for (int k = 0; k < N; ++k) os.z += exp_fast(sv[k] - off);
     }
   }
-  merge_row_state<SOFT, SEP>(red, on, os);
+  merge_row_state<SOFT, SEP, !KNOWN>(red, on, os);
   LogNorm na{0.f, 0.f}, nb{0.f, 0.f};
   float cc = 0.f, D = 0.f;
   if (SOFT) {
@@ -686,43 +771,50 @@ __device__ __forceinline__ void backward_row(const RowsArgs& a, int64_t label, c
   // vocab-parallel group) adds the softmax term and no one-hot; its forward loss is NaN.
   const float k_hard = HARD ? gl * a.hard_weight : 0.f;
   const float kj = k_soft * ((1.0f - a.param) * kLn2), kc = k_soft * cc;  // jsd's linear form
+  // The gradient of one column from its logits x (student), y (teacher); `one`: the label's
+  // column, whose hard term subtracts the one-hot.
+  auto grad_of = [&](float x, float y, bool one) -> float {
+    float o = 0.f, q = 0.f;
+    if (SOFT) {
+      const float ca = (y - na.m) * invT, cb = (x - nb.m) * invT;
+      const float lp = ca - na.lz, lq = cb - nb.lz;
+      const float lp2 = pa.arg(y), lq2 = pb.arg(x);
+      const float p = exp2_dev(lp2);
+      q = exp2_dev(lq2);
+      float phi, qg;
+      if constexpr (LIN && DIV == JSD) {  // q g = (1 - beta) ln2 tq: k_soft q g - k_soft c q, per-row factors
+        jsd_terms_log2(p, q, lp2, lq2, a.param, phi, qg);
+        o = kj * qg - kc * q;
+      } else {
+        if (LIN)
+          mix_terms_linear<DIV>(p, q, a.param, phi, qg);
+        else
+          div_terms<DIV>(lp, lq, p, q, a.param, phi, qg);
+        // reverse KL: qg - q c = q (x - c') without the cancellation (kd_math.h)
+        o = DIV == REVERSE_KL ? k_soft * reverse_kl_qg(q, ca, cb, krev, cc) : k_soft * (qg - q * cc);
+      }
+    }
+    if (HARD) {
+      const float sm1 = sep ? ps(x) : q;
+      o += k_hard * (one ? sm1 - 1.f : sm1);
+    }
+    return o;
+  };
   for (int64_t j = j0; j < end; j += (int64_t)THREADS * N) {
     float sv[N], tv[N], out[N];
     cs.load(j, sv);
     if (SOFT) ct.load(j, tv);
-    // the label's place in the chunk (-1: not in it), so the one-hot is a 32-bit compare with a
-    // constant per element, not a 64-bit j + k == label (the same values)
-    const int64_t dl = label - j;
-    const int hk = HARD && dl >= 0 && dl < N ? (int)dl : -1;
 #pragma unroll
-    for (int k = 0; k < N; ++k) {
-      float o = 0.f, q = 0.f;
-      if (SOFT) {
-        const float ca = (tv[k] - na.m) * invT, cb = (sv[k] - nb.m) * invT;
-        const float lp = ca - na.lz, lq = cb - nb.lz;
-        const float lp2 = pa.arg(tv[k]), lq2 = pb.arg(sv[k]);
-        const float p = exp2_dev(lp2);
-        q = exp2_dev(lq2);
-        float phi, qg;
-        if constexpr (LIN && DIV == JSD) {  // q g = (1 - beta) ln2 tq: k_soft q g - k_soft c q, per-row factors
-          jsd_terms_log2(p, q, lp2, lq2, a.param, phi, qg);
-          o = kj * qg - kc * q;
-        } else {
-          if (LIN)
-            mix_terms_linear<DIV>(p, q, a.param, phi, qg);
-          else
-            div_terms<DIV>(lp, lq, p, q, a.param, phi, qg);
-          // reverse KL: qg - q c = q (x - c') without the cancellation (kd_math.h)
-          o = DIV == REVERSE_KL ? k_soft * reverse_kl_qg(q, ca, cb, krev, cc) : k_soft * (qg - q * cc);
-        }
-      }
-      if (HARD) {
-        const float sm1 = sep ? ps(sv[k]) : q;
-        o += k_hard * (sm1 - (k == hk ? 1.f : 0.f));
-      }
-      out[k] = o;
-    }
+    for (int k = 0; k < N; ++k) out[k] = grad_of(sv[k], SOFT ? tv[k] : 0.f, false);
     store_chunk(g, j, V, vg, out);
+  }
+  // The label's column again, with the one-hot, by the one thread whose chunks hold it (it
+  // stored the column above; its own later store wins): no compare and select per element.
+  // The chunks from j0 in steps of THREADS * N (a power of two), before `end`, [0, V).
+  if (HARD && label >= 0 && label < V) {
+    const int64_t d = label - j0, at = d & ((int64_t)THREADS * N - 1);
+    if (d >= 0 && at < N && label - at < end)
+      g[label] = from_float<S>(grad_of(cs.at(label), SOFT ? ct.at(label) : 0.f, true));
   }
 }
 
@@ -776,8 +868,11 @@ __global__ void __launch_bounds__(THREADS) forward_grad_kernel(RowsArgs a) {
 // the gradient) reads the slice from there. The passes' partial results are merged over the
 // cluster through distributed shared memory (ClusterReduce: one cluster barrier per reduction).
 // Global traffic per element: the row read once and the gradient written once (6 bytes in bf16
-// where forward_grad_kernel moves 10, or 14 for the mixtures and reverse KL). The math is
-// forward_grad_kernel's, pass by pass; only the summation tree over the row differs (per CTA,
+// where forward_grad_kernel moves 10, or 14 for the mixtures and reverse KL). The row's maxima of
+// s and t are taken during the copy (RawMax) and reduced over the cluster, so the statistics pass
+// sums against them from the start (forward_row's RowMaxima: no re-centring per chunk, and no
+// maxima to reduce after it). The math is otherwise
+// forward_grad_kernel's, pass by pass; the summation tree over the row differs (per CTA,
 // then over the cluster in rank order). The soft term counts (SOFT); SEP, HARD as there.
 //
 // Shared memory (all of it dynamic: a kernel launched in clusters keeps none in `static`
@@ -788,8 +883,8 @@ struct ClusterLayout {
   static constexpr int XCH = 32;  // exchange slots, floats: >= the reductions' sizes of one row
   static constexpr int SCRATCH = FwdScratch<DIV>::FLOATS;
   static constexpr int HEAD = (SCRATCH + XCH + STATS_WIDTH + 3) / 4 * 4;  // floats, 16-byte multiple
-  // merge_row_state's maxima (<= 3) and sums (<= 4), row_sums' 2, backward_row's c' sum
-  static_assert(3 + 4 + 2 + 1 <= XCH, "exchange slots");
+  // the copy's maxima (2), merge_row_state's sums (<= 4), row_sums' 2, backward_row's c' sum
+  static_assert(2 + 4 + 2 + 1 <= XCH, "exchange slots");
 };
 template <int DIV>
 size_t cluster_smem_bytes(int64_t per) {
@@ -835,7 +930,12 @@ __global__ void __launch_bounds__(THREADS, 3) cluster_grad_kernel(RowsArgs a, in
     fill_row(g, j0, hi, V, vg, 0.f);
     return;
   }
-  // the copy, 4 chunks of each row in flight per thread
+  // the copy, 4 chunks of each row in flight per thread, and the row's maxima of s and t taken
+  // on the way (RawMax: the columns outside [0, V) are -inf), so the statistics pass has its
+  // offsets from the start
+  RawMax<S> mxs, mxt;
+  mxs.init();
+  mxt.init();
   for (int k0 = threadIdx.x; k0 < per; k0 += 4 * THREADS) {
     uint4 rs[4], rt[4];
 #pragma unroll
@@ -852,13 +952,16 @@ __global__ void __launch_bounds__(THREADS, 3) cluster_grad_kernel(RowsArgs a, in
       if (k < per) {
         *reinterpret_cast<uint4*>(s_sl + (int64_t)k * N) = rs[u];
         *reinterpret_cast<uint4*>(t_sl + (int64_t)k * N) = rt[u];
+        mxs.add(rs[u]);
+        mxt.add(rt[u]);
       }
     }
   }
-  __syncthreads();
-  const SharedCols<S> cs{s_sl, lo}, ct{t_sl, lo};
   ClusterReduce red{sm, xch, 0, C, rank};
-  forward_row<S, DIV, true, SEP, LIN>(a, r, v.s, cs, ct, j0, hi, red, st);
+  float m[2] = {mxt.value(), mxs.value()};
+  red.template reduce<true>(m);  // its first barrier also ends the copy
+  const SharedCols<S> cs{s_sl, lo}, ct{t_sl, lo};
+  forward_row<S, DIV, true, SEP, LIN>(a, r, v.s, cs, ct, j0, hi, red, st, RowMaxima{m[0], m[1]});
   __syncthreads();  // thread 0's statistics
   backward_row<S, DIV, true, HARD, LIN>(a, row_label(a, r), load_row_stats(st), a.grad_loss[r], g, vg, cs, ct, j0, hi,
                                         red);
