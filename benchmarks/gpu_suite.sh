@@ -152,6 +152,17 @@ for _ in range(10 if dev == "cuda" else 3):
 print(f"  copy rate ({dev}): {2 * n / best / 1e9:.1f} GB/s (read + write, best of repeats, {n >> 20} MiB)")
 EOF
 
+# 3b. the CUDA training step with and without the cluster kernel, side by side, next to the
+#     model's predictions (into table.txt); the dry run: the host emulation, tiny, not in FAST
+if (( DRY && FAST )); then
+  skip cluster-ab "GPU_SUITE_FAST: no CUDA emulation build"
+elif (( DRY )); then
+  step cluster-ab 240 $PY benchmarks/cuda_cluster_ab.py --N 2 --V 64 --rounds 1 --divergence jsd \
+    --out "$TMP/cluster_ab.txt"
+else
+  step cluster-ab 90 $PY benchmarks/cuda_cluster_ab.py --out "$TMP/cluster_ab.txt"
+fi
+
 # 4. the sweep and the divergences, sized to the time left (the bench starts no case after its
 #    --time-budget; the hard timeout is 30 s later, for the case in flight)
 if (( DRY )); then
@@ -181,6 +192,7 @@ step divergences $(( div_budget + 15 )) $PY -m kdkernels bench --device "$DEVICE
 for f in "$TMP"/sweep/*.png; do cp "$f" "$OUTDIR/"; done
 { [ -f "$TMP/sweep/table.txt" ] && { echo "== sweep"; cat "$TMP/sweep/table.txt"; }
   [ -f "$TMP/div/table.txt" ] && { echo; echo "== divergences"; cat "$TMP/div/table.txt"; }
+  [ -s "$TMP/cluster_ab.txt" ] && { echo; echo "== cuda: cluster_grad_kernel vs forward_grad_kernel"; cat "$TMP/cluster_ab.txt"; }
 } > "$OUTDIR/table.txt"
 echo "total: $(elapsed) s" >> "$ENV"
 n=$(ls -A "$OUTDIR" | wc -l)

@@ -257,3 +257,20 @@ def test_cluster_maxima_from_the_copy_nan_and_neginf(div, dtype, monkeypatch):
     torch.testing.assert_close(l1[ok], l0[ok], rtol=2e-5, atol=1e-5)
     ok = ~g0.isnan()
     torch.testing.assert_close(g1.float()[ok], g0.float()[ok], rtol=1.6e-2, atol=1e-6)
+
+
+def test_cluster_ab_benchmark_runs(tmp_path, monkeypatch):
+    """benchmarks/cuda_cluster_ab.py (gpu_suite.sh step cluster-ab) end to end, tiny: both kernels
+    timed, the table written, the kernel choice left as it was (the cluster default)."""
+    import cuda_cluster_ab as ab
+    monkeypatch.delenv("KDKERNELS_CUDA_CLUSTER_BYTES", raising=False)
+    out = tmp_path / "ab.txt"
+    assert ab.main(["--N", "2", "--V", "37", "--rounds", "1", "--divergence", "tvd", "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("card: cpu (CUDA host emulation)") and "N=2 V=37" in lines[0], lines
+    assert lines[1].startswith("| divergence | cluster ms | 1cta ms |"), lines
+    row = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert row[0] == "tvd" and float(row[1]) > 0 and float(row[2]) > 0, row
+    assert "KDKERNELS_CUDA_CLUSTER_BYTES" not in os.environ
+    with pytest.raises(ValueError, match="--rounds"):
+        ab.main(["--rounds", "0"])

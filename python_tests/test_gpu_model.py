@@ -257,3 +257,14 @@ def test_committed_csv_covers_every_variant():
                 for m, _, _ in G.LABEL_MODES:
                     assert ("triton", cap, dt, d, m) in got
                 assert ("cuda", cap, dt, d, "hard") in got
+
+
+def test_cluster_ab_reads_the_model_predictions():
+    """cuda_cluster_ab.py's model columns: both CUDA kernels, every divergence, both cards, from the
+    committed model.csv (a renamed op or column would leave them empty)."""
+    import cuda_cluster_ab as ab
+    m = ab.model_ms()
+    for op in ("kd_loss", "kd_loss_1cta"):
+        for div in ab.DIVS:
+            assert set(m[(op, div)]) == {"H100", "H200"} and all(v > 0 for v in m[(op, div)].values())
+    assert ab.cards_for("NVIDIA H200") == ["H200"] and ab.cards_for("NVIDIA A100") == ["H100", "H200"]
