@@ -311,3 +311,38 @@ SUBNORMAL_MIXTURE_CASES = [
 def test_mixture_with_subnormal_probabilities(backend, case):
     import test_fuzz
     test_fuzz._check_case(backend, case)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("div", ["reverse_kl", "forward_kl"])
+def test_infinite_row_stays_infinite_when_lane_weights_underflow(backend, div):
+    """Triton, before the fix: a reverse-KL row with a -inf teacher logit under student mass
+    (+inf, docs/precision.md) came out NaN at T = 0.05 (and at T = 0.2 on wide rows). The
+    element's lane of the statistics pass held acc = +inf, and the lane's weight in the merge,
+    2^((max_lane - max_row)·log2(e)/T), underflowed to 0: inf·0. Forward KL has the same merge
+    (a -inf student logit under teacher mass). Rows: one column at the maximum, every other
+    column 10 below it (a weight of e^-200 at T = 0.05: 0 in float32, not in float64), the
+    infinite term in column 5 (and 2053, a later block of the Triton loop)."""
+    V = 3000
+    g = torch.Generator().manual_seed(11)
+    low = torch.randn(4, V, generator=g) * 0.1 - 10.0
+    high = torch.randn(4, V, generator=g) * 0.1 - 10.0
+    high[:, 0] = 0.0
+    # forward KL: the teacher carries the mass and the student the -inf; reverse KL the opposite
+    s, t = (high, low.clone()) if div == "reverse_kl" else (low.clone(), high)
+    side = t if div == "reverse_kl" else s
+    side[:, 0] = 0.0
+    side[1, 5] = float("-inf")
+    side[2, 2053] = float("-inf")
+    side[3, 5] = float("-inf")
+    for T in (0.05, 0.2, 1.0):
+        x = on(backend, s).clone().requires_grad_(True)
+        out = cpu(kd.kd_loss(x, on(backend, t), div, temperature=T, backend=backend,
+                             reduction="none")).double()
+        # (the oracle replaces -inf by -1.8e308: finite; the definition's value is +inf)
+        assert not torch.isnan(out).any(), f"{backend} {div} T={T}: {out.tolist()}"
+        assert torch.isfinite(out[0])
+        if T >= 0.2:  # the element's probability is representable in float32: +inf everywhere
+            assert torch.isinf(out[1:]).all() and (out[1:] > 0).all(), out.tolist()
+        else:  # e^-200 is 0 in float32: +inf, or finite where the backend's arithmetic drops it
+            assert ((out[1:] > 0) | torch.isfinite(out[1:])).all(), out.tolist()

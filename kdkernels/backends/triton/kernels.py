@@ -68,6 +68,15 @@ def safe_max(m):
 
 
 @triton.jit
+def lane_term(x, f):
+    """A lane's share x·f of the row's sum in the merge of the lanes. x = +inf (an element with
+    q > 0 = p in reverse KL, p > 0 = q in forward KL) stays +inf where the lane's weight f
+    underflows to 0 at a small T: the lane's true weight is positive (its max is finite), and
+    inf·0 would turn the row's +inf into NaN."""
+    return tl.where(x == float("inf"), x, x * f)
+
+
+@triton.jit
 def fast_log(x):
     """ln x for the mixture logs on the GPU: MUFU.LG2 times ln 2 (libdevice ``__nv_fast_logf``,
     lg2.approx.ftz: CUDA's ``__logf``, the intrinsic the CUDA backend's ``--use_fast_math`` build
@@ -397,10 +406,10 @@ def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weig
         fb = tl.exp2((mb - safe_max(mb_r)) * k2)
         if DIV == FORWARD_KL and ONLINE:
             d = tl.where(mb == mb_r, 0.0, mb_r - mb) - tl.where(ma == ma_r, 0.0, ma_r - ma)
-            acc_r = tl.sum((acc + tl.where(za == 0, 0.0, za * d)) * fa, 0) * inv_T
+            acc_r = tl.sum(lane_term(acc + tl.where(za == 0, 0.0, za * d), fa), 0) * inv_T
         elif DIV == REVERSE_KL:
             d = tl.where(ma == ma_r, 0.0, ma_r - ma) - tl.where(mb == mb_r, 0.0, mb_r - mb)
-            acc_r = tl.sum((acc + tl.where(zb == 0, 0.0, zb * d)) * fb, 0) * inv_T
+            acc_r = tl.sum(lane_term(acc + tl.where(zb == 0, 0.0, zb * d), fb), 0) * inv_T
         else:
             acc_r = zero
         za_r = tl.sum(za * fa, 0)
