@@ -1027,12 +1027,33 @@ def plot(rows: List[dict], path: str) -> Optional[str]:
     return None
 
 
+DIV_CHOICES = DIV_NAMES + tuple(map(str, range(len(DIV_NAMES))))  # --divs: names or ids
+
+
+def _div_id(x: str) -> int:
+    return int(x) if x.isdigit() else DIV_NAMES.index(x)
+
+
+def _choices(ap, flag, value, allowed, convert=str):
+    """The comma-separated list ``value`` of ``flag``, each item one of ``allowed`` (argparse's
+    usage error, naming the flag and the choices, otherwise), converted."""
+    items = [x.strip() for x in value.split(",") if x.strip()]
+    bad = [x for x in items if x not in allowed]
+    if bad or not items:
+        ap.error(f"{flag}: {', '.join(bad) or 'nothing'} not among {', '.join(allowed)}")
+    return list(dict.fromkeys(convert(x) for x in items))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--caps", default="90,80")
-    ap.add_argument("--dtypes", default=",".join(DTYPES))
-    ap.add_argument("--divs", default="0,1,2,3,4,5")
-    ap.add_argument("--modes", default=None, help="nolabels,labels,hard,hard_only")
+    all_modes = [m for m, _, _ in LABEL_MODES] + ["hard_only"]
+    ap.add_argument("--caps", default=",".join(map(str, CAPS)),
+                    help=f"compute capabilities, comma-separated (default and choices: "
+                         f"{','.join(map(str, CAPS))})")
+    ap.add_argument("--dtypes", default=",".join(DTYPES), help=f"from {','.join(DTYPES)}")
+    ap.add_argument("--divs", default=",".join(DIV_NAMES),
+                    help=f"divergence names or ids, from {','.join(DIV_NAMES)}")
+    ap.add_argument("--modes", default=",".join(all_modes), help=f"from {','.join(all_modes)}")
     ap.add_argument("--no-cuda", action="store_true")
     ap.add_argument("--no-triton", action="store_true")
     ap.add_argument("--no-sparse", action="store_true")
@@ -1041,15 +1062,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the rows as JSON lines, no files")
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args(argv)
+    caps = _choices(ap, "--caps", args.caps, [str(c) for c in CAPS], int)
+    dtypes = _choices(ap, "--dtypes", args.dtypes, DTYPES)
+    divs = _choices(ap, "--divs", args.divs, DIV_CHOICES, _div_id)
+    modes = _choices(ap, "--modes", args.modes, all_modes)
     if os.environ.get("TRITON_INTERPRET") == "1":  # the JIT kernels must be compilable: re-run
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.run([sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])],
                               env=env).returncode
     sys.path.insert(0, ROOT)
-    caps = [int(x) for x in args.caps.split(",")]
-    dtypes = args.dtypes.split(",")
-    divs = [int(x) for x in args.divs.split(",")]
-    modes = args.modes.split(",") if args.modes else None
     rows = []
     if not args.no_triton:
         rows += model_triton(triton_variants(caps, dtypes, divs, modes, not args.no_sparse),

@@ -78,6 +78,25 @@ REST_SASS = """
 """
 
 
+@pytest.mark.parametrize("args,named", [
+    (["--divs", "kl"], "--divs: kl not among forward_kl"),
+    (["--divs", "9"], "--divs: 9 not among"),
+    (["--caps", "70"], "--caps: 70 not among 90, 80"),
+    (["--dtypes", "bf16,int8"], "--dtypes: int8 not among"),
+    (["--modes", ""], "--modes: nothing not among"),
+])
+def test_cli_rejects_unknown_choices_naming_the_flag(args, named, capsys):
+    with pytest.raises(SystemExit) as e:
+        G.main(args + ["--json"])
+    assert e.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_cli_takes_divergence_names_and_ids():
+    ap = G.argparse.ArgumentParser()
+    assert G._choices(ap, "--divs", "reverse_kl, 1,tvd", G.DIV_CHOICES, G._div_id) == [1, 5]
+
+
 def test_straight_line_longest_path():
     """The rest of a kernel: the longest entry-to-EXIT path with the pass loops cut out, exclusive
     branches not summed, a CALL counting its subroutine once."""
