@@ -92,9 +92,14 @@ LABEL_MODES = (("nolabels", False, False), ("labels", True, False), ("hard", Tru
 # A callable entry maps the variant's constexprs to that list (a loop removed in the middle).
 # kd_rescale_kernel's loop runs only on rows whose grad_loss differs from the fused gradient's
 # grad_scale: in the modelled step (loss.backward(), grad_loss = the hint) on none ("0" extent).
+# kd_fwd_grad_kernel's reverse KL re-sums c in a pass of its own only on rows whose first
+# block's maxima lie far from the row's (kernels.py FAR_CENTRES): in the modelled step on none.
 def _fwd_grad_loops(ce):
-    mixture = ce.get("SOFT", True) and ce.get("DIV", 0) >= 2  # the loss / c pass
-    return (("V", "BLOCK"),) + ((("V", "BLOCK"),) if mixture else ()) + (("V", "GBLOCK"),)
+    soft = ce.get("SOFT", True)
+    mixture = soft and ce.get("DIV", 0) >= 2  # the loss / c pass
+    resum = soft and ce.get("DIV", 0) == 1
+    return (("V", "BLOCK"),) + ((("0", "BLOCK"),) if resum else ()) + \
+        ((("V", "BLOCK"),) if mixture else ()) + (("V", "GBLOCK"),)
 
 
 TRITON_LOOPS = {

@@ -13,10 +13,13 @@ import oracle
 BACKENDS = backend_params()  # "cuda" without a GPU: under the host emulation, or skipped
 
 
-def _check(backend, s, t, div, scale_floor=0.0, **kw):
+def _check(backend, s, t, div, scale_floor=0.0, grad_inplace=False, **kw):
+    """kd_loss (its training path; with grad_inplace the two-kernel path, whose backward
+    overwrites a non-leaf copy of the logits) against the float64 oracle."""
     x = on(backend, s).clone().requires_grad_(True)
-    out = cpu(kd.kd_loss(x, on(backend, t), div, backend=backend, reduction="none",
-                         **kw_on(backend, kw)))
+    src = x * 1.0 if grad_inplace else x
+    out = cpu(kd.kd_loss(src, on(backend, t), div, backend=backend, reduction="none",
+                         grad_inplace=grad_inplace, **kw_on(backend, kw)))
     out.sum().backward()
     x = cpu(x.grad)
     okw = dict(divergence_name=div, reduction="none", **kw)
@@ -40,23 +43,29 @@ def test_reverse_kl_one_hot_disjoint_logits_3e4(backend):
         _check(backend, s, t, "reverse_kl", temperature=T, labels=labels, hard_weight=0.2)
 
 
+@pytest.mark.parametrize("grad_inplace", [False, True], ids=["fused", "two_kernel"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_reverse_kl_one_hot_disjoint_logits_3e4_wide_row(backend, request):
-    """The case above on rows wider than the Triton statistics pass's BLOCK (1024): Triton
-    subtracts c = D, formed in pass 1 from per-lane centred differences x - max_lane, from the
-    gradient pass's log-ratios, which subtract the row maximum; at |logits| ~ 1e4 the two
-    roundings of the dominant log-ratio (ulp(3e4) ~ 0.002) differ by a few 1e-3 (the rows of
-    V <= BLOCK above form the very same differences). The C++ CPU and CUDA kernels sum their own
-    c' from the gradient's roundings, one more read of the row (docs/gpu_model.md)."""
-    if backend == "triton":
+def test_reverse_kl_one_hot_disjoint_logits_3e4_wide_row(backend, grad_inplace, request):
+    """The case above on rows wider than the Triton statistics pass's BLOCK (1024). Triton's
+    two-kernel path (kd_fwd_kernel + kd_bwd_kernel) subtracts c = D, formed in pass 1 from
+    per-lane centred differences x - max_lane, from the gradient pass's log-ratios, which
+    subtract the row maximum; at |logits| ~ 1e4 the two roundings of the dominant log-ratio
+    (ulp(3e4) ~ 0.002) differ by a few 1e-3 (the rows of V <= BLOCK above form the very same
+    differences). Triton's fused training kernel sums c = E_q[x] of x = (s - cs) - (t - ct)
+    (cs, ct: the maxima of the row's first block) and subtracts it from the same x (exact; failed
+    before 2026-12-04 like the two-kernel path). The C++ CPU and CUDA kernels sum their own c'
+    from the gradient's roundings, one more read of the row (docs/gpu_model.md)."""
+    if backend == "triton" and grad_inplace:
         request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "Triton reverse KL: c from the online statistics pass, not from the gradient's "
-            "rounded log-ratios (an extra read of the row would fix it: 14 instead of 10 B/elem)")))
+            "Triton reverse KL, two-kernel path: c from the online statistics pass, not from the "
+            "gradient's rounded log-ratios (an extra read of the row would fix it: 14 instead of "
+            "10 B/elem)")))
     g = torch.Generator().manual_seed(7)
     s = torch.randn(12, 5003, generator=g) * 1e4
     t = torch.randn(12, 5003, generator=g) * 1e4
     labels = torch.randint(0, 5003, (12,), generator=g)
-    _check(backend, s, t, "reverse_kl", temperature=1.0, labels=labels, hard_weight=0.2)
+    _check(backend, s, t, "reverse_kl", temperature=1.0, labels=labels, hard_weight=0.2,
+           grad_inplace=grad_inplace)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -7,9 +7,10 @@ compile-time constant; β/α, T and the weights are runtime values.
 
 Forward (``kd_fwd_kernel``), per row:
   pass 1 reads s and t once: online (max, sum-exp) of a and b (per group of 4 adjacent columns,
-    ``_stats_pass``; per lane for reverse KL), of s at T = 1 when the hard term is on, and for
-    forward / reverse KL the loss itself (the fused kernel's forward KL: in its gradient pass
-    instead), accumulated online as
+    ``_stats_pass``; per lane for reverse KL outside the fused kernel), of s at T = 1 when the
+    hard term is on, and for forward / reverse KL the loss itself (the fused kernel's forward KL:
+    in its gradient pass instead; its reverse KL: from c = E_q[x], see ``_row_loss``),
+    accumulated online as
     KL(p||q) = Σ p ((a - ma) - (b - mb)) - log za + log zb  (za, zb the sum-exps at maxima
     ma, mb; the sum is rescaled like the sum-exp as the maxima move).
     Bytes moved (bf16): 4 per element.
@@ -266,19 +267,47 @@ def row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl, ignore_index,
 
 
 GROUP = tl.constexpr(4)  # adjacent columns per group of the statistics pass
+# The fused reverse KL re-sums c on the row's maxima where its centres are farther from them
+# than this, |mb - cs| + |ma - ct| in units of T (first_block_centres): the extra rounding of x,
+# ~ε·16·T² in the loss, stays below the ~ε·(1 + ln V)·T² of the normalisers (V > BLOCK, else the
+# centres are the maxima)
+FAR_CENTRES = tl.constexpr(16.0)
 
 
 @triton.jit
-def _stats_pass(s_row, t_row, n, V, k2, KL: tl.constexpr, HARD: tl.constexpr,
-                BLOCK: tl.constexpr, G: tl.constexpr):
+def first_block_centres(s_row, t_row, n, V, NEED: tl.constexpr, BLOCK: tl.constexpr):
+    """(cs, ct): the maxima of s and t over the row's first BLOCK columns where finite, else 0,
+    the fixed centres of the fused reverse-KL numerator x = (s - cs) - (t - ct). x is rounded the
+    same way in both passes whatever the centres; centres near the row's likely tokens keep that
+    rounding small (a column far below them, e.g. column 0 at -3000, would cost ulp(3000) on
+    every x: test_contract.py::test_underflow_no_nan). The statistics pass then reads the same
+    block first. Without NEED, or for an ignored row (n = 0), (0, 0) and no load."""
+    if NEED:
+        cols = tl.arange(0, BLOCK)
+        mask = (cols < V) & (cols < n)
+        cs = tl.max(tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32), 0)
+        ct = tl.max(tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32), 0)
+        cs = tl.where(tl.abs(cs) < float("inf"), cs, 0.0)
+        ct = tl.where(tl.abs(ct) < float("inf"), ct, 0.0)
+    else:
+        cs = tl.zeros([], tl.float32)
+        ct = tl.zeros([], tl.float32)
+    return cs, ct
+
+
+@triton.jit
+def _stats_pass(s_row, t_row, n, V, k2, cs, ct, KL: tl.constexpr, RKL: tl.constexpr,
+                HARD: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr):
     """Pass 1 with the soft term: per group of G adjacent columns (one thread's vector of a
     [BLOCK / G, G] block, so the max over a group takes no shuffle), the online (max, sum-exp)
     of t and s and, with KL (forward KL in forward_rows), the centred KL numerator, as the CUDA
     kernel's per-chunk update: the group's maxima are raised once per block and its
     old sums rescaled once (one exp2 each); every element then costs one exp2 per distribution
     and no selects on the maxima. Raw logit units throughout (the numerator gets its 1/T after
-    the merge); s at T = 1 (hard term) shares the student's maxima. Returns per-group
-    (ma, za, mb, zb, acc, ms, zs) for the merge."""
+    the merge); s at T = 1 (hard term) shares the student's maxima. RKL (reverse KL in the fused
+    kernel): acc = Σ e^{b-mb} x with x = (s - cs) - (t - ct) centred on fixed centres
+    (``first_block_centres``), so that it is only rescaled like zb as the maxima move. Returns
+    per-group (ma, za, mb, zb, acc, ms, zs) for the merge."""
     R: tl.constexpr = BLOCK // G
     ninf = float("-inf")
     offs = tl.arange(0, R)[:, None] * G + tl.arange(0, G)[None, :]
@@ -309,6 +338,9 @@ def _stats_pass(s_row, t_row, n, V, k2, KL: tl.constexpr, HARD: tl.constexpr,
         if KL:
             acc = (acc + tl.where(za == 0, 0.0, za * (da - db))) * tl.exp2(da * k2) + \
                 tl.sum(tl.where(ea == 0, 0.0, ea * (ca - cb)), 1)
+        if RKL:  # a term whose weight is 0 is 0 (s = -inf: x is -inf or NaN); +inf stays +inf
+            x = (s - cs) - (t - ct)
+            acc = lane_term(acc, tl.exp2(db * k2)) + tl.sum(tl.where(eb == 0, 0.0, eb * x), 1)
         za = za * tl.exp2(da * k2) + tl.sum(ea, 1)
         zb = zb * tl.exp2(db * k2) + tl.sum(eb, 1)
         if HARD:
@@ -319,14 +351,18 @@ def _stats_pass(s_row, t_row, n, V, k2, KL: tl.constexpr, HARD: tl.constexpr,
 
 
 @triton.jit
-def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weight,
+def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weight, cs, ct,
               DIV: tl.constexpr, LIN: tl.constexpr, SOFT: tl.constexpr, HARD: tl.constexpr,
-              ONLINE: tl.constexpr, BLOCK: tl.constexpr):
+              FUSED: tl.constexpr, BLOCK: tl.constexpr):
     """The forward of one row: pass 1 (statistics), for the mixture divergences pass 2 (loss and
     c). Returns the row's loss soft_scale·D + hard_weight·CE (not yet masked) and its statistics
     (ma, lza, mb, lzb, c, ms, lzs), see the module docstring. Ignored rows read no logits.
-    ONLINE = False (the fused kernel, forward KL): pass 1 keeps no online KL and D is left out of
-    the loss (D = 0 here); the gradient pass sums it (``_row_grad``'s LOSS)."""
+    FUSED (the fused kernel, ``kd_fwd_grad_kernel``): forward KL keeps no online KL in pass 1 and
+    leaves D out of the loss (D = 0 here; the gradient pass sums it); reverse KL takes the
+    grouped pass too, its numerator summed on the centres (cs, ct) (``first_block_centres``), and
+    returns c = E_q[x] in raw logit units, x = (s - cs) - (t - ct): the gradient pass subtracts
+    it from the very same x, so the dominant terms cancel exactly at any row width
+    (``_row_grad``'s FUSED)."""
     n = tl.where(valid, V, 0)
     ninf = float("-inf")
     zero = tl.zeros([], tl.float32)
@@ -349,9 +385,10 @@ def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weig
         s_lab = tl.load(s_row + tl.where(lab_ok, label, 0), mask=lab_ok, other=0.0).to(tl.float32)
 
     # ---- pass 1: statistics (and the forward / reverse KL loss) ----
-    if SOFT and DIV != REVERSE_KL:
+    if SOFT and (DIV != REVERSE_KL or FUSED):
         ma, za, mb, zb, acc, ms, zs = _stats_pass(
-            s_row, t_row, n, V, k2, DIV == FORWARD_KL and ONLINE, HARD, BLOCK, GROUP)
+            s_row, t_row, n, V, k2, cs, ct, DIV == FORWARD_KL and not FUSED,
+            DIV == REVERSE_KL, HARD, BLOCK, GROUP)
     else:
         # Per lane (reverse KL, the hard term alone): lane j keeps the (max, sum-exp) of the
         # columns j, j + BLOCK, ... Each element costs one exp2 per distribution:
@@ -404,9 +441,11 @@ def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weig
         mb_r = tl.max(mb, 0)
         fa = tl.exp2((ma - safe_max(ma_r)) * k2)
         fb = tl.exp2((mb - safe_max(mb_r)) * k2)
-        if DIV == FORWARD_KL and ONLINE:
+        if DIV == FORWARD_KL and not FUSED:
             d = tl.where(mb == mb_r, 0.0, mb_r - mb) - tl.where(ma == ma_r, 0.0, ma_r - ma)
             acc_r = tl.sum(lane_term(acc + tl.where(za == 0, 0.0, za * d), fa), 0) * inv_T
+        elif DIV == REVERSE_KL and FUSED:  # sums of x need no re-centring: raw units
+            acc_r = tl.sum(lane_term(acc, fb), 0)
         elif DIV == REVERSE_KL:
             d = tl.where(ma == ma_r, 0.0, ma_r - ma) - tl.where(mb == mb_r, 0.0, mb_r - mb)
             acc_r = tl.sum(lane_term(acc + tl.where(zb == 0, 0.0, zb * d), fb), 0) * inv_T
@@ -440,9 +479,28 @@ def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weig
     c = zero
     if SOFT:
         if DIV == FORWARD_KL:
-            if ONLINE:  # one log of a ratio near 1: no log V cancellation
+            if not FUSED:  # one log of a ratio near 1: no log V cancellation
                 div = acc / za + tl.log(zb / za)
             c = zero - 1.0
+        elif DIV == REVERSE_KL and FUSED:
+            c = acc / zb  # E_q[x]; D = E_q[log q - log p]
+            # Centres far from the row's maxima (its first block far below the likely tokens)
+            # cost the rounding of x ~ ulp of that distance: such a row re-centres on the
+            # maxima and sums c again from the gradient's own q and x (one more read of it).
+            far = (tl.abs(mb - cs) + tl.abs(ma - ct)) * inv_T > FAR_CENTRES
+            cs = tl.where(far, mb, cs)
+            ct = tl.where(far, ma, ct)
+            lzb2 = lzb * LOG2E
+            c_l = lane_zero
+            for start in range(0, tl.where(far, n, 0), BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < V
+                s = tl.load(s_row + cols, mask=mask, other=ninf).to(tl.float32)
+                t = tl.load(t_row + cols, mask=mask, other=ninf).to(tl.float32)
+                q = exp2_from(s, mb, k2, lzb2)
+                c_l += tl.where(q == 0, 0.0, q * ((s - cs) - (t - ct)))
+            c = tl.where(far, tl.sum(c_l, 0), c)
+            div = (c - ((mb - cs) - (ma - ct))) * inv_T + tl.log(za / zb)
         elif DIV == REVERSE_KL:
             div = acc / zb + tl.log(za / zb)
             c = div
@@ -474,7 +532,7 @@ def _row_loss(s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weig
         in_range = (label >= 0) & (label < V)
         ce = tl.where(in_range, (ms - s_lab) + lzs, float("nan"))
         total += hard_weight * ce
-    return total, ma, lza, mb, lzb, c, ms, lzs
+    return total, ma, lza, mb, lzb, c, ms, lzs, cs, ct
 
 
 @triton.jit
@@ -490,9 +548,9 @@ def kd_fwd_kernel(s_ptr, t_ptr, lab_ptr, loss_ptr, stats_ptr,
     row = tl.program_id(0).to(tl.int64)
     s_off, t_off, label, valid = row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
                                             ignore_index, HAS_LABELS)
-    total, ma, lza, mb, lzb, c, ms, lzs = _row_loss(
+    total, ma, lza, mb, lzb, c, ms, lzs, _, _ = _row_loss(
         s_ptr + s_off, t_ptr + t_off, label, valid, V, inv_T, param, soft_scale, hard_weight,
-        DIV, LIN, SOFT, HARD, True, BLOCK)
+        0.0, 0.0, DIV, LIN, SOFT, HARD, False, BLOCK)
     tl.store(loss_ptr + row, tl.where(valid, total, 0.0))
     st = stats_ptr + row * STATS
     tl.store(st + 0, tl.where(valid, ma, 0.0))
@@ -529,21 +587,23 @@ def kd_bwd_kernel(s_ptr, t_ptr, lab_ptr, stats_ptr, gl_ptr, g_ptr,
     c = tl.load(st + 4)
     ms = tl.load(st + 5)
     lzs = tl.load(st + 6)
-    _row_grad(s_row, t_row, g_row, label, valid, V, gl, ma, lza, mb, lzb, c, ms, lzs, inv_T,
-              param, soft_scale, hard_weight, DIV, LIN, SOFT, HARD, False, BLOCK)
+    _row_grad(s_row, t_row, g_row, label, valid, V, gl, ma, lza, mb, lzb, c, ms, lzs, 0.0, 0.0,
+              inv_T, param, soft_scale, hard_weight, DIV, LIN, SOFT, HARD, False, BLOCK)
 
 
 @triton.jit
-def _row_grad(s_row, t_row, g_row, label, valid, V, gl, ma, lza, mb, lzb, c, ms, lzs, inv_T,
-              param, soft_scale, hard_weight,
+def _row_grad(s_row, t_row, g_row, label, valid, V, gl, ma, lza, mb, lzb, c, ms, lzs, cs, ct,
+              inv_T, param, soft_scale, hard_weight,
               DIV: tl.constexpr, LIN: tl.constexpr, SOFT: tl.constexpr, HARD: tl.constexpr,
-              LOSS: tl.constexpr, BLOCK: tl.constexpr):
+              FUSED: tl.constexpr, BLOCK: tl.constexpr):
     """The gradient pass of one row from its statistics: writes, in g_row's dtype,
     gl · (soft_scale · q (g - c) + hard_weight · (softmax(s) - onehot)), zeros on ignored rows.
     A label outside [0, V) that is not ignore_index adds the softmax term and no one-hot.
-    LOSS (forward KL in the fused kernel): also returns D = Σ p (log p - log q) of the row, summed
-    per lane from the p and q the gradient uses (the statistics pass then needs no online KL:
-    27 instead of 48 SASS/elem, memory-bound); otherwise returns 0."""
+    FUSED (the fused kernel, ``_row_loss``'s FUSED): forward KL also returns
+    D = Σ p (log p - log q) of the row, summed per lane from the p and q the gradient uses (the
+    statistics pass then needs no online KL: 27 instead of 48 SASS/elem, memory-bound); reverse KL
+    takes c = E_q[x] and forms q (g - c) as q (x - c)/T with x = (s - cs) - (t - ct). Otherwise
+    returns 0."""
     # the +inf-loss rule (docs/precision.md): an infinite c (reverse KL with p = 0 < q) means an
     # infinite term in the gradient; the whole row is then NaN (kd_bwd_kernel and the fused
     # kd_fwd_grad_kernel alike)
@@ -569,10 +629,12 @@ def _row_grad(s_row, t_row, g_row, label, valid, V, gl, ma, lza, mb, lzb, c, ms,
             q = tl.exp2(lq2)
             if DIV == FORWARD_KL:
                 grad_b = q - p
-                if LOSS:
+                if FUSED:
                     logp = (t - ma) * inv_T - lza
                     logq = (s - mb) * inv_T - lzb
                     div_l += tl.where(live & (p != 0), p * (logp - logq), 0.0)  # 0 log 0 = 0
+            elif DIV == REVERSE_KL and FUSED:
+                grad_b = tl.where(q == 0, 0.0, q * ((((s - cs) - (t - ct)) - c) * inv_T))
             else:
                 _, qg = terms(DIV, LIN, logp, logq, lp2, lq2, p, q, param)
                 grad_b = qg - tl.where(q == 0, 0.0, q * c)  # q·g may be nonzero at q = 0 (skew KL, α = 0)
@@ -600,11 +662,16 @@ def kd_fwd_grad_kernel(s_ptr, t_ptr, lab_ptr, gs_ptr, loss_ptr, g_ptr,
     then the gradient pass of ``kd_bwd_kernel`` writes grad_scale[row] · d loss / d s
     (soft_scale = soft_weight·T² for the loss, grad_soft = soft_weight·T for the gradient;
     grad_scale = 1 without HAS_SCALE). Same code, same fp32 values: the gradient equals
-    backward_rows' bitwise for grad_loss = grad_scale, and so does the loss except for forward KL,
-    whose D is summed in the gradient pass from p and q (pass 1 then keeps no online KL: c = -1
-    needs no loss), where forward_rows accumulates it online in its one pass; both are within the
-    error bound. Bytes (bf16): 4 + 6 for forward / reverse KL, 4 + 4 + 6 for jsd, skew_kl,
-    skew_reverse_kl, tvd (c needs A and B)."""
+    backward_rows' bitwise for grad_loss = grad_scale, and so does the loss, except for
+    - forward KL, whose D is summed in the gradient pass from p and q (pass 1 then keeps no
+      online KL: c = -1 needs no loss), where forward_rows accumulates it online in its one pass;
+    - reverse KL, whose pass 1 is the grouped one with c = E_q[x] on the first-block centres
+      (``first_block_centres``), which the gradient pass subtracts from the same x: exact where the
+      two-kernel path's c = D and the gradient's log-ratios round apart (rows wider than BLOCK
+      at |logits| ~ 1e4), and memory-bound (30.5 instead of 47.5 SASS/elem on sm_90, bf16, hard
+      term: docs/gpu_model.md);
+    all within the error bound. Bytes (bf16): 4 + 6 for forward / reverse KL, 4 + 4 + 6 for jsd,
+    skew_kl, skew_reverse_kl, tvd (c needs A and B)."""
     row = tl.program_id(0).to(tl.int64)
     s_off, t_off, label, valid = row_setup(lab_ptr, row, s_L, s_sb, s_sl, t_L, t_sb, t_sl,
                                             ignore_index, HAS_LABELS)
@@ -612,9 +679,11 @@ def kd_fwd_grad_kernel(s_ptr, t_ptr, lab_ptr, gs_ptr, loss_ptr, g_ptr,
     s_row = s_ptr + s_off
     t_row = t_ptr + t_off
     LATE: tl.constexpr = SOFT and DIV == FORWARD_KL  # D summed in the gradient pass
-    total, ma, lza, mb, lzb, c, ms, lzs = _row_loss(
-        s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weight,
-        DIV, LIN, SOFT, HARD, not LATE, BLOCK)
+    cs, ct = first_block_centres(s_row, t_row, tl.where(valid, V, 0), V,
+                                 SOFT and DIV == REVERSE_KL, BLOCK)
+    total, ma, lza, mb, lzb, c, ms, lzs, cs, ct = _row_loss(
+        s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weight, cs, ct,
+        DIV, LIN, SOFT, HARD, True, BLOCK)
     if HAS_SCALE:
         gl = tl.load(gs_ptr + row).to(tl.float32)
     else:
@@ -628,7 +697,8 @@ def kd_fwd_grad_kernel(s_ptr, t_ptr, lab_ptr, gs_ptr, loss_ptr, g_ptr,
     ms = tl.where(valid, ms, 0.0)
     lzs = tl.where(valid, lzs, 0.0)
     div = _row_grad(s_row, t_row, g_ptr + g_off, label, valid, V, gl, ma, lza, mb, lzb, c, ms,
-                    lzs, inv_T, param, grad_soft, hard_weight, DIV, LIN, SOFT, HARD, LATE, GBLOCK)
+                    lzs, cs, ct, inv_T, param, grad_soft, hard_weight, DIV, LIN, SOFT, HARD, True,
+                    GBLOCK)
     if LATE:
         total = total + soft_scale * div
     tl.store(loss_ptr + row, tl.where(valid, total, 0.0))
