@@ -3,6 +3,8 @@
 Every case runs on every backend available here: the Triton kernels in the interpreter and the
 CUDA kernels under their host emulation (kdkernels/backends/cuda_emulate.py) on a CPU machine;
 triton and cuda on CUDA tensors where a GPU is present."""
+import itertools
+
 import pytest
 import torch
 
@@ -331,7 +333,9 @@ def test_infinite_row_stays_infinite_when_lane_weights_underflow(backend, div):
     2^((max_lane - max_row)·log2(e)/T), underflowed to 0: inf·0. Forward KL has the same merge
     (a -inf student logit under teacher mass). Rows: one column at the maximum, every other
     column 10 below it (a weight of e^-200 at T = 0.05: 0 in float32, not in float64), the
-    infinite term in column 5 (and 2053, a later block of the Triton loop)."""
+    infinite term in column 5 (and 2053, a later block of the Triton loop). Both paths: the
+    forward-only one, and the training one (the fused kernels) with its gradient, finite in every
+    element or NaN in every element, NaN exactly on reverse KL's +inf rows (docs/precision.md)."""
     V = 3000
     g = torch.Generator().manual_seed(11)
     low = torch.randn(4, V, generator=g) * 0.1 - 10.0
@@ -344,14 +348,22 @@ def test_infinite_row_stays_infinite_when_lane_weights_underflow(backend, div):
     side[1, 5] = float("-inf")
     side[2, 2053] = float("-inf")
     side[3, 5] = float("-inf")
-    for T in (0.05, 0.2, 1.0):
-        x = on(backend, s).clone().requires_grad_(True)
-        out = cpu(kd.kd_loss(x, on(backend, t), div, temperature=T, backend=backend,
-                             reduction="none")).double()
+    for T, train in itertools.product((0.05, 0.2, 1.0), (False, True)):
+        what = f"{backend} {div} T={T} train={train}"
+        x = on(backend, s).clone().requires_grad_(train)
+        out = kd.kd_loss(x, on(backend, t), div, temperature=T, backend=backend, reduction="none")
+        if train:
+            out.sum().backward()
+        out = cpu(out).detach().double()
         # (the oracle replaces -inf by -1.8e308: finite; the definition's value is +inf)
-        assert not torch.isnan(out).any(), f"{backend} {div} T={T}: {out.tolist()}"
+        assert not torch.isnan(out).any(), f"{what}: {out.tolist()}"
         assert torch.isfinite(out[0])
         if T >= 0.2:  # the element's probability is representable in float32: +inf everywhere
-            assert torch.isinf(out[1:]).all() and (out[1:] > 0).all(), out.tolist()
+            assert torch.isinf(out[1:]).all() and (out[1:] > 0).all(), f"{what}: {out.tolist()}"
         else:  # e^-200 is 0 in float32: +inf, or finite where the backend's arithmetic drops it
-            assert ((out[1:] > 0) | torch.isfinite(out[1:])).all(), out.tolist()
+            assert (out[1:] != float("-inf")).all(), f"{what}: {out.tolist()}"
+        if train:
+            grad = cpu(x.grad)
+            nan_rows = torch.isinf(out) if div == "reverse_kl" else torch.zeros(4, dtype=torch.bool)
+            assert grad[nan_rows].isnan().all(), what
+            assert torch.isfinite(grad[~nan_rows]).all(), what

@@ -56,6 +56,7 @@ enum StatsCol : int {
 };
 
 constexpr float kNegInf = -INFINITY;
+constexpr float kInf = INFINITY;
 
 // ---- bit casts ---------------------------------------------------------------------------------
 KD_HD KD_INLINE float bits_to_float(int32_t i) {
@@ -535,11 +536,17 @@ KD_HD KD_INLINE float online_kl_term(float a, float b, float offa, float offb, f
 // (db - da) reverse KL) before the usual rescaling:
 //   forward KL: ra (acc + za (da - db)),   reverse KL: rb (acc + zb (db - da)).
 // An empty part (weight za = 0, resp. zb = 0; then acc = 0 too) gives exactly 0, never inf * 0.
+// A part whose acc is +inf (reverse KL: a -inf teacher logit under student mass; forward KL the
+// reverse) stays +inf where its factor underflows to 0 (at T = 0.05 a part whose maximum is 10
+// below the row's has the factor e^-200): its true weight is positive, and inf * 0 made the row
+// NaN (forward_kernel's merge of the threads' parts; test_regressions.py::
+// test_infinite_row_stays_infinite_when_lane_weights_underflow; Triton's lane_term).
+KD_HD KD_INLINE float inf_kept_times(float x, float f) { return x == kInf ? x : x * f; }
 template <int DIV>
 KD_HD KD_INLINE float online_kl_recentre(float acc, float za, float zb, float da, float db,
                                          float ra, float rb) {
-  if (DIV == FORWARD_KL) return (acc + (za == 0.0f ? 0.0f : za * (da - db))) * ra;
-  if (DIV == REVERSE_KL) return (acc + (zb == 0.0f ? 0.0f : zb * (db - da))) * rb;
+  if (DIV == FORWARD_KL) return inf_kept_times(acc + (za == 0.0f ? 0.0f : za * (da - db)), ra);
+  if (DIV == REVERSE_KL) return inf_kept_times(acc + (zb == 0.0f ? 0.0f : zb * (db - da)), rb);
   return 0.0f;
 }
 
