@@ -275,16 +275,17 @@ FAR_CENTRES = tl.constexpr(16.0)
 
 
 @triton.jit
-def first_block_centres(s_row, t_row, n, V, NEED: tl.constexpr, BLOCK: tl.constexpr):
+def first_block_centres(s_row, t_row, n, NEED: tl.constexpr, BLOCK: tl.constexpr):
     """(cs, ct): the maxima of s and t over the row's first BLOCK columns where finite, else 0,
     the fixed centres of the fused reverse-KL numerator x = (s - cs) - (t - ct). x is rounded the
     same way in both passes whatever the centres; centres near the row's likely tokens keep that
     rounding small (a column far below them, e.g. column 0 at -3000, would cost ulp(3000) on
     every x: test_contract.py::test_underflow_no_nan). The statistics pass then reads the same
-    block first. Without NEED, or for an ignored row (n = 0), (0, 0) and no load."""
+    block first. n: the row's width, 0 for an ignored row. Without NEED, or for n = 0, (0, 0) and
+    no load."""
     if NEED:
         cols = tl.arange(0, BLOCK)
-        mask = (cols < V) & (cols < n)
+        mask = cols < n
         cs = tl.max(tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32), 0)
         ct = tl.max(tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32), 0)
         cs = tl.where(tl.abs(cs) < float("inf"), cs, 0.0)
@@ -679,8 +680,8 @@ def kd_fwd_grad_kernel(s_ptr, t_ptr, lab_ptr, gs_ptr, loss_ptr, g_ptr,
     s_row = s_ptr + s_off
     t_row = t_ptr + t_off
     LATE: tl.constexpr = SOFT and DIV == FORWARD_KL  # D summed in the gradient pass
-    cs, ct = first_block_centres(s_row, t_row, tl.where(valid, V, 0), V,
-                                 SOFT and DIV == REVERSE_KL, BLOCK)
+    cs, ct = first_block_centres(s_row, t_row, tl.where(valid, V, 0), SOFT and DIV == REVERSE_KL,
+                                 BLOCK)
     total, ma, lza, mb, lzb, c, ms, lzs, cs, ct = _row_loss(
         s_row, t_row, label, valid, V, inv_T, param, soft_scale, hard_weight, cs, ct,
         DIV, LIN, SOFT, HARD, True, BLOCK)
