@@ -625,7 +625,7 @@ def model_triton(variants, workers: int = 2) -> List[dict]:
 CUDA_DTYPES = {"float": "fp32", "__nv_bfloat16": "bf16", "__half": "fp16"}
 CUDA_THREADS = 256  # kd_cuda.cu THREADS
 CUDA_CLUSTER_BYTES = 72 * 1024  # kd_cuda.cu cluster_budget(): shared memory per CTA, default
-CUDA_CLUSTER_HEAD = 352         # kd_cuda.cu ClusterLayout::HEAD floats * 4
+CUDA_CLUSTER_HEAD = 368         # kd_cuda.cu ClusterLayout::HEAD floats * 4
 
 
 def compile_cuda(cap: int) -> Tuple[str, str]:
@@ -846,16 +846,17 @@ def cuda_kernel_rows(v, li, kind, div, instrs, res, vec, hard, esize=2) -> List[
     if kind == "forward":
         want = [("stats", 2, 0, hard)] + ([] if online else [("div", 2, 0, False)])
     elif kind == "fused":  # forward_grad_kernel: the forward's passes, then backward's
+        # reverse KL on fixed centres: no c' pass; its "resum" loop (c again on the row's maxima)
+        # runs only on rows whose first chunk lies far below the rest (forward_row's FIXED)
         want = [("zero", 0, 1, False), ("stats", 2, 0, hard)] + \
                ([] if online else [("div", 2, 0, False)]) + \
-               ([("cprime", 2, 0, False)] if div == 1 else []) + [("grad", 2, 1, hard)]
+               ([("resum", 2, 0, False)] if div == 1 else []) + [("grad", 2, 1, hard)]
     elif kind == "cluster":
         C, chunks = cluster_size(MODEL_V, esize)
         # the copy on its longest path: the shortest skips the shared stores (and the maxima) of
         # chunks it loaded, a path no thread takes (the two `k < per` tests are one)
         want = [("zero", 0, 1, False), ("copy", 2, 0, True, 0, True), ("stats", 0, 0, hard, 2)] + \
-               ([] if online else [("div", 0, 0, False, 2)]) + \
-               ([("cprime", 0, 0, False, 2)] if div == 1 else []) + [("grad", 0, 1, hard, 2)]
+               ([] if online else [("div", 0, 0, False, 2)]) + [("grad", 0, 1, hard, 2)]
     else:
         want = [("zero", 0, 1, False)] + ([("cprime", 2, 0, False)] if div == 1 else []) + \
                [("grad", 2, 1, hard)]
@@ -878,8 +879,8 @@ def cuda_kernel_rows(v, li, kind, div, instrs, res, vec, hard, esize=2) -> List[
             raise RuntimeError(f"CUDA {kind} div {div}: no loop matches pass {pname}")
         li2, (c, unroll), ncand = best
         used.add(li2)
-        if pname == "zero":
-            continue  # runs only on ignored rows
+        if pname in ("zero", "resum"):
+            continue  # runs only on ignored rows / on rows with far centres
         per_thread = vec * unroll
         per = lambda x: x / per_thread  # noqa: E731
         elems = MODEL_N * MODEL_V

@@ -118,11 +118,12 @@ def _cluster():
 
 def _own_sums(div):
     """The fused kernels that sum their statistics their own way: triton's forward KL (D summed
-    in the gradient pass; forward_rows online in its one pass) and reverse KL (c = E_q[x] on the
-    row's first-block centres, subtracted from the same x in the gradient pass; forward_rows sums D
-    per lane against the running maxima), and cuda's cluster kernel (its statistics against the
-    row's maxima from the start)."""
-    return (_CURRENT[0] == "triton" and div in ("forward_kl", "reverse_kl")) or _cluster()
+    in the gradient pass; forward_rows online in its one pass), reverse KL on triton and cuda
+    (c = E_q[x] on fixed centres, the row's first-block maxima or, in cuda's cluster kernel, its
+    maxima, subtracted from the same x in the gradient pass; forward_rows sums the re-centred
+    online KL), and cuda's cluster kernel (its statistics against the row's maxima from the
+    start)."""
+    return (_CURRENT[0] == "triton" and div == "forward_kl") or div == "reverse_kl" or _cluster()
 
 
 def _same_loss(a, b, div):
@@ -136,17 +137,18 @@ def _same_loss(a, b, div):
 
 
 def _grad_own_c(div):
-    """triton's fused reverse KL: its c = E_q[x] is subtracted from the very x it was summed
-    from, where backward_rows subtracts c = D from log-ratios rounded on their own; on rows wider
-    than a block at |logits| ~ 1e4, or with a first block far below the rest, the two-kernel
-    gradient is the less accurate one (test_regressions.py::
+    """The fused reverse KL (triton's kd_fwd_grad_kernel, cuda's forward_grad_kernel and
+    cluster_grad_kernel): its c = E_q[x] is subtracted from the very x it was summed from, where
+    the two-kernel path subtracts c = D (triton) or its own c' (cuda) from log-ratios rounded
+    apart; on rows wider than a block at |logits| ~ 1e4, or with a first block far below the
+    rest, the two differ by more than a rounding step (test_regressions.py::
     test_reverse_kl_one_hot_disjoint_logits_3e4_wide_row), so each is held to the oracle."""
-    return _CURRENT[0] == "triton" and div == "reverse_kl"
+    return div == "reverse_kl"
 
 
 def _same_grad(a, b, div):
     """The fused gradient against backward_rows': bitwise (triton's forward KL too: its c = -1 is
-    exact); triton's reverse KL (``_grad_own_c``) to the dtype's tolerance, each path also held
+    exact); the fused reverse KL (``_grad_own_c``) to the dtype's tolerance, each path also held
     to the oracle where there is one (``_check``); cuda's cluster kernel to the rounding of its
     statistics (a few fp32 ulps, then one rounding step of the gradient's dtype). NaN where the
     other has NaN."""
@@ -265,15 +267,20 @@ def test_fused_large_logits_and_neg_inf_columns(backend, div):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("T", [0.3, 2.0])
 def test_fused_reverse_kl_first_block_far_below(backend, dtype, T):
-    """Triton's fused reverse KL sums c = E_q[x], x = (s - cs) - (t - ct), on the maxima of the
-    row's first block (kernels.py first_block_centres): the rounding of x grows with their
-    distance from the likely tokens, so rows whose first block lies far below the rest (beyond
-    FAR_CENTRES·T) sum c again on the row's maxima. Rows: the student's first block 3000 below,
-    the teacher's, both (3000 and 1000), the student's 12·T below (near the threshold). Without
-    the second sum the fused loss strays from the two-kernel one here (and, in a sweep of such
-    rows, from the oracle by up to 2.5x its fp32 bound); centred on column 0 instead,
-    test_contract.py::test_underflow_no_nan failed the same way."""
-    block = 512 if not GPU else 4096  # _small_blocks
+    """The fused reverse KL sums c = E_q[x], x = (s - cs) - (t - ct), on the maxima of the row's
+    first block (triton: kernels.py first_block_centres, BLOCK columns; cuda: kd_cuda.cu
+    first_chunk_centres, THREADS * 16 bytes): the rounding of x grows with their distance from
+    the likely tokens, so rows whose first block lies far below the rest (beyond 16·T:
+    FAR_CENTRES, kFarCentres) sum c again on the row's maxima. Rows: the student's first block
+    3000 below, the teacher's, both (3000 and 1000), the student's 12·T below (near the
+    threshold). Without the second sum the fused loss strays from the two-kernel one here (and,
+    in a sweep of such rows, from the oracle by up to 2.5x its fp32 bound); centred on column 0
+    instead, test_contract.py::test_underflow_no_nan failed the same way. (cuda's cluster kernel
+    centres on the row's maxima: never far.)"""
+    if _CURRENT[0] == "triton":
+        block = 512 if not GPU else 4096  # _small_blocks
+    else:  # forward_grad_kernel: THREADS = 256 threads of one 16-byte chunk each
+        block = 256 * (16 // torch.empty((), dtype=dtype).element_size())
     V = 2 * block + 37
     s, t = _rand((1, 4, V), torch.float32), _rand((1, 4, V), torch.float32)
     s[0, 0, :block] -= 3000.0

@@ -485,11 +485,12 @@ __device__ __forceinline__ void row_sums(const Cols& cs, const Cols& ct, int64_t
 // floats, where merging whole states over the tree paid a rescaling per level (exponentials,
 // selects) in every warp.
 // MAXIMA false: the states are centred on the row's maxima already (forward_row's RowMaxima).
+// DIV: the state's tag (REVERSE_KL_FIXED for the fused reverse KL, kd_math.h).
 template <bool SOFT, bool SEP, bool MAXIMA, int DIV, class Red>
 __device__ __forceinline__ void merge_row_state(Red& red, RawOnlineKL<DIV>& on, MaxSum& os) {
   // with the soft term the hard term's maximum is the soft term's of s (forward_row): not reduced twice
   constexpr int NM = !MAXIMA ? 0 : SOFT ? 2 : (SEP ? 1 : 0);
-  constexpr int NZ = (SOFT ? (is_online(DIV) ? 3 : 2) : 0) + (SEP ? 1 : 0);
+  constexpr int NZ = (SOFT ? (has_numerator(DIV) ? 3 : 2) : 0) + (SEP ? 1 : 0);
   if constexpr (NM > 0) {
     float m[NM];
     if constexpr (SOFT) {
@@ -509,14 +510,14 @@ __device__ __forceinline__ void merge_row_state(Red& red, RawOnlineKL<DIV>& on, 
     if constexpr (SOFT) {
       z[0] = on.k.za;
       z[1] = on.k.zb;
-      if constexpr (is_online(DIV)) z[2] = on.k.acc;
+      if constexpr (has_numerator(DIV)) z[2] = on.k.acc;
     }
     if constexpr (SEP) z[NZ - 1] = os.z;
     red.template reduce<false>(z);
     if constexpr (SOFT) {
       on.k.za = z[0];
       on.k.zb = z[1];
-      if constexpr (is_online(DIV)) on.k.acc = z[2];
+      if constexpr (has_numerator(DIV)) on.k.acc = z[2];
     }
     if constexpr (SEP) os.z = z[NZ - 1];
   }
@@ -566,22 +567,37 @@ __device__ __forceinline__ RowView<S> row_view(const RowsArgs& a, int64_t r) {
 // maxima of t and s known before it: cluster_grad_kernel, from its copy; then the sums are taken
 // against them from the start, with no re-centring per chunk, the same sums as re-centring on
 // them would give).
+// FIXED (reverse KL in the training kernels): the numerator on the fixed centres `cen` of s and t
+// (kd_math.h reverse_kl_fixed_*): acc = sum e^{(s - mb) / T} x, x = (s - cs) - (t - ct), and the
+// row's c = acc / zb, which the gradient pass subtracts from the same x (no c' pass); a row whose
+// centres are far from its maxima (reverse_kl_centres_far) re-centres on them and sums c once
+// more here (one more read of that row). Thread 0 stores the centres used after the statistics
+// (st[STAT_CS], st[STAT_CT]: FUSED_STATS_WIDTH floats).
 struct RunningMaxima {};
 struct RowMaxima {
   float t, s;
 };
-template <class S, int DIV, bool SOFT, bool SEP, bool LIN, class Cols, class Red, class Mx = RunningMaxima>
+struct Centres {
+  float s, t;
+};
+enum FusedStatsCol : int { STAT_CS = STATS_WIDTH, STAT_CT = STATS_WIDTH + 1, FUSED_STATS_WIDTH = STATS_WIDTH + 2 };
+template <class S, int DIV, bool SOFT, bool SEP, bool LIN, bool FIXED, class Cols, class Red,
+          class Mx = RunningMaxima>
 __device__ __forceinline__ void forward_row(RowsArgs a, int64_t r, const S* s, const Cols& cs, const Cols& ct,
-                                            int64_t j0, int64_t end, Red& red, float* st, Mx mx = Mx{}) {
+                                            int64_t j0, int64_t end, Red& red, float* st, Centres cen = Centres{},
+                                            Mx mx = Mx{}) {
   constexpr int N = Vec<S>::N;
   constexpr bool KNOWN = std::is_same<Mx, RowMaxima>::value;
   static_assert(!KNOWN || SOFT, "the row's maxima are known with the soft term");
+  static_assert(!FIXED || (SOFT && DIV == REVERSE_KL), "fixed centres: reverse KL's soft term");
+  constexpr int SD = FIXED ? REVERSE_KL_FIXED : DIV;  // the state's tag
+  constexpr bool NUM = has_numerator(SD);
   const bool hard = a.labels && a.hard_weight != 0.f;
   const float invT = 1.0f / a.temperature, l2 = invT * kLog2e;
 
   // Per thread: each chunk's sums are taken against the raised running maxima and absorbed (as
   // the CPU kernel does per block); then the row's state from the threads' (merge_row_state).
-  RawOnlineKL<DIV> on;
+  RawOnlineKL<SD> on;
   MaxSum os;
   on.init(invT);
   os.init();
@@ -610,24 +626,28 @@ __device__ __forceinline__ void forward_row(RowsArgs a, int64_t r, const S* s, c
       nms = nmb;
       // For forward / reverse KL the state is re-centred first and the sum-exps added into it;
       // the exponents are in log2 units (l2 = log2(e) / T: e^{(x - off) / T} = 2^{(x - off) l2}),
-      // so the chunk's online KL numerator is summed apart and joins the state times ln 2.
+      // so the chunk's online KL numerator is summed apart and joins the state times ln 2 (FIXED:
+      // in raw logit units, as it is).
       float za = 0.f, zb = 0.f, acc2 = 0.f;
-      if (is_online(DIV) && !KNOWN) on.absorb(nma, nmb, 0.f, 0.f, 0.f);
+      if (NUM && !KNOWN) on.absorb(nma, nmb, 0.f, 0.f, 0.f);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         const float ca = (tv[k] - offa) * l2, cb = (sv[k] - offb) * l2;  // shift, then scale
         const float ea = exp2_dev(ca), eb = exp2_dev(cb);
-        if (is_online(DIV)) {
+        if (NUM) {
           on.k.za += ea;
           on.k.zb += eb;
-          acc2 += online_kl_term<DIV>(ca, cb, 0.f, 0.f, ea, eb);
+          if constexpr (FIXED)
+            acc2 += reverse_kl_fixed_term(eb, reverse_kl_x(sv[k], tv[k], cen.s, cen.t));
+          else
+            acc2 += online_kl_term<DIV>(ca, cb, 0.f, 0.f, ea, eb);
         } else {
           za += ea;
           zb += eb;
         }
       }
-      if (is_online(DIV)) {
-        on.k.acc += acc2 * kLn2;
+      if (NUM) {
+        on.k.acc += FIXED ? acc2 : acc2 * kLn2;
       } else if (KNOWN) {
         on.k.za += za;
         on.k.zb += zb;
@@ -661,6 +681,25 @@ __device__ __forceinline__ void forward_row(RowsArgs a, int64_t r, const S* s, c
     if (DIV == FORWARD_KL) {
       D = on.k.divergence();
       cc = -1.f;
+    } else if (FIXED) {
+      float c = on.k.acc / on.k.zb;  // E_q[x]
+      if constexpr (!KNOWN) {  // (KNOWN: the centres are the maxima)
+        if (reverse_kl_centres_far(na.m, nb.m, cen.s, cen.t, invT)) {  // the same in every thread
+          cen = Centres{nb.m, na.m};
+          const Prob2 pb = prob2(nb, invT);
+          float part = 0.f;
+          for (int64_t j = j0; j < end; j += (int64_t)THREADS * N) {
+            float sv[N], tv[N];
+            cs.load(j, sv);
+            ct.load(j, tv);
+#pragma unroll
+            for (int k = 0; k < N; ++k) part += reverse_kl_fixed_term(pb(sv[k]), reverse_kl_x(sv[k], tv[k], cen.s, cen.t));
+          }
+          c = red.sum(part);
+        }
+      }
+      D = reverse_kl_fixed_divergence(c, na.m, nb.m, cen.s, cen.t, invT, on.k.za, on.k.zb);
+      cc = c;
     } else if (DIV == REVERSE_KL) {
       D = on.k.divergence();
       cc = D + 1.f;  // saved for the record; backward sums its own c' (backward_kernel)
@@ -677,6 +716,10 @@ __device__ __forceinline__ void forward_row(RowsArgs a, int64_t r, const S* s, c
     const float ce = !hard ? 0.f : bad_label ? NAN : hard_ce(ns, to_float(s[label]));
     if (red.leader()) a.loss[r] = row_loss(SOFT, a.soft_weight, a.temperature, D, hard, a.hard_weight, ce);
     store_row_stats(st, RowStats{na, nb, cc, ns});
+    if (FIXED) {
+      st[STAT_CS] = cen.s;
+      st[STAT_CT] = cen.t;
+    }
   }
 }
 
@@ -707,7 +750,7 @@ __global__ void __launch_bounds__(THREADS, 3) forward_kernel(RowsArgs a) {
   }
   const RowView<S> v = row_view<S>(a, r);
   CtaReduce red{sm};
-  forward_row<S, DIV, SOFT, SEP, LIN>(a, r, v.s, v.cs, v.ct, v.j0, a.V, red, st);
+  forward_row<S, DIV, SOFT, SEP, LIN, false>(a, r, v.s, v.cs, v.ct, v.j0, a.V, red, st);
 }
 
 // Writes v over this thread's chunks of one gradient row, from j0 to end (stores bounded by V).
@@ -732,10 +775,12 @@ __device__ __forceinline__ void zero_grad_row(const RowsArgs& a, int64_t r) {
 // The gradient pass of one counted row from its statistics `rs`, for grad_loss `gl` (every
 // thread of the CTA; of the cluster: cluster_grad_kernel) into the gradient row `g` (vector
 // stores when vg), columns as in forward_row. red: at least WARPS floats of reduction scratch.
-template <class S, int DIV, bool SOFT, bool HARD, bool LIN, class Cols, class Red>
+// FIXED: reverse KL with rs.c = E_q[x] on the centres `cen` (forward_row's FIXED): no c' pass.
+template <class S, int DIV, bool SOFT, bool HARD, bool LIN, bool FIXED, class Cols, class Red>
 __device__ __forceinline__ void backward_row(const RowsArgs& a, int64_t label, const RowStats& rs, float gl, S* g,
                                              bool vg, const Cols& cs, const Cols& ct, int64_t j0, int64_t end,
-                                             Red& red) {
+                                             Red& red, Centres cen = Centres{}) {
+  static_assert(!FIXED || (SOFT && DIV == REVERSE_KL), "fixed centres: reverse KL's soft term");
   constexpr int N = Vec<S>::N;
   const int64_t V = a.V;
   const bool sep = HARD && (!SOFT || a.temperature != 1.f);
@@ -743,9 +788,9 @@ __device__ __forceinline__ void backward_row(const RowsArgs& a, int64_t label, c
   const float invT = 1.0f / a.temperature;
   float cc = rs.c;
   // reverse KL: log q - log p = (cb - ca) - (lzb - lza), the constant formed once in double
-  const float krev = DIV == REVERSE_KL ? reverse_kl_offset(na.lz, nb.lz) : 0.f;
+  const float krev = DIV == REVERSE_KL && !FIXED ? reverse_kl_offset(na.lz, nb.lz) : 0.f;
   const Prob2 pa = prob2(na, invT), pb = prob2(nb, invT), ps = prob2(ns, 1.f);  // p, q; softmax(s)
-  if (DIV == REVERSE_KL && SOFT) {
+  if (DIV == REVERSE_KL && SOFT && !FIXED) {
     // Reverse KL: d/db_j = q_j (x_j - c') with c' = sum_k q_k x_k summed here from the same
     // rounded x_k as the gradient (kd_math.h reverse_kl_qx / reverse_kl_qg, as the CPU kernel):
     // one more read of the row.
@@ -791,7 +836,10 @@ __device__ __forceinline__ void backward_row(const RowsArgs& a, int64_t label, c
         else
           div_terms<DIV>(lp, lq, p, q, a.param, phi, qg);
         // reverse KL: qg - q c = q (x - c') without the cancellation (kd_math.h)
-        o = DIV == REVERSE_KL ? k_soft * reverse_kl_qg(q, ca, cb, krev, cc) : k_soft * (qg - q * cc);
+        if constexpr (FIXED)
+          o = k_soft * reverse_kl_fixed_qg(q, reverse_kl_x(x, y, cen.s, cen.t), cc, invT);
+        else
+          o = DIV == REVERSE_KL ? k_soft * reverse_kl_qg(q, ca, cb, krev, cc) : k_soft * (qg - q * cc);
       }
     }
     if (HARD) {
@@ -831,19 +879,43 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
   const RowView<S> v = row_view<S>(a, r);
   S* g = static_cast<S*>(a.grad) + r * a.V;
   CtaReduce red{sm};
-  backward_row<S, DIV, SOFT, HARD, LIN>(a, label, load_row_stats(a.stats + r * STATS_WIDTH), a.grad_loss[r], g,
+  backward_row<S, DIV, SOFT, HARD, LIN, false>(a, label, load_row_stats(a.stats + r * STATS_WIDTH), a.grad_loss[r], g,
                                         vector_ok<S>(v.s) && same_phase(v.s, g), v.cs, v.ct, v.j0, a.V, red);
+}
+
+// The fixed centres of reverse KL's training kernel (forward_row's FIXED), in every thread: the
+// maxima of s and t over the row's first THREADS * N columns (each thread's first chunk, read
+// again by the statistics pass), 0 where not finite. Centres near the row's likely tokens keep
+// the rounding of x = (s - cs) - (t - ct) small; a first chunk far below them (reverse_kl_centres_far)
+// costs that row one more read (forward_row).
+template <class S, class Cols, class Red>
+__device__ __forceinline__ Centres first_chunk_centres(const Cols& cs, const Cols& ct, int64_t j0, Red& red) {
+  constexpr int N = Vec<S>::N;
+  float sv[N], tv[N];
+  cs.load(j0, sv);  // -inf outside [0, V)
+  ct.load(j0, tv);
+  float m[2] = {kNegInf, kNegInf};
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    m[0] = fmaxf(m[0], sv[k]);
+    m[1] = fmaxf(m[1], tv[k]);
+  }
+  red.template reduce<true>(m);
+  return Centres{fabsf(m[0]) < kInf ? m[0] : 0.f, fabsf(m[1]) < kInf ? m[1] : 0.f};
 }
 
 // The training path in one kernel: the forward of the row (statistics pass, and the loss / c pass
 // of the mixture divergences), then its gradient pass for grad_loss = grad_scale (a.grad_loss),
 // the statistics handed over in shared memory (7 floats, not a global round trip): the loss is
-// forward_kernel's and the gradient backward_kernel's, bitwise. SOFT, SEP as in forward_kernel,
-// HARD as in backward_kernel.
+// forward_kernel's and the gradient backward_kernel's, bitwise, but for reverse KL, which takes
+// the fixed-centres form (forward_row's FIXED; the centres are 2 more floats): 2 passes and
+// 10 B/element where forward_kernel + backward_kernel's c' pass take 3 and 14, the same values to
+// the error bound. SOFT, SEP as in forward_kernel, HARD as in backward_kernel.
 template <class S, int DIV, bool SOFT, bool SEP, bool HARD, bool LIN>
 __global__ void __launch_bounds__(THREADS) forward_grad_kernel(RowsArgs a) {
+  constexpr bool FIXED = SOFT && DIV == REVERSE_KL;  // reverse KL on fixed centres: 10 B/element
   __shared__ float sm[FwdScratch<DIV>::FLOATS];
-  __shared__ float st[STATS_WIDTH];
+  __shared__ float st[FUSED_STATS_WIDTH];
   const int64_t r = blockIdx.x;
   if (r >= a.N) return;
   const int64_t label = a.labels ? a.labels[r] : 0;
@@ -854,21 +926,26 @@ __global__ void __launch_bounds__(THREADS) forward_grad_kernel(RowsArgs a) {
   }
   const RowView<S> v = row_view<S>(a, r);
   CtaReduce red{sm};
-  forward_row<S, DIV, SOFT, SEP, LIN>(a, r, v.s, v.cs, v.ct, v.j0, a.V, red, st);
+  Centres cen{0.f, 0.f};
+  if constexpr (FIXED) cen = first_chunk_centres<S>(v.cs, v.ct, v.j0, red);
+  forward_row<S, DIV, SOFT, SEP, LIN, FIXED>(a, r, v.s, v.cs, v.ct, v.j0, a.V, red, st, cen);
   __syncthreads();  // thread 0's statistics, as backward_kernel loads them from the stats row
+  if constexpr (FIXED) cen = Centres{st[STAT_CS], st[STAT_CT]};  // re-centred where far
   S* g = static_cast<S*>(a.grad) + r * a.V;
-  backward_row<S, DIV, SOFT, HARD, LIN>(a, row_label(a, r), load_row_stats(st), a.grad_loss[r], g,
-                                        vector_ok<S>(v.s) && same_phase(v.s, g), v.cs, v.ct, v.j0, a.V, red);
+  backward_row<S, DIV, SOFT, HARD, LIN, FIXED>(a, row_label(a, r), load_row_stats(st), a.grad_loss[r], g,
+                                               vector_ok<S>(v.s) && same_phase(v.s, g), v.cs, v.ct, v.j0, a.V, red,
+                                               cen);
 }
 
 // ---- the training path with the row on chip: thread-block clusters (compute capability 9.0) ----
 // One cluster of C CTAs per row (C = 1 .. 16, launch_cluster_grad): CTA `rank` copies its slice
 // of the row's chunks (`per` chunks of N columns, of s and of t) from global memory into shared
-// memory once, and every pass (statistics; the loss / c pass of the mixtures; reverse KL's c';
-// the gradient) reads the slice from there. The passes' partial results are merged over the
+// memory once, and every pass (statistics; the loss / c pass of the mixtures; the gradient)
+// reads the slice from there (reverse KL: on the row's maxima as fixed centres, forward_row's
+// FIXED, no c' pass). The passes' partial results are merged over the
 // cluster through distributed shared memory (ClusterReduce: one cluster barrier per reduction).
 // Global traffic per element: the row read once and the gradient written once (6 bytes in bf16
-// where forward_grad_kernel moves 10, or 14 for the mixtures and reverse KL). The row's maxima of
+// where forward_grad_kernel moves 10, or 14 for the mixtures). The row's maxima of
 // s and t are taken during the copy (RawMax) and reduced over the cluster, so the statistics pass
 // sums against them from the start (forward_row's RowMaxima: no re-centring per chunk, and no
 // maxima to reduce after it). The math is otherwise
@@ -882,9 +959,9 @@ template <int DIV>
 struct ClusterLayout {
   static constexpr int XCH = 32;  // exchange slots, floats: >= the reductions' sizes of one row
   static constexpr int SCRATCH = FwdScratch<DIV>::FLOATS;
-  static constexpr int HEAD = (SCRATCH + XCH + STATS_WIDTH + 3) / 4 * 4;  // floats, 16-byte multiple
-  // the copy's maxima (2), merge_row_state's sums (<= 4), row_sums' 2, backward_row's c' sum
-  static_assert(2 + 4 + 2 + 1 <= XCH, "exchange slots");
+  static constexpr int HEAD = (SCRATCH + XCH + FUSED_STATS_WIDTH + 3) / 4 * 4;  // floats, 16-byte multiple
+  // the copy's maxima (2), merge_row_state's sums (<= 4), row_sums' 2
+  static_assert(2 + 4 + 2 <= XCH, "exchange slots");
 };
 template <int DIV>
 size_t cluster_smem_bytes(int64_t per) {
@@ -961,10 +1038,13 @@ __global__ void __launch_bounds__(THREADS, 3) cluster_grad_kernel(RowsArgs a, in
   float m[2] = {mxt.value(), mxs.value()};
   red.template reduce<true>(m);  // its first barrier also ends the copy
   const SharedCols<S> cs{s_sl, lo}, ct{t_sl, lo};
-  forward_row<S, DIV, true, SEP, LIN>(a, r, v.s, cs, ct, j0, hi, red, st, RowMaxima{m[0], m[1]});
+  // reverse KL: the numerator on the row's maxima as fixed centres (forward_row's FIXED; never far)
+  constexpr bool FIXED = DIV == REVERSE_KL;
+  const Centres cen{safe_max(m[1]), safe_max(m[0])};  // the statistics' offsets, nb.m and na.m
+  forward_row<S, DIV, true, SEP, LIN, FIXED>(a, r, v.s, cs, ct, j0, hi, red, st, cen, RowMaxima{m[0], m[1]});
   __syncthreads();  // thread 0's statistics
-  backward_row<S, DIV, true, HARD, LIN>(a, row_label(a, r), load_row_stats(st), a.grad_loss[r], g, vg, cs, ct, j0, hi,
-                                        red);
+  backward_row<S, DIV, true, HARD, LIN, FIXED>(a, row_label(a, r), load_row_stats(st), a.grad_loss[r], g, vg, cs, ct,
+                                               j0, hi, red, cen);
   cluster_sync();  // no CTA exits while another may still read its exchange slots
 #endif
 }

@@ -48,6 +48,14 @@ static const char* const kDivergenceNames[NUM_DIVERGENCES] = {
 // Divergences whose loss accumulates in the statistics pass (no second pass in forward).
 KD_HD inline constexpr bool is_online(int div) { return div == FORWARD_KL || div == REVERSE_KL; }
 
+// A state tag of OnlineKL / RawOnlineKL, never a divergence id: the fused reverse KL's numerator
+// on fixed centres (cs, ct), acc = sum e^{(s - mb) / T} x with x = (s - cs) - (t - ct) in raw
+// logit units, which is only rescaled like zb as the maxima move (no re-centring shift; CUDA
+// forward_grad_kernel / cluster_grad_kernel, reverse_kl_fixed_* below).
+constexpr int REVERSE_KL_FIXED = -1;
+// The states that carry a numerator acc beside the sum-exps.
+KD_HD inline constexpr bool has_numerator(int div) { return is_online(div) || div == REVERSE_KL_FIXED; }
+
 // Row statistics saved by forward for backward, fp32 per row: for the teacher (a), the student
 // (b) and the student at T = 1 (hard term, s) the max m and log z of a LogNorm, and c.
 enum StatsCol : int {
@@ -547,6 +555,7 @@ KD_HD KD_INLINE float online_kl_recentre(float acc, float za, float zb, float da
                                          float ra, float rb) {
   if (DIV == FORWARD_KL) return inf_kept_times(acc + (za == 0.0f ? 0.0f : za * (da - db)), ra);
   if (DIV == REVERSE_KL) return inf_kept_times(acc + (zb == 0.0f ? 0.0f : zb * (db - da)), rb);
+  if (DIV == REVERSE_KL_FIXED) return inf_kept_times(acc, rb);  // x does not depend on the maxima
   return 0.0f;
 }
 
@@ -586,7 +595,7 @@ struct OnlineKL {
   // part already centred on the merged maxima (its factors are 1): the per-block update.
   KD_HD KD_INLINE void absorb(float na, float nb, float za2, float zb2, float acc2) {
     const float ra = rescale(ma, na), rb = rescale(mb, nb);
-    if (is_online(DIV))
+    if (has_numerator(DIV))
       acc = online_kl_recentre<DIV>(acc, za, zb, safe_max(ma) - safe_max(na),
                                     safe_max(mb) - safe_max(nb), ra, rb) + acc2;
     za = za * ra + za2;
@@ -599,7 +608,7 @@ struct OnlineKL {
   KD_HD KD_INLINE void merge(const OnlineKL& o) {
     const float na = raise_max(ma, o.ma), nb = raise_max(mb, o.mb);
     const float ra = rescale(o.ma, na), rb = rescale(o.mb, nb);
-    const float acc2 = is_online(DIV) ? online_kl_recentre<DIV>(o.acc, o.za, o.zb,
+    const float acc2 = has_numerator(DIV) ? online_kl_recentre<DIV>(o.acc, o.za, o.zb,
                                                                 safe_max(o.ma) - safe_max(na),
                                                                 safe_max(o.mb) - safe_max(nb),
                                                                 ra, rb)
@@ -624,6 +633,32 @@ KD_HD KD_INLINE float reverse_kl_qg(float q, float a, float b, float k, float cp
   return q == 0.0f ? 0.0f : q * (((b - a) - k) - cprime);
 }
 
+// Reverse KL on fixed centres (REVERSE_KL_FIXED; the CUDA training kernels, as Triton's fused
+// kd_fwd_grad_kernel). x = (s - cs) - (t - ct) in raw logit units, one rounding per element
+// whatever the maxima, and c = E_q[x] = acc / zb summed from these x; then
+//   log q - log p = (x - ((mb - cs) - (ma - ct))) / T + log(za / zb),
+//   D = (c - ((mb - cs) - (ma - ct))) / T + log(za / zb),   d/db_j = q_j (x_j - c) / T,
+// so the gradient subtracts c from the very x it was summed from: the dominant terms of a near
+// one-hot row at |logits| ~ 1e4 cancel exactly (the two-kernel path sums a c' pass for that). The
+// rounding of x grows with the centres' distance from the likely tokens: a row whose centres lie
+// farther than kFarCentres (units of T, |mb - cs| + |ma - ct|) from its maxima re-centres on the
+// maxima and sums c once more from the gradient's own q (docs/precision.md).
+constexpr float kFarCentres = 16.0f;
+KD_HD KD_INLINE float reverse_kl_x(float s, float t, float cs, float ct) { return (s - cs) - (t - ct); }
+// One element's share of acc (eb = e^{(s - mb) / T} against the running maximum; 0 where eb = 0).
+KD_HD KD_INLINE float reverse_kl_fixed_term(float eb, float x) { return eb > 0.0f ? eb * x : 0.0f; }
+KD_HD KD_INLINE bool reverse_kl_centres_far(float ma, float mb, float cs, float ct, float invT) {
+  return (fabsf(mb - cs) + fabsf(ma - ct)) * invT > kFarCentres;
+}
+KD_HD KD_INLINE float reverse_kl_fixed_divergence(float c, float ma, float mb, float cs, float ct, float invT,
+                                                  float za, float zb) {
+  return (c - ((mb - cs) - (ma - ct))) * invT + log_ratio(za, zb);
+}
+// q_j (x_j - c) / T, 0 where q = 0.
+KD_HD KD_INLINE float reverse_kl_fixed_qg(float q, float x, float c, float invT) {
+  return q == 0.0f ? 0.0f : q * ((x - c) * invT);
+}
+
 // OnlineKL (sum-exps za, zb and the centred online KL numerator acc, its recentring and
 // divergence) with the maxima ma, mb in RAW logit units (of t and s): every exponent and every
 // recentring shift is (m_old - m_new) / T, the difference taken first, so that x - m is exact
@@ -643,7 +678,7 @@ struct RawOnlineKL {
   // Re-centre on raw maxima na >= ma, nb >= mb and add sums taken against them.
   KD_HD KD_INLINE void absorb(float na, float nb, float za2, float zb2, float acc2) {
     const float ra = factor(k.ma, na), rb = factor(k.mb, nb);
-    if (is_online(DIV))
+    if (has_numerator(DIV))
       k.acc = online_kl_recentre<DIV>(k.acc, k.za, k.zb, (safe_max(k.ma) - safe_max(na)) * invT,
                                       (safe_max(k.mb) - safe_max(nb)) * invT, ra, rb) + acc2;
     k.za = k.za * ra + za2;
