@@ -528,6 +528,22 @@ __device__ __forceinline__ void merge_row_state(Red& red, RawOnlineKL<DIV>& on, 
 // some variants (4-16 byte spills).
 __device__ __forceinline__ int64_t row_label(const RowsArgs& a, int64_t r) { return a.labels ? a.labels[r] : 0; }
 
+// This thread's sum of f(s_j, t_j) over its chunks from j0 to `end` (the re-sums of reverse KL's
+// c: forward_row's far centres, backward_row's c'), fp32 in column order.
+template <class S, class Cols, class F>
+__device__ __forceinline__ float thread_sum(const Cols& cs, const Cols& ct, int64_t j0, int64_t end, F f) {
+  constexpr int N = Vec<S>::N;
+  float part = 0.f;
+  for (int64_t j = j0; j < end; j += (int64_t)THREADS * N) {
+    float sv[N], tv[N];
+    cs.load(j, sv);
+    ct.load(j, tv);
+#pragma unroll
+    for (int k = 0; k < N; ++k) part += f(sv[k], tv[k]);
+  }
+  return part;
+}
+
 // A row's columns as forward_row / backward_row read them from global memory: the student row
 // `s`, its peeled head and vector switches (see the file comment).
 template <class S>
@@ -687,15 +703,10 @@ __device__ __forceinline__ void forward_row(RowsArgs a, int64_t r, const S* s, c
         if (reverse_kl_centres_far(na.m, nb.m, cen.s, cen.t, invT)) {  // the same in every thread
           cen = Centres{nb.m, na.m};
           const Prob2 pb = prob2(nb, invT);
-          float part = 0.f;
-          for (int64_t j = j0; j < end; j += (int64_t)THREADS * N) {
-            float sv[N], tv[N];
-            cs.load(j, sv);
-            ct.load(j, tv);
-#pragma unroll
-            for (int k = 0; k < N; ++k) part += reverse_kl_fixed_term(pb(sv[k]), reverse_kl_x(sv[k], tv[k], cen.s, cen.t));
-          }
-          c = red.sum(part);
+          const Centres m = cen;
+          c = red.sum(thread_sum<S>(cs, ct, j0, end, [&](float x, float y) {
+            return reverse_kl_fixed_term(pb(x), reverse_kl_x(x, y, m.s, m.t));
+          }));
         }
       }
       D = reverse_kl_fixed_divergence(c, na.m, nb.m, cen.s, cen.t, invT, on.k.za, on.k.zb);
@@ -794,18 +805,9 @@ __device__ __forceinline__ void backward_row(const RowsArgs& a, int64_t label, c
     // Reverse KL: d/db_j = q_j (x_j - c') with c' = sum_k q_k x_k summed here from the same
     // rounded x_k as the gradient (kd_math.h reverse_kl_qx / reverse_kl_qg, as the CPU kernel):
     // one more read of the row.
-    float part = 0.f;
-    for (int64_t j = j0; j < end; j += (int64_t)THREADS * N) {
-      float sv[N], tv[N];
-      cs.load(j, sv);
-      ct.load(j, tv);
-#pragma unroll
-      for (int k = 0; k < N; ++k) {
-        const float ca = (tv[k] - na.m) * invT, cb = (sv[k] - nb.m) * invT;
-        part += reverse_kl_qx(pb(sv[k]), ca, cb, krev);
-      }
-    }
-    cc = red.sum(part);
+    cc = red.sum(thread_sum<S>(cs, ct, j0, end, [&](float x, float y) {
+      return reverse_kl_qx(pb(x), (y - na.m) * invT, (x - nb.m) * invT, krev);
+    }));
   }
   if (SOFT && !grad_defined(cc)) {  // the same value in every thread: a uniform branch
     fill_row(g, j0, end, V, vg, NAN);  // an infinite term in the gradient (docs/precision.md)
