@@ -703,9 +703,8 @@ __device__ __forceinline__ void forward_row(RowsArgs a, int64_t r, const S* s, c
         if (reverse_kl_centres_far(na.m, nb.m, cen.s, cen.t, invT)) {  // the same in every thread
           cen = Centres{nb.m, na.m};
           const Prob2 pb = prob2(nb, invT);
-          const Centres m = cen;
           c = red.sum(thread_sum<S>(cs, ct, j0, end, [&](float x, float y) {
-            return reverse_kl_fixed_term(pb(x), reverse_kl_x(x, y, m.s, m.t));
+            return reverse_kl_fixed_term(pb(x), reverse_kl_x(x, y, cen.s, cen.t));
           }));
         }
       }
@@ -882,7 +881,7 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(RowsArgs a) {
   S* g = static_cast<S*>(a.grad) + r * a.V;
   CtaReduce red{sm};
   backward_row<S, DIV, SOFT, HARD, LIN, false>(a, label, load_row_stats(a.stats + r * STATS_WIDTH), a.grad_loss[r], g,
-                                        vector_ok<S>(v.s) && same_phase(v.s, g), v.cs, v.ct, v.j0, a.V, red);
+                                               vector_ok<S>(v.s) && same_phase(v.s, g), v.cs, v.ct, v.j0, a.V, red);
 }
 
 // The fixed centres of reverse KL's training kernel (forward_row's FIXED), in every thread: the
